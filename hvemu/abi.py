@@ -1,0 +1,360 @@
+"""The binary contract: ring page layout, entry codecs and every constant.
+
+This is the *only* module that knows a byte offset or a flag value.  It is
+Xen 4.2's ``public/io/ring.h`` + ``public/mem_event.h`` as the seed patch saw
+them (DESIGN.md section 2), plus today's ``vm_event`` entry so that the generic
+ring in :mod:`hvemu.ring` is shown to work with a second ABI.
+
+Everything here is plain data and pure functions: the guest, the pager and any
+third-party daemon may import it freely.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Protocol, TypeVar
+
+import msgspec
+
+# --------------------------------------------------------------------------
+# Page and shared-ring header (struct mem_event_sring, DEFINE_RING_TYPES)
+# --------------------------------------------------------------------------
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+
+#: Offsets of the four u32 indices of the shared ring header.
+REQ_PROD_OFFSET = 0
+REQ_EVENT_OFFSET = 4
+RSP_PROD_OFFSET = 8
+RSP_EVENT_OFFSET = 12
+#: Private/pad area of the sring header (always zero here).
+PAD_OFFSET = 16
+PAD_SIZE = 48
+#: ``ring[]`` starts here.
+RING_ENTRIES_OFFSET = 64
+#: Header word indexes in a memoryview cast to ``'I'`` (offset / 4).
+REQ_PROD_WORD = REQ_PROD_OFFSET // 4
+REQ_EVENT_WORD = REQ_EVENT_OFFSET // 4
+RSP_PROD_WORD = RSP_PROD_OFFSET // 4
+RSP_EVENT_WORD = RSP_EVENT_OFFSET // 4
+
+#: RING_IDX is a free-running u32.
+RING_IDX_MASK = 0xFFFFFFFF
+
+
+def ring_size(entry_size: int, page_size: int = PAGE_SIZE) -> int:
+    """Xen's ``__RING_SIZE``: the largest power of two that fits the page."""
+    if entry_size <= 0:
+        raise ValueError(f"entry size must be positive, not {entry_size}")
+    fit = (page_size - RING_ENTRIES_OFFSET) // entry_size
+    if fit < 1:
+        raise ValueError(f"a {entry_size}-byte entry does not fit a {page_size}-byte page")
+    return 1 << (fit.bit_length() - 1)
+
+
+# --------------------------------------------------------------------------
+# mem_event_st (the seed's era)
+# --------------------------------------------------------------------------
+
+
+class MemEventType(enum.IntEnum):
+    SHARED = 0
+    PAGING = 1
+    ACCESS = 2
+
+
+class MemEventFlag(enum.IntFlag):
+    VCPU_PAUSED = 1 << 0
+    DROP_PAGE = 1 << 1
+    EVICT_FAIL = 1 << 2
+    FOREIGN = 1 << 3
+    DUMMY = 1 << 4
+
+
+#: Every flag bit this ABI defines; anything else in a response is rejected.
+MEM_EVENT_KNOWN_FLAGS = int(
+    MemEventFlag.VCPU_PAUSED
+    | MemEventFlag.DROP_PAGE
+    | MemEventFlag.EVICT_FAIL
+    | MemEventFlag.FOREIGN
+    | MemEventFlag.DUMMY
+)
+
+
+class MemEventReason(enum.IntEnum):
+    UNKNOWN = 0
+    VIOLATION = 1
+    CR0 = 2
+    CR3 = 3
+    CR4 = 4
+    INT3 = 5
+    SINGLESTEP = 6
+
+
+class P2MType(enum.IntEnum):
+    """Xen's ``p2m_type_t`` numbers (only the kinds hvemu models)."""
+
+    ram_rw = 0
+    ram_logdirty = 1
+    ram_ro = 2
+    mmio_dm = 3
+    mmio_direct = 4
+    populate_on_demand = 5
+    grant_map_rw = 6
+    grant_map_ro = 7
+    ram_paging_out = 9
+    ram_paged = 10
+    ram_paging_in = 11
+    ram_shared = 12
+
+
+class P2MAccess(enum.IntEnum):
+    """Xen's ``p2m_access_t``: r=1, w=2, x=4 bits plus two automatic kinds."""
+
+    n = 0
+    r = 1
+    w = 2
+    rw = 3
+    x = 4
+    rx = 5
+    wx = 6
+    rwx = 7
+    rx2rw = 8
+    n2rwx = 9
+
+
+ACCESS_R = 1
+ACCESS_W = 2
+ACCESS_X = 4
+
+#: Rights each ``p2m_access_t`` grants *without* an event.  ``rx2rw`` grants
+#: r+x and converts to rw on a write (no event); ``n2rwx`` grants nothing and
+#: converts to rwx on any access (event sent, vCPU not paused).
+ACCESS_RIGHTS: dict[int, int] = {
+    P2MAccess.n: 0,
+    P2MAccess.r: ACCESS_R,
+    P2MAccess.w: ACCESS_W,
+    P2MAccess.rw: ACCESS_R | ACCESS_W,
+    P2MAccess.x: ACCESS_X,
+    P2MAccess.rx: ACCESS_R | ACCESS_X,
+    P2MAccess.wx: ACCESS_W | ACCESS_X,
+    P2MAccess.rwx: ACCESS_R | ACCESS_W | ACCESS_X,
+    P2MAccess.rx2rw: ACCESS_R | ACCESS_X,
+    P2MAccess.n2rwx: 0,
+}
+
+#: p2m types a vCPU may read directly, and the one it may also write.
+READABLE_TYPES = frozenset({P2MType.ram_rw, P2MType.ram_ro, P2MType.ram_shared, P2MType.ram_logdirty})
+WRITABLE_TYPES = frozenset({P2MType.ram_rw})
+#: The paging types (``p2m_is_paging``).
+PAGING_TYPES = frozenset({P2MType.ram_paging_out, P2MType.ram_paged, P2MType.ram_paging_in})
+
+# --------------------------------------------------------------------------
+# The p2m table as the guest sees it: a shared, read-only (for the guest)
+# segment of two bytes per gfn.  The hypervisor is its only writer.
+#   [0, gfns)          p2m_type of each gfn (u8, P2MType)
+#   [gfns, 2*gfns)     p2m_access of each gfn (u8, P2MAccess)
+# --------------------------------------------------------------------------
+
+P2M_BYTES_PER_GFN = 2
+
+
+def p2m_table_size(gfns: int) -> int:
+    return P2M_BYTES_PER_GFN * gfns
+
+
+def p2m_type_index(gfns: int, gfn: int) -> int:
+    return gfn
+
+
+def p2m_access_index(gfns: int, gfn: int) -> int:
+    return gfns + gfn
+
+
+# --------------------------------------------------------------------------
+# hvm_memory_event_traps: HVM_PARAM_MEMORY_EVENT_* values (hvm/params.h)
+# --------------------------------------------------------------------------
+
+HVMPME_MODE_MASK = 3
+HVMPME_MODE_DISABLED = 0
+HVMPME_MODE_ASYNC = 1
+HVMPME_MODE_SYNC = 2
+HVMPME_ONCHANGEONLY = 1 << 2
+
+# Bit positions in the u16 at entry offset 36.
+BIT_ACCESS_R = 1 << 0
+BIT_ACCESS_W = 1 << 1
+BIT_ACCESS_X = 1 << 2
+BIT_GLA_VALID = 1 << 3
+KNOWN_BITS = BIT_ACCESS_R | BIT_ACCESS_W | BIT_ACCESS_X | BIT_GLA_VALID
+
+#: Field offsets inside one 40-byte ``mem_event_st``.
+MEM_EVENT_FIELDS: dict[str, tuple[int, int]] = {
+    "type": (0, 2),
+    "flags": (2, 2),
+    "vcpu_id": (4, 4),
+    "gfn": (8, 8),
+    "offset": (16, 8),
+    "gla": (24, 8),
+    "p2mt": (32, 4),
+    "bits": (36, 2),
+    "reason": (38, 2),
+}
+MEM_EVENT_SIZE = 40
+_MEM_EVENT_STRUCT = struct.Struct("<HHIQQQIHH")
+assert _MEM_EVENT_STRUCT.size == MEM_EVENT_SIZE
+
+
+class MemEvent(msgspec.Struct, gc=False):
+    """One ``mem_event_request_t`` / ``mem_event_response_t`` (same struct)."""
+
+    type: int = MemEventType.PAGING
+    flags: int = 0
+    vcpu_id: int = 0
+    gfn: int = 0
+    offset: int = 0
+    gla: int = 0
+    p2mt: int = 0
+    access_r: bool = False
+    access_w: bool = False
+    access_x: bool = False
+    gla_valid: bool = False
+    reason: int = MemEventReason.UNKNOWN
+    #: Bits 4..15 of the bitfield word: must be zero; kept so that a
+    #: validator can reject an entry that sets them.
+    reserved_bits: int = 0
+
+
+class EntryCodec(Protocol):
+    """What the generic ring needs from an entry definition."""
+
+    size: int
+
+    def pack_into(self, buf: memoryview, offset: int, entry: object) -> None: ...
+
+    def unpack_from(self, buf: memoryview, offset: int) -> object: ...
+
+
+E = TypeVar("E")
+
+
+class MemEventCodec:
+    """Encode/decode :class:`MemEvent` to the 40-byte little-endian entry."""
+
+    size = MEM_EVENT_SIZE
+
+    @staticmethod
+    def pack_into(buf: memoryview | bytearray, offset: int, ev: MemEvent) -> None:
+        bits = (
+            (BIT_ACCESS_R if ev.access_r else 0)
+            | (BIT_ACCESS_W if ev.access_w else 0)
+            | (BIT_ACCESS_X if ev.access_x else 0)
+            | (BIT_GLA_VALID if ev.gla_valid else 0)
+            | (ev.reserved_bits << 4)
+        )
+        _MEM_EVENT_STRUCT.pack_into(
+            buf, offset, ev.type, ev.flags, ev.vcpu_id, ev.gfn, ev.offset,
+            ev.gla, ev.p2mt, bits, ev.reason,
+        )
+
+    @staticmethod
+    def unpack_from(buf: memoryview | bytes | bytearray, offset: int) -> MemEvent:
+        t, fl, vcpu, gfn, off, gla, p2mt, bits, reason = _MEM_EVENT_STRUCT.unpack_from(buf, offset)
+        return MemEvent(
+            t, fl, vcpu, gfn, off, gla, p2mt,
+            bool(bits & BIT_ACCESS_R), bool(bits & BIT_ACCESS_W),
+            bool(bits & BIT_ACCESS_X), bool(bits & BIT_GLA_VALID),
+            reason, bits >> 4,
+        )
+
+    @classmethod
+    def encode(cls, ev: MemEvent) -> bytes:
+        out = bytearray(MEM_EVENT_SIZE)
+        cls.pack_into(out, 0, ev)
+        return bytes(out)
+
+    @classmethod
+    def decode(cls, data: bytes) -> MemEvent:
+        if len(data) != MEM_EVENT_SIZE:
+            raise ValueError(f"mem_event entry is {MEM_EVENT_SIZE} bytes, got {len(data)}")
+        return cls.unpack_from(data, 0)
+
+
+MEM_EVENT_RING_SIZE = ring_size(MEM_EVENT_SIZE)
+assert MEM_EVENT_RING_SIZE == 64
+
+# --------------------------------------------------------------------------
+# vm_event_st (Xen >= 4.5): a second entry definition for the same ring code.
+# Only the common header is decoded; the per-reason union and the register
+# block travel as an opaque payload.
+# --------------------------------------------------------------------------
+
+VM_EVENT_SIZE = 400
+VM_EVENT_INTERFACE_VERSION = 0x00000007
+_VM_EVENT_HEADER = struct.Struct("<IIIIH6x")
+VM_EVENT_PAYLOAD_SIZE = VM_EVENT_SIZE - _VM_EVENT_HEADER.size
+
+
+class VmEvent(msgspec.Struct, gc=False):
+    version: int = VM_EVENT_INTERFACE_VERSION
+    flags: int = 0
+    reason: int = 0
+    vcpu_id: int = 0
+    altp2m_idx: int = 0
+    payload: bytes = b""
+
+
+class VmEventCodec:
+    size = VM_EVENT_SIZE
+
+    @staticmethod
+    def pack_into(buf: memoryview | bytearray, offset: int, ev: VmEvent) -> None:
+        if len(ev.payload) > VM_EVENT_PAYLOAD_SIZE:
+            raise ValueError(f"vm_event payload is at most {VM_EVENT_PAYLOAD_SIZE} bytes")
+        _VM_EVENT_HEADER.pack_into(buf, offset, ev.version, ev.flags, ev.reason, ev.vcpu_id, ev.altp2m_idx)
+        start = offset + _VM_EVENT_HEADER.size
+        payload = ev.payload.ljust(VM_EVENT_PAYLOAD_SIZE, b"\0")
+        buf[start:start + VM_EVENT_PAYLOAD_SIZE] = payload
+
+    @staticmethod
+    def unpack_from(buf: memoryview | bytes | bytearray, offset: int) -> VmEvent:
+        version, flags, reason, vcpu, idx = _VM_EVENT_HEADER.unpack_from(buf, offset)
+        start = offset + _VM_EVENT_HEADER.size
+        return VmEvent(version, flags, reason, vcpu, idx, bytes(buf[start:start + VM_EVENT_PAYLOAD_SIZE]))
+
+
+VM_EVENT_RING_SIZE = ring_size(VM_EVENT_SIZE)
+assert VM_EVENT_RING_SIZE == 8
+
+# --------------------------------------------------------------------------
+# Errno names: the only error vocabulary of put_request and the control plane.
+# --------------------------------------------------------------------------
+
+
+class Errno(enum.StrEnum):
+    ENOSYS = "ENOSYS"
+    EBUSY = "EBUSY"
+    EAGAIN = "EAGAIN"
+    ENOMEM = "ENOMEM"
+    EINVAL = "EINVAL"
+    ENOENT = "ENOENT"
+    EPERM = "EPERM"
+    ESRCH = "ESRCH"
+
+
+class RingKind(enum.StrEnum):
+    """The three mem_event rings a domain can have."""
+
+    paging = "paging"
+    access = "access"
+    sharing = "sharing"
+
+
+#: Which MemEventType each ring carries.
+RING_EVENT_TYPE: dict[RingKind, MemEventType] = {
+    RingKind.paging: MemEventType.PAGING,
+    RingKind.access: MemEventType.ACCESS,
+    RingKind.sharing: MemEventType.SHARED,
+}

@@ -1,0 +1,303 @@
+"""The control plane: msgspec messages and their length-prefixed framing.
+
+Every request is a tagged ``Struct``; every request gets exactly one reply,
+either its own reply type or :class:`Error` carrying an errno name from
+:class:`hvemu.abi.Errno`.  A frame is a little-endian u32 body length followed
+by a MessagePack body.  The :class:`FrameDecoder` is sans-I/O: it is fed bytes
+and yields bodies, so the hypervisor, the guest and the pager share it whatever
+their transport.
+
+File descriptors (ring page, event channel, guest memory, p2m) travel beside a
+reply with ``SCM_RIGHTS``; the reply says how many and in which order
+(``fds`` field names), so a receiver can check it got what was announced.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Literal
+
+import msgspec
+
+from hvemu.abi import Errno, RingKind
+
+#: A body larger than this is refused (and the connection closed): it can only
+#: be a bug or an attack, the largest legitimate message is a batch of pages.
+MAX_FRAME = 8 << 20
+_LEN = struct.Struct("<I")
+HEADER_SIZE = _LEN.size
+
+
+class ProtocolError(Exception):
+    """A frame that cannot be decoded; ``errno`` says how to answer it."""
+
+    def __init__(self, errno: Errno, message: str, *, fatal: bool = False) -> None:
+        super().__init__(f"{errno}: {message}")
+        self.errno = errno
+        self.message = message
+        #: True when the byte stream can no longer be trusted (close it).
+        self.fatal = fatal
+
+
+def _snake(name: str) -> str:
+    out = []
+    for i, ch in enumerate(name):
+        if ch.isupper() and i:
+            out.append("_")
+        out.append(ch.lower())
+    return "".join(out)
+
+
+class Msg(msgspec.Struct, tag_field="op", tag=_snake, forbid_unknown_fields=True):
+    """Base of every control message; ``op`` names it on the wire."""
+
+
+# --------------------------------------------------------------------------
+# Replies shared by many requests
+# --------------------------------------------------------------------------
+
+
+class Ok(Msg):
+    pass
+
+
+class Error(Msg):
+    errno: Errno
+    message: str = ""
+
+
+class BatchResult(Msg):
+    """Per-gfn outcome of a batched tool op: ``None`` for success, else an errno name."""
+
+    results: list[Errno | None]
+
+
+# --------------------------------------------------------------------------
+# Connection roles
+# --------------------------------------------------------------------------
+
+
+class ToolHello(Msg):
+    """First message of a toolstack or daemon connection."""
+
+    client: str = "tool"
+
+
+class GuestHello(Msg):
+    """First message of a guest connection: binds it to one domain (and vCPU)."""
+
+    domid: int
+    vcpu: int | None = None
+
+
+class Welcome(Msg):
+    """Reply to either hello."""
+
+    role: Literal["tool", "guest"]
+    domid: int | None = None
+    max_vcpus: int = 0
+    gfns: int = 0
+    #: Names of the fds passed with this reply, in order.
+    fds: list[str] = []
+
+
+# --------------------------------------------------------------------------
+# Domctls (tool role)
+# --------------------------------------------------------------------------
+
+
+class DomainCreate(Msg):
+    max_vcpus: int
+    gfns: int
+    name: str = ""
+
+
+class DomainCreated(Msg):
+    domid: int
+
+
+class DomainDestroy(Msg):
+    domid: int
+
+
+class DomainList(Msg):
+    pass
+
+
+class DomainSummary(msgspec.Struct):
+    domid: int
+    name: str
+    max_vcpus: int
+    gfns: int
+    resident: int
+    crashed: bool = False
+
+
+class DomainListReply(Msg):
+    domains: list[DomainSummary]
+
+
+class MemEventEnable(Msg):
+    """Enable (or re-attach to an orphaned) mem_event ring of a domain."""
+
+    domid: int
+    ring: RingKind
+
+
+class MemEventEnabled(Msg):
+    domid: int
+    ring: RingKind
+    port: int
+    ring_size: int
+    max_vcpus: int
+    gfns: int
+    #: True when an orphaned ring (its daemon died) was handed over as is.
+    reattached: bool = False
+    fds: list[str] = []
+
+
+class MemEventDisable(Msg):
+    domid: int
+    ring: RingKind
+
+
+class MemEventResume(Msg):
+    """The domctl twin of a daemon's event-channel kick: drain responses."""
+
+    domid: int
+    ring: RingKind
+
+
+class PagingNominate(Msg):
+    domid: int
+    gfns: list[int]
+
+
+class PagingEvict(Msg):
+    domid: int
+    gfns: list[int]
+
+
+class PagingPrep(Msg):
+    """Allocate frames for paged gfns; the daemon fills them through its mapping."""
+
+    domid: int
+    gfns: list[int]
+
+
+class PagingLoad(Msg):
+    """Allocate and fill frames: one ``PAGE_SIZE`` bytes object per gfn."""
+
+    domid: int
+    gfns: list[int]
+    pages: list[bytes]
+
+
+class AccessSet(Msg):
+    domid: int
+    gfns: list[int]
+    access: int
+
+
+class AccessRequired(Msg):
+    domid: int
+    required: bool
+
+
+class MapForeign(Msg):
+    """Map gfns from a tool: paged ones are populated and answer ``ENOENT``."""
+
+    domid: int
+    gfns: list[int]
+
+
+class ForeignPages(Msg):
+    results: list[Errno | None]
+    pages: list[bytes | None]
+
+
+class SetTarget(Msg):
+    """The paging target (resident pages), as xenstore's ``memory/target``."""
+
+    domid: int
+    pages: int
+
+
+class Stats(Msg):
+    domid: int
+
+
+class StatsReply(Msg):
+    domid: int
+    stats: dict[str, int | float | str | bool | dict[str, int]]
+
+
+TOOL_REQUESTS = (
+    ToolHello | GuestHello | DomainCreate | DomainDestroy | DomainList
+    | MemEventEnable | MemEventDisable | MemEventResume
+    | PagingNominate | PagingEvict | PagingPrep | PagingLoad
+    | AccessSet | AccessRequired | MapForeign | SetTarget | Stats
+)
+
+Request = TOOL_REQUESTS
+Reply = (
+    Ok | Error | BatchResult | Welcome | DomainCreated | DomainListReply
+    | MemEventEnabled | ForeignPages | StatsReply
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)  # type: ignore[valid-type]
+_reply_decoder: msgspec.msgpack.Decoder[Reply] = msgspec.msgpack.Decoder(Reply)  # type: ignore[valid-type]
+
+
+def encode(msg: Msg) -> bytes:
+    """One complete frame: length prefix and body."""
+    body = _encoder.encode(msg)
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(Errno.EINVAL, f"message of {len(body)} bytes exceeds {MAX_FRAME}")
+    return _LEN.pack(len(body)) + body
+
+
+def decode_request(body: bytes) -> Msg:
+    try:
+        msg: Msg = _request_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(Errno.EINVAL, f"malformed request: {exc}") from exc
+    return msg
+
+
+def decode_reply(body: bytes) -> Msg:
+    try:
+        msg: Msg = _reply_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(Errno.EINVAL, f"malformed reply: {exc}") from exc
+    return msg
+
+
+class FrameDecoder:
+    """Sans-I/O de-framer: ``feed`` bytes, get complete bodies back."""
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        bodies: list[bytes] = []
+        while len(self._buf) >= HEADER_SIZE:
+            (length,) = _LEN.unpack_from(self._buf, 0)
+            if length > self._max:
+                raise ProtocolError(
+                    Errno.EINVAL, f"frame of {length} bytes exceeds the {self._max}-byte limit", fatal=True
+                )
+            end = HEADER_SIZE + length
+            if len(self._buf) < end:
+                break
+            bodies.append(bytes(self._buf[HEADER_SIZE:end]))
+            del self._buf[:end]
+        return bodies
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame (non-zero at EOF means a truncated frame)."""
+        return len(self._buf)
