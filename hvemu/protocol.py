@@ -232,17 +232,71 @@ class StatsReply(Msg):
     stats: dict[str, int | float | str | bool | dict[str, int]]
 
 
+class GetTarget(Msg):
+    domid: int
+
+
+class TargetReply(Msg):
+    domid: int
+    pages: int
+
+
+class DomainInfo(Msg):
+    domid: int
+
+
+# --------------------------------------------------------------------------
+# Guest exits (guest role, own domain only).  The reply to an exit that
+# paused the vCPU comes when the vCPU runs again: the guest then retries.
+# --------------------------------------------------------------------------
+
+
+class GuestAccess(Msg):
+    """A vCPU could not access ``gfn`` directly (p2m type or access right)."""
+
+    vcpu: int
+    gfn: int
+    access: int
+    gla: int | None = None
+
+
+class GuestBalloonOut(Msg):
+    """XENMEM_decrease_reservation: give gfns back (paged ones -> DROP_PAGE)."""
+
+    vcpu: int
+    gfns: list[int]
+
+
+class GuestTrap(Msg):
+    """A CR0/CR3/CR4 write or an INT3, for hvm_memory_event_traps."""
+
+    vcpu: int
+    reason: int
+    value: int = 0
+    old: int = 0
+    gla: int | None = None
+
+
+class SetHvmParam(Msg):
+    """HVM_PARAM_MEMORY_EVENT_{CR0,CR3,CR4,INT3}: abi.HVMPME_* mode flags."""
+
+    domid: int
+    reason: int
+    mode: int
+
+
 TOOL_REQUESTS = (
     ToolHello | GuestHello | DomainCreate | DomainDestroy | DomainList
     | MemEventEnable | MemEventDisable | MemEventResume
     | PagingNominate | PagingEvict | PagingPrep | PagingLoad
-    | AccessSet | AccessRequired | MapForeign | SetTarget | Stats
+    | AccessSet | AccessRequired | MapForeign | SetTarget | GetTarget | Stats | DomainInfo
+    | GuestAccess | GuestBalloonOut | GuestTrap | SetHvmParam
 )
 
 Request = TOOL_REQUESTS
 Reply = (
     Ok | Error | BatchResult | Welcome | DomainCreated | DomainListReply
-    | MemEventEnabled | ForeignPages | StatsReply
+    | MemEventEnabled | ForeignPages | StatsReply | TargetReply
 )
 
 _encoder = msgspec.msgpack.Encoder()
