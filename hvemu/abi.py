@@ -358,3 +358,22 @@ RING_EVENT_TYPE: dict[RingKind, MemEventType] = {
     RingKind.access: MemEventType.ACCESS,
     RingKind.sharing: MemEventType.SHARED,
 }
+
+# --------------------------------------------------------------------------
+# The in-flight access table (the shootdown handshake of DESIGN section 5).
+# One aligned u64 word per vCPU in a segment the guest writes and the
+# hypervisor reads: ``gfn + 1`` while that vCPU is between its p2m check and
+# the end of its memory access, 0 otherwise.  Guest: store word, mb(), load
+# p2m.  Hypervisor: store p2m, mb(), wait until no word names the gfn.
+# --------------------------------------------------------------------------
+
+INFLIGHT_WORD_SIZE = 8
+INFLIGHT_IDLE = 0
+
+
+def inflight_table_size(max_vcpus: int) -> int:
+    return max(INFLIGHT_WORD_SIZE * max_vcpus, PAGE_SIZE)
+
+
+def inflight_value(gfn: int) -> int:
+    return gfn + 1
