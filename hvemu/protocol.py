@@ -355,3 +355,28 @@ class FrameDecoder:
     def pending(self) -> int:
         """Bytes of an incomplete frame (non-zero at EOF means a truncated frame)."""
         return len(self._buf)
+
+
+# --------------------------------------------------------------------------
+# Where the control socket lives.
+# --------------------------------------------------------------------------
+
+SOCKET_NAME = "control.sock"
+RUN_DIR_ENV = "HVEMU_RUN_DIR"
+
+
+def default_run_dir() -> str:
+    """``$HVEMU_RUN_DIR``, else a per-user directory under ``$XDG_RUNTIME_DIR`` or ``/tmp``."""
+    import os
+
+    explicit = os.environ.get(RUN_DIR_ENV)
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    return os.path.join(base, f"hvemu-{os.getuid()}")
+
+
+def socket_path(run_dir: str | None = None) -> str:
+    import os
+
+    return os.path.join(run_dir or default_run_dir(), SOCKET_NAME)
