@@ -1,0 +1,198 @@
+"""The guest process: runs one domain's vCPUs against its shared memory.
+
+Usage: ``python -m guest --domid N [--duration S] [--pattern hotcold] ...``.
+It prints a JSON report (per vCPU: accesses, faults, fault latency p50/p99/max,
+integrity failures) and exits 1 if any page failed verification, 2 on a usage
+error, 3 if the hypervisor went away or crashed the domain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import mmap
+import os
+import signal
+import sys
+import time
+
+import msgspec
+import uvloop
+
+from guest.histogram import Histogram
+from guest.memory import GuestMemory
+from guest.vcpu import Vcpu, VcpuReport
+from guest.workload import WorkloadConfig, accesses
+from hvemu import abi, protocol
+from hvemu.transport import Connection, ControlError
+
+
+class GuestReport(msgspec.Struct):
+    domid: int
+    ok: bool
+    vcpus: list[VcpuReport]
+    faults: int = 0
+    accesses: int = 0
+    integrity_failures: int = 0
+    ballooned: int = 0
+    latency_us: dict[str, float] = {}
+    error: str = ""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hvemu-guest", description="Run a domain's vCPUs.")
+    p.add_argument("--domid", type=int, required=True)
+    p.add_argument("--run-dir", default=None, help="hypervisor run directory (default: %(default)s)")
+    p.add_argument("--vcpus", type=int, default=0, help="vCPUs to run (default: the domain's max_vcpus)")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds to run")
+    p.add_argument("--max-accesses", type=int, default=0, help="stop each vCPU after this many accesses")
+    p.add_argument("--pattern", choices=["sequential", "uniform", "hotcold", "phases"], default="hotcold")
+    p.add_argument("--write-ratio", type=float, default=0.3)
+    p.add_argument("--hot-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--balloon", type=int, default=0, help="give back this many pages halfway through")
+    p.add_argument("--trap-every", type=int, default=0, help="write CR3 every N accesses (0: never)")
+    p.add_argument("--report", default="-", help="where to write the JSON report ('-' = stdout)")
+    p.add_argument("--no-verify-all", dest="verify_all", action="store_false",
+                   help="skip the final pass that reads back every page written")
+    p.add_argument("--linger", action="store_true",
+                   help="after the report, keep the domain alive until SIGTERM/SIGINT")
+    return p
+
+
+async def _open_guest(path: str, domid: int) -> tuple[Connection, GuestMemory, protocol.Welcome]:
+    conn = await Connection.connect(path)
+    reply, fds = await conn.call(protocol.GuestHello(domid=domid))
+    assert isinstance(reply, protocol.Welcome)
+    named = dict(zip(reply.fds, fds, strict=True))
+    try:
+        mem = mmap.mmap(named["memory"], reply.gfns * abi.PAGE_SIZE, mmap.MAP_SHARED)
+        p2m = mmap.mmap(named["p2m"], abi.p2m_table_size(reply.gfns), mmap.MAP_SHARED, mmap.PROT_READ)
+        inflight = mmap.mmap(named["inflight"], abi.inflight_table_size(reply.max_vcpus), mmap.MAP_SHARED)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return conn, GuestMemory(mem, p2m, inflight, reply.gfns, reply.max_vcpus), reply
+
+
+async def run_guest(args: argparse.Namespace) -> GuestReport:
+    path = protocol.socket_path(args.run_dir)
+    main_conn, memory, welcome = await _open_guest(path, args.domid)
+    nvcpus = args.vcpus or welcome.max_vcpus
+    if not 0 < nvcpus <= welcome.max_vcpus:
+        raise ValueError(f"--vcpus must be within 1..{welcome.max_vcpus}")
+    if not 0 <= args.balloon < welcome.gfns // 2:
+        raise ValueError(f"--balloon must be below half the domain's {welcome.gfns} pages")
+    cfg = WorkloadConfig(pattern=args.pattern, write_ratio=args.write_ratio,
+                         hot_fraction=args.hot_fraction, seed=args.seed)
+    balloon = list(range(welcome.gfns - args.balloon, welcome.gfns))
+    usable = list(range(welcome.gfns - args.balloon))
+    versions = [0] * welcome.gfns
+    conns = [await Connection.connect(path) for _ in range(nvcpus)]
+    vcpus: list[Vcpu] = []
+    try:
+        for i, c in enumerate(conns):
+            await c.call(protocol.GuestHello(domid=args.domid, vcpu=i))
+            vcpus.append(Vcpu(i, memory, versions, c))
+        deadline = time.monotonic() + args.duration
+        ballooned = 0
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(v.run(accesses(cfg, usable, v.vcpu_id), deadline,
+                                          max_accesses=args.max_accesses, trap_every=args.trap_every))
+                     for v in vcpus]
+            if balloon:
+                await asyncio.sleep(args.duration / 2)
+                rep = await main_conn.call(protocol.GuestBalloonOut(vcpu=0, gfns=balloon))
+                assert isinstance(rep[0], protocol.BatchResult)
+                ballooned = sum(1 for r in rep[0].results if r is None)
+        reports = [t.result() for t in tasks]
+        if args.verify_all and vcpus:
+            # Read back every page ever written: each must hold its last write.
+            checker = vcpus[0]
+            for gfn in usable:
+                if versions[gfn]:
+                    await checker.read(gfn)
+            reports[0] = checker.report
+        report = _summarise(args.domid, vcpus, reports, ballooned)
+        _write_report(args.report, report)
+        if args.linger:
+            await asyncio.Event().wait()  # until cancelled by SIGTERM/SIGINT
+    finally:
+        for c in conns:
+            await c.close()
+        await main_conn.close()
+        memory.close()
+    return report
+
+
+def _summarise(domid: int, vcpus: list[Vcpu], reports: list[VcpuReport], ballooned: int) -> GuestReport:
+    hist = Histogram()
+    for v in vcpus:
+        hist.merge(v.hist)
+    failures = sum(r.integrity_failures for r in reports)
+    return GuestReport(
+        domid=domid, ok=failures == 0, vcpus=reports,
+        faults=sum(r.faults for r in reports), accesses=sum(r.accesses for r in reports),
+        integrity_failures=failures, ballooned=ballooned, latency_us=hist.summary(scale=1000.0),
+    )
+
+
+_last_report: GuestReport | None = None
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The first leaf of an exception group (TaskGroup wraps what a vCPU raised)."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _write_report(dest: str, report: GuestReport) -> None:
+    global _last_report
+    _last_report = report
+    text = json.dumps(msgspec.to_builtins(report), indent=None)
+    if dest == "-":
+        print(text, flush=True)
+    else:
+        with open(dest, "w") as f:
+            f.write(text + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+
+    async def _main() -> GuestReport:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        return await run_guest(args)
+
+    try:
+        report = uvloop.run(_main())
+    except asyncio.CancelledError:
+        if _last_report is not None and args.linger:
+            return 0 if _last_report.ok else 1
+        print("hvemu-guest: stopped by signal", file=sys.stderr)
+        return 3
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes one clear line
+        root = _root_cause(exc)
+        if isinstance(root, ValueError):
+            print(f"hvemu-guest: {root}", file=sys.stderr)
+            return 2
+        if isinstance(root, ControlError | ConnectionError | OSError | EOFError):
+            print(f"hvemu-guest: domain {args.domid}: {root}", file=sys.stderr)
+            return 3
+        raise
+    if not report.ok:
+        for v in report.vcpus:
+            for err in v.errors:
+                print(f"hvemu-guest: integrity: vcpu {v.vcpu}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

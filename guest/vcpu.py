@@ -1,0 +1,117 @@
+"""A guest vCPU: runs its workload, touching memory directly or exiting.
+
+Each vCPU is an asyncio task with its own control connection, so a vCPU
+blocked in an exit (waiting for the pager) blocks alone while the others run.
+The reply to an exit comes only once the hypervisor has unpaused the vCPU;
+the vCPU then retries the access, exactly as a real vCPU re-executes the
+faulting instruction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import msgspec
+
+from guest.histogram import Histogram
+from guest.memory import GuestMemory
+from guest.stamp import StampError, make_page, verify_page
+from hvemu import abi, protocol
+from hvemu.transport import Connection
+
+#: Accesses between voluntary yields, so that vCPUs that never fault still
+#: take turns (and the process stays responsive).
+YIELD_EVERY = 32
+
+
+class VcpuReport(msgspec.Struct):
+    vcpu: int
+    accesses: int = 0
+    reads: int = 0
+    writes: int = 0
+    faults: int = 0
+    traps: int = 0
+    integrity_failures: int = 0
+    errors: list[str] = []
+    latency: dict[str, float] = {}
+
+
+class Vcpu:
+    def __init__(self, vcpu_id: int, memory: GuestMemory, versions: list[int], conn: Connection) -> None:
+        self.vcpu_id = vcpu_id
+        self.mem = memory
+        #: Expected version of every page, shared by the domain's vCPUs (one thread).
+        self.versions = versions
+        self.conn = conn
+        self.hist = Histogram()
+        self.report = VcpuReport(vcpu=vcpu_id)
+
+    async def _exit(self, gfn: int, access: int) -> None:
+        await self.conn.call(protocol.GuestAccess(vcpu=self.vcpu_id, gfn=gfn, access=access))
+
+    async def read(self, gfn: int) -> None:
+        start = 0
+        while (data := self.mem.try_read(self.vcpu_id, gfn)) is None:
+            if not start:
+                start = time.perf_counter_ns()
+            await self._exit(gfn, abi.ACCESS_R)
+        if start:
+            self._fault_done(start)
+        self.report.reads += 1
+        try:
+            verify_page(data, gfn, self.versions[gfn])
+        except StampError as exc:
+            self._integrity(str(exc))
+
+    async def write(self, gfn: int) -> None:
+        version = self.versions[gfn] + 1
+        page = make_page(gfn, version)
+        start = 0
+        while not self.mem.try_write(self.vcpu_id, gfn, page):
+            if not start:
+                start = time.perf_counter_ns()
+            await self._exit(gfn, abi.ACCESS_W)
+            # Another vCPU may have written the page while we were paused.
+            if self.versions[gfn] >= version:
+                version = self.versions[gfn] + 1
+                page = make_page(gfn, version)
+        if start:
+            self._fault_done(start)
+        self.versions[gfn] = version
+        self.report.writes += 1
+
+    async def trap(self, reason: abi.MemEventReason, value: int, old: int) -> None:
+        """A CR write or INT3: the hypervisor may pause us until a listener answers."""
+        await self.conn.call(protocol.GuestTrap(vcpu=self.vcpu_id, reason=int(reason), value=value, old=old))
+        self.report.traps += 1
+
+    def _fault_done(self, start: int) -> None:
+        self.report.faults += 1
+        self.hist.record(time.perf_counter_ns() - start)
+
+    def _integrity(self, why: str) -> None:
+        self.report.integrity_failures += 1
+        if len(self.report.errors) < 20:
+            self.report.errors.append(why)
+
+    async def run(self, stream: Iterator[tuple[int, bool]], deadline: float, *,
+                  max_accesses: int = 0, trap_every: int = 0) -> VcpuReport:
+        n = 0
+        cr3 = 0x1000
+        while time.monotonic() < deadline and (not max_accesses or n < max_accesses):
+            gfn, is_write = next(stream)
+            if is_write:
+                await self.write(gfn)
+            else:
+                await self.read(gfn)
+            n += 1
+            if trap_every and n % trap_every == 0:
+                old, cr3 = cr3, cr3 + 0x1000
+                await self.trap(abi.MemEventReason.CR3, cr3, old)
+            if n % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+        self.report.accesses = n
+        self.report.latency = self.hist.summary(scale=1000.0)
+        return self.report

@@ -1,0 +1,150 @@
+"""The OS resources behind each domain, and the effects of the core on them.
+
+The core (:mod:`hvemu.core`) decides; this module *does*: it owns the shared
+memory segments (guest memory, p2m table, in-flight table, ring pages), the
+event channels, and the vCPUs' blocked exits, and it carries out the core's
+effects: punch holes for released frames, kick event channels, resume blocked
+vCPUs, fail the exits of a crashed domain.  It also performs the access
+guarantee's shootdown (see :mod:`guest.memory` for the guest half).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+
+from hvemu import abi
+from hvemu.core.effects import DomainCrashed, Effect, FramesReleased, RingNotify, VcpuRunnable
+from hvemu.core.errors import HypervisorError
+from hvemu.core.hypervisor import Domain, Hypervisor
+from hvemu.evtchn import EventChannel
+from hvemu.ring import mb
+from hvemu.shm import Segment
+
+log = logging.getLogger("hvemu.backend")
+
+#: How long a shootdown waits for a vCPU to leave a page before the domain is
+#: crashed (a guest stuck mid-access, e.g. SIGSTOPped, cannot hold the host).
+SHOOTDOWN_TIMEOUT = 10.0
+
+
+class RingBackend:
+    """One enabled mem_event ring: its page, its event channel, its daemon."""
+
+    def __init__(self, domid: int, kind: abi.RingKind, port: int) -> None:
+        self.domid = domid
+        self.kind = kind
+        self.port = port
+        self.page = Segment(abi.PAGE_SIZE, tag=f"d{domid}-{kind}")
+        self.evtchn: EventChannel | None = None
+        #: The control connection of the daemon that owns the ring (None: orphaned).
+        self.owner: object | None = None
+
+    def new_channel(self) -> int:
+        """A fresh event channel pair; returns the remote fd to hand to the daemon."""
+        self.close_channel()
+        local, remote = EventChannel.pair(self.port)
+        self.evtchn = local
+        return remote.detach()
+
+    def close_channel(self) -> None:
+        if self.evtchn is not None:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self.evtchn.fileno())
+            self.evtchn.close()
+            self.evtchn = None
+
+    def close(self) -> None:
+        self.close_channel()
+        self.page.close()
+
+
+class DomainBackend:
+    """Segments, rings, guest connections and blocked exits of one domain."""
+
+    def __init__(self, dom: Domain, memory: Segment, p2m: Segment, inflight: Segment) -> None:
+        self.dom = dom
+        self.domid = dom.domid
+        self.memory = memory
+        self.p2m = p2m
+        self.inflight = inflight
+        self._inflight_words = memoryview(inflight.map)[: abi.INFLIGHT_WORD_SIZE * dom.max_vcpus].cast("Q")
+        self.rings: dict[abi.RingKind, RingBackend] = {}
+        self.guest: object | None = None
+        self.vcpu_conns: dict[int, object] = {}
+        #: Blocked exits: the future resolves when the vCPU may run again.
+        self.waiters: dict[int, asyncio.Future[None]] = {}
+        self.target = dom.gfns
+        self.faults = 0
+        self.created = time.time()
+
+    async def shootdown(self, gfns: Iterable[int]) -> bool:
+        """Wait until no vCPU is inside an access to any of ``gfns`` (their p2m already changed)."""
+        mb()
+        words = self._inflight_words
+        wanted = {g + 1 for g in gfns}
+        if not wanted:
+            return True
+        deadline = 0.0
+        while any(w in wanted for w in words):
+            if not deadline:
+                deadline = time.monotonic() + SHOOTDOWN_TIMEOUT
+            elif time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0)
+            mb()
+        return True
+
+    def fail_waiters(self, exc: BaseException) -> None:
+        for fut in self.waiters.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self.waiters.clear()
+
+    def close(self) -> None:
+        self.fail_waiters(HypervisorError(abi.Errno.ESRCH, f"domain {self.domid} is gone"))
+        for ring in self.rings.values():
+            ring.close()
+        self.rings.clear()
+        self._inflight_words.release()
+        for seg in (self.memory, self.inflight, self.p2m):
+            seg.close()
+
+
+def apply_effects(hv: Hypervisor, backends: dict[int, DomainBackend]) -> list[DomainCrashed]:
+    """Carry out everything the core asked for since the last call."""
+    crashed: list[DomainCrashed] = []
+    effects: list[Effect] = hv.take_effects()
+    for eff in effects:
+        be = backends.get(eff.domid)
+        if be is None:
+            continue
+        if isinstance(eff, VcpuRunnable):
+            fut = be.waiters.pop(eff.vcpu_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        elif isinstance(eff, RingNotify):
+            ring = be.rings.get(eff.ring)
+            if ring is not None and ring.evtchn is not None:
+                ring.evtchn.notify()
+        elif isinstance(eff, FramesReleased):
+            for start, length in _runs(eff.gfns):
+                be.memory.release_range(start * abi.PAGE_SIZE, length * abi.PAGE_SIZE)
+        elif isinstance(eff, DomainCrashed):
+            log.error("domain %d crashed: %s", eff.domid, eff.reason)
+            be.fail_waiters(HypervisorError(abi.Errno.ESRCH, f"domain {eff.domid} crashed: {eff.reason}"))
+            crashed.append(eff)
+    return crashed
+
+
+def _runs(gfns: Iterable[int]) -> list[tuple[int, int]]:
+    """Coalesce gfns into (start, length) runs, so one madvise covers each run."""
+    out: list[tuple[int, int]] = []
+    for g in sorted(gfns):
+        if out and out[-1][0] + out[-1][1] == g:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((g, 1))
+    return out

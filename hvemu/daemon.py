@@ -1,0 +1,498 @@
+"""The hypervisor process: control server, domain resources, ring drivers.
+
+This is a thin driver around :class:`hvemu.core.hypervisor.Hypervisor`: every
+control message becomes one core call followed by :func:`apply_effects`; a
+daemon's event-channel kick becomes ``mem_event_resume``.  Roles: a connection
+that says :class:`~hvemu.protocol.ToolHello` may run domctls; one that says
+:class:`~hvemu.protocol.GuestHello` is bound to its domain and may only exit
+for it.  The guest's first connection owns the domain: when it goes away the
+domain is destroyed (the guest process died).  A ring's daemon connection
+owns the ring: when it goes away without disabling, the ring is kept,
+orphaned, for the next daemon to re-attach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import stat
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import uvloop
+
+from hvemu import abi, protocol
+from hvemu.abi import Errno, RingKind
+from hvemu.backend import DomainBackend, RingBackend, apply_effects
+from hvemu.core.errors import HypervisorError
+from hvemu.core.hypervisor import Hypervisor
+from hvemu.shm import Segment
+from hvemu.transport import ControlServer
+
+log = logging.getLogger("hvemu.daemon")
+
+Reply = tuple[protocol.Msg, list[int]]
+
+
+class ConnCtx:
+    """What the hypervisor knows about one control connection."""
+
+    def __init__(self, uid: int) -> None:
+        self.uid = uid
+        self.role: str | None = None
+        self.domid: int | None = None
+        self.vcpu: int | None = None
+        self.main_guest = False
+
+
+def _err(errno: Errno, message: str) -> HypervisorError:
+    return HypervisorError(errno, message)
+
+
+class HypervisorDaemon:
+    def __init__(self, run_dir: str, total_frames: int, *, policy: str = "seed",
+                 ring_size: int | None = None) -> None:
+        self.run_dir = run_dir
+        self.socket_path = protocol.socket_path(run_dir)
+        self.hv = Hypervisor(total_frames, policy=policy, ring_size=ring_size)  # type: ignore[arg-type]
+        self.backends: dict[int, DomainBackend] = {}
+        self._ctx: dict[int, ConnCtx] = {}
+        self._next_port = 1
+        self._handlers: dict[type, Callable[[ConnCtx, Any], Awaitable[Reply]]] = {
+            protocol.ToolHello: self._tool_hello,
+            protocol.GuestHello: self._guest_hello,
+            protocol.DomainCreate: self._domain_create,
+            protocol.DomainDestroy: self._domain_destroy,
+            protocol.DomainList: self._domain_list,
+            protocol.DomainInfo: self._stats,
+            protocol.Stats: self._stats,
+            protocol.MemEventEnable: self._mem_event_enable,
+            protocol.MemEventDisable: self._mem_event_disable,
+            protocol.MemEventResume: self._mem_event_resume,
+            protocol.PagingNominate: self._paging_nominate,
+            protocol.PagingEvict: self._paging_evict,
+            protocol.PagingPrep: self._paging_prep,
+            protocol.PagingLoad: self._paging_load,
+            protocol.AccessSet: self._access_set,
+            protocol.AccessRequired: self._access_required,
+            protocol.MapForeign: self._map_foreign,
+            protocol.SetTarget: self._set_target,
+            protocol.GetTarget: self._get_target,
+            protocol.SetHvmParam: self._set_hvm_param,
+            protocol.GuestAccess: self._guest_access,
+            protocol.GuestBalloonOut: self._guest_balloon_out,
+            protocol.GuestTrap: self._guest_trap,
+        }
+
+    # ------------------------------------------------------------ plumbing
+    def ctx(self, state: object) -> ConnCtx:
+        ctx = self._ctx.get(id(state))
+        if ctx is None:
+            ctx = ConnCtx(getattr(state, "uid", -1))
+            self._ctx[id(state)] = ctx
+        return ctx
+
+    async def handle(self, state: object, msg: protocol.Msg) -> Reply:
+        ctx = self.ctx(state)
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            raise _err(Errno.ENOSYS, f"no such operation {type(msg).__name__}")
+        if ctx.role is None and not isinstance(msg, protocol.ToolHello | protocol.GuestHello):
+            raise _err(Errno.EPERM, "say tool_hello or guest_hello first")
+        if ctx.role == "guest" and not isinstance(msg, protocol.GuestAccess | protocol.GuestBalloonOut
+                                                  | protocol.GuestTrap | protocol.GuestHello):
+            raise _err(Errno.EPERM, f"a guest may not {type(msg).__name__}")
+        if ctx.role == "tool" and isinstance(msg, protocol.GuestAccess | protocol.GuestBalloonOut
+                                             | protocol.GuestTrap):
+            raise _err(Errno.EPERM, "guest exits come from guest connections only")
+        try:
+            return await handler(ctx, msg)
+        finally:
+            self._after_op()
+
+    def _after_op(self) -> None:
+        for crash in apply_effects(self.hv, self.backends):
+            be = self.backends.get(crash.domid)
+            if be is not None:
+                for ring in be.rings.values():
+                    ring.close_channel()
+
+    def on_disconnect(self, state: object) -> None:
+        ctx = self._ctx.pop(id(state), None)
+        if ctx is None:
+            return
+        if ctx.role == "guest" and ctx.domid in self.backends:
+            be = self.backends[ctx.domid]
+            if ctx.main_guest:
+                log.info("guest of domain %d disconnected: destroying the domain", ctx.domid)
+                self._destroy(ctx.domid)
+            elif ctx.vcpu is not None and be.vcpu_conns.get(ctx.vcpu) is ctx:
+                del be.vcpu_conns[ctx.vcpu]
+        for be in self.backends.values():
+            for ring in be.rings.values():
+                if ring.owner is ctx:
+                    log.warning("daemon of domain %d %s ring went away: ring kept for re-attach",
+                                be.domid, ring.kind)
+                    ring.owner = None
+
+    def check_peer(self, uid: int) -> bool:
+        return uid == os.getuid()
+
+    def _backend(self, domid: int) -> DomainBackend:
+        be = self.backends.get(domid)
+        if be is None:
+            raise _err(Errno.ESRCH, f"no domain {domid}")
+        return be
+
+    def _own_domain(self, ctx: ConnCtx) -> DomainBackend:
+        assert ctx.domid is not None
+        be = self._backend(ctx.domid)
+        if be.dom.crashed:
+            raise _err(Errno.ESRCH, f"domain {ctx.domid} has crashed")
+        return be
+
+    def _vcpu(self, be: DomainBackend, vcpu: int) -> int:
+        if not 0 <= vcpu < be.dom.max_vcpus:
+            raise _err(Errno.EINVAL, f"domain {be.domid} has no vCPU {vcpu}")
+        return vcpu
+
+    # ------------------------------------------------------------ hellos
+    async def _tool_hello(self, ctx: ConnCtx, msg: protocol.ToolHello) -> Reply:
+        if ctx.role is not None:
+            raise _err(Errno.EBUSY, f"connection already has role {ctx.role}")
+        ctx.role = "tool"
+        return protocol.Welcome(role="tool"), []
+
+    async def _guest_hello(self, ctx: ConnCtx, msg: protocol.GuestHello) -> Reply:
+        if ctx.role is not None:
+            raise _err(Errno.EBUSY, f"connection already has role {ctx.role}")
+        be = self._backend(msg.domid)
+        welcome = protocol.Welcome(role="guest", domid=msg.domid, max_vcpus=be.dom.max_vcpus, gfns=be.dom.gfns)
+        if msg.vcpu is None:
+            if be.guest is not None:
+                raise _err(Errno.EBUSY, f"domain {msg.domid} already has a guest")
+            be.guest = ctx
+            ctx.main_guest = True
+            fds = [be.memory.fd, be.p2m.ro_fd, be.inflight.fd]
+            welcome.fds = ["memory", "p2m", "inflight"]
+        else:
+            if be.guest is None:
+                raise _err(Errno.EPERM, f"domain {msg.domid}: connect the guest before its vCPUs")
+            self._vcpu(be, msg.vcpu)
+            if msg.vcpu in be.vcpu_conns:
+                raise _err(Errno.EBUSY, f"vCPU {msg.vcpu} of domain {msg.domid} is already connected")
+            be.vcpu_conns[msg.vcpu] = ctx
+            ctx.vcpu = msg.vcpu
+            fds = []
+        ctx.role, ctx.domid = "guest", msg.domid
+        return welcome, fds
+
+    # ------------------------------------------------------------ domains
+    async def _domain_create(self, ctx: ConnCtx, msg: protocol.DomainCreate) -> Reply:
+        if not 1 <= msg.max_vcpus <= 128:
+            raise _err(Errno.EINVAL, "max_vcpus must be within 1..128")
+        if not 1 <= msg.gfns <= (1 << 22):
+            raise _err(Errno.EINVAL, "gfns must be within 1..4194304 (16 GiB)")
+        memory = Segment(msg.gfns * abi.PAGE_SIZE, tag="mem")
+        p2m = Segment(abi.p2m_table_size(msg.gfns), tag="p2m", read_only_twin=True)
+        inflight = Segment(abi.inflight_table_size(msg.max_vcpus), tag="inflight")
+        try:
+            dom = self.hv.create_domain(msg.max_vcpus, msg.gfns, p2m_buffer=p2m.map, name=msg.name)
+        except BaseException:
+            for seg in (memory, p2m, inflight):
+                seg.close()
+            raise
+        self.backends[dom.domid] = DomainBackend(dom, memory, p2m, inflight)
+        log.info("created domain %d: %d vCPUs, %d pages", dom.domid, msg.max_vcpus, msg.gfns)
+        return protocol.DomainCreated(domid=dom.domid), []
+
+    def _destroy(self, domid: int) -> None:
+        be = self.backends.pop(domid, None)
+        if be is None:
+            return
+        if domid in self.hv.domains:
+            self.hv.destroy_domain(domid)
+        self._after_op()
+        be.close()
+        log.info("destroyed domain %d", domid)
+
+    async def _domain_destroy(self, ctx: ConnCtx, msg: protocol.DomainDestroy) -> Reply:
+        self._backend(msg.domid)
+        self._destroy(msg.domid)
+        return protocol.Ok(), []
+
+    async def _domain_list(self, ctx: ConnCtx, msg: protocol.DomainList) -> Reply:
+        out = []
+        for be in self.backends.values():
+            st = be.dom.stats()
+            out.append(protocol.DomainSummary(domid=be.domid, name=getattr(be.dom, "name", ""),
+                                              max_vcpus=be.dom.max_vcpus, gfns=be.dom.gfns,
+                                              resident=int(st.get("resident", 0)), crashed=be.dom.crashed))
+        return protocol.DomainListReply(domains=out), []
+
+    async def _stats(self, ctx: ConnCtx, msg: protocol.Stats | protocol.DomainInfo) -> Reply:
+        be = self._backend(msg.domid)
+        stats: dict[str, Any] = dict(be.dom.stats())
+        stats.update(target=be.target, guest_connected=be.guest is not None,
+                     rings_orphaned=[str(k) for k, r in be.rings.items() if r.owner is None],
+                     host_frames_total=self.hv.budget.total, host_frames_used=self.hv.budget.used)
+        return protocol.StatsReply(domid=msg.domid, stats=stats), []
+
+    async def _set_target(self, ctx: ConnCtx, msg: protocol.SetTarget) -> Reply:
+        be = self._backend(msg.domid)
+        if not 0 <= msg.pages <= be.dom.gfns:
+            raise _err(Errno.EINVAL, f"target must be within 0..{be.dom.gfns}")
+        be.target = msg.pages
+        return protocol.Ok(), []
+
+    async def _get_target(self, ctx: ConnCtx, msg: protocol.GetTarget) -> Reply:
+        return protocol.TargetReply(domid=msg.domid, pages=self._backend(msg.domid).target), []
+
+    async def _set_hvm_param(self, ctx: ConnCtx, msg: protocol.SetHvmParam) -> Reply:
+        be = self._backend(msg.domid)
+        be.dom.set_hvm_param(abi.MemEventReason(msg.reason), msg.mode)
+        return protocol.Ok(), []
+
+    # ------------------------------------------------------------ rings
+    async def _mem_event_enable(self, ctx: ConnCtx, msg: protocol.MemEventEnable) -> Reply:
+        be = self._backend(msg.domid)
+        ring = be.rings.get(msg.ring)
+        reattached = ring is not None
+        if ring is not None:
+            if ring.owner is not None:
+                raise _err(Errno.EBUSY, f"domain {msg.domid} {msg.ring} ring already has a daemon")
+        else:
+            ring = RingBackend(be.domid, msg.ring, self._next_port)
+            try:
+                be.dom.mem_event_enable(msg.ring, ring.page.map)
+            except BaseException:
+                ring.close()
+                raise
+            self._next_port += 1
+            be.rings[msg.ring] = ring
+        remote = ring.new_channel()
+        assert ring.evtchn is not None
+        loop = asyncio.get_running_loop()
+        loop.add_reader(ring.evtchn.fileno(), self._on_kick, be.domid, msg.ring)
+        ring.owner = ctx
+        if reattached:
+            # The new daemon may find work already queued; make sure it looks.
+            ring.evtchn.notify()
+        reply = protocol.MemEventEnabled(
+            domid=be.domid, ring=msg.ring, port=ring.port, ring_size=be.dom.rings_size(msg.ring)
+            if hasattr(be.dom, "rings_size") else abi.MEM_EVENT_RING_SIZE,
+            max_vcpus=be.dom.max_vcpus, gfns=be.dom.gfns, reattached=reattached,
+            fds=["ring", "evtchn", "memory", "p2m"])
+        log.info("domain %d %s ring %s (port %d)", be.domid, msg.ring,
+                 "re-attached" if reattached else "enabled", ring.port)
+        return reply, [ring.page.fd, remote, be.memory.fd, be.p2m.ro_fd]
+
+    def _on_kick(self, domid: int, kind: RingKind) -> None:
+        """A daemon notified the ring's event channel: resume (drain every response)."""
+        be = self.backends.get(domid)
+        ring = be.rings.get(kind) if be else None
+        if be is None or ring is None or ring.evtchn is None:
+            return
+        if not ring.evtchn.drain():
+            return
+        try:
+            be.dom.mem_event_resume(kind)
+        except HypervisorError as exc:
+            log.warning("resume of domain %d %s ring: %s", domid, kind, exc)
+        self._after_op()
+
+    async def _mem_event_disable(self, ctx: ConnCtx, msg: protocol.MemEventDisable) -> Reply:
+        be = self._backend(msg.domid)
+        ring = be.rings.get(msg.ring)
+        if ring is None:
+            raise _err(Errno.ENOENT, f"domain {msg.domid} has no {msg.ring} ring")
+        if ring.owner is not None and ring.owner is not ctx:
+            raise _err(Errno.EPERM, f"domain {msg.domid} {msg.ring} ring belongs to another daemon")
+        be.dom.mem_event_disable(msg.ring)
+        del be.rings[msg.ring]
+        ring.close()
+        log.info("domain %d %s ring disabled", be.domid, msg.ring)
+        return protocol.Ok(), []
+
+    async def _mem_event_resume(self, ctx: ConnCtx, msg: protocol.MemEventResume) -> Reply:
+        be = self._backend(msg.domid)
+        be.dom.mem_event_resume(msg.ring)
+        return protocol.Ok(), []
+
+    # ------------------------------------------------------------ paging
+    async def _restricting(self, be: DomainBackend, gfns: list[int], results: list[Errno | None]) -> Reply:
+        """After a right was removed: wait out accesses in flight before answering."""
+        changed = [g for g, r in zip(gfns, results, strict=True) if r is None]
+        if not await be.shootdown(changed):
+            self.hv.crash_domain(be.domid, "a vCPU did not leave a page during shootdown")
+            raise _err(Errno.ESRCH, f"domain {be.domid} crashed during shootdown")
+        return protocol.BatchResult(results=results), []
+
+    async def _paging_nominate(self, ctx: ConnCtx, msg: protocol.PagingNominate) -> Reply:
+        be = self._backend(msg.domid)
+        return await self._restricting(be, msg.gfns, be.dom.paging_nominate(msg.gfns))
+
+    async def _paging_evict(self, ctx: ConnCtx, msg: protocol.PagingEvict) -> Reply:
+        be = self._backend(msg.domid)
+        return protocol.BatchResult(results=be.dom.paging_evict(msg.gfns)), []
+
+    async def _paging_prep(self, ctx: ConnCtx, msg: protocol.PagingPrep) -> Reply:
+        be = self._backend(msg.domid)
+        return protocol.BatchResult(results=be.dom.paging_prep(msg.gfns)), []
+
+    async def _paging_load(self, ctx: ConnCtx, msg: protocol.PagingLoad) -> Reply:
+        """Prep and fill: a frame is written only if prep allocated it just now."""
+        be = self._backend(msg.domid)
+        if len(msg.gfns) != len(msg.pages):
+            raise _err(Errno.EINVAL, "paging_load needs one page per gfn")
+        if any(len(p) != abi.PAGE_SIZE for p in msg.pages):
+            raise _err(Errno.EINVAL, f"every page must be {abi.PAGE_SIZE} bytes")
+        needs_fill = [be.dom.p2m.needs_frame(g) if 0 <= g < be.dom.gfns else False for g in msg.gfns]
+        results = be.dom.paging_prep(msg.gfns)
+        mem = be.memory.map
+        for g, page, fill, r in zip(msg.gfns, msg.pages, needs_fill, results, strict=True):
+            if r is None and fill:
+                mem[g * abi.PAGE_SIZE:(g + 1) * abi.PAGE_SIZE] = page
+        return protocol.BatchResult(results=results), []
+
+    async def _access_set(self, ctx: ConnCtx, msg: protocol.AccessSet) -> Reply:
+        be = self._backend(msg.domid)
+        return await self._restricting(be, msg.gfns, be.dom.access_set(msg.gfns, msg.access))
+
+    async def _access_required(self, ctx: ConnCtx, msg: protocol.AccessRequired) -> Reply:
+        self._backend(msg.domid).dom.access_required = msg.required
+        return protocol.Ok(), []
+
+    async def _map_foreign(self, ctx: ConnCtx, msg: protocol.MapForeign) -> Reply:
+        be = self._backend(msg.domid)
+        results = be.dom.foreign_map(msg.gfns)
+        mem = be.memory.map
+        pages: list[bytes | None] = [
+            mem[g * abi.PAGE_SIZE:(g + 1) * abi.PAGE_SIZE] if r is None else None
+            for g, r in zip(msg.gfns, results, strict=True)
+        ]
+        return protocol.ForeignPages(results=results, pages=pages), []
+
+    # ------------------------------------------------------------ guest exits
+    async def _wait_runnable(self, be: DomainBackend, vcpu: int) -> None:
+        if be.dom.vcpus[vcpu].runnable:
+            return
+        fut = be.waiters.get(vcpu)
+        if fut is None or fut.done():
+            fut = asyncio.get_running_loop().create_future()
+            be.waiters[vcpu] = fut
+        self._after_op()
+        await fut
+
+    async def _guest_access(self, ctx: ConnCtx, msg: protocol.GuestAccess) -> Reply:
+        be = self._own_domain(ctx)
+        vcpu = self._vcpu(be, msg.vcpu)
+        be.faults += 1
+        be.dom.guest_access(vcpu, msg.gfn, msg.access, msg.gla)
+        await self._wait_runnable(be, vcpu)
+        return protocol.Ok(), []
+
+    async def _guest_trap(self, ctx: ConnCtx, msg: protocol.GuestTrap) -> Reply:
+        be = self._own_domain(ctx)
+        vcpu = self._vcpu(be, msg.vcpu)
+        be.dom.hvm_trap(vcpu, abi.MemEventReason(msg.reason), msg.value, msg.old, msg.gla)
+        await self._wait_runnable(be, vcpu)
+        return protocol.Ok(), []
+
+    async def _guest_balloon_out(self, ctx: ConnCtx, msg: protocol.GuestBalloonOut) -> Reply:
+        be = self._own_domain(ctx)
+        vcpu = self._vcpu(be, msg.vcpu)
+        results = be.dom.decrease_reservation(vcpu, msg.gfns)
+        return await self._restricting(be, msg.gfns, results)
+
+    # ------------------------------------------------------------ life
+    async def serve(self, ready: Callable[[], None] | None = None) -> None:
+        prepare_run_dir(self.run_dir)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            async with ControlServer(self.socket_path, self.handle, on_disconnect=self.on_disconnect,
+                                     check_peer=self.check_peer):
+                log.info("hypervisor listening on %s (%d frames, %s policy)", self.socket_path,
+                         self.hv.budget.total, self.hv.policy)
+                if ready is not None:
+                    ready()
+                await stop.wait()
+                log.info("stopping")
+        finally:
+            for domid in list(self.backends):
+                self._destroy(domid)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+
+
+def prepare_run_dir(path: str) -> None:
+    """Create the run directory owner-only, or refuse one others can enter."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"run directory {path} belongs to uid {st.st_uid}, not to us")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise PermissionError(f"run directory {path} is accessible to others (mode {stat.S_IMODE(st.st_mode):o})")
+    sock = protocol.socket_path(path)
+    if os.path.exists(sock):
+        import socket
+
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(sock)
+        except OSError:
+            os.unlink(sock)  # stale, from a hypervisor that was killed
+        else:
+            raise RuntimeError(f"a hypervisor is already running on {sock}")
+        finally:
+            probe.close()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hvemu-hypervisor", description="Run the hvemu hypervisor.")
+    p.add_argument("--run-dir", default=None, help="directory of the control socket (owner-only)")
+    p.add_argument("--memory", type=float, default=256.0, help="host memory budget in MiB")
+    p.add_argument("--policy", choices=["seed", "claim"], default="seed", help="mem_event admission policy")
+    p.add_argument("--ring-size", type=int, default=None, help="ring slots (default: derived, 64)")
+    p.add_argument("--ready-fd", type=int, default=None, help="write a byte to this fd once listening")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * args.verbose,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_dir = args.run_dir or protocol.default_run_dir()
+    frames = int(args.memory * (1 << 20)) // abi.PAGE_SIZE
+    if frames < 1:
+        print("hvemu-hypervisor: --memory must be at least one page", file=sys.stderr)
+        return 2
+
+    def ready() -> None:
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, b"R")
+            os.close(args.ready_fd)
+
+    try:
+        daemon = HypervisorDaemon(run_dir, frames, policy=args.policy, ring_size=args.ring_size)
+        uvloop.run(daemon.serve(ready))
+    except (PermissionError, RuntimeError, ValueError) as exc:
+        print(f"hvemu-hypervisor: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""``scripts/run.sh``: a whole emulated host, started, measured and stopped.
+
+Starts a hypervisor with a host budget smaller than the guests' memory (so
+paging really happens), creates the domains, attaches a pager to each, runs a
+guest per domain, and when the guests have run their workload (and verified
+every page they wrote), stops the pagers cleanly (which pages everything back
+in), reads the hypervisor's counters, stops the guests and the hypervisor, and
+prints a summary per domain.  Every process is a child of this one and is
+stopped on any exit path, Ctrl-C included; the run directory is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from typing import Any
+
+import uvloop
+
+from hvemu import abi, protocol
+from hvemu.transport import Connection
+
+MiB = 1 << 20
+
+
+class Child:
+    """A child process whose stdout we read line by line."""
+
+    def __init__(self, name: str, proc: asyncio.subprocess.Process) -> None:
+        self.name = name
+        self.proc = proc
+
+    @classmethod
+    async def start(cls, name: str, *argv: str, cpus: str | None = None) -> Child:
+        cmd = [sys.executable, *argv]
+        if cpus and shutil.which("taskset"):
+            cmd = ["taskset", "-c", cpus, *cmd]
+        proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, start_new_session=True)
+        return cls(name, proc)
+
+    async def readline(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        return line.decode().strip()
+
+    async def stop(self, timeout: float = 30.0, sig: int = signal.SIGTERM) -> int:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                await self.proc.wait()
+        return self.proc.returncode or 0
+
+    async def output(self) -> str:
+        assert self.proc.stdout is not None
+        return (await self.proc.stdout.read()).decode()
+
+
+async def start_hypervisor(run_dir: str, memory_mib: float, policy: str, *, cpus: str | None = None,
+                           verbose: int = 0) -> Child:
+    """Start ``hvemu.daemon`` and return once its control socket answers."""
+    args = ["-m", "hvemu.daemon", "--run-dir", run_dir, "--memory", str(memory_mib), "--policy", policy]
+    args += ["-v"] * verbose
+    hv = await Child.start("hypervisor", *args, cpus=cpus)
+    path = protocol.socket_path(run_dir)
+    for _ in range(200):
+        if hv.proc.returncode is not None:
+            raise RuntimeError(f"hypervisor exited with status {hv.proc.returncode}")
+        if os.path.exists(path):
+            try:
+                conn = await Connection.connect(path)
+            except OSError:
+                pass
+            else:
+                await conn.close()
+                return hv
+        await asyncio.sleep(0.05)
+    await hv.stop()
+    raise RuntimeError("hypervisor did not start listening within 10 s")
+
+
+async def _wait_ring(tool: Connection, domid: int, pager: Child, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while loop.time() < end:
+        if pager.proc.returncode is not None:
+            raise RuntimeError(f"pager of domain {domid} exited with status {pager.proc.returncode}")
+        reply, _ = await tool.call(protocol.Stats(domid=domid))
+        assert isinstance(reply, protocol.StatsReply)
+        rings = reply.stats.get("rings", {})
+        if isinstance(rings, dict) and "paging" in rings:
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"pager of domain {domid} did not attach within {timeout} s")
+
+
+def _ring_counter(stats: dict[str, Any], key: str) -> int:
+    rings = stats.get("rings", {})
+    if not isinstance(rings, dict):
+        return 0
+    return sum(int(r.get(key, 0)) for r in rings.values() if isinstance(r, dict))
+
+
+async def scenario(args: argparse.Namespace) -> dict[str, Any]:
+    run_dir = tempfile.mkdtemp(prefix="hvemu-run-")
+    os.chmod(run_dir, 0o700)
+    children: list[Child] = []
+    try:
+        hv = await start_hypervisor(run_dir, args.host_memory, args.policy, cpus=args.cpus)
+        children.append(hv)
+        tool = await Connection.connect(protocol.socket_path(run_dir))
+        await tool.call(protocol.ToolHello(client="run.sh"))
+        gfns = int(args.memory * MiB) // abi.PAGE_SIZE
+        target = int(args.target * MiB) // abi.PAGE_SIZE
+        domids: list[int] = []
+        pagers: dict[int, Child] = {}
+        guests: dict[int, Child] = {}
+        for i in range(args.domains):
+            reply, _ = await tool.call(protocol.DomainCreate(max_vcpus=args.vcpus, gfns=gfns, name=f"guest{i}"))
+            assert isinstance(reply, protocol.DomainCreated)
+            domids.append(reply.domid)
+            await tool.call(protocol.SetTarget(domid=reply.domid, pages=target))
+        for domid in domids:
+            pager = await Child.start(f"pager{domid}", "-m", "pager.xenpaging", "--domid", str(domid),
+                                      "--run-dir", run_dir, "--pagefile",
+                                      os.path.join(run_dir, f"dom{domid}.pagefile"),
+                                      "--batch", str(args.batch), cpus=args.cpus)
+            children.append(pager)
+            pagers[domid] = pager
+            await _wait_ring(tool, domid, pager)
+        for domid in domids:
+            guest = await Child.start(f"guest{domid}", "-m", "guest", "--domid", str(domid), "--run-dir",
+                                      run_dir, "--duration", str(args.duration), "--pattern", args.pattern,
+                                      "--write-ratio", str(args.write_ratio), "--seed", str(args.seed + domid),
+                                      "--linger", cpus=args.cpus)
+            children.append(guest)
+            guests[domid] = guest
+        reports: dict[int, dict[str, Any]] = {}
+        for domid, guest in guests.items():
+            line = await guest.readline(timeout=args.duration + 120)
+            if not line:
+                raise RuntimeError(f"guest of domain {domid} exited with status {await guest.stop()}")
+            reports[domid] = json.loads(line)
+        pager_summaries: dict[int, dict[str, Any]] = {}
+        for domid, pager in pagers.items():
+            status = await pager.stop(timeout=60)
+            out = (await pager.output()).strip().splitlines()
+            pager_summaries[domid] = json.loads(out[-1]) if out else {}
+            pager_summaries[domid]["exit_status"] = status
+        hv_stats: dict[int, dict[str, Any]] = {}
+        for domid in domids:
+            reply, _ = await tool.call(protocol.Stats(domid=domid))
+            assert isinstance(reply, protocol.StatsReply)
+            hv_stats[domid] = dict(reply.stats)
+        guest_status = {domid: await g.stop() for domid, g in guests.items()}
+        await tool.close()
+        domains = []
+        for domid in domids:
+            rep, pg, st = reports[domid], pager_summaries[domid], hv_stats[domid]
+            lat = rep.get("latency_us", {})
+            domains.append({
+                "domid": domid, "vcpus": args.vcpus, "faults": rep["faults"],
+                "fault_p50_us": lat.get("p50", 0.0), "fault_p99_us": lat.get("p99", 0.0),
+                "fault_max_us": lat.get("max", 0.0), "accesses": rep["accesses"],
+                "pages_out": pg.get("pages_out", 0), "pages_in": pg.get("pages_in", 0),
+                "events_lost": _ring_counter(st, "lost"), "events_put": _ring_counter(st, "put"),
+                "integrity_failures": rep["integrity_failures"],
+                "pager_exit": pg.get("exit_status", -1), "guest_exit": guest_status[domid],
+            })
+        ok = all(d["integrity_failures"] == 0 and d["pager_exit"] == 0 and d["guest_exit"] == 0
+                 and d["events_lost"] == 0 for d in domains)
+        return {"ok": ok, "host_memory_mib": args.host_memory, "policy": args.policy,
+                "duration_s": args.duration, "domains": domains}
+    finally:
+        for child in reversed(children):
+            await child.stop(timeout=20)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _print_table(summary: dict[str, Any]) -> None:
+    cols = ["domid", "vcpus", "faults", "fault_p50_us", "fault_p99_us", "pages_out", "pages_in",
+            "events_lost", "integrity_failures"]
+    print(" ".join(f"{c:>18}" for c in cols))
+    for d in summary["domains"]:
+        print(" ".join(f"{d[c]:>18}" for c in cols))
+    print(f"integrity {'OK' if summary['ok'] else 'FAILED'}  (host {summary['host_memory_mib']} MiB, "
+          f"{summary['policy']} policy, {summary['duration_s']} s)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run.sh", description="Run an overcommitted host: hypervisor, guests, pagers.")
+    p.add_argument("--domains", type=int, default=2)
+    p.add_argument("--vcpus", type=int, default=4)
+    p.add_argument("--memory", type=float, default=64, help="MiB per domain")
+    p.add_argument("--host-memory", type=float, default=96, help="host budget in MiB (below the total)")
+    p.add_argument("--target", type=float, default=40, help="pager target per domain, MiB")
+    p.add_argument("--duration", type=float, default=10)
+    p.add_argument("--pattern", choices=["sequential", "uniform", "hotcold", "phases"], default="hotcold")
+    p.add_argument("--write-ratio", type=float, default=0.3)
+    p.add_argument("--policy", choices=["seed", "claim"], default="seed")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--cpus", default=None, help="pin every process to these CPUs (taskset list, e.g. 0)")
+    p.add_argument("--json", default=None, help="also write the summary as JSON to this file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    for name in ("domains", "vcpus", "batch"):
+        if getattr(args, name) < 1:
+            print(f"run.sh: --{name} must be at least 1", file=sys.stderr)
+            return 2
+    if args.target > args.memory or args.memory <= 0 or args.host_memory <= 0 or args.duration <= 0:
+        print("run.sh: need 0 < --target <= --memory, --host-memory > 0 and --duration > 0", file=sys.stderr)
+        return 2
+    try:
+        summary = uvloop.run(scenario(args))
+    except KeyboardInterrupt:
+        print("run.sh: interrupted, everything stopped", file=sys.stderr)
+        return 130
+    except (RuntimeError, OSError, TimeoutError) as exc:
+        print(f"run.sh: {exc}", file=sys.stderr)
+        return 1
+    _print_table(summary)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Victim selection: which resident pages a pager evicts next.
+
+Both policies avoid pages paged in recently (xenpaging keeps a similar list):
+evicting a page the guest just faulted back is the classic thrash.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Literal, Protocol
+
+PolicyName = Literal["random", "clock"]
+
+
+class VictimPolicy(Protocol):
+    def choose(self, candidates: list[int], count: int) -> list[int]: ...
+
+    def paged_in(self, gfns: Iterable[int]) -> None: ...
+
+
+class _RecentlyPagedIn:
+    """A bounded set of gfns paged in lately, oldest forgotten first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self._recent: OrderedDict[int, None] = OrderedDict()
+
+    def paged_in(self, gfns: Iterable[int]) -> None:
+        for g in gfns:
+            self._recent[g] = None
+            self._recent.move_to_end(g)
+        while len(self._recent) > self.capacity:
+            self._recent.popitem(last=False)
+
+    def __contains__(self, gfn: object) -> bool:
+        return gfn in self._recent
+
+
+class RandomPolicy(_RecentlyPagedIn):
+    """Uniform random victims among resident pages not paged in lately."""
+
+    def __init__(self, capacity: int = 256, seed: int | None = None) -> None:
+        super().__init__(capacity)
+        self._rng = random.Random(seed)
+
+    def choose(self, candidates: list[int], count: int) -> list[int]:
+        fresh = [g for g in candidates if g not in self]
+        pool = fresh if len(fresh) >= count else candidates
+        return self._rng.sample(pool, min(count, len(pool)))
+
+
+class ClockPolicy(_RecentlyPagedIn):
+    """A sweeping hand over gfn order, skipping recently paged-in pages."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        super().__init__(capacity)
+        self._hand = 0
+
+    def choose(self, candidates: list[int], count: int) -> list[int]:
+        if not candidates:
+            return []
+        start = next((i for i, g in enumerate(candidates) if g >= self._hand), 0)
+        ordered = candidates[start:] + candidates[:start]
+        picked = [g for g in ordered if g not in self][:count]
+        if len(picked) < count:
+            extra = [g for g in ordered if g in self]
+            picked += extra[: count - len(picked)]
+        if picked:
+            self._hand = picked[-1] + 1
+        return picked
+
+
+def make_policy(name: PolicyName, *, seed: int | None = None, recent: int = 256) -> VictimPolicy:
+    if name == "random":
+        return RandomPolicy(recent, seed)
+    if name == "clock":
+        return ClockPolicy(recent)
+    raise ValueError(f"unknown victim policy {name!r} (choose random or clock)")

@@ -1,0 +1,241 @@
+"""The built-in pager, ``xenpaging``-like, written on the public SDK only.
+
+It keeps a domain's resident pages at a target (read from the hypervisor, so a
+changed target is followed at run time), evicting in batches (nominate, copy
+to the pagefile, evict: a page touched in between fails the evict and stays),
+and serves page-in requests by draining the whole ring, loading every page of
+the drain in one domctl, and pushing all responses with one notify.  On a
+clean stop it pages everything back in (through foreign mappings, as xenpaging
+does) and disables the ring.  Killed, it leaves ring and pagefile behind; a new
+pager on the same pagefile picks up every unanswered request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+
+from hvemu import abi
+from hvemu.abi import MemEvent, MemEventFlag, P2MType, RingKind
+from pager.pagefile import Pagefile
+from pager.policy import PolicyName, VictimPolicy, make_policy
+from pager.sdk import MemEventClient, SdkError
+
+log = logging.getLogger("pager")
+
+#: Request flags a response echoes back (the hypervisor acts on them).
+_ECHO = int(MemEventFlag.VCPU_PAUSED | MemEventFlag.DROP_PAGE | MemEventFlag.EVICT_FAIL | MemEventFlag.FOREIGN)
+
+
+class Pager:
+    """A paging daemon; subclass and override the three hooks for a custom one."""
+
+    def __init__(self, client: MemEventClient, pagefile: Pagefile, policy: VictimPolicy, *,
+                 batch: int = 64, poll_interval: float = 0.05) -> None:
+        self.client = client
+        self.pagefile = pagefile
+        self.policy = policy
+        self.batch = batch
+        self.poll_interval = poll_interval
+        self.pages_out = 0
+        self.pages_in = 0
+        self.evict_failed = 0
+        self.drops = 0
+        self.requests = 0
+        self._paged_in_event = asyncio.Event()
+
+    # ------------------------------------------------------------- hooks
+    def choose_victims(self, candidates: list[int], count: int) -> list[int]:
+        """Which resident (``ram_rw``) gfns to evict next."""
+        return self.policy.choose(candidates, count)
+
+    def on_populate(self, gfns: list[int]) -> None:
+        """Pages just paged in (the policy avoids evicting them again soon)."""
+        self.policy.paged_in(gfns)
+
+    def on_drop(self, gfn: int) -> None:
+        """The guest gave a paged-out gfn back: its pagefile slot is garbage now."""
+        self.drops += 1
+
+    # ------------------------------------------------------------- serving
+    async def serve(self) -> None:
+        """Answer requests forever, one drain at a time."""
+        async for batch in self.client.requests():
+            await self.handle_batch(batch)
+
+    async def handle_batch(self, batch: list[MemEvent]) -> None:
+        self.requests += len(batch)
+        to_load: dict[int, None] = {}
+        for req in batch:
+            if req.flags & (MemEventFlag.DROP_PAGE | MemEventFlag.EVICT_FAIL | MemEventFlag.DUMMY):
+                continue
+            to_load[req.gfn] = None
+        loaded = await self._load(list(to_load))
+        for req in batch:
+            if req.flags & MemEventFlag.DROP_PAGE:
+                self.on_drop(req.gfn)
+            elif req.flags & MemEventFlag.EVICT_FAIL:
+                self.evict_failed += 1
+            self.client.respond(MemEvent(type=req.type, flags=req.flags & _ECHO, vcpu_id=req.vcpu_id,
+                                         gfn=req.gfn, p2mt=req.p2mt))
+        await self.client.push()
+        if loaded:
+            self.pages_in += len(loaded)
+            self.on_populate(loaded)
+            self._paged_in_event.set()
+
+    async def _load(self, gfns: list[int]) -> list[int]:
+        """Read the pagefile and load; on ENOMEM make room by evicting, then retry."""
+        loaded: list[int] = []
+        pending = gfns
+        for _attempt in range(8):
+            if not pending:
+                break
+            results = await self.client.load(pending, [self.pagefile.read(g) for g in pending])
+            retry = []
+            for g, r in zip(pending, results, strict=True):
+                if r is None:
+                    loaded.append(g)
+                elif r == abi.Errno.ENOMEM:
+                    retry.append(g)
+                # EINVAL etc: the gfn is no longer paged (a duplicate request); the response suffices.
+            pending = retry
+            if pending:
+                await self.evict_batch(len(pending))
+        if pending:
+            log.warning("dom%d: host memory exhausted, %d page-ins deferred to the guest's retry",
+                        self.client.domid, len(pending))
+        return loaded
+
+    # ------------------------------------------------------------- eviction
+    def resident(self) -> int:
+        c = self.client
+        return c.count_type(P2MType.ram_rw) + c.count_type(P2MType.ram_paging_out)
+
+    async def evict_batch(self, count: int) -> int:
+        """Nominate, copy and evict up to ``count`` pages; returns how many left."""
+        candidates = self.client.gfns_of_type(P2MType.ram_rw)
+        victims = self.choose_victims(candidates, min(count, self.batch))
+        if not victims:
+            return 0
+        nominated = [g for g, r in zip(victims, await self.client.nominate(victims), strict=True) if r is None]
+        if not nominated:
+            return 0
+        mem = self.client.memory
+        assert mem is not None
+        for g in nominated:
+            off = g * abi.PAGE_SIZE
+            self.pagefile.write(g, mem[off:off + abi.PAGE_SIZE])
+        results = await self.client.evict(nominated)
+        evicted = sum(1 for r in results if r is None)
+        self.pages_out += evicted
+        return evicted
+
+    async def evict_loop(self) -> None:
+        """Follow the target: evict while above it, otherwise wait a little."""
+        while True:
+            target = await self.client.get_target()
+            excess = self.resident() - target
+            if excess > 0 and await self.evict_batch(excess) > 0:
+                await asyncio.sleep(0)
+                continue
+            self._paged_in_event.clear()
+            try:
+                await asyncio.wait_for(self._paged_in_event.wait(), self.poll_interval)
+            except TimeoutError:
+                pass
+
+    # ------------------------------------------------------------- stopping
+    async def page_in_all(self, timeout: float = 60.0) -> None:
+        """Bring every page back (foreign-map the paged ones; the serve loop loads them)."""
+        deadline = time.monotonic() + timeout
+        kinds = (P2MType.ram_paged, P2MType.ram_paging_out, P2MType.ram_paging_in)
+        while True:
+            waiting = [g for k in kinds for g in self.client.gfns_of_type(k)]
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise SdkError(f"dom{self.client.domid}: {len(waiting)} pages still out after {timeout}s")
+            trigger = [g for g in waiting if self.client.p2m_type(g) != P2MType.ram_paging_in]
+            for i in range(0, len(trigger), self.batch):
+                await self.client.map_foreign(trigger[i:i + self.batch])
+            await asyncio.sleep(self.poll_interval)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve and evict until ``stop`` is set, then page everything in."""
+        async with asyncio.TaskGroup() as tg:
+            serve = tg.create_task(self.serve(), name="serve")
+            evict = tg.create_task(self.evict_loop(), name="evict")
+            await stop.wait()
+            evict.cancel()
+            log.info("dom%d: stopping, paging everything back in", self.client.domid)
+            await self.page_in_all()
+            serve.cancel()
+
+    def summary(self) -> dict[str, int]:
+        return {"pages_out": self.pages_out, "pages_in": self.pages_in, "requests": self.requests,
+                "evict_failed": self.evict_failed, "drops": self.drops}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hvemu-pager", description="A xenpaging-like pager for one domain.")
+    p.add_argument("--domid", type=int, required=True)
+    p.add_argument("--pagefile", required=True, help="backing file (kept across restarts)")
+    p.add_argument("--target", type=int, default=None, help="resident pages to keep (default: the hypervisor's)")
+    p.add_argument("--policy", choices=["random", "clock"], default="random")
+    p.add_argument("--batch", type=int, default=64, help="pages per eviction batch")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--run-dir", default=None)
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    return p
+
+
+async def _main(args: argparse.Namespace) -> dict[str, int]:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    policy_name: PolicyName = args.policy
+    async with MemEventClient(args.domid, RingKind.paging, run_dir=args.run_dir) as client:
+        if args.target is not None:
+            from hvemu import protocol
+
+            await client.call(protocol.SetTarget(domid=args.domid, pages=args.target))
+        pagefile = Pagefile(args.pagefile, client.gfns)
+        try:
+            pager = Pager(client, pagefile, make_policy(policy_name, seed=args.seed), batch=args.batch)
+            await pager.run(stop)
+        finally:
+            pagefile.close()
+    return pager.summary()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.batch < 1:
+        print("hvemu-pager: --batch must be at least 1", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING - 10 * args.verbose,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import json
+
+    import uvloop
+
+    try:
+        summary = uvloop.run(_main(args))
+    except* SdkError as group:
+        print(f"hvemu-pager: {group.exceptions[0]}", file=sys.stderr)
+        return 1
+    except* (ConnectionError, OSError) as group:
+        print(f"hvemu-pager: {group.exceptions[0]}", file=sys.stderr)
+        return 1
+    print(json.dumps({"domid": args.domid, **summary}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
