@@ -1,0 +1,146 @@
+"""Helpers for tests that run the real processes (hypervisor, guests, pagers)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from hvemu import protocol
+from hvemu.transport import Connection
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def shm_segments(pid: int | None = None) -> list[str]:
+    """hvemu's names in /dev/shm (all of them, or those created by ``pid``)."""
+    prefix = "hvemu-" if pid is None else f"hvemu-{pid}-"
+    return [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+
+
+class Proc:
+    """A child process started with the project's interpreter, killed on teardown."""
+
+    def __init__(self, *argv: str, capture: bool = True) -> None:
+        self.argv = argv
+        self.p = subprocess.Popen(
+            [sys.executable, *argv], cwd=ROOT, start_new_session=True,
+            stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE if capture else None,
+            text=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.p.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.p.wait(timeout)
+
+    def communicate(self, timeout: float) -> tuple[str, str]:
+        out, err = self.p.communicate(timeout=timeout)
+        return out or "", err or ""
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.alive():
+            self.signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.p.wait(5)
+        for stream in (self.p.stdout, self.p.stderr):
+            if stream is not None:
+                stream.close()
+        return self.p.returncode
+
+    def json_line(self, timeout: float) -> dict[str, Any]:
+        """The next stdout line, parsed (for --linger guests and exiting pagers)."""
+        assert self.p.stdout is not None
+        deadline = time.monotonic() + timeout
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.p.stdout, selectors.EVENT_READ)
+        try:
+            while time.monotonic() < deadline:
+                if sel.select(timeout=0.2):
+                    line = self.p.stdout.readline()
+                    if not line:
+                        break
+                    if line.strip().startswith("{"):
+                        data: dict[str, Any] = json.loads(line)
+                        return data
+        finally:
+            sel.close()
+        err = self.p.stderr.read() if self.p.stderr is not None and not self.alive() else ""
+        raise AssertionError(f"{self.argv[:2]} gave no JSON line within {timeout}s "
+                             f"(status {self.p.poll()}): {err[-2000:]}")
+
+
+class Hypervisor:
+    """A hypervisor process in its own owner-only run directory."""
+
+    def __init__(self, run_dir: str, memory_mib: float = 64, policy: str = "seed") -> None:
+        os.makedirs(run_dir, mode=0o700, exist_ok=True)
+        self.run_dir = run_dir
+        self.socket = protocol.socket_path(run_dir)
+        self.proc = Proc("-m", "hvemu.daemon", "--run-dir", run_dir, "--memory", str(memory_mib),
+                         "--policy", policy)
+        deadline = time.monotonic() + 15
+        while not os.path.exists(self.socket):
+            if not self.proc.alive():
+                _, err = self.proc.communicate(5)
+                raise RuntimeError(f"hypervisor exited: {err[-2000:]}")
+            if time.monotonic() > deadline:
+                self.proc.stop()
+                raise RuntimeError("hypervisor did not listen within 15 s")
+            time.sleep(0.02)
+
+    def stop(self) -> int:
+        return self.proc.stop()
+
+    async def tool(self) -> Connection:
+        conn = await Connection.connect(self.socket)
+        await conn.call(protocol.ToolHello(client="test"))
+        return conn
+
+    def pager(self, domid: int, pagefile: str, *extra: str) -> Proc:
+        return Proc("-m", "pager.xenpaging", "--run-dir", self.run_dir, "--domid", str(domid),
+                    "--pagefile", pagefile, *extra)
+
+    def guest(self, domid: int, *extra: str) -> Proc:
+        return Proc("-m", "guest", "--run-dir", self.run_dir, "--domid", str(domid), *extra)
+
+
+async def stats(conn: Connection, domid: int) -> dict[str, Any]:
+    reply, _ = await conn.call(protocol.Stats(domid=domid))
+    assert isinstance(reply, protocol.StatsReply)
+    return dict(reply.stats)
+
+
+async def wait_until(pred: Any, timeout: float = 10.0, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if await pred():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+async def ring_enabled(conn: Connection, domid: int, ring: str = "paging") -> bool:
+    rings = (await stats(conn, domid)).get("rings", {})
+    return isinstance(rings, dict) and ring in rings

@@ -1,0 +1,49 @@
+"""The pager's pagefile and victim policies."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from hvemu.abi import PAGE_SIZE
+from pager.pagefile import Pagefile
+from pager.policy import ClockPolicy, RandomPolicy, make_policy
+
+
+def test_pagefile_round_trip_is_sparse_and_survives_reopen(tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "pf")
+    pf = Pagefile(path, 1024)
+    pf.write(5, b"\x07" * PAGE_SIZE)
+    pf.close()
+    again = Pagefile(path, 1024)
+    try:
+        assert again.read(5) == b"\x07" * PAGE_SIZE
+        assert again.read(6) == bytes(PAGE_SIZE), "a slot never written reads as zeros"
+        assert os.stat(path).st_blocks * 512 < 64 * PAGE_SIZE, "the pagefile is not sparse"
+        with pytest.raises(ValueError):
+            again.read(1024)
+        with pytest.raises(ValueError):
+            again.write(1, b"short")
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize("policy", [RandomPolicy(capacity=4, seed=1), ClockPolicy(capacity=4)])
+def test_policies_avoid_pages_just_paged_in(policy: RandomPolicy | ClockPolicy) -> None:
+    policy.paged_in([1, 2, 3])
+    picked = policy.choose(list(range(10)), 5)
+    assert len(picked) == 5 and not {1, 2, 3} & set(picked)
+    # With too few fresh pages, recently paged-in ones are used rather than nothing.
+    assert len(policy.choose([1, 2, 3, 4], 3)) == 3
+
+
+def test_clock_hand_moves_on() -> None:
+    clock = ClockPolicy()
+    assert clock.choose(list(range(10)), 3) == [0, 1, 2]
+    assert clock.choose(list(range(10)), 3) == [3, 4, 5]
+
+
+def test_unknown_policy_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="unknown victim policy"):
+        make_policy("lru")  # type: ignore[arg-type]
