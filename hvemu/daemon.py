@@ -297,7 +297,12 @@ class HypervisorDaemon:
         ring = be.rings.get(kind) if be else None
         if be is None or ring is None or ring.evtchn is None:
             return
-        if not ring.evtchn.drain():
+        pending = ring.evtchn.drain()
+        if ring.evtchn.peer_closed:
+            # The daemon's end is gone (it exited or was killed): stop polling
+            # an fd that will stay readable at EOF; its responses are still drained.
+            asyncio.get_running_loop().remove_reader(ring.evtchn.fileno())
+        elif not pending:
             return
         try:
             be.dom.mem_event_resume(kind)

@@ -157,12 +157,18 @@ class FrontRing(Generic[E]):
         self.size = sring.size
         self.req_prod_pvt = 0
         self.rsp_cons = 0
+        #: The last value this end published as ``req_prod``: the shared copy
+        #: may be scribbled on by the back end, this one cannot.
+        self.req_prod_published = 0
+        #: A private copy of every request still in a slot, so that a slot a
+        #: dead daemon overwrote with an unpublished response can be restored.
+        self._shadow: list[E | None] = [None] * sring.size
 
     @classmethod
     def attach(cls, sring: SharedRing[E]) -> FrontRing[E]:
         """``FRONT_RING_ATTACH``: pick up a live ring from its shared indices."""
         ring = cls(sring)
-        ring.req_prod_pvt = sring.req_prod
+        ring.req_prod_pvt = ring.req_prod_published = sring.req_prod
         ring.rsp_cons = sring.rsp_prod
         return ring
 
@@ -182,12 +188,13 @@ class FrontRing(Generic[E]):
         if self.full():
             raise OverflowError("ring full: the caller must check free_requests() first")
         self.sring.write_entry(self.req_prod_pvt, entry)
+        self._shadow[self.req_prod_pvt & self.sring.mask] = entry
         self.req_prod_pvt = (self.req_prod_pvt + 1) & _MASK
 
     def push_requests(self) -> None:
         """``RING_PUSH_REQUESTS``."""
         wmb()
-        self.sring.req_prod = self.req_prod_pvt
+        self.sring.req_prod = self.req_prod_published = self.req_prod_pvt
 
     def push_requests_and_check_notify(self) -> bool:
         """``RING_PUSH_REQUESTS_AND_CHECK_NOTIFY``: True if the back end must be kicked."""
@@ -195,17 +202,40 @@ class FrontRing(Generic[E]):
         old = sring.req_prod
         new = self.req_prod_pvt
         wmb()
-        sring.req_prod = new
+        sring.req_prod = self.req_prod_published = new
         mb()
         return ((new - sring.req_event) & _MASK) < ((new - old) & _MASK)
+
+    def restore_unanswered(self) -> int:
+        """Rewrite every published, unanswered request slot from the private copy.
+
+        Requests and responses share slots, so a daemon that dies after
+        writing a response but before publishing ``rsp_prod`` leaves response
+        bytes where a request was.  Called before a new daemon attaches (it
+        resumes at ``rsp_prod``), this makes it see the original requests.
+        Returns how many slots were rewritten.
+        """
+        count = (self.req_prod_published - self.rsp_cons) & _MASK
+        if count > self.size:
+            raise RingCorruptError(f"{count} requests outstanding on a {self.size}-slot ring")
+        for i in range(count):
+            idx = (self.rsp_cons + i) & _MASK
+            entry = self._shadow[idx & self.sring.mask]
+            if entry is not None:
+                self.sring.write_entry(idx, entry)
+        wmb()
+        self.sring.rsp_prod = self.rsp_cons
+        self.sring.req_prod = self.req_prod_published
+        return count
 
     def unconsumed_responses(self) -> int:
         """``RING_HAS_UNCONSUMED_RESPONSES``, refusing a ``rsp_prod`` that answers unasked requests."""
         avail = (self.sring.rsp_prod - self.rsp_cons) & _MASK
-        if avail > self.outstanding():
+        published = (self.req_prod_published - self.rsp_cons) & _MASK
+        if avail > published:
             raise RingCorruptError(
                 f"rsp_prod={self.sring.rsp_prod} is {avail} ahead of rsp_cons={self.rsp_cons} "
-                f"but only {self.outstanding()} requests are outstanding"
+                f"but only {published} published requests are unanswered"
             )
         if avail:
             rmb()
@@ -249,11 +279,15 @@ class BackRing(Generic[E]):
 
     def unconsumed_requests(self) -> int:
         """``RING_HAS_UNCONSUMED_REQUESTS``, refusing a ``req_prod`` beyond the ring."""
-        req = (self.sring.req_prod - self.req_cons) & _MASK
+        req_prod = self.sring.req_prod
+        req = (req_prod - self.req_cons) & _MASK
         rsp = self.size - ((self.req_cons - self.rsp_prod_pvt) & _MASK)
-        if req > self.size or rsp < 0:
+        # RING_REQUEST_PROD_OVERFLOW: the producer may be at most one ring
+        # ahead of the last response *we* produced, never further.
+        if ((req_prod - self.rsp_prod_pvt) & _MASK) > self.size or rsp < 0:
             raise RingCorruptError(
-                f"req_prod={self.sring.req_prod} is {req} ahead of req_cons={self.req_cons}, "
+                f"req_prod={req_prod} is {req} ahead of req_cons={self.req_cons} and "
+                f"{(req_prod - self.rsp_prod_pvt) & _MASK} ahead of rsp_prod_pvt={self.rsp_prod_pvt}, "
                 f"more than the {self.size} slots of the ring"
             )
         n = min(req, rsp)

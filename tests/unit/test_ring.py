@@ -112,6 +112,7 @@ def make_rig(cfg: Config = MEM64, start: int = 0, tail: int = 0) -> Rig:
     sring.rsp_event = start + 1
     front: FrontRing[Any] = FrontRing(sring)
     front.req_prod_pvt = start
+    front.req_prod_published = start
     front.rsp_cons = start
     back: BackRing[Any] = BackRing(sring)
     back.rsp_prod_pvt = start
@@ -536,12 +537,6 @@ def test_back_never_consumes_more_than_it_can_answer(start: int) -> None:
     assert_in_ring(rig, codec)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BackRing.unconsumed_requests only rejects req_prod more than RING_SIZE ahead of req_cons; "
-    "Xen's RING_REQUEST_PROD_OVERFLOW rejects req_prod more than RING_SIZE ahead of rsp_prod_pvt, "
-    "i.e. a front end that overwrote slots the back end consumed but has not answered yet",
-)
 @pytest.mark.parametrize("start", [0, U32 - 5])
 def test_back_detects_req_prod_overrunning_unanswered_slots(start: int) -> None:
     rig, codec = recording_rig(start)
@@ -592,11 +587,6 @@ def test_front_accepts_every_outstanding_answered(start: int) -> None:
     assert_in_ring(rig, codec)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FrontRing.unconsumed_responses bounds rsp_prod by the private req_prod_pvt, so a back end "
-    "may 'answer' requests the front has put but never published (pushed)",
-)
 def test_front_rejects_answers_to_unpublished_requests() -> None:
     rig, _codec = recording_rig(0)
     rig.front.put_request(MEM64.make(0))
@@ -927,12 +917,6 @@ def test_model_catches_a_broken_notify(monkeypatch: pytest.MonkeyPatch) -> None:
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="put_response writes the response into the request's shared slot at once; if the daemon dies "
-    "before push_responses, BackRing.attach re-consumes that slot and gets the dead daemon's response "
-    "bytes instead of the original request (attach promises every request after rsp_prod is redone)",
-)
 def test_back_attach_redoes_the_original_request_after_unpushed_answer() -> None:
     rig = make_rig(MEM64, U32 - 1)
     req = MemEvent(gfn=42, vcpu_id=3, flags=0, reason=1)
@@ -941,7 +925,9 @@ def test_back_attach_redoes_the_original_request_after_unpushed_answer() -> None
     got = rig.back.get_request()
     answer = MemEvent(gfn=42, vcpu_id=3, flags=MemEventFlag.DROP_PAGE | MemEventFlag.VCPU_PAUSED)
     rig.back.put_response(answer)
-    # the daemon dies here, before push_responses
+    # the daemon dies here, before push_responses; the front end restores
+    # the unanswered slots from its private copy before a new daemon attaches.
+    assert rig.front.restore_unanswered() == 1
     b2: BackRing[Any] = BackRing.attach(rig.sring)
     assert b2.unconsumed_requests() == 1
     assert b2.get_request() == got == req
