@@ -336,11 +336,21 @@ class FrameDecoder:
         self._max = max_frame
 
     def feed(self, data: bytes) -> list[bytes]:
+        """Append ``data``; return every body now complete, in order.
+
+        An oversized length prefix raises a fatal :class:`ProtocolError`, but
+        only once the complete frames before it have been returned: a call
+        that returned bodies may leave it for the next call.
+        """
         self._buf += data
         bodies: list[bytes] = []
         while len(self._buf) >= HEADER_SIZE:
             (length,) = _LEN.unpack_from(self._buf, 0)
             if length > self._max:
+                if bodies:
+                    # Hand out the good frames before it first; the next
+                    # feed (even of b"") raises.
+                    break
                 raise ProtocolError(
                     Errno.EINVAL, f"frame of {length} bytes exceeds the {self._max}-byte limit", fatal=True
                 )
