@@ -377,3 +377,24 @@ def inflight_table_size(max_vcpus: int) -> int:
 
 def inflight_value(gfn: int) -> int:
     return gfn + 1
+
+
+# --------------------------------------------------------------------------
+# Rings with fewer slots than fit the page (appended for hvemu.core).
+# --------------------------------------------------------------------------
+
+
+def ring_bytes(entries: int, entry_size: int = MEM_EVENT_SIZE) -> int:
+    """Bytes of a shared ring with exactly ``entries`` slots: header plus ``ring[entries]``.
+
+    The layout is the page's own, only shorter: a ring of 8 ``mem_event_st``
+    slots (the slot count of ``vm_event`` since Xen 4.5) is a ``SharedRing``
+    over the first ``ring_bytes(8)`` bytes of the page, so both ends pass this
+    as ``page_size`` and ``ring_size(entry_size, ring_bytes(n)) == n``.
+    """
+    if entries < 1 or entries & (entries - 1):
+        raise ValueError(f"a ring has a power-of-two number of slots, not {entries}")
+    size = RING_ENTRIES_OFFSET + entries * entry_size
+    if size > PAGE_SIZE:
+        raise ValueError(f"{entries} slots of {entry_size} bytes do not fit a {PAGE_SIZE}-byte page")
+    return size

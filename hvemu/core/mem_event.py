@@ -1,0 +1,412 @@
+"""One mem_event ring of a domain (``struct mem_event_domain``) and its admission policies.
+
+The hypervisor is the *front* end of each ring: it produces requests and
+consumes responses, with :class:`hvemu.ring.FrontRing` over the page the daemon
+shares.  This module is the seed patch's ``xen/arch/x86/mm/mem_event.c``,
+rule by rule, plus the admission policy of later Xen beside it:
+
+``"seed"`` (default, the reference)
+    ``put_request`` returns 0, ``ENOSYS`` (no ring), ``EAGAIN`` (ring full: the
+    event is *lost*, counted) or ``EBUSY`` (a guest vCPU was marked and paused
+    because, after its put, fewer slots are free than the domain has vCPUs).
+    ``unpause_vcpus`` wakes marked vCPUs round-robin from
+    ``last_vcpu_wake_up + 1`` while the vCPUs it counts as online (every vCPU
+    not marked) are fewer than the free slots.  With more vCPUs than slots
+    that bound is never met and marked vCPUs sleep for good: a property of the
+    seed, shown by a test, not a bug of this code.
+
+``"claim"`` (Xen 4.2 final ``mem_event_claim_slot`` with the 2017 wake fix)
+    A producer claims a slot *before* it changes anything.  A guest vCPU that
+    finds none sleeps on the ring's wait queue with its request ready (the
+    request is put when a slot is granted, so nothing is lost); a foreign
+    producer gets a retryable ``EBUSY`` and has changed nothing.  After a put
+    a guest vCPU still gets its "black eye" (marked) if fewer slots than vCPUs
+    are left; wake-up first grants slots to waiters, then releases up to as
+    many marked vCPUs as there are free slots.
+
+Differences from the seed, each on purpose:
+
+* the pause flag is per ring (Xen 4.2's ``_VPF_mem_paging/access/sharing``);
+  the seed's single ``_VPF_mem_event`` let one ring wake a vCPU marked by
+  another and unbalance both ``blocked`` counts;
+* ``enable`` recounts ``blocked`` from the flags instead of zeroing it, so
+  its wake-up really wakes vCPUs left marked (the seed zeroed the count and
+  so made its own wake-up a no-op);
+* ``disable`` wakes every marked vCPU (Xen 4.2 final), and refuses with
+  ``EBUSY`` while vCPUs sleep on the wait queue (claim policy, as 4.2 final);
+* a response's ``VCPU_PAUSED`` releases a per-vCPU *event* pause count and is
+  ignored (and counted) when there is none to release, as Xen has done since
+  2014 (``vm_event_vcpu_unpause``); see DESIGN section 6 for the seed's
+  double unpause this prevents;
+* notifications follow ``RING_PUSH_REQUESTS_AND_CHECK_NOTIFY`` instead of the
+  seed's unconditional ``notify_via_xen_event_channel``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from hvemu import abi
+from hvemu.abi import Errno, MemEvent, MemEventFlag, RingKind
+from hvemu.core.effects import RingNotify
+from hvemu.core.errors import HypervisorError
+from hvemu.ring import FrontRing, RingCorruptError, SharedRing
+
+if TYPE_CHECKING:
+    from hvemu.core.domain import Domain, PauseFlag, Vcpu
+
+log = logging.getLogger("hvemu.core.mem_event")
+
+Policy = Literal["seed", "claim"]
+POLICIES: tuple[Policy, ...] = ("seed", "claim")
+
+#: A ring-specific response step (the paging ring's p2m fix-up).  It returns
+#: False to reject the whole response (its gfn is not one the domain has).
+ResponseFixup = Callable[[MemEvent], bool]
+
+
+@dataclass
+class RingCounters:
+    """What a user watching a ring wants to know, all monotonic."""
+
+    #: Requests copied onto the ring.
+    put: int = 0
+    #: Events not put because the ring was full (seed ``EAGAIN``): gone for good.
+    lost: int = 0
+    lost_foreign: int = 0
+    lost_guest: int = 0
+    #: Claim policy: foreign producers told ``EBUSY`` (nothing changed, they retry).
+    refused: int = 0
+    #: Events with no ring to go to (``ENOSYS``).
+    no_ring: int = 0
+    #: Guest vCPUs marked and paused for ring congestion.
+    blocked_ever: int = 0
+    #: ...and released by the wake-up rule (or disable).
+    woken: int = 0
+    #: Claim policy: guest producers that slept on the wait queue for a slot.
+    waited: int = 0
+    #: Largest number of unanswered requests ever on the ring.
+    max_occupancy: int = 0
+    #: Event-channel kicks asked for.
+    notifies: int = 0
+    #: Responses consumed (every kind, valid or not).
+    responses: int = 0
+    #: Responses refused as a whole: unknown flags/bits, no such vCPU, gfn out of range.
+    responses_rejected: int = 0
+    #: Paging responses whose gfn was not ``ram_paging_in`` with a frame: p2m left alone.
+    responses_stale: int = 0
+    #: ``DUMMY`` responses: consumed and otherwise ignored.
+    responses_dummy: int = 0
+    #: ``VCPU_PAUSED`` responses that found no event pause to release.
+    unpause_ignored: int = 0
+
+
+class MemEventDomain:
+    """``struct mem_event_domain``: one ring of one domain, enabled or not."""
+
+    def __init__(self, domain: Domain, kind: RingKind, pause_flag: PauseFlag, policy: Policy,
+                 ring_size: int) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown mem_event policy {policy!r}")
+        self.domain = domain
+        self.kind = kind
+        self.pause_flag = pause_flag
+        self.policy: Policy = policy
+        self.ring_size = ring_size
+        self.ring_bytes = abi.ring_bytes(ring_size)
+        self.front: FrontRing[MemEvent] | None = None
+        #: Number of vCPUs marked (paused) for congestion on this ring.
+        self.blocked = 0
+        #: Where the next round-robin wake-up scan starts (after this one).
+        self.last_vcpu_wake_up = 0
+        #: Claim policy: guest producers asleep until a slot frees, with their request.
+        self.waiters: collections.deque[tuple[Vcpu, MemEvent]] = collections.deque()
+        self.counters = RingCounters()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def enabled(self) -> bool:
+        return self.front is not None
+
+    def check_ring(self) -> Errno | None:
+        """``mem_event_check_ring``: is there a ring at all (``ENOSYS`` if not)."""
+        return None if self.front is not None else Errno.ENOSYS
+
+    def free_requests(self) -> int:
+        """``RING_FREE_REQUESTS`` (0 without a ring)."""
+        return self.front.free_requests() if self.front is not None else 0
+
+    def available(self) -> int:
+        """``mem_event_ring_available``: free slots not claimed.
+
+        A claim and its put happen inside one core call here, so no claim is
+        ever outstanding between calls and this equals the free slots.
+        """
+        return self.free_requests()
+
+    def occupancy(self) -> int:
+        return self.front.outstanding() if self.front is not None else 0
+
+    # ------------------------------------------------------------------ producing
+    def admit(self, vcpu: Vcpu | None) -> Errno | None:
+        """May a producer go ahead and change state for an event?  Call before any side effect.
+
+        Seed: yes whenever there is a ring (the seed checks space only in
+        ``put_request``).  Claim: a foreign producer (``vcpu is None``) is told
+        ``EBUSY`` when no slot is available, so it retries instead of losing
+        its event; a guest vCPU always may (it sleeps in ``put_request``).
+        """
+        if self.front is None:
+            return Errno.ENOSYS
+        if self.policy == "claim" and vcpu is None and self.available() == 0:
+            self.counters.refused += 1
+            return Errno.EBUSY
+        return None
+
+    def put_request(self, req: MemEvent, vcpu: Vcpu | None) -> Errno | None:
+        """``mem_event_put_request``; ``vcpu`` is the producing guest vCPU, None for a foreign one.
+
+        Returns None (0), ``ENOSYS``, ``EAGAIN`` or ``EBUSY`` as the seed
+        documents; under the claim policy only None, ``ENOSYS`` or (foreign,
+        without a prior :meth:`admit`) ``EBUSY``.
+        """
+        if self.front is None:
+            self.counters.no_ring += 1
+            return Errno.ENOSYS
+        if self.policy == "claim":
+            return self._put_request_claim(req, vcpu)
+        return self._put_request_seed(req, vcpu)
+
+    def _put_request_seed(self, req: MemEvent, vcpu: Vcpu | None) -> Errno | None:
+        ret: Errno | None = None
+        if self.free_requests() == 0:
+            # "This *may* happen, but only when foreign mappings generate events."
+            log.warning("dom%d %s ring: possible lost mem_event (ring full, %s producer)",
+                        self.domain.domid, self.kind, "foreign" if vcpu is None else f"vcpu{vcpu.vcpu_id}")
+            self.counters.lost += 1
+            if vcpu is None:
+                self.counters.lost_foreign += 1
+            else:
+                self.counters.lost_guest += 1
+            ret = Errno.EAGAIN
+        else:
+            self._produce(req)
+        # Every vCPU must keep a slot for one event that cannot be replayed:
+        # pause this one, *after* its event, if that is no longer true.
+        if vcpu is not None and self.free_requests() < self.domain.max_vcpus:
+            self.mark_and_pause(vcpu)
+            ret = Errno.EBUSY  # for a guest vCPU, overwrites EAGAIN
+        return ret
+
+    def _put_request_claim(self, req: MemEvent, vcpu: Vcpu | None) -> Errno | None:
+        if self.available() == 0:
+            if vcpu is None:
+                self.counters.refused += 1
+                return Errno.EBUSY
+            # wait_event(med->wq, grab_slot() != -EBUSY): the vCPU sleeps with
+            # its request; _wake_queued puts it when a slot is granted.
+            self.waiters.append((vcpu, req))
+            vcpu.waits += 1
+            vcpu.pause()
+            self.counters.waited += 1
+            return None
+        self._produce(req)
+        if vcpu is not None and self.available() < self.domain.max_vcpus:
+            self.mark_and_pause(vcpu)  # the "black eye" on the way out
+        return None
+
+    def _produce(self, req: MemEvent) -> None:
+        """Copy the request into the ring, push it and kick the daemon if ``ring.h`` says so."""
+        front = self.front
+        assert front is not None
+        front.put_request(req)
+        self.counters.put += 1
+        if front.push_requests_and_check_notify():
+            self.counters.notifies += 1
+            self.domain.emit(RingNotify(self.domain.domid, self.kind))
+        occupancy = front.outstanding()
+        if occupancy > self.counters.max_occupancy:
+            self.counters.max_occupancy = occupancy
+
+    def mark_and_pause(self, vcpu: Vcpu) -> None:
+        """``mem_event_mark_and_pause``: a counted pause, taken once per mark."""
+        if not vcpu.test_and_set_flag(self.pause_flag):
+            vcpu.pause()
+            self.blocked += 1
+            self.counters.blocked_ever += 1
+
+    # ------------------------------------------------------------------ consuming
+    def get_response(self) -> MemEvent | None:
+        """``mem_event_get_response``: the next response, or None when none is left.
+
+        "None left" is decided after ``RING_FINAL_CHECK_FOR_RESPONSES``, so a
+        response pushed while we re-arm ``rsp_event`` is not missed.  Raises
+        :class:`RingCorruptError` if the daemon's ``rsp_prod`` answers requests
+        that were never made.
+        """
+        front = self.front
+        if front is None:
+            return None
+        if not front.unconsumed_responses() and not front.final_check_for_responses():
+            return None
+        rsp: MemEvent = front.get_response()
+        front.sring.rsp_event = front.rsp_cons + 1  # as the seed: ask to be told of the next one
+        return rsp
+
+    def resume(self, fixup: ResponseFixup | None = None) -> None:
+        """Drain *every* response, validate and obey each, then wake ring-blocked vCPUs.
+
+        A corrupt ring crashes this domain (and only it).  Invalid responses
+        are rejected and counted, never obeyed.
+        """
+        try:
+            while (rsp := self.get_response()) is not None:
+                self._handle_response(rsp, fixup)
+        except RingCorruptError as exc:
+            self.domain.crash(f"{self.kind} ring corrupt: {exc}")
+            return
+        self.unpause_vcpus()
+
+    def _reject(self, rsp: MemEvent, why: str) -> None:
+        self.counters.responses_rejected += 1
+        log.warning("dom%d %s ring: response rejected (%s): %s", self.domain.domid, self.kind, why, rsp)
+
+    def _handle_response(self, rsp: MemEvent, fixup: ResponseFixup | None) -> None:
+        self.counters.responses += 1
+        if rsp.flags & ~abi.MEM_EVENT_KNOWN_FLAGS or rsp.reserved_bits:
+            self._reject(rsp, "unknown flags or reserved bits")
+            return
+        if rsp.flags & MemEventFlag.DUMMY:
+            self.counters.responses_dummy += 1
+            return
+        if not 0 <= rsp.vcpu_id < self.domain.max_vcpus:
+            self._reject(rsp, f"no vCPU {rsp.vcpu_id}")
+            return
+        if fixup is not None and not fixup(rsp):
+            self._reject(rsp, f"gfn {rsp.gfn:#x} out of range")
+            return
+        if rsp.flags & MemEventFlag.VCPU_PAUSED:
+            if not self.domain.vcpus[rsp.vcpu_id].event_unpause():
+                self.counters.unpause_ignored += 1
+                log.info("dom%d %s ring: vCPU %d was not paused for an event; unpause ignored",
+                         self.domain.domid, self.kind, rsp.vcpu_id)
+
+    # ------------------------------------------------------------------ waking
+    def unpause_vcpus(self) -> None:
+        """Wake vCPUs waiting for ring space, by the policy's rule."""
+        if self.front is None:
+            return
+        if self.policy == "claim":
+            self._wake_queued()
+            if not self.waiters:
+                self._wake_blocked()
+        else:
+            self._unpause_vcpus_seed()
+
+    def _unpause_vcpus_seed(self) -> None:
+        """The seed's ``mem_event_unpause_vcpus``: round-robin while online < free."""
+        if not self.blocked:
+            return
+        vcpus = self.domain.vcpus
+        n = len(vcpus)
+        free = self.free_requests()
+        online = n - sum(1 for v in vcpus if v.test_flag(self.pause_flag))
+        i = self.last_vcpu_wake_up + 1
+        for j in range(n):
+            k = (i + j) % n
+            if not self.blocked or online >= free:
+                break
+            v = vcpus[k]
+            if v.test_and_clear_flag(self.pause_flag):
+                self.blocked -= 1
+                online += 1
+                self.last_vcpu_wake_up = k
+                self.counters.woken += 1
+                v.unpause()
+
+    def _wake_blocked(self) -> None:
+        """``vm_event_wake_blocked`` after the 2017 fix: release up to as many as there are free slots."""
+        avail = self.available()
+        if avail == 0 or not self.blocked:
+            return
+        vcpus = self.domain.vcpus
+        n = len(vcpus)
+        i = self.last_vcpu_wake_up + 1
+        for j in range(n):
+            k = (i + j) % n
+            if not self.blocked or avail == 0:
+                break
+            v = vcpus[k]
+            if v.test_and_clear_flag(self.pause_flag):
+                self.blocked -= 1
+                avail -= 1
+                self.last_vcpu_wake_up = k
+                self.counters.woken += 1
+                v.unpause()
+
+    def _wake_queued(self) -> None:
+        """``wake_up_nr(&med->wq, avail)``: each woken waiter grabs a slot and finishes its put."""
+        while self.waiters and self.available() > 0:
+            vcpu, req = self.waiters.popleft()
+            vcpu.waits -= 1
+            self._produce(req)
+            if self.available() < self.domain.max_vcpus:
+                self.mark_and_pause(vcpu)  # black eye first, so the vCPU never runs in between
+            vcpu.unpause()
+
+    # ------------------------------------------------------------------ life
+    def enable(self, buffer: Any) -> None:
+        """``mem_event_enable``: ``SHARED_RING_INIT`` + ``FRONT_RING_INIT`` on the daemon's page."""
+        if self.front is not None:
+            raise HypervisorError(Errno.EBUSY, f"the {self.kind} ring is already enabled")
+        try:
+            sring: SharedRing[MemEvent] = SharedRing(buffer, abi.MemEventCodec, page_size=self.ring_bytes)
+        except (TypeError, ValueError) as exc:
+            raise HypervisorError(Errno.EINVAL, f"unusable ring buffer: {exc}") from exc
+        sring.init()
+        self.front = FrontRing(sring)
+        self.blocked = sum(1 for v in self.domain.vcpus if v.test_flag(self.pause_flag))
+        self.unpause_vcpus()
+
+    def disable(self) -> None:
+        """``mem_event_disable``: wake vCPUs marked for space; those awaiting a response stay paused."""
+        if self.front is None:
+            raise HypervisorError(Errno.ENOENT, f"the {self.kind} ring is not enabled")
+        if self.waiters:
+            raise HypervisorError(Errno.EBUSY,
+                                  f"{len(self.waiters)} vCPUs wait for a slot on the {self.kind} ring")
+        self._release()
+        for v in self.domain.vcpus:
+            if v.test_and_clear_flag(self.pause_flag):
+                self.counters.woken += 1
+                v.unpause()
+        self.blocked = 0
+
+    def teardown(self) -> None:
+        """Drop the ring without waking anyone (the domain is crashing or being destroyed)."""
+        for vcpu, _req in self.waiters:
+            vcpu.waits -= 1
+        self.waiters.clear()
+        self._release()
+
+    def _release(self) -> None:
+        if self.front is not None:
+            self.front.sring.release()
+            self.front = None
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict[str, int]:
+        out = asdict(self.counters)
+        out.update(
+            enabled=int(self.enabled),
+            size=self.ring_size,
+            occupancy=self.occupancy(),
+            free=self.free_requests(),
+            blocked_now=self.blocked,
+            waiting_now=len(self.waiters),
+        )
+        return out

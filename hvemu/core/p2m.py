@@ -1,0 +1,162 @@
+"""The physical-to-machine table of one domain, at three bytes per gfn.
+
+A 1 GiB guest has 262,144 gfns; a Python object per gfn would cost well over a
+hundred bytes each and minutes of GC time.  So the table is flat bytes:
+
+* the p2m *type* and *access* of every gfn live in one buffer with the layout
+  of :func:`hvemu.abi.p2m_type_index` / :func:`hvemu.abi.p2m_access_index`.
+  The driver passes an mmap of a shared segment that the guest maps read-only
+  (the guest checks it before touching memory directly); the hypervisor is its
+  only writer, one aligned byte store per change.
+* whether the gfn has a frame (its ``mfn_valid``) is private: a ``bytearray``.
+  In Xen a ``ram_paging_in`` entry with a valid mfn is "prepared", without one
+  it is Xen 4.2's ``ram_paging_in_start``; hvemu keeps the single type of
+  DESIGN section 5 and tells the two apart by this byte.
+
+Per-type counts and the resident count are kept incrementally, so ``stats()``
+never scans; :meth:`P2M.recount` scans (in C, via ``bytes.count``) to check them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hvemu import abi
+from hvemu.abi import P2MAccess, P2MType
+
+#: Xen's ``p2m->default_access``: what a fresh or re-populated entry gets.
+DEFAULT_ACCESS = P2MAccess.rwx
+#: p2m types that are RAM backed by a frame of the domain (``p2m_is_ram`` minus paging).
+RAM_TYPES = frozenset({P2MType.ram_rw, P2MType.ram_logdirty, P2MType.ram_ro, P2MType.ram_shared})
+#: ``p2m_is_pageable``: what nominate accepts.
+PAGEABLE_TYPES = frozenset({P2MType.ram_rw, P2MType.ram_logdirty})
+#: What a gfn given back by the guest (XENMEM_decrease_reservation) becomes:
+#: no memory behind it, accesses would go to the device model.
+REMOVED_TYPE = P2MType.mmio_dm
+
+_TYPE_VALUES = frozenset(int(t) for t in P2MType)
+_ACCESS_VALUES = frozenset(int(a) for a in P2MAccess)
+
+
+class P2M:
+    """Types, access rights and frame presence of ``gfns`` guest frames."""
+
+    def __init__(self, gfns: int, buffer: Any = None) -> None:
+        if gfns <= 0:
+            raise ValueError(f"a p2m needs at least one gfn, not {gfns}")
+        size = abi.p2m_table_size(gfns)
+        if buffer is None:
+            buffer = bytearray(size)
+        view = memoryview(buffer)
+        if view.readonly:
+            raise ValueError("the p2m buffer must be writable")
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        if len(view) < size:
+            raise ValueError(f"the p2m buffer is {len(view)} bytes, {gfns} gfns need {size}")
+        # The abi owns the layout; the table is two contiguous byte arrays
+        # (checked here, so that a layout change fails loudly, not silently).
+        t0 = abi.p2m_type_index(gfns, 0)
+        a0 = abi.p2m_access_index(gfns, 0)
+        if gfns > 1 and (abi.p2m_type_index(gfns, gfns - 1) != t0 + gfns - 1
+                         or abi.p2m_access_index(gfns, gfns - 1) != a0 + gfns - 1):
+            raise ValueError("hvemu.core.p2m expects the type and access arrays to be contiguous")
+        self.gfns = gfns
+        self._buffer_view = view
+        self.types: memoryview = view[t0:t0 + gfns]
+        self.access: memoryview = view[a0:a0 + gfns]
+        self.frames = bytearray(gfns)
+        self._type_counts = [0] * 256
+        self.resident = 0
+
+    # ------------------------------------------------------------------ set-up
+    def initialise(self, resident: int, default_access: int = DEFAULT_ACCESS) -> None:
+        """gfns ``[0, resident)`` are ``ram_rw`` with a frame, the rest ``ram_paged`` without."""
+        if not 0 <= resident <= self.gfns:
+            raise ValueError(f"resident must be within 0..{self.gfns}, not {resident}")
+        paged = self.gfns - resident
+        self.types[:] = bytes([P2MType.ram_rw]) * resident + bytes([P2MType.ram_paged]) * paged
+        self.access[:] = bytes([default_access]) * self.gfns
+        self.frames[:] = b"\x01" * resident + b"\x00" * paged
+        self._type_counts = [0] * 256
+        self._type_counts[P2MType.ram_rw] = resident
+        self._type_counts[P2MType.ram_paged] = paged
+        self.resident = resident
+
+    # ------------------------------------------------------------------ queries
+    def in_range(self, gfn: int) -> bool:
+        return 0 <= gfn < self.gfns
+
+    def get_type(self, gfn: int) -> int:
+        return self.types[gfn]
+
+    def get_access(self, gfn: int) -> int:
+        return self.access[gfn]
+
+    def has_frame(self, gfn: int) -> bool:
+        return self.frames[gfn] != 0
+
+    def needs_frame(self, gfn: int) -> bool:
+        """True when a prep of ``gfn`` would allocate a frame now (a paging type without one).
+
+        The driver's load uses it to fill only frames that prep just allocated:
+        a frame that already exists holds the guest's data, never overwrite it.
+        """
+        return self.types[gfn] in abi.PAGING_TYPES and not self.frames[gfn]
+
+    def type_count(self, p2mt: int) -> int:
+        return self._type_counts[p2mt]
+
+    # ------------------------------------------------------------------ updates
+    def set_type(self, gfn: int, p2mt: int) -> None:
+        """One byte store in the shared table (the guest may be reading it concurrently)."""
+        old = self.types[gfn]
+        if old == p2mt:
+            return
+        self.types[gfn] = p2mt
+        self._type_counts[old] -= 1
+        self._type_counts[p2mt] += 1
+
+    def set_access(self, gfn: int, access: int) -> None:
+        self.access[gfn] = access
+
+    def set_frame(self, gfn: int, present: bool) -> bool:
+        """Mark the frame present or absent; True if that changed anything."""
+        was = self.frames[gfn] != 0
+        if was == present:
+            return False
+        self.frames[gfn] = 1 if present else 0
+        self.resident += 1 if present else -1
+        return True
+
+    # ------------------------------------------------------------------ checks
+    @staticmethod
+    def valid_type(value: int) -> bool:
+        return value in _TYPE_VALUES
+
+    @staticmethod
+    def valid_access(value: int) -> bool:
+        return value in _ACCESS_VALUES
+
+    def recount(self) -> tuple[dict[int, int], int]:
+        """Scan the whole table (C speed) and return (count per type, resident frames)."""
+        raw = self.types.tobytes()
+        counts = {int(t): raw.count(bytes([t])) for t in P2MType}
+        return {t: n for t, n in counts.items() if n}, self.frames.count(1)
+
+    def check_counts(self) -> None:
+        """Assert the incremental counts agree with a scan (tests and debugging)."""
+        counts, resident = self.recount()
+        kept = {t: n for t, n in enumerate(self._type_counts) if n}
+        if counts != kept or resident != self.resident:
+            raise AssertionError(f"p2m counts drifted: kept {kept}/{self.resident}, "
+                                 f"scanned {counts}/{resident}")
+
+    def private_bytes_per_gfn(self) -> int:
+        return len(self.frames) // self.gfns
+
+    def release(self) -> None:
+        """Drop the views into the driver's buffer so that its mmap can be closed."""
+        self.types.release()
+        self.access.release()
+        self._buffer_view.release()
