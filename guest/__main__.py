@@ -25,7 +25,7 @@ from guest.memory import GuestMemory
 from guest.vcpu import Vcpu, VcpuReport
 from guest.workload import WorkloadConfig, accesses
 from hvemu import abi, protocol
-from hvemu.transport import Connection, ControlError
+from hvemu.transport import Connection, ControlError, root_cause
 
 
 class GuestReport(msgspec.Struct):
@@ -141,13 +141,6 @@ def _summarise(domid: int, vcpus: list[Vcpu], reports: list[VcpuReport], balloon
 _last_report: GuestReport | None = None
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    """The first leaf of an exception group (TaskGroup wraps what a vCPU raised)."""
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
-
-
 def _write_report(dest: str, report: GuestReport) -> None:
     global _last_report
     _last_report = report
@@ -178,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print("hvemu-guest: stopped by signal", file=sys.stderr)
         return 3
     except BaseException as exc:  # noqa: BLE001 - every failure becomes one clear line
-        root = _root_cause(exc)
+        root = root_cause(exc)
         if isinstance(root, ValueError):
             print(f"hvemu-guest: {root}", file=sys.stderr)
             return 2

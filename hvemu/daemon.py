@@ -31,7 +31,7 @@ from hvemu.backend import DomainBackend, RingBackend, apply_effects
 from hvemu.core.errors import HypervisorError
 from hvemu.core.hypervisor import Hypervisor
 from hvemu.shm import Segment
-from hvemu.transport import ControlServer
+from hvemu.transport import ConnState, ControlServer, OwnedFd
 
 log = logging.getLogger("hvemu.daemon")
 
@@ -60,7 +60,6 @@ class HypervisorDaemon:
         self.socket_path = protocol.socket_path(run_dir)
         self.hv = Hypervisor(total_frames, policy=policy, ring_size=ring_size)  # type: ignore[arg-type]
         self.backends: dict[int, DomainBackend] = {}
-        self._ctx: dict[int, ConnCtx] = {}
         self._next_port = 1
         self._handlers: dict[type, Callable[[ConnCtx, Any], Awaitable[Reply]]] = {
             protocol.ToolHello: self._tool_hello,
@@ -89,14 +88,15 @@ class HypervisorDaemon:
         }
 
     # ------------------------------------------------------------ plumbing
-    def ctx(self, state: object) -> ConnCtx:
-        ctx = self._ctx.get(id(state))
+    @staticmethod
+    def ctx(state: ConnState) -> ConnCtx:
+        ctx = state.data.get("ctx")
         if ctx is None:
-            ctx = ConnCtx(getattr(state, "uid", -1))
-            self._ctx[id(state)] = ctx
+            ctx = state.data["ctx"] = ConnCtx(state.uid)
+        assert isinstance(ctx, ConnCtx)
         return ctx
 
-    async def handle(self, state: object, msg: protocol.Msg) -> Reply:
+    async def handle(self, state: ConnState, msg: protocol.Msg) -> Reply:
         ctx = self.ctx(state)
         handler = self._handlers.get(type(msg))
         if handler is None:
@@ -121,9 +121,9 @@ class HypervisorDaemon:
                 for ring in be.rings.values():
                     ring.close_channel()
 
-    def on_disconnect(self, state: object) -> None:
-        ctx = self._ctx.pop(id(state), None)
-        if ctx is None:
+    def on_disconnect(self, state: ConnState) -> None:
+        ctx = state.data.pop("ctx", None)
+        if not isinstance(ctx, ConnCtx):
             return
         if ctx.role == "guest" and ctx.domid in self.backends:
             be = self.backends[ctx.domid]
@@ -280,16 +280,20 @@ class HypervisorDaemon:
         loop.add_reader(ring.evtchn.fileno(), self._on_kick, be.domid, msg.ring)
         ring.owner = ctx
         if reattached:
+            front = be.dom.rings[msg.ring].front
+            if front is not None:
+                # A dead daemon may have written responses it never published
+                # over request slots: the new one must see the requests.
+                front.restore_unanswered()
             # The new daemon may find work already queued; make sure it looks.
             ring.evtchn.notify()
         reply = protocol.MemEventEnabled(
-            domid=be.domid, ring=msg.ring, port=ring.port, ring_size=be.dom.rings_size(msg.ring)
-            if hasattr(be.dom, "rings_size") else abi.MEM_EVENT_RING_SIZE,
+            domid=be.domid, ring=msg.ring, port=ring.port, ring_size=be.dom.rings_size(msg.ring),
             max_vcpus=be.dom.max_vcpus, gfns=be.dom.gfns, reattached=reattached,
             fds=["ring", "evtchn", "memory", "p2m"])
         log.info("domain %d %s ring %s (port %d)", be.domid, msg.ring,
                  "re-attached" if reattached else "enabled", ring.port)
-        return reply, [ring.page.fd, remote, be.memory.fd, be.p2m.ro_fd]
+        return reply, [ring.page.fd, OwnedFd(remote), be.memory.fd, be.p2m.ro_fd]
 
     def _on_kick(self, domid: int, kind: RingKind) -> None:
         """A daemon notified the ring's event channel: resume (drain every response)."""
@@ -350,19 +354,19 @@ class HypervisorDaemon:
         return protocol.BatchResult(results=be.dom.paging_prep(msg.gfns)), []
 
     async def _paging_load(self, ctx: ConnCtx, msg: protocol.PagingLoad) -> Reply:
-        """Prep and fill: a frame is written only if prep allocated it just now."""
+        """Prep, fill and make ``ram_rw``: a frame is written only if allocated just now."""
         be = self._backend(msg.domid)
         if len(msg.gfns) != len(msg.pages):
             raise _err(Errno.EINVAL, "paging_load needs one page per gfn")
         if any(len(p) != abi.PAGE_SIZE for p in msg.pages):
             raise _err(Errno.EINVAL, f"every page must be {abi.PAGE_SIZE} bytes")
-        needs_fill = [be.dom.p2m.needs_frame(g) if 0 <= g < be.dom.gfns else False for g in msg.gfns]
-        results = be.dom.paging_prep(msg.gfns)
+        pages = dict(zip(msg.gfns, msg.pages, strict=True))
         mem = be.memory.map
-        for g, page, fill, r in zip(msg.gfns, msg.pages, needs_fill, results, strict=True):
-            if r is None and fill:
-                mem[g * abi.PAGE_SIZE:(g + 1) * abi.PAGE_SIZE] = page
-        return protocol.BatchResult(results=results), []
+
+        def fill(gfn: int) -> None:
+            mem[gfn * abi.PAGE_SIZE:(gfn + 1) * abi.PAGE_SIZE] = pages[gfn]
+
+        return protocol.BatchResult(results=be.dom.paging_load(msg.gfns, fill)), []
 
     async def _access_set(self, ctx: ConnCtx, msg: protocol.AccessSet) -> Reply:
         be = self._backend(msg.domid)

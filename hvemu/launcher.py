@@ -98,18 +98,11 @@ async def _wait_ring(tool: Connection, domid: int, pager: Child, timeout: float 
             raise RuntimeError(f"pager of domain {domid} exited with status {pager.proc.returncode}")
         reply, _ = await tool.call(protocol.Stats(domid=domid))
         assert isinstance(reply, protocol.StatsReply)
-        rings = reply.stats.get("rings", {})
-        if isinstance(rings, dict) and "paging" in rings:
+        paging = reply.stats.get("paging", {})
+        if isinstance(paging, dict) and paging.get("enabled"):
             return
         await asyncio.sleep(0.05)
     raise RuntimeError(f"pager of domain {domid} did not attach within {timeout} s")
-
-
-def _ring_counter(stats: dict[str, Any], key: str) -> int:
-    rings = stats.get("rings", {})
-    if not isinstance(rings, dict):
-        return 0
-    return sum(int(r.get(key, 0)) for r in rings.values() if isinstance(r, dict))
 
 
 async def scenario(args: argparse.Namespace) -> dict[str, Any]:
@@ -174,7 +167,7 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
                 "fault_p50_us": lat.get("p50", 0.0), "fault_p99_us": lat.get("p99", 0.0),
                 "fault_max_us": lat.get("max", 0.0), "accesses": rep["accesses"],
                 "pages_out": pg.get("pages_out", 0), "pages_in": pg.get("pages_in", 0),
-                "events_lost": _ring_counter(st, "lost"), "events_put": _ring_counter(st, "put"),
+                "events_lost": int(st["events_lost"]), "events_put": int(st["events_put"]),
                 "integrity_failures": rep["integrity_failures"],
                 "pager_exit": pg.get("exit_status", -1), "guest_exit": guest_status[domid],
             })

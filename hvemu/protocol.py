@@ -15,7 +15,7 @@ reply with ``SCM_RIGHTS``; the reply says how many and in which order
 from __future__ import annotations
 
 import struct
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -229,7 +229,8 @@ class Stats(Msg):
 
 class StatsReply(Msg):
     domid: int
-    stats: dict[str, int | float | str | bool | dict[str, int]]
+    #: Counters and facts; nested per ring (plain msgpack data, no schema).
+    stats: dict[str, Any]
 
 
 class GetTarget(Msg):

@@ -143,6 +143,15 @@ class SharedRing(Generic[E]):
         entry: E = self.codec.unpack_from(self._view, self.slot_offset(idx))
         return entry
 
+    def read_slot(self, idx: int) -> bytes:
+        """The raw bytes of slot ``idx`` (a private copy)."""
+        off = self.slot_offset(idx)
+        return bytes(self._view[off:off + self.entry_size])
+
+    def write_slot(self, idx: int, raw: bytes) -> None:
+        off = self.slot_offset(idx)
+        self._view[off:off + self.entry_size] = raw
+
     def release(self) -> None:
         """Drop the views so that the underlying mmap can be closed."""
         self._idx.release()
@@ -162,7 +171,7 @@ class FrontRing(Generic[E]):
         self.req_prod_published = 0
         #: A private copy of every request still in a slot, so that a slot a
         #: dead daemon overwrote with an unpublished response can be restored.
-        self._shadow: list[E | None] = [None] * sring.size
+        self._shadow: list[bytes | None] = [None] * sring.size
 
     @classmethod
     def attach(cls, sring: SharedRing[E]) -> FrontRing[E]:
@@ -188,7 +197,7 @@ class FrontRing(Generic[E]):
         if self.full():
             raise OverflowError("ring full: the caller must check free_requests() first")
         self.sring.write_entry(self.req_prod_pvt, entry)
-        self._shadow[self.req_prod_pvt & self.sring.mask] = entry
+        self._shadow[self.req_prod_pvt & self.sring.mask] = self.sring.read_slot(self.req_prod_pvt)
         self.req_prod_pvt = (self.req_prod_pvt + 1) & _MASK
 
     def push_requests(self) -> None:
@@ -220,9 +229,9 @@ class FrontRing(Generic[E]):
             raise RingCorruptError(f"{count} requests outstanding on a {self.size}-slot ring")
         for i in range(count):
             idx = (self.rsp_cons + i) & _MASK
-            entry = self._shadow[idx & self.sring.mask]
-            if entry is not None:
-                self.sring.write_entry(idx, entry)
+            raw = self._shadow[idx & self.sring.mask]
+            if raw is not None:
+                self.sring.write_slot(idx, raw)
         wmb()
         self.sring.rsp_prod = self.rsp_cons
         self.sring.req_prod = self.req_prod_published
@@ -284,7 +293,7 @@ class BackRing(Generic[E]):
         rsp = self.size - ((self.req_cons - self.rsp_prod_pvt) & _MASK)
         # RING_REQUEST_PROD_OVERFLOW: the producer may be at most one ring
         # ahead of the last response *we* produced, never further.
-        if ((req_prod - self.rsp_prod_pvt) & _MASK) > self.size or rsp < 0:
+        if req > self.size or ((req_prod - self.rsp_prod_pvt) & _MASK) > self.size or rsp < 0:
             raise RingCorruptError(
                 f"req_prod={req_prod} is {req} ahead of req_cons={self.req_cons} and "
                 f"{(req_prod - self.rsp_prod_pvt) & _MASK} ahead of rsp_prod_pvt={self.rsp_prod_pvt}, "

@@ -1204,3 +1204,13 @@ class ControlServer:
             await stream.send(data, _raw_fds(fds))
         finally:
             _release(fds)
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The first leaf of an exception group (a TaskGroup wraps what its tasks raised).
+
+    Command-line front ends use it to print the one line that matters.
+    """
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc

@@ -116,7 +116,7 @@ class MemEventClient:
             p2m_map = mmap.mmap(named["p2m"], abi.p2m_table_size(reply.gfns), mmap.MAP_SHARED, mmap.PROT_READ)
             self._maps = [ring_map, self.memory, p2m_map]
             self.p2m = memoryview(p2m_map)
-            self.sring = SharedRing(ring_map, abi.MemEventCodec)
+            self.sring = SharedRing(ring_map, abi.MemEventCodec, page_size=abi.ring_bytes(reply.ring_size))
             # A fresh ring has every index at 0; a re-attached one resumes at
             # rsp_prod: every request after it is unanswered.
             self.back = BackRing.attach(self.sring)

@@ -23,6 +23,7 @@ from hvemu import abi
 from hvemu.abi import MemEvent, MemEventFlag, P2MType, RingKind
 from pager.pagefile import Pagefile
 from pager.policy import PolicyName, VictimPolicy, make_policy
+from hvemu.transport import ControlError, root_cause
 from pager.sdk import MemEventClient, SdkError
 
 log = logging.getLogger("pager")
@@ -227,12 +228,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = uvloop.run(_main(args))
-    except* SdkError as group:
-        print(f"hvemu-pager: {group.exceptions[0]}", file=sys.stderr)
-        return 1
-    except* (ConnectionError, OSError) as group:
-        print(f"hvemu-pager: {group.exceptions[0]}", file=sys.stderr)
-        return 1
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes one clear line
+        root = root_cause(exc)
+        if isinstance(root, SdkError | ControlError | ConnectionError | OSError):
+            print(f"hvemu-pager: dom{args.domid}: {root}", file=sys.stderr)
+            return 1
+        raise
     print(json.dumps({"domid": args.domid, **summary}), flush=True)
     return 0
 

@@ -142,5 +142,5 @@ async def wait_until(pred: Any, timeout: float = 10.0, interval: float = 0.05) -
 
 
 async def ring_enabled(conn: Connection, domid: int, ring: str = "paging") -> bool:
-    rings = (await stats(conn, domid)).get("rings", {})
-    return isinstance(rings, dict) and ring in rings
+    info = (await stats(conn, domid)).get(ring, {})
+    return isinstance(info, dict) and bool(info.get("enabled"))

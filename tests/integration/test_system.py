@@ -103,7 +103,7 @@ async def test_clean_pager_stop_pages_everything_in(hypervisor: Hypervisor, tmp_
         assert pager.wait(60) == 0, pager.communicate(5)[1]
         st = await stats(conn, domid)
         assert st["paged"] == 0 and st.get("paging_in", 0) == 0, st
-        assert "paging" not in st.get("rings", {}), "the pager did not disable its ring"
+        assert not st["paging"]["enabled"], "the pager did not disable its ring"
     finally:
         await conn.close()
         guest.stop()

@@ -561,13 +561,6 @@ def test_back_detects_req_prod_overrunning_unanswered_slots(start: int) -> None:
         rig.back.unconsumed_requests()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BackRing.unconsumed_requests (since fe31ac9) only checks req_prod - rsp_prod_pvt > size; "
-    "a req_prod moved backwards behind req_cons but not behind rsp_prod_pvt passes, and "
-    "min(req, rsp) then reports rsp (up to the whole ring) of never-published slots as requests. "
-    "The old 'req_prod - req_cons > size' check must be kept alongside RING_REQUEST_PROD_OVERFLOW",
-)
 @pytest.mark.parametrize("start", STARTS, ids=hex)
 @pytest.mark.parametrize("check", ["unconsumed_requests", "final_check_for_requests"])
 def test_back_detects_req_prod_moving_back_behind_req_cons(start: int, check: str) -> None:
@@ -1008,12 +1001,6 @@ def test_restore_unanswered_then_attach(cfg: Config, start: int) -> None:
     assert [cfg.seq(f.get_response()) for _ in range(f.unconsumed_responses())] == list(range(1, n))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FrontRing keeps a reference to each request object in _shadow, not the bytes it published: "
-    "restore_unanswered writes the object's current state, so a caller that reuses or mutates a "
-    "request after put_request gets an entry restored that was never published (copy the slot bytes)",
-)
 def test_restore_unanswered_restores_what_was_published() -> None:
     rig = make_rig(MEM64, U32 - 1)
     ev = MemEvent(gfn=42, vcpu_id=3)
