@@ -63,11 +63,17 @@ log = logging.getLogger("hvemu.transport")
 #: Default number of fds a receiver accepts with one message (Linux's own
 #: per-message limit, SCM_MAX_FD, is 253).
 MAX_FDS = 32
-#: Bytes asked for by one ``recvmsg``.
-RECV_SIZE = 256 * 1024
+#: Bytes asked for by one ``recvmsg`` (into a buffer kept per connection:
+#: ``recvmsg`` itself would allocate that much on every call, and above
+#: 128 KiB that is an mmap/munmap each time).
+RECV_SIZE = 64 * 1024
 _FD_SIZE = array.array("i").itemsize
 _HEADER = struct.Struct("<I")
 _PEERCRED = struct.Struct("3i")
+# Plain ints: the IntFlag members of the socket module cost a microsecond per |.
+_MSG_NOSIGNAL = int(socket.MSG_NOSIGNAL)
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 #: How often a connection whose peer half-closed is checked for a full hang-up.
 HANGUP_POLL = 0.25
 
@@ -212,7 +218,7 @@ def _rights(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
 
 
 def _send_once(sock: socket.socket, data: bytes | memoryview, fds: Sequence[int], flags: int = 0) -> int:
-    flags |= socket.MSG_NOSIGNAL
+    flags |= _MSG_NOSIGNAL
     if fds:
         return sock.sendmsg([data], _rights(fds), flags)
     return sock.send(data, flags)
@@ -228,25 +234,34 @@ def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-def _recv_once(sock: socket.socket, bufsize: int, maxfds: int,
-               flags: int = 0) -> tuple[bytes, list[int], bool]:
-    """One ``recvmsg``: ``(data, fds, ctrunc)``; on ``ctrunc`` the fds are already closed."""
+def _recv_into(sock: socket.socket, buf: memoryview, maxfds: int,
+               flags: int = 0) -> tuple[int, list[int], bool]:
+    """One ``recvmsg_into``: ``(nbytes, fds, ctrunc)``; on ``ctrunc`` the fds are already closed."""
     # CMSG_LEN, not CMSG_SPACE: the padding of CMSG_SPACE would make room for
     # more fds than asked for.
     anc = socket.CMSG_LEN(maxfds * _FD_SIZE) if maxfds > 0 else 0
-    data, ancdata, msg_flags, _ = sock.recvmsg(bufsize, anc, flags | socket.MSG_CMSG_CLOEXEC)
-    fds = _fds_from_ancdata(ancdata)
+    n, ancdata, msg_flags, _ = sock.recvmsg_into([buf], anc, flags | _MSG_CMSG_CLOEXEC)
+    fds = _fds_from_ancdata(ancdata) if ancdata else []
     try:
         for fd in fds:
             os.set_inheritable(fd, False)
     except BaseException:
         close_fds(fds)
         raise
-    ctrunc = bool(msg_flags & socket.MSG_CTRUNC)
+    ctrunc = bool(msg_flags & _MSG_CTRUNC)
     if ctrunc:
         close_fds(fds)
         fds = []
-    return data, fds, ctrunc
+    return n, fds, ctrunc
+
+
+def _recv_once(sock: socket.socket, bufsize: int, maxfds: int,
+               flags: int = 0) -> tuple[bytes, list[int], bool]:
+    """One ``recvmsg`` of at most ``bufsize`` bytes: ``(data, fds, ctrunc)``."""
+    buf = bytearray(bufsize)
+    n, fds, ctrunc = _recv_into(sock, memoryview(buf), maxfds, flags)
+    del buf[n:]
+    return bytes(buf), fds, ctrunc
 
 
 def sendmsg_fds(sock: socket.socket, data: bytes, fds: Sequence[int] = (), flags: int = 0) -> int:
@@ -294,43 +309,67 @@ def _hung_up(sock: socket.socket) -> bool:
 
 
 class _Io:
-    """Readiness waits on one fd with add_reader/add_writer, abortable on close."""
+    """Readiness waits on one fd with add_reader/add_writer, abortable on close.
+
+    A registration outlives the wait that made it, so a connection in steady
+    request/reply use does not pay an ``epoll_ctl`` pair per wait; it is
+    dropped by the first wake-up that finds nobody waiting (the loop is
+    level-triggered: leaving it would spin), by :meth:`release` and by
+    :meth:`abort`.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self._fd = sock.fileno()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: dict[bool, asyncio.Future[None]] = {}
+        self._registered: set[bool] = set()
         self._closed: BaseException | None = None
+
+    def _ready(self, write: bool) -> None:
+        fut = self._waiters.get(write)
+        if fut is None:
+            self._unregister(write)
+        elif not fut.done():
+            fut.set_result(None)
+
+    def _unregister(self, write: bool) -> None:
+        if write in self._registered:
+            self._registered.discard(write)
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                (loop.remove_writer if write else loop.remove_reader)(self._fd)
 
     async def wait(self, write: bool) -> None:
         if self._closed is not None:
             raise self._closed
         if write in self._waiters:
             raise RuntimeError(f"two tasks wait to {'write' if write else 'read'} fd {self._fd}")
-        loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self.release()
+            self._loop = loop
         fut: asyncio.Future[None] = loop.create_future()
-
-        def wake() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        (loop.add_writer if write else loop.add_reader)(self._fd, wake)
+        if write not in self._registered:
+            (loop.add_writer if write else loop.add_reader)(self._fd, self._ready, write)
+            self._registered.add(write)
         self._waiters[write] = fut
         try:
             await fut
         finally:
             if self._waiters.get(write) is fut:
                 del self._waiters[write]
-                (loop.remove_writer if write else loop.remove_reader)(self._fd)
+
+    def release(self) -> None:
+        """Drop the loop registrations (no waiter may be pending)."""
+        for write in (False, True):
+            self._unregister(write)
 
     def abort(self, exc: BaseException) -> None:
         """Unregister from the loop and fail any waiter (before the fd is closed)."""
         self._closed = exc
-        loop = self._loop
+        self.release()
         for write, fut in list(self._waiters.items()):
             del self._waiters[write]
-            if loop is not None and not loop.is_closed():
-                (loop.remove_writer if write else loop.remove_reader)(self._fd)
             if not fut.done():
                 fut.set_exception(exc)
 
@@ -365,7 +404,10 @@ async def send_msg(sock: socket.socket, msg: Msg, fds: Sequence[int] = ()) -> No
     interleave); :class:`Connection` and :class:`ControlServer` serialise.
     """
     io = _Io(sock)
-    await _send_all(io, sock, protocol.encode(msg), fds)
+    try:
+        await _send_all(io, sock, protocol.encode(msg), fds)
+    finally:
+        io.release()
 
 
 async def recv_msg(sock: socket.socket, *, decode: Callable[[bytes], Msg] = protocol.decode_reply,
@@ -407,12 +449,14 @@ async def recv_msg(sock: socket.socket, *, decode: Callable[[bytes], Msg] = prot
             if not data:
                 raise TruncatedFrame(HEADER_SIZE + len(body))
             body += data
+        io.release()
         msg = decode(bytes(body))
         if ctrunc:
             raise TruncatedControlData("truncated control data: more fds than allowed came with "
                                        f"{type(msg).__name__}; those received were closed", reply=msg)
         _check_fd_count(msg, fds)
     except BaseException:
+        io.release()
         close_fds(fds)
         raise
     return msg, fds
@@ -537,7 +581,7 @@ class FramedStream:
         self._asm = FrameAssembler(max_frame)
         self._frames: deque[Frame] = deque()
         self._max_fds = max_fds
-        self._recv_size = recv_size
+        self._buf = memoryview(bytearray(recv_size))
         #: Set once a read returned EOF.
         self.eof = False
         #: Why the stream cannot be used any more (a frame left half-sent...).
@@ -587,10 +631,11 @@ class FramedStream:
             if self.eof:
                 return []
             try:
-                data, fds, ctrunc = _recv_once(sock, self._recv_size, self._max_fds)
+                n, fds, ctrunc = _recv_into(sock, self._buf, self._max_fds)
             except (BlockingIOError, InterruptedError):
                 await self._io.wait(False)
                 continue
+            data = self._buf[:n].tobytes()
             if not data:
                 close_fds(fds)
                 self.eof = True
@@ -617,12 +662,12 @@ class FramedStream:
         left = limit
         while left > 0:
             try:
-                data, fds, _ = _recv_once(self.sock, min(left, RECV_SIZE), 0, socket.MSG_DONTWAIT)
+                n, _, _ = _recv_into(self.sock, self._buf, 0, socket.MSG_DONTWAIT)
             except OSError:
                 return
-            if not data:
+            if not n:
                 return
-            left -= len(data)
+            left -= n
 
     def close(self) -> None:
         sock, self.sock = self.sock, None
@@ -751,6 +796,7 @@ class SyncConnection:
         self._asm = FrameAssembler(max_frame)
         self._frames: deque[Frame] = deque()
         self._max_fds = max_fds
+        self._buf = memoryview(bytearray(RECV_SIZE))
         self._stale = 0
 
     @classmethod
@@ -771,7 +817,8 @@ class SyncConnection:
 
     def _recv_frame(self, sock: socket.socket) -> Frame:
         while not self._frames:
-            data, fds, ctrunc = _recv_once(sock, RECV_SIZE, self._max_fds)
+            n, fds, ctrunc = _recv_into(sock, self._buf, self._max_fds)
+            data = self._buf[:n].tobytes()
             if not data:
                 close_fds(fds)
                 if self._asm.pending:
