@@ -462,9 +462,14 @@ async def recv_msg(sock: socket.socket, *, decode: Callable[[bytes], Msg] = prot
     return msg, fds
 
 
-def _check_fd_count(msg: Msg, fds: Sequence[int]) -> None:
+def _check_fd_count(msg: Msg, fds: Sequence[int], *, strict: bool = False) -> None:
+    """The message's ``fds`` field must name as many fds as arrived (``strict``: no field means none)."""
     names = getattr(msg, "fds", None)
-    if isinstance(names, list) and len(names) != len(fds):
+    if not isinstance(names, list):
+        if not strict:
+            return
+        names = []
+    if len(names) != len(fds):
         raise TransportError(f"{type(msg).__name__} announces {len(names)} fds {names}, {len(fds)} arrived")
 
 
@@ -692,7 +697,7 @@ def _reply_of(frame: Frame, request: Msg | None) -> tuple[Msg, list[int]]:
             raise TruncatedControlData(
                 f"truncated control data: {type(reply).__name__} came with more fds than allowed; "
                 "those received were closed", reply=reply)
-        _check_fd_count(reply, frame.fds)
+        _check_fd_count(reply, frame.fds, strict=True)
         if isinstance(reply, protocol.Error):
             raise ControlError(reply.errno, reply.message, request=request)
     except BaseException:
@@ -1248,7 +1253,16 @@ class ControlServer:
                                                       message=f"internal error: reply not encodable: {exc}"))
                 _release(fds)
                 fds = ()
-            await stream.send(data, _raw_fds(fds))
+            try:
+                await stream.send(data, _raw_fds(fds))
+            except OSError as exc:
+                # A bad fd from the handler fails the very first sendmsg, before
+                # any byte went out: answer that instead of dropping the peer.
+                if not fds or exc.errno not in (_errno.EBADF, _errno.EINVAL) or stream.broken is not None:
+                    raise
+                log.error("%s: cannot pass the fds of %s: %s", state, type(reply).__name__, exc)
+                await stream.send(protocol.encode(protocol.Error(
+                    errno=Errno.EINVAL, message=f"internal error: cannot pass the reply's fds: {exc}")))
         finally:
             _release(fds)
 

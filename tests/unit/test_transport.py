@@ -340,6 +340,11 @@ class Toy:
                 return "not a reply", []  # type: ignore[return-value]
             if msg.domid == 3:
                 return protocol.Welcome(role="tool", fds=["a", "b"]), []
+            if msg.domid == 5:
+                r, w = os.pipe()
+                os.close(r)
+                os.close(w)
+                return protocol.Welcome(role="tool", fds=["closed"]), [r]  # a bad fd
             r, w = os.pipe()
             os.close(w)
             return protocol.Ok(), [OwnedFd(r)]  # announces none
@@ -384,7 +389,8 @@ async def test_request_reply_and_fds(served: tuple[ControlServer, Toy]) -> None:
 async def test_handler_errors_become_error_replies(served: tuple[ControlServer, Toy]) -> None:
     server, _ = served
     async with await Connection.connect(server.path) as conn:
-        expected = {0: Errno.EINVAL, 1: Errno.ESRCH, 2: Errno.EINVAL, 3: Errno.EINVAL, 4: Errno.EINVAL}
+        expected = {0: Errno.EINVAL, 1: Errno.ESRCH, 2: Errno.EINVAL, 3: Errno.EINVAL, 4: Errno.EINVAL,
+                    5: Errno.EINVAL}
         for domid, code in expected.items():
             with pytest.raises(ControlError) as info:
                 await conn.call(protocol.DomainDestroy(domid=domid))
@@ -592,3 +598,71 @@ async def test_sync_connection_timeout_then_late_reply_skipped(served: tuple[Con
             return conn.call(protocol.GetTarget(domid=2))[0]
 
     assert await asyncio.to_thread(client) == protocol.TargetReply(domid=2, pages=2)
+
+
+# --------------------------------------------------------------------------
+# Connection against a scripted peer
+# --------------------------------------------------------------------------
+
+
+async def test_undecodable_reply_is_control_error_with_cause(
+        stream_pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = stream_pair
+    conn = Connection(a)
+    try:
+        b.sendall(struct.pack("<I", 3) + b"\xc1\xc1\xc1")
+        with pytest.raises(ControlError) as info:
+            await asyncio.wait_for(conn.call(protocol.DomainList()), 2)
+        assert info.value.errno is Errno.EINVAL and "undecodable reply" in info.value.message
+        assert isinstance(info.value.__cause__, ProtocolError)
+        b.sendall(protocol.encode(protocol.Ok()))
+        assert await asyncio.wait_for(conn.call(protocol.DomainList()), 2) == (protocol.Ok(), [])
+    finally:
+        await conn.close()
+
+
+async def test_reply_with_the_wrong_number_of_fds(stream_pair: tuple[socket.socket, socket.socket],
+                                                  pipe: tuple[int, int]) -> None:
+    a, b = stream_pair
+    conn = Connection(a)
+    before = open_fds()
+    try:
+        sendmsg_fds(b, protocol.encode(protocol.Welcome(role="tool", fds=["one"])), list(pipe))
+        with pytest.raises(TransportError, match="announces 1 fds"):
+            await asyncio.wait_for(conn.call(protocol.ToolHello()), 2)
+        assert open_fds() == before
+        sendmsg_fds(b, protocol.encode(protocol.Ok()), [pipe[0]])  # fds with a reply that has no fds field
+        with pytest.raises(TransportError, match="announces 0 fds"):
+            await asyncio.wait_for(conn.call(protocol.DomainList()), 2)
+        assert open_fds() == before
+    finally:
+        await conn.close()
+
+
+async def test_peer_closing_is_connection_closed(stream_pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = stream_pair
+    conn = Connection(a)
+    b.close()
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(conn.call(protocol.DomainList()), 2)
+    assert conn.closed
+    with pytest.raises(ConnectionClosed):
+        await conn.call(protocol.DomainList())
+
+
+async def test_truncated_reply_frame(stream_pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = stream_pair
+    conn = Connection(a)
+    b.sendall(protocol.encode(protocol.Ok())[:-1])
+    b.shutdown(socket.SHUT_WR)
+    with pytest.raises(TransportError) as info:
+        await asyncio.wait_for(conn.call(protocol.DomainList()), 2)
+    assert isinstance(info.value.__cause__, TruncatedFrame)
+    await conn.close()
+
+
+async def test_calls_from_many_tasks_are_serialised(served: tuple[ControlServer, Toy]) -> None:
+    server, _ = served
+    async with await Connection.connect(server.path) as conn:
+        replies = await asyncio.gather(*(conn.call(protocol.GetTarget(domid=i)) for i in range(50)))
+    assert [r[0] for r in replies] == [protocol.TargetReply(domid=i, pages=i + 1) for i in range(50)]
