@@ -44,7 +44,8 @@ class Hypervisor:
 
     def take_effects(self) -> list[Effect]:
         """Drain the outbox, oldest first."""
-        out, self._effects = self._effects, []
+        out = self._effects.copy()
+        self._effects.clear()  # in place: every domain holds this list's append
         return out
 
     def domain(self, domid: int) -> Domain:

@@ -15,14 +15,17 @@ rule by rule, plus the admission policy of later Xen beside it:
     that bound is never met and marked vCPUs sleep for good: a property of the
     seed, shown by a test, not a bug of this code.
 
-``"claim"`` (Xen 4.2 final ``mem_event_claim_slot`` with the 2017 wake fix)
+``"claim"`` (``vm_event_claim_slot`` as in today's Xen, with the 2017 wake fix)
     A producer claims a slot *before* it changes anything.  A guest vCPU that
     finds none sleeps on the ring's wait queue with its request ready (the
     request is put when a slot is granted, so nothing is lost); a foreign
     producer gets a retryable ``EBUSY`` and has changed nothing.  After a put
-    a guest vCPU still gets its "black eye" (marked) if fewer slots than vCPUs
-    are left; wake-up first grants slots to waiters, then releases up to as
-    many marked vCPUs as there are free slots.
+    a guest vCPU gets a "black eye" (marked) if fewer slots than vCPUs are
+    left, unless it is already paused for its event (its response frees the
+    slot it used).  ``vm_event_wake`` runs after every put and after every
+    response consumed: it grants slots to waiters first, else releases up to
+    as many marked vCPUs as there are free slots (per call: the slots freed
+    one response at a time add up).
 
 Differences from the seed, each on purpose:
 
@@ -215,9 +218,18 @@ class MemEventDomain:
             self.counters.waited += 1
             return None
         self._produce(req)
-        if vcpu is not None and self.available() < self.domain.max_vcpus:
-            self.mark_and_pause(vcpu)  # the "black eye" on the way out
+        self._wake()  # vm_event_release_slot: "Kick any waiters"
+        self._black_eye(vcpu)
         return None
+
+    def _black_eye(self, vcpu: Vcpu | None) -> None:
+        """Claim policy: mark a guest vCPU on its way out if the ring is overly full.
+
+        Not one already paused for its event: its response will free the slot it used.
+        """
+        if (vcpu is not None and self.available() < self.domain.max_vcpus
+                and not vcpu.event_pause_count):
+            self.mark_and_pause(vcpu)
 
     def _produce(self, req: MemEvent) -> None:
         """Copy the request into the ring, push it and kick the daemon if ``ring.h`` says so."""
@@ -255,6 +267,8 @@ class MemEventDomain:
             return None
         rsp: MemEvent = front.get_response()
         front.sring.rsp_event = front.rsp_cons + 1  # as the seed: ask to be told of the next one
+        if self.policy == "claim":
+            self._wake()  # a slot just freed: kick any waiters (vm_event_get_response)
         return rsp
 
     def resume(self, fixup: ResponseFixup | None = None) -> None:
@@ -301,11 +315,16 @@ class MemEventDomain:
         if self.front is None:
             return
         if self.policy == "claim":
-            self._wake_queued()
-            if not self.waiters:
-                self._wake_blocked()
+            self._wake()
         else:
             self._unpause_vcpus_seed()
+
+    def _wake(self) -> None:
+        """``vm_event_wake``: queued producers first, then vCPUs marked for congestion."""
+        if self.waiters:
+            self._wake_queued()
+        else:
+            self._wake_blocked()
 
     def _unpause_vcpus_seed(self) -> None:
         """The seed's ``mem_event_unpause_vcpus``: round-robin while online < free."""
@@ -349,14 +368,20 @@ class MemEventDomain:
                 v.unpause()
 
     def _wake_queued(self) -> None:
-        """``wake_up_nr(&med->wq, avail)``: each woken waiter grabs a slot and finishes its put."""
+        """``wake_up_nr(&med->wq, avail)``: each woken waiter grabs a slot and finishes its put.
+
+        Its put wakes again ("they will go through code paths that will
+        eventually call vm_event_wake() again"): once the queue is empty,
+        marked vCPUs get the slots that are left.
+        """
         while self.waiters and self.available() > 0:
             vcpu, req = self.waiters.popleft()
             vcpu.waits -= 1
             self._produce(req)
-            if self.available() < self.domain.max_vcpus:
-                self.mark_and_pause(vcpu)  # black eye first, so the vCPU never runs in between
+            self._black_eye(vcpu)  # before the unpause, so the vCPU never runs in between
             vcpu.unpause()
+        if not self.waiters:
+            self._wake_blocked()
 
     # ------------------------------------------------------------------ life
     def enable(self, buffer: Any) -> None:
