@@ -76,6 +76,32 @@ async def _open_guest(path: str, domid: int) -> tuple[Connection, GuestMemory, p
     return conn, GuestMemory(mem, p2m, inflight, reply.gfns, reply.max_vcpus), reply
 
 
+class _Done(Exception):
+    """Raised inside the task group to stop the lifeline once the work is done."""
+
+
+class HypervisorGone(ConnectionError):
+    """The hypervisor closed the guest's connection (it stopped, or destroyed the domain)."""
+
+
+async def _lifeline(conn: Connection, domid: int) -> None:
+    """Raise :class:`HypervisorGone` when the domain's connection ends.
+
+    The guest's first connection is never used after its hello, so it
+    becoming readable can only mean EOF: the hypervisor is gone or has
+    destroyed the domain, and vCPUs that never fault would not notice.
+    """
+    loop = asyncio.get_running_loop()
+    gone = loop.create_future()
+    fd = conn.fileno()
+    loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
+    try:
+        await gone
+    finally:
+        loop.remove_reader(fd)
+    raise HypervisorGone(f"the hypervisor closed domain {domid}'s connection")
+
+
 async def run_guest(args: argparse.Namespace) -> GuestReport:
     path = protocol.socket_path(args.run_dir)
     main_conn, memory, welcome = await _open_guest(path, args.domid)
@@ -98,26 +124,30 @@ async def run_guest(args: argparse.Namespace) -> GuestReport:
         deadline = time.monotonic() + args.duration
         ballooned = 0
         async with asyncio.TaskGroup() as tg:
+            tg.create_task(_lifeline(main_conn, args.domid), name="lifeline")
             tasks = [tg.create_task(v.run(accesses(cfg, usable, v.vcpu_id), deadline,
                                           max_accesses=args.max_accesses, trap_every=args.trap_every))
                      for v in vcpus]
             if balloon:
                 await asyncio.sleep(args.duration / 2)
-                rep = await main_conn.call(protocol.GuestBalloonOut(vcpu=0, gfns=balloon))
+                rep = await conns[0].call(protocol.GuestBalloonOut(vcpu=0, gfns=balloon))
                 assert isinstance(rep[0], protocol.BatchResult)
                 ballooned = sum(1 for r in rep[0].results if r is None)
-        reports = [t.result() for t in tasks]
-        if args.verify_all and vcpus:
-            # Read back every page ever written: each must hold its last write.
-            checker = vcpus[0]
-            for gfn in usable:
-                if versions[gfn]:
-                    await checker.read(gfn)
-            reports[0] = checker.report
-        report = _summarise(args.domid, vcpus, reports, ballooned)
-        _write_report(args.report, report)
-        if args.linger:
-            await asyncio.Event().wait()  # until cancelled by SIGTERM/SIGINT
+            await asyncio.gather(*tasks)
+            if args.verify_all and vcpus:
+                # Read back every page ever written: each must hold its last write.
+                checker = vcpus[0]
+                for gfn in usable:
+                    if versions[gfn]:
+                        await checker.read(gfn)
+            reports = [t.result() for t in tasks]
+            report = _summarise(args.domid, vcpus, reports, ballooned)
+            _write_report(args.report, report)
+            if args.linger:
+                await asyncio.Event().wait()  # until cancelled by SIGTERM/SIGINT
+            raise _Done
+    except* _Done:
+        pass
     finally:
         for c in conns:
             await c.close()

@@ -30,6 +30,19 @@ from hvemu.transport import Connection
 MiB = 1 << 20
 
 
+def die_with_parent() -> None:
+    """``preexec_fn``: have the kernel SIGTERM this child if its parent dies first.
+
+    A launcher (or a test run) killed with ``kill -9`` cannot stop its
+    children; without this they would run on, holding memory and sockets.
+    """
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
 class Child:
     """A child process whose stdout we read line by line."""
 
@@ -42,7 +55,8 @@ class Child:
         cmd = [sys.executable, *argv]
         if cpus and shutil.which("taskset"):
             cmd = ["taskset", "-c", cpus, *cmd]
-        proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, start_new_session=True)
+        proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, start_new_session=True,
+                                                    preexec_fn=die_with_parent)
         return cls(name, proc)
 
     async def readline(self, timeout: float) -> str:

@@ -19,10 +19,13 @@ from hvemu.abi import PAGE_SIZE
 
 
 class Pagefile:
-    def __init__(self, path: str, gfns: int) -> None:
+    def __init__(self, path: str, gfns: int, *, fresh: bool = False) -> None:
+        """Open (or create) the pagefile; ``fresh`` empties it (a new domain has nothing in it)."""
         self.path = path
         self.gfns = gfns
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if fresh:
+            os.ftruncate(self.fd, 0)
         if os.fstat(self.fd).st_size < gfns * PAGE_SIZE:
             os.ftruncate(self.fd, gfns * PAGE_SIZE)
 

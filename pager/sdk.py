@@ -28,9 +28,9 @@ from types import TracebackType
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno, MemEvent, RingKind
-from hvemu.evtchn import EventChannel
+from hvemu.evtchn import ChannelClosed, EventChannel
 from hvemu.ring import BackRing, RingCorruptError, SharedRing
-from hvemu.transport import Connection, ControlError
+from hvemu.transport import Connection, ControlError, TransportError
 
 log = logging.getLogger("pager.sdk")
 
@@ -61,6 +61,14 @@ class StateError(SdkError):
 
 class DomctlError(SdkError):
     """A whole domctl failed (per-gfn failures come back as results instead)."""
+
+
+class DomainGone(SdkError):
+    """The domain was destroyed (or the hypervisor stopped): the ring is gone.
+
+    For a daemon this is the normal end of its work, as for ``xenpaging``
+    when its guest shuts down.
+    """
 
 
 class MemEventClient:
@@ -147,7 +155,10 @@ class MemEventClient:
             if disable and self._conn is not None:
                 try:
                     await self._conn.call(protocol.MemEventDisable(domid=self.domid, ring=self.ring_kind))
-                except (ControlError, OSError) as exc:
+                except ControlError as exc:
+                    if exc.errno != Errno.ESRCH:  # a destroyed domain has no ring to disable
+                        log.warning("disable of dom%d %s ring failed: %s", self.domid, self.ring_kind, exc)
+                except OSError as exc:
                     log.warning("disable of dom%d %s ring failed: %s", self.domid, self.ring_kind, exc)
         finally:
             await self._teardown()
@@ -197,7 +208,11 @@ class MemEventClient:
                 continue
             if back.final_check_for_requests():
                 continue
-            await evtchn.wait()
+            try:
+                await evtchn.wait()
+            except ChannelClosed as exc:
+                raise DomainGone(f"dom{self.domid} {self.ring_kind} ring: the hypervisor closed it",
+                                 Errno.ESRCH) from exc
 
     def respond(self, rsp: MemEvent) -> None:
         """Queue one response (it is not visible to the hypervisor until :meth:`push`)."""
@@ -227,7 +242,11 @@ class MemEventClient:
         try:
             reply, fds = await conn.call(msg)
         except ControlError as exc:
+            if exc.errno == Errno.ESRCH:
+                raise DomainGone(f"dom{self.domid} is gone ({type(msg).__name__}: {exc})", exc.errno) from exc
             raise DomctlError(f"{type(msg).__name__} on dom{self.domid}: {exc}", exc.errno) from exc
+        except TransportError as exc:
+            raise DomainGone(f"lost the hypervisor during {type(msg).__name__}: {exc}") from exc
         for fd in fds:
             os.close(fd)
         return reply

@@ -24,7 +24,7 @@ from hvemu.abi import MemEvent, MemEventFlag, P2MType, RingKind
 from pager.pagefile import Pagefile
 from pager.policy import PolicyName, VictimPolicy, make_policy
 from hvemu.transport import ControlError, root_cause
-from pager.sdk import MemEventClient, SdkError
+from pager.sdk import DomainGone, MemEventClient, SdkError
 
 log = logging.getLogger("pager")
 
@@ -47,7 +47,9 @@ class Pager:
         self.evict_failed = 0
         self.drops = 0
         self.requests = 0
+        self.stranded_loaded = 0
         self._paged_in_event = asyncio.Event()
+        self._paging_in_seen: set[int] = set()
 
     # ------------------------------------------------------------- hooks
     def choose_victims(self, candidates: list[int], count: int) -> list[int]:
@@ -136,9 +138,34 @@ class Pager:
         self.pages_out += evicted
         return evicted
 
+    async def load_stranded(self) -> int:
+        """Load gfns left ``ram_paging_in`` with no request in sight.
+
+        Under the seed's rule a foreign mapper's populate is lost when the
+        ring is full, and a foreign retry of a ``ram_paging_in`` gfn sends no
+        new request: without this sweep such a gfn would wait for a guest
+        vCPU to touch it.  A gfn seen ``ram_paging_in`` on two consecutive
+        sweeps is loaded directly (a request that does turn up later is then
+        answered as usual; its response finds ``ram_rw`` and only unpauses).
+        """
+        now = set(self.client.gfns_of_type(P2MType.ram_paging_in))
+        stranded = sorted(now & self._paging_in_seen)
+        self._paging_in_seen = now - set(stranded)
+        if not stranded:
+            return 0
+        total = 0
+        for i in range(0, len(stranded), self.batch):
+            loaded = await self._load(stranded[i:i + self.batch])
+            self.stranded_loaded += len(loaded)
+            self.pages_in += len(loaded)
+            self.on_populate(loaded)
+            total += len(loaded)
+        return total
+
     async def evict_loop(self) -> None:
         """Follow the target: evict while above it, otherwise wait a little."""
         while True:
+            await self.load_stranded()
             target = await self.client.get_target()
             excess = self.resident() - target
             if excess > 0 and await self.evict_batch(excess) > 0:
@@ -152,19 +179,33 @@ class Pager:
 
     # ------------------------------------------------------------- stopping
     async def page_in_all(self, timeout: float = 60.0) -> None:
-        """Bring every page back (foreign-map the paged ones; the serve loop loads them)."""
+        """Bring every page back before the ring goes away.
+
+        Paged gfns (and ones whose populate is in flight) are loaded directly
+        from the pagefile, which makes them ``ram_rw`` at once; nominated ones
+        still hold their frame and are foreign-mapped, which turns them
+        ``ram_paging_in`` so that the next round loads them.  Requests that
+        arrive meanwhile are answered by the serve loop as usual.
+        """
         deadline = time.monotonic() + timeout
-        kinds = (P2MType.ram_paged, P2MType.ram_paging_out, P2MType.ram_paging_in)
+        client = self.client
         while True:
-            waiting = [g for k in kinds for g in self.client.gfns_of_type(k)]
-            if not waiting:
+            out = client.gfns_of_type(P2MType.ram_paged) + client.gfns_of_type(P2MType.ram_paging_in)
+            nominated = client.gfns_of_type(P2MType.ram_paging_out)
+            if not out and not nominated:
                 return
             if time.monotonic() > deadline:
-                raise SdkError(f"dom{self.client.domid}: {len(waiting)} pages still out after {timeout}s")
-            trigger = [g for g in waiting if self.client.p2m_type(g) != P2MType.ram_paging_in]
-            for i in range(0, len(trigger), self.batch):
-                await self.client.map_foreign(trigger[i:i + self.batch])
-            await asyncio.sleep(self.poll_interval)
+                raise SdkError(f"dom{client.domid}: {len(out) + len(nominated)} pages still out after {timeout}s")
+            for i in range(0, len(out), self.batch):
+                chunk = out[i:i + self.batch]
+                results = await client.load(chunk, [self.pagefile.read(g) for g in chunk])
+                if abi.Errno.ENOMEM in results:
+                    raise SdkError(f"dom{client.domid}: host memory exhausted while paging everything in",
+                                   abi.Errno.ENOMEM)
+                self.pages_in += sum(1 for r in results if r is None)
+            for i in range(0, len(nominated), self.batch):
+                await client.map_foreign(nominated[i:i + self.batch])
+            await asyncio.sleep(0)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve and evict until ``stop`` is set, then page everything in."""
@@ -179,7 +220,8 @@ class Pager:
 
     def summary(self) -> dict[str, int]:
         return {"pages_out": self.pages_out, "pages_in": self.pages_in, "requests": self.requests,
-                "evict_failed": self.evict_failed, "drops": self.drops}
+                "evict_failed": self.evict_failed, "drops": self.drops,
+                "stranded_loaded": self.stranded_loaded}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -206,10 +248,18 @@ async def _main(args: argparse.Namespace) -> dict[str, int]:
             from hvemu import protocol
 
             await client.call(protocol.SetTarget(domid=args.domid, pages=args.target))
-        pagefile = Pagefile(args.pagefile, client.gfns)
+        assert client.info is not None
+        # A fresh ring means no page of this domain is in any pagefile yet:
+        # start from an empty one.  A re-attached ring keeps its pagefile.
+        pagefile = Pagefile(args.pagefile, client.gfns, fresh=not client.info.reattached)
+        pager = Pager(client, pagefile, make_policy(policy_name, seed=args.seed), batch=args.batch)
         try:
-            pager = Pager(client, pagefile, make_policy(policy_name, seed=args.seed), batch=args.batch)
             await pager.run(stop)
+        except BaseException as exc:
+            root = root_cause(exc)
+            if not isinstance(root, DomainGone):
+                raise
+            log.info("dom%d: %s; exiting", args.domid, root)
         finally:
             pagefile.close()
     return pager.summary()

@@ -9,10 +9,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
 from hvemu import protocol
+from hvemu.launcher import die_with_parent
 from hvemu.transport import Connection
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,13 +29,19 @@ def shm_segments(pid: int | None = None) -> list[str]:
 class Proc:
     """A child process started with the project's interpreter, killed on teardown."""
 
-    def __init__(self, *argv: str, capture: bool = True) -> None:
+    def __init__(self, *argv: str) -> None:
         self.argv = argv
+        # stderr goes to a file: a pipe nobody reads would fill up and block
+        # the child on its next log line.
+        self._err = tempfile.TemporaryFile(mode="w+")
         self.p = subprocess.Popen(
-            [sys.executable, *argv], cwd=ROOT, start_new_session=True,
-            stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE if capture else None,
-            text=True,
+            [sys.executable, *argv], cwd=ROOT, start_new_session=True, preexec_fn=die_with_parent,
+            stdout=subprocess.PIPE, stderr=self._err, text=True,
         )
+
+    def stderr(self) -> str:
+        self._err.seek(0)
+        return self._err.read()
 
     @property
     def pid(self) -> int:
@@ -50,8 +58,8 @@ class Proc:
         return self.p.wait(timeout)
 
     def communicate(self, timeout: float) -> tuple[str, str]:
-        out, err = self.p.communicate(timeout=timeout)
-        return out or "", err or ""
+        out, _ = self.p.communicate(timeout=timeout)
+        return out or "", self.stderr()
 
     def stop(self, timeout: float = 15.0) -> int:
         if self.alive():
@@ -61,9 +69,9 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.signal(signal.SIGKILL)
                 self.p.wait(5)
-        for stream in (self.p.stdout, self.p.stderr):
-            if stream is not None:
-                stream.close()
+        if self.p.stdout is not None:
+            self.p.stdout.close()
+        self._err.close()
         return self.p.returncode
 
     def json_line(self, timeout: float) -> dict[str, Any]:
@@ -85,7 +93,7 @@ class Proc:
                         return data
         finally:
             sel.close()
-        err = self.p.stderr.read() if self.p.stderr is not None and not self.alive() else ""
+        err = self.stderr() if not self.alive() else ""
         raise AssertionError(f"{self.argv[:2]} gave no JSON line within {timeout}s "
                              f"(status {self.p.poll()}): {err[-2000:]}")
 
@@ -102,8 +110,7 @@ class Hypervisor:
         deadline = time.monotonic() + 15
         while not os.path.exists(self.socket):
             if not self.proc.alive():
-                _, err = self.proc.communicate(5)
-                raise RuntimeError(f"hypervisor exited: {err[-2000:]}")
+                raise RuntimeError(f"hypervisor exited: {self.proc.stderr()[-2000:]}")
             if time.monotonic() > deadline:
                 self.proc.stop()
                 raise RuntimeError("hypervisor did not listen within 15 s")
