@@ -7,7 +7,12 @@ if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[test,dev]"
+    if ! "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[test,dev]" \
+            > "$venv/install.log" 2>&1; then
+        cat "$venv/install.log" >&2
+        echo "scripts: installing the project into $venv failed (log above)" >&2
+        exit 1
+    fi
     touch "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
