@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import itertools
+import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -35,7 +35,7 @@ from hvemu.core import sharing as _sharing
 from hvemu.core.budget import FrameBudget
 from hvemu.core.effects import DomainCrashed, Effect, FramesReleased, VcpuRunnable
 from hvemu.core.errors import HypervisorError
-from hvemu.core.mem_event import MemEventDomain, Policy
+from hvemu.core.mem_event import MemEventDomain, Policy, ResponseFixup
 from hvemu.core.p2m import P2M, REMOVED_TYPE
 
 log = logging.getLogger("hvemu.core.domain")
@@ -291,10 +291,7 @@ class Domain:
         self.p2m.release()
 
     def _drop_all_frames(self) -> list[int]:
-        frames = self.p2m.frames
-        released = list(itertools.compress(range(self.gfns), frames))
-        for g in released:
-            self.p2m.set_frame(g, False)
+        released = self.p2m.clear_frames()
         self.budget.release(len(released))
         return released
 
@@ -440,9 +437,9 @@ class Domain:
         med = self._ring(ring)
         if not med.enabled:
             raise HypervisorError(Errno.ENOSYS, f"the {med.kind} ring of domain {self.domid} is not enabled")
-        fixup = None
+        fixup: ResponseFixup | None = None
         if med.kind == RingKind.paging:
-            fixup = lambda rsp: _paging.p2m_mem_paging_resume(self, rsp)  # noqa: E731
+            fixup = functools.partial(_paging.p2m_mem_paging_resume, self)
         try:
             med.resume(fixup)
         except Exception as exc:  # never let daemon input escape as anything but a crash

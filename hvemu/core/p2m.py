@@ -19,6 +19,7 @@ never scans; :meth:`P2M.recount` scans (in C, via ``bytes.count``) to check them
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from hvemu import abi
@@ -128,6 +129,13 @@ class P2M:
         self.frames[gfn] = 1 if present else 0
         self.resident += 1 if present else -1
         return True
+
+    def clear_frames(self) -> list[int]:
+        """Drop every frame at once (crash, destroy); returns the gfns that had one."""
+        had = list(itertools.compress(range(self.gfns), self.frames))
+        self.frames[:] = bytes(self.gfns)
+        self.resident = 0
+        return had
 
     # ------------------------------------------------------------------ checks
     @staticmethod
