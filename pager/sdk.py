@@ -71,19 +71,110 @@ class DomainGone(SdkError):
     """
 
 
-class MemEventClient:
+class Domctl:
+    """The domctls a daemon issues for one domain, each on a batch of gfns.
+
+    A :class:`MemEventClient` is one (on the connection that owns its ring);
+    :meth:`MemEventClient.open_domctl` gives another on its own connection, so
+    that slow background work (eviction) never delays page-ins.
+    """
+
+    def __init__(self, domid: int, conn: Connection | None = None) -> None:
+        self.domid = domid
+        self._conn = conn
+
+    @classmethod
+    async def open(cls, domid: int, socket_path: str) -> Domctl:
+        conn = await Connection.connect(socket_path)
+        try:
+            await conn.call(protocol.ToolHello(client="sdk:domctl"))
+        except BaseException:
+            await conn.close()
+            raise
+        return cls(domid, conn)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    # --------------------------------------------------------------- domctls
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            raise StateError("not connected")
+        return self._conn
+
+    async def call(self, msg: protocol.Msg) -> protocol.Msg:
+        """Send one domctl; ESRCH or a lost hypervisor raise :class:`DomainGone`."""
+        conn = self._connection()
+        try:
+            reply, fds = await conn.call(msg)
+        except ControlError as exc:
+            if exc.errno == Errno.ESRCH:
+                raise DomainGone(f"dom{self.domid} is gone ({type(msg).__name__}: {exc})", exc.errno) from exc
+            raise DomctlError(f"{type(msg).__name__} on dom{self.domid}: {exc}", exc.errno) from exc
+        except TransportError as exc:
+            raise DomainGone(f"lost the hypervisor during {type(msg).__name__}: {exc}") from exc
+        for fd in fds:
+            os.close(fd)
+        return reply
+
+    async def _batch(self, msg: protocol.Msg) -> list[Errno | None]:
+        reply = await self.call(msg)
+        if not isinstance(reply, protocol.BatchResult):
+            raise DomctlError(f"unexpected reply {type(reply).__name__} to {type(msg).__name__}")
+        return reply.results
+
+    async def nominate(self, gfns: Sequence[int]) -> list[Errno | None]:
+        return await self._batch(protocol.PagingNominate(domid=self.domid, gfns=list(gfns)))
+
+    async def evict(self, gfns: Sequence[int]) -> list[Errno | None]:
+        return await self._batch(protocol.PagingEvict(domid=self.domid, gfns=list(gfns)))
+
+    async def prep(self, gfns: Sequence[int]) -> list[Errno | None]:
+        return await self._batch(protocol.PagingPrep(domid=self.domid, gfns=list(gfns)))
+
+    async def load(self, gfns: Sequence[int], pages: Sequence[bytes]) -> list[Errno | None]:
+        return await self._batch(protocol.PagingLoad(domid=self.domid, gfns=list(gfns), pages=list(pages)))
+
+    async def resume(self) -> None:
+        await self.call(protocol.MemEventResume(domid=self.domid, ring=self.ring_kind))
+
+    async def access_set(self, gfns: Sequence[int], access: int) -> list[Errno | None]:
+        return await self._batch(protocol.AccessSet(domid=self.domid, gfns=list(gfns), access=access))
+
+    async def map_foreign(self, gfns: Sequence[int]) -> protocol.ForeignPages:
+        reply = await self.call(protocol.MapForeign(domid=self.domid, gfns=list(gfns)))
+        if not isinstance(reply, protocol.ForeignPages):
+            raise DomctlError(f"unexpected reply {type(reply).__name__} to MapForeign")
+        return reply
+
+    async def get_target(self) -> int:
+        reply = await self.call(protocol.GetTarget(domid=self.domid))
+        if not isinstance(reply, protocol.TargetReply):
+            raise DomctlError(f"unexpected reply {type(reply).__name__} to GetTarget")
+        return reply.pages
+
+    async def stats(self) -> dict[str, object]:
+        reply = await self.call(protocol.Stats(domid=self.domid))
+        if not isinstance(reply, protocol.StatsReply):
+            raise DomctlError(f"unexpected reply {type(reply).__name__} to Stats")
+        return dict(reply.stats)
+
+
+
+class MemEventClient(Domctl):
     """A daemon's attachment to one mem_event ring of one domain."""
 
     def __init__(self, domid: int, ring: RingKind = RingKind.paging, *, run_dir: str | None = None,
                  disable_on_exit: bool = True) -> None:
-        self.domid = domid
+        super().__init__(domid)
         self.ring_kind = RingKind(ring)
         self.socket_path = protocol.socket_path(run_dir)
         #: Disable the ring on exit; False leaves it for another daemon (as a crash would).
         self.disable_on_exit = disable_on_exit
         self.state = RunState.IDLE
         self.info: protocol.MemEventEnabled | None = None
-        self._conn: Connection | None = None
         self._evtchn: EventChannel | None = None
         self._maps: list[mmap.mmap] = []
         self.sring: SharedRing[MemEvent] | None = None
@@ -188,6 +279,11 @@ class MemEventClient:
             raise StateError(f"not attached (state {self.state.value})")
         return self.back, self._evtchn, self._conn
 
+    async def open_domctl(self) -> Domctl:
+        """Another connection for domctls on this domain (close it when done)."""
+        self._running()
+        return await Domctl.open(self.domid, self.socket_path)
+
     # -------------------------------------------------------------- requests
     def take_requests(self) -> list[MemEvent]:
         """Every request on the ring now (possibly none); never blocks."""
@@ -235,63 +331,6 @@ class MemEventClient:
         """Notify the hypervisor unconditionally (e.g. after re-attaching)."""
         _, evtchn, _ = self._running()
         evtchn.notify()
-
-    # --------------------------------------------------------------- domctls
-    async def call(self, msg: protocol.Msg) -> protocol.Msg:
-        _, _, conn = self._running()
-        try:
-            reply, fds = await conn.call(msg)
-        except ControlError as exc:
-            if exc.errno == Errno.ESRCH:
-                raise DomainGone(f"dom{self.domid} is gone ({type(msg).__name__}: {exc})", exc.errno) from exc
-            raise DomctlError(f"{type(msg).__name__} on dom{self.domid}: {exc}", exc.errno) from exc
-        except TransportError as exc:
-            raise DomainGone(f"lost the hypervisor during {type(msg).__name__}: {exc}") from exc
-        for fd in fds:
-            os.close(fd)
-        return reply
-
-    async def _batch(self, msg: protocol.Msg) -> list[Errno | None]:
-        reply = await self.call(msg)
-        if not isinstance(reply, protocol.BatchResult):
-            raise DomctlError(f"unexpected reply {type(reply).__name__} to {type(msg).__name__}")
-        return reply.results
-
-    async def nominate(self, gfns: Sequence[int]) -> list[Errno | None]:
-        return await self._batch(protocol.PagingNominate(domid=self.domid, gfns=list(gfns)))
-
-    async def evict(self, gfns: Sequence[int]) -> list[Errno | None]:
-        return await self._batch(protocol.PagingEvict(domid=self.domid, gfns=list(gfns)))
-
-    async def prep(self, gfns: Sequence[int]) -> list[Errno | None]:
-        return await self._batch(protocol.PagingPrep(domid=self.domid, gfns=list(gfns)))
-
-    async def load(self, gfns: Sequence[int], pages: Sequence[bytes]) -> list[Errno | None]:
-        return await self._batch(protocol.PagingLoad(domid=self.domid, gfns=list(gfns), pages=list(pages)))
-
-    async def resume(self) -> None:
-        await self.call(protocol.MemEventResume(domid=self.domid, ring=self.ring_kind))
-
-    async def access_set(self, gfns: Sequence[int], access: int) -> list[Errno | None]:
-        return await self._batch(protocol.AccessSet(domid=self.domid, gfns=list(gfns), access=access))
-
-    async def map_foreign(self, gfns: Sequence[int]) -> protocol.ForeignPages:
-        reply = await self.call(protocol.MapForeign(domid=self.domid, gfns=list(gfns)))
-        if not isinstance(reply, protocol.ForeignPages):
-            raise DomctlError(f"unexpected reply {type(reply).__name__} to MapForeign")
-        return reply
-
-    async def get_target(self) -> int:
-        reply = await self.call(protocol.GetTarget(domid=self.domid))
-        if not isinstance(reply, protocol.TargetReply):
-            raise DomctlError(f"unexpected reply {type(reply).__name__} to GetTarget")
-        return reply.pages
-
-    async def stats(self) -> dict[str, object]:
-        reply = await self.call(protocol.Stats(domid=self.domid))
-        if not isinstance(reply, protocol.StatsReply):
-            raise DomctlError(f"unexpected reply {type(reply).__name__} to Stats")
-        return dict(reply.stats)
 
     # ----------------------------------------------------------- p2m reading
     def p2m_type(self, gfn: int) -> int:

@@ -24,7 +24,7 @@ from hvemu.abi import MemEvent, MemEventFlag, P2MType, RingKind
 from pager.pagefile import Pagefile
 from pager.policy import PolicyName, VictimPolicy, make_policy
 from hvemu.transport import ControlError, root_cause
-from pager.sdk import DomainGone, MemEventClient, SdkError
+from pager.sdk import Domctl, DomainGone, MemEventClient, SdkError
 
 log = logging.getLogger("pager")
 
@@ -38,6 +38,8 @@ class Pager:
     def __init__(self, client: MemEventClient, pagefile: Pagefile, policy: VictimPolicy, *,
                  batch: int = 64, poll_interval: float = 0.05) -> None:
         self.client = client
+        #: Eviction's own connection (set by :meth:`run`): page-ins never queue behind it.
+        self.evictor: Domctl = client
         self.pagefile = pagefile
         self.policy = policy
         self.batch = batch
@@ -125,7 +127,7 @@ class Pager:
         victims = self.choose_victims(candidates, min(count, self.batch))
         if not victims:
             return 0
-        nominated = [g for g, r in zip(victims, await self.client.nominate(victims), strict=True) if r is None]
+        nominated = [g for g, r in zip(victims, await self.evictor.nominate(victims), strict=True) if r is None]
         if not nominated:
             return 0
         mem = self.client.memory
@@ -133,7 +135,7 @@ class Pager:
         for g in nominated:
             off = g * abi.PAGE_SIZE
             self.pagefile.write(g, mem[off:off + abi.PAGE_SIZE])
-        results = await self.client.evict(nominated)
+        results = await self.evictor.evict(nominated)
         evicted = sum(1 for r in results if r is None)
         self.pages_out += evicted
         return evicted
@@ -166,9 +168,11 @@ class Pager:
         """Follow the target: evict while above it, otherwise wait a little."""
         while True:
             await self.load_stranded()
-            target = await self.client.get_target()
+            target = await self.evictor.get_target()
             excess = self.resident() - target
-            if excess > 0 and await self.evict_batch(excess) > 0:
+            # Evict whole batches (down to a little below the target) rather
+            # than one page per page-in: a batch costs two domctls, whatever its size.
+            if excess > 0 and await self.evict_batch(max(excess, min(self.batch, target // 8 + 1))) > 0:
                 await asyncio.sleep(0)
                 continue
             self._paged_in_event.clear()
@@ -209,14 +213,19 @@ class Pager:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve and evict until ``stop`` is set, then page everything in."""
-        async with asyncio.TaskGroup() as tg:
-            serve = tg.create_task(self.serve(), name="serve")
-            evict = tg.create_task(self.evict_loop(), name="evict")
-            await stop.wait()
-            evict.cancel()
-            log.info("dom%d: stopping, paging everything back in", self.client.domid)
-            await self.page_in_all()
-            serve.cancel()
+        self.evictor = await self.client.open_domctl()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                serve = tg.create_task(self.serve(), name="serve")
+                evict = tg.create_task(self.evict_loop(), name="evict")
+                await stop.wait()
+                evict.cancel()
+                log.info("dom%d: stopping, paging everything back in", self.client.domid)
+                await self.page_in_all()
+                serve.cancel()
+        finally:
+            await self.evictor.close()
+            self.evictor = self.client
 
     def summary(self) -> dict[str, int]:
         return {"pages_out": self.pages_out, "pages_in": self.pages_in, "requests": self.requests,
