@@ -92,9 +92,14 @@ async def _lifeline(conn: Connection, domid: int) -> None:
     destroyed the domain, and vCPUs that never fault would not notice.
     """
     loop = asyncio.get_running_loop()
-    gone = loop.create_future()
+    gone: asyncio.Future[None] = loop.create_future()
     fd = conn.fileno()
-    loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
+
+    def readable() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    loop.add_reader(fd, readable)
     try:
         await gone
     finally:

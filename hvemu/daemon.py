@@ -31,11 +31,11 @@ from hvemu.backend import DomainBackend, RingBackend, apply_effects
 from hvemu.core.errors import HypervisorError
 from hvemu.core.hypervisor import Hypervisor
 from hvemu.shm import Segment
-from hvemu.transport import ConnState, ControlServer, OwnedFd
+from hvemu.transport import ConnState, ControlServer, FdLike, OwnedFd
 
 log = logging.getLogger("hvemu.daemon")
 
-Reply = tuple[protocol.Msg, list[int]]
+Reply = tuple[protocol.Msg, list[FdLike]]
 
 
 class ConnCtx:
@@ -177,7 +177,7 @@ class HypervisorDaemon:
                 raise _err(Errno.EBUSY, f"domain {msg.domid} already has a guest")
             be.guest = ctx
             ctx.main_guest = True
-            fds = [be.memory.fd, be.p2m.ro_fd, be.inflight.fd]
+            fds: list[FdLike] = [be.memory.fd, be.p2m.ro_fd, be.inflight.fd]
             welcome.fds = ["memory", "p2m", "inflight"]
         else:
             if be.guest is None:

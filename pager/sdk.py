@@ -137,8 +137,9 @@ class Domctl:
     async def load(self, gfns: Sequence[int], pages: Sequence[bytes]) -> list[Errno | None]:
         return await self._batch(protocol.PagingLoad(domid=self.domid, gfns=list(gfns), pages=list(pages)))
 
-    async def resume(self) -> None:
-        await self.call(protocol.MemEventResume(domid=self.domid, ring=self.ring_kind))
+    async def resume(self, ring: RingKind = RingKind.paging) -> None:
+        """The domctl twin of an event-channel kick: the hypervisor drains the ring's responses."""
+        await self.call(protocol.MemEventResume(domid=self.domid, ring=ring))
 
     async def access_set(self, gfns: Sequence[int], access: int) -> list[Errno | None]:
         return await self._batch(protocol.AccessSet(domid=self.domid, gfns=list(gfns), access=access))

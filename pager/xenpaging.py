@@ -21,10 +21,10 @@ import time
 
 from hvemu import abi
 from hvemu.abi import MemEvent, MemEventFlag, P2MType, RingKind
+from hvemu.transport import ControlError, root_cause
 from pager.pagefile import Pagefile
 from pager.policy import PolicyName, VictimPolicy, make_policy
-from hvemu.transport import ControlError, root_cause
-from pager.sdk import Domctl, DomainGone, MemEventClient, SdkError
+from pager.sdk import DomainGone, Domctl, MemEventClient, SdkError
 
 log = logging.getLogger("pager")
 
