@@ -415,7 +415,16 @@ class HypervisorDaemon:
     async def _guest_balloon_out(self, ctx: ConnCtx, msg: protocol.GuestBalloonOut) -> Reply:
         be = self._own_domain(ctx)
         vcpu = self._vcpu(be, msg.vcpu)
-        results = be.dom.decrease_reservation(vcpu, msg.gfns)
+        # One gfn at a time, like a preemptible hypercall: when a DROP_PAGE
+        # trips the ring reservation the vCPU is paused, and the hypercall
+        # continues only once it runs again, so no drop is ever lost to a
+        # full ring (a whole batch at once would overrun the vCPU's one slot).
+        results: list[Errno | None] = []
+        for gfn in msg.gfns:
+            await self._wait_runnable(be, vcpu)
+            results += be.dom.decrease_reservation(vcpu, [gfn])
+            self._after_op()
+        await self._wait_runnable(be, vcpu)
         return await self._restricting(be, msg.gfns, results)
 
     # ------------------------------------------------------------ life

@@ -93,6 +93,8 @@ class Proc:
                         return data
         finally:
             sel.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.p.wait(5)  # EOF on stdout: let it finish dying so that stderr is complete
         err = self.stderr() if not self.alive() else ""
         raise AssertionError(f"{self.argv[:2]} gave no JSON line within {timeout}s "
                              f"(status {self.p.poll()}): {err[-2000:]}")
