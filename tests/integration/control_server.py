@@ -44,6 +44,7 @@ class Toy:
         self.disconnects = 0
         self.cancelled = 0
         self.slow_done = 0
+        self.slow_started = 0
 
     async def handle(self, state: ConnState, msg: protocol.Msg) -> tuple[protocol.Msg, Sequence[FdLike]]:
         self.accepted.add(state.id)
@@ -64,6 +65,7 @@ class Toy:
                 "active": len(self.server.connections),
                 "cancelled": self.cancelled,
                 "slow_done": self.slow_done,
+                "slow_started": self.slow_started,
                 "open_fds": len(os.listdir("/proc/self/fd")),
                 "uid": state.uid,
                 "pid": state.pid,
@@ -71,6 +73,7 @@ class Toy:
                 "loop": type(asyncio.get_running_loop()).__module__,
             }), []
         if isinstance(msg, protocol.DomainCreate):
+            self.slow_started += 1
             try:
                 await asyncio.sleep(msg.max_vcpus / 1000)
             except asyncio.CancelledError:

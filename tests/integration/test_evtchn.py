@@ -143,7 +143,10 @@ def test_peer_waits_on_uvloop_and_wakes(peer: Peer, channel: EventChannel) -> No
     for _ in range(20):
         channel.notify()
     assert peer.recv()[0] == {"ports": [PORT]}
-    assert peer.cmd("drain")["ports"] == []  # the twenty were drained as one
+    # It woke on one of the twenty; those sent after it drained make at most
+    # one more pending event.
+    after = peer.cmd("drain")
+    assert after["ports"] in ([], [PORT]) and after["received"] == 20
 
 
 async def test_we_wait_on_uvloop_and_wake(peer: Peer, channel: EventChannel) -> None:
@@ -154,8 +157,10 @@ async def test_we_wait_on_uvloop_and_wake(peer: Peer, channel: EventChannel) -> 
     assert time.monotonic() - t0 > 0.1  # we really slept until the peer notified
     answer = await asyncio.to_thread(peer.recv)
     assert answer[0] == {"sent": 5, "dropped": 0}
-    await asyncio.sleep(0.01)
-    assert channel.drain() == set()  # the other four were part of the same event
+    # We woke at the first of the five; those that came after we drained are
+    # a new pending event (or part of the first): never more than one more.
+    assert channel.drain() <= {PORT}
+    assert channel.received == 5
 
 
 def test_channel_made_in_the_peer_comes_back(peer: Peer) -> None:

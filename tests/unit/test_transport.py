@@ -310,6 +310,7 @@ class Toy:
     def __init__(self) -> None:
         self.disconnected: list[ConnState] = []
         self.cancelled = 0
+        self.running = 0
         self.started = asyncio.Event()
         self.release = asyncio.Event()
 
@@ -325,6 +326,7 @@ class Toy:
             return protocol.Welcome(role="tool", fds=["pipe"]), [OwnedFd(r)]
         if isinstance(msg, protocol.DomainCreate):  # blocks until released
             self.started.set()
+            self.running += 1
             try:
                 await self.release.wait()
             except asyncio.CancelledError:
@@ -539,8 +541,10 @@ async def test_close_cancels_everything(sock_dir: str) -> None:
     await server.start()
     conns = [await Connection.connect(path) for _ in range(3)]
     calls = [asyncio.create_task(c.call(protocol.DomainCreate(max_vcpus=1, gfns=1))) for c in conns]
-    await asyncio.wait_for(toy.started.wait(), 2)
-    await asyncio.sleep(0.05)
+    for _ in range(500):
+        if toy.running == 3:
+            break
+        await asyncio.sleep(0.01)
     await asyncio.wait_for(server.close(), 5)
     await server.close()  # idempotent
     assert len(toy.disconnected) == 3 and toy.cancelled == 3
