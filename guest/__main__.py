@@ -20,7 +20,7 @@ import time
 import msgspec
 import uvloop
 
-from guest.histogram import Histogram
+from hvemu.histogram import Histogram
 from guest.memory import GuestMemory
 from guest.vcpu import Vcpu, VcpuReport
 from guest.workload import WorkloadConfig, accesses

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import msgspec
 
-from guest.histogram import Histogram
+from hvemu.histogram import Histogram
 from guest.memory import GuestMemory
 from guest.stamp import StampError, make_page, verify_page
 from hvemu import abi, protocol

@@ -20,6 +20,7 @@ from hvemu.core.effects import DomainCrashed, Effect, FramesReleased, RingNotify
 from hvemu.core.errors import HypervisorError
 from hvemu.core.hypervisor import Domain, Hypervisor
 from hvemu.evtchn import EventChannel
+from hvemu.histogram import Histogram
 from hvemu.ring import mb
 from hvemu.shm import Segment
 
@@ -78,6 +79,8 @@ class DomainBackend:
         self.waiters: dict[int, asyncio.Future[None]] = {}
         self.target = dom.gfns
         self.faults = 0
+        #: Hypervisor-observed time a faulting vCPU stayed paused (exit to resume), ns.
+        self.fault_latency = Histogram()
         self.created = time.time()
 
     async def shootdown(self, gfns: Iterable[int]) -> bool:

@@ -20,6 +20,7 @@ import os
 import signal
 import stat
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ from hvemu.backend import DomainBackend, RingBackend, apply_effects
 from hvemu.core.errors import HypervisorError
 from hvemu.core.hypervisor import Hypervisor
 from hvemu.shm import Segment
+from hvemu.trace import TraceWriter
 from hvemu.transport import ConnState, ControlServer, FdLike, OwnedFd
 
 log = logging.getLogger("hvemu.daemon")
@@ -85,7 +87,10 @@ class HypervisorDaemon:
             protocol.GuestAccess: self._guest_access,
             protocol.GuestBalloonOut: self._guest_balloon_out,
             protocol.GuestTrap: self._guest_trap,
+            protocol.TraceStart: self._trace_start,
+            protocol.TraceStop: self._trace_stop,
         }
+        self.trace: TraceWriter | None = None
 
     # ------------------------------------------------------------ plumbing
     @staticmethod
@@ -238,6 +243,7 @@ class HypervisorDaemon:
         be = self._backend(msg.domid)
         stats: dict[str, Any] = dict(be.dom.stats())
         stats.update(target=be.target, guest_connected=be.guest is not None,
+                     fault_latency_us=be.fault_latency.summary(scale=1000.0),
                      rings_orphaned=[str(k) for k, r in be.rings.items() if r.owner is None],
                      host_frames_total=self.hv.budget.total, host_frames_used=self.hv.budget.used)
         return protocol.StatsReply(domid=msg.domid, stats=stats), []
@@ -386,6 +392,37 @@ class HypervisorDaemon:
         ]
         return protocol.ForeignPages(results=results, pages=pages), []
 
+    # ------------------------------------------------------------ tracing
+    def start_trace(self, path: str) -> None:
+        self.stop_trace()
+        self.trace = TraceWriter(path)
+        self.hv.tracer = self.trace
+        log.info("tracing ring events to %s", path)
+
+    def stop_trace(self) -> protocol.TraceStopped | None:
+        trace, self.trace = self.trace, None
+        if trace is None:
+            return None
+        self.hv.tracer = None
+        trace.close()
+        log.info("trace %s closed: %d records", trace.path, trace.records)
+        return protocol.TraceStopped(path=trace.path, records=trace.records)
+
+    async def _trace_start(self, ctx: ConnCtx, msg: protocol.TraceStart) -> Reply:
+        if not os.path.isabs(msg.path):
+            raise _err(Errno.EINVAL, "the trace path must be absolute (the hypervisor has its own cwd)")
+        try:
+            self.start_trace(msg.path)
+        except OSError as exc:
+            raise _err(Errno.EINVAL, f"cannot write {msg.path}: {exc.strerror}") from exc
+        return protocol.Ok(), []
+
+    async def _trace_stop(self, ctx: ConnCtx, msg: protocol.TraceStop) -> Reply:
+        stopped = self.stop_trace()
+        if stopped is None:
+            raise _err(Errno.ENOENT, "no trace is running")
+        return stopped, []
+
     # ------------------------------------------------------------ guest exits
     async def _wait_runnable(self, be: DomainBackend, vcpu: int) -> None:
         if be.dom.vcpus[vcpu].runnable:
@@ -400,9 +437,12 @@ class HypervisorDaemon:
     async def _guest_access(self, ctx: ConnCtx, msg: protocol.GuestAccess) -> Reply:
         be = self._own_domain(ctx)
         vcpu = self._vcpu(be, msg.vcpu)
+        start = time.perf_counter_ns()
         be.faults += 1
         be.dom.guest_access(vcpu, msg.gfn, msg.access, msg.gla)
-        await self._wait_runnable(be, vcpu)
+        if not be.dom.vcpus[vcpu].runnable:
+            await self._wait_runnable(be, vcpu)
+            be.fault_latency.record(time.perf_counter_ns() - start)
         return protocol.Ok(), []
 
     async def _guest_trap(self, ctx: ConnCtx, msg: protocol.GuestTrap) -> Reply:
@@ -446,6 +486,7 @@ class HypervisorDaemon:
         finally:
             for domid in list(self.backends):
                 self._destroy(domid)
+            self.stop_trace()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             try:
@@ -484,6 +525,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=["seed", "claim"], default="seed", help="mem_event admission policy")
     p.add_argument("--ring-size", type=int, default=None, help="ring slots (default: derived, 64)")
     p.add_argument("--ready-fd", type=int, default=None, help="write a byte to this fd once listening")
+    p.add_argument("--trace", default=None, help="record every ring event to this file (hvemu trace ...)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p
 
@@ -505,8 +547,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         daemon = HypervisorDaemon(run_dir, frames, policy=args.policy, ring_size=args.ring_size)
+        if args.trace:
+            daemon.start_trace(os.path.abspath(args.trace))
         uvloop.run(daemon.serve(ready))
-    except (PermissionError, RuntimeError, ValueError) as exc:
+    except (OSError, RuntimeError, ValueError) as exc:
         print(f"hvemu-hypervisor: {exc}", file=sys.stderr)
         return 1
     return 0

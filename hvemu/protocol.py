@@ -286,18 +286,33 @@ class SetHvmParam(Msg):
     mode: int
 
 
+class TraceStart(Msg):
+    """Record every ring event to ``path`` (format: :mod:`hvemu.trace`)."""
+
+    path: str
+
+
+class TraceStop(Msg):
+    pass
+
+
+class TraceStopped(Msg):
+    path: str
+    records: int
+
+
 TOOL_REQUESTS = (
     ToolHello | GuestHello | DomainCreate | DomainDestroy | DomainList
     | MemEventEnable | MemEventDisable | MemEventResume
     | PagingNominate | PagingEvict | PagingPrep | PagingLoad
     | AccessSet | AccessRequired | MapForeign | SetTarget | GetTarget | Stats | DomainInfo
-    | GuestAccess | GuestBalloonOut | GuestTrap | SetHvmParam
+    | GuestAccess | GuestBalloonOut | GuestTrap | SetHvmParam | TraceStart | TraceStop
 )
 
 Request = TOOL_REQUESTS
 Reply = (
     Ok | Error | BatchResult | Welcome | DomainCreated | DomainListReply
-    | MemEventEnabled | ForeignPages | StatsReply | TargetReply
+    | MemEventEnabled | ForeignPages | StatsReply | TargetReply | TraceStopped
 )
 
 _encoder = msgspec.msgpack.Encoder()

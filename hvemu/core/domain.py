@@ -37,6 +37,7 @@ from hvemu.core.effects import DomainCrashed, Effect, FramesReleased, VcpuRunnab
 from hvemu.core.errors import HypervisorError
 from hvemu.core.mem_event import MemEventDomain, Policy, ResponseFixup
 from hvemu.core.p2m import P2M, REMOVED_TYPE
+from hvemu.trace import NO_RING, TraceEvent, Tracer
 
 log = logging.getLogger("hvemu.core.domain")
 
@@ -79,12 +80,18 @@ class Vcpu:
     def pause(self) -> None:
         """``vcpu_pause_nosync``: takes effect when the vCPU next leaves the hypervisor."""
         self.pause_count += 1
+        tracer = self.domain.tracer
+        if tracer is not None:
+            tracer(TraceEvent.PAUSE, self.domain.domid, NO_RING, self.vcpu_id, 0, self.pause_count)
 
     def unpause(self) -> None:
         """``vcpu_unpause``: at 0 the vCPU may run (the driver is told, see module doc)."""
         if self.pause_count <= 0:
             raise AssertionError(f"dom{self.domain.domid} vCPU {self.vcpu_id}: unpause without a pause")
         self.pause_count -= 1
+        tracer = self.domain.tracer
+        if tracer is not None:
+            tracer(TraceEvent.UNPAUSE, self.domain.domid, NO_RING, self.vcpu_id, 0, self.pause_count)
         if self.pause_count == 0:
             self.domain._vcpu_runnable(self)
 
@@ -160,6 +167,8 @@ class Domain:
         self.emit = emit
         self.crashed = False
         self.crash_reason = ""
+        #: Optional ring-event tracer (see :mod:`hvemu.trace`); None costs one check per event.
+        self.tracer: Tracer | None = None
         self.destroyed = False
         #: ``p2m->access_required``: no access listener -> crash instead of relaxing to rwx.
         self.access_required = False

@@ -18,6 +18,7 @@ from hvemu.core.domain import MAX_VCPUS, Domain, PauseFlag, Vcpu
 from hvemu.core.effects import Effect
 from hvemu.core.errors import HypervisorError
 from hvemu.core.mem_event import POLICIES, Policy
+from hvemu.trace import Tracer
 
 __all__ = ["Domain", "Hypervisor", "HypervisorError", "PauseFlag", "Policy", "Vcpu"]
 
@@ -41,6 +42,18 @@ class Hypervisor:
         self.domains: dict[int, Domain] = {}
         self._effects: list[Effect] = []
         self._next_domid = 1  # domain 0 is the toolstack's
+        self._tracer: Tracer | None = None
+
+    @property
+    def tracer(self) -> Tracer | None:
+        """The ring-event tracer of every domain (None: tracing off)."""
+        return self._tracer
+
+    @tracer.setter
+    def tracer(self, tracer: Tracer | None) -> None:
+        self._tracer = tracer
+        for dom in self.domains.values():
+            dom.tracer = tracer
 
     def take_effects(self) -> list[Effect]:
         """Drain the outbox, oldest first."""
@@ -78,6 +91,7 @@ class Hypervisor:
                          p2m_buffer=p2m_buffer, name=name)
         except (TypeError, ValueError) as exc:
             raise HypervisorError(Errno.EINVAL, str(exc)) from exc
+        dom.tracer = self._tracer
         self.budget.alloc(resident)
         self._next_domid += 1
         self.domains[domid] = dom

@@ -58,6 +58,7 @@ from hvemu.abi import Errno, MemEvent, MemEventFlag, RingKind
 from hvemu.core.effects import RingNotify
 from hvemu.core.errors import HypervisorError
 from hvemu.ring import FrontRing, RingCorruptError, SharedRing
+from hvemu.trace import NO_VCPU, RING_CODES, TraceEvent
 
 if TYPE_CHECKING:
     from hvemu.core.domain import Domain, PauseFlag, Vcpu
@@ -129,6 +130,12 @@ class MemEventDomain:
         #: Claim policy: guest producers asleep until a slot frees, with their request.
         self.waiters: collections.deque[tuple[Vcpu, MemEvent]] = collections.deque()
         self.counters = RingCounters()
+        self._ring_code = RING_CODES[kind]
+
+    def _trace(self, event: TraceEvent, vcpu: int, gfn: int = 0) -> None:
+        tracer = self.domain.tracer
+        if tracer is not None:
+            tracer(event, self.domain.domid, self._ring_code, vcpu, gfn, self.occupancy())
 
     # ------------------------------------------------------------------ state
     @property
@@ -167,6 +174,7 @@ class MemEventDomain:
             return Errno.ENOSYS
         if self.policy == "claim" and vcpu is None and self.available() == 0:
             self.counters.refused += 1
+            self._trace(TraceEvent.REFUSED, NO_VCPU)
             return Errno.EBUSY
         return None
 
@@ -195,6 +203,7 @@ class MemEventDomain:
                 self.counters.lost_foreign += 1
             else:
                 self.counters.lost_guest += 1
+            self._trace(TraceEvent.LOST, NO_VCPU if vcpu is None else vcpu.vcpu_id, req.gfn)
             ret = Errno.EAGAIN
         else:
             self._produce(req)
@@ -209,6 +218,7 @@ class MemEventDomain:
         if self.available() == 0:
             if vcpu is None:
                 self.counters.refused += 1
+                self._trace(TraceEvent.REFUSED, NO_VCPU, req.gfn)
                 return Errno.EBUSY
             # wait_event(med->wq, grab_slot() != -EBUSY): the vCPU sleeps with
             # its request; _wake_queued puts it when a slot is granted.
@@ -237,6 +247,8 @@ class MemEventDomain:
         assert front is not None
         front.put_request(req)
         self.counters.put += 1
+        if self.domain.tracer is not None:
+            self._trace(TraceEvent.PUT, NO_VCPU if req.flags & MemEventFlag.FOREIGN else req.vcpu_id, req.gfn)
         if front.push_requests_and_check_notify():
             self.counters.notifies += 1
             self.domain.emit(RingNotify(self.domain.domid, self.kind))
@@ -250,6 +262,7 @@ class MemEventDomain:
             vcpu.pause()
             self.blocked += 1
             self.counters.blocked_ever += 1
+            self._trace(TraceEvent.BLOCK, vcpu.vcpu_id)
 
     # ------------------------------------------------------------------ consuming
     def get_response(self) -> MemEvent | None:
@@ -287,10 +300,13 @@ class MemEventDomain:
 
     def _reject(self, rsp: MemEvent, why: str) -> None:
         self.counters.responses_rejected += 1
+        self._trace(TraceEvent.REJECTED, rsp.vcpu_id, rsp.gfn)
         log.warning("dom%d %s ring: response rejected (%s): %s", self.domain.domid, self.kind, why, rsp)
 
     def _handle_response(self, rsp: MemEvent, fixup: ResponseFixup | None) -> None:
         self.counters.responses += 1
+        if self.domain.tracer is not None:
+            self._trace(TraceEvent.RESPONSE, rsp.vcpu_id, rsp.gfn)
         if rsp.flags & ~abi.MEM_EVENT_KNOWN_FLAGS or rsp.reserved_bits:
             self._reject(rsp, "unknown flags or reserved bits")
             return
@@ -345,6 +361,7 @@ class MemEventDomain:
                 online += 1
                 self.last_vcpu_wake_up = k
                 self.counters.woken += 1
+                self._trace(TraceEvent.WAKE, v.vcpu_id)
                 v.unpause()
 
     def _wake_blocked(self) -> None:
@@ -365,6 +382,7 @@ class MemEventDomain:
                 avail -= 1
                 self.last_vcpu_wake_up = k
                 self.counters.woken += 1
+                self._trace(TraceEvent.WAKE, v.vcpu_id)
                 v.unpause()
 
     def _wake_queued(self) -> None:
@@ -408,6 +426,7 @@ class MemEventDomain:
         for v in self.domain.vcpus:
             if v.test_and_clear_flag(self.pause_flag):
                 self.counters.woken += 1
+                self._trace(TraceEvent.WAKE, v.vcpu_id)
                 v.unpause()
         self.blocked = 0
 

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from guest.histogram import Histogram
+from hvemu.histogram import Histogram
 from guest.workload import WorkloadConfig, accesses
 
 
