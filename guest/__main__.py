@@ -20,11 +20,11 @@ import time
 import msgspec
 import uvloop
 
-from hvemu.histogram import Histogram
 from guest.memory import GuestMemory
 from guest.vcpu import Vcpu, VcpuReport
 from guest.workload import WorkloadConfig, accesses
 from hvemu import abi, protocol
+from hvemu.histogram import Histogram
 from hvemu.transport import Connection, ControlError, root_cause
 
 

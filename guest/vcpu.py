@@ -15,10 +15,10 @@ from collections.abc import Iterator
 
 import msgspec
 
-from hvemu.histogram import Histogram
 from guest.memory import GuestMemory
 from guest.stamp import StampError, make_page, verify_page
 from hvemu import abi, protocol
+from hvemu.histogram import Histogram
 from hvemu.transport import Connection
 
 #: Accesses between voluntary yields, so that vCPUs that never fault still

@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from hvemu.histogram import Histogram
 from guest.workload import WorkloadConfig, accesses
+from hvemu.histogram import Histogram
 
 
 def _take(cfg: WorkloadConfig, n: int, vcpu: int = 0, pages: int = 1000) -> list[tuple[int, bool]]:
