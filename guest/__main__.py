@@ -23,7 +23,7 @@ import uvloop
 from guest.memory import GuestMemory
 from guest.vcpu import Vcpu, VcpuReport
 from guest.workload import WorkloadConfig, accesses
-from hvemu import abi, protocol
+from hvemu import abi, logs, protocol
 from hvemu.histogram import Histogram
 from hvemu.transport import Connection, ControlError, root_cause
 
@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default="-", help="where to write the JSON report ('-' = stdout)")
     p.add_argument("--no-verify-all", dest="verify_all", action="store_false",
                    help="skip the final pass that reads back every page written")
+    p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("--linger", action="store_true",
                    help="after the report, keep the domain alive until SIGTERM/SIGINT")
     return p
@@ -189,6 +190,7 @@ def _write_report(dest: str, report: GuestReport) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    logs.setup("guest", args.verbose)
 
     async def _main() -> GuestReport:
         task = asyncio.current_task()

@@ -26,7 +26,7 @@ from typing import Any
 
 import uvloop
 
-from hvemu import abi, protocol
+from hvemu import abi, logs, protocol
 from hvemu.abi import Errno, RingKind
 from hvemu.backend import DomainBackend, RingBackend, apply_effects
 from hvemu.core.errors import HypervisorError
@@ -532,8 +532,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING - 10 * args.verbose,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup("hypervisor", args.verbose)
     run_dir = args.run_dir or protocol.default_run_dir()
     frames = int(args.memory * (1 << 20)) // abi.PAGE_SIZE
     if frames < 1:

@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 
-from hvemu import abi
+from hvemu import abi, logs
 from hvemu.abi import MemEvent, MemEventFlag, P2MType, RingKind
 from hvemu.transport import ControlError, root_cause
 from pager.pagefile import Pagefile
@@ -279,8 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch < 1:
         print("hvemu-pager: --batch must be at least 1", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.WARNING - 10 * args.verbose,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup("pager", args.verbose)
     import json
 
     import uvloop
