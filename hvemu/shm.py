@@ -1,48 +1,58 @@
-"""POSIX shared-memory segments that leave nothing behind.
+"""Shared-memory segments that leave nothing behind and that no peer can shrink.
 
-A segment is created under a random name, opened (and optionally opened a
-second time read-only, so that a read-only fd can be handed to a less trusted
-process), mapped, and its name unlinked at once: from then on it lives only as
-long as some process holds an fd or a mapping, so no exit, ``kill -9``
-included, can leave anything in ``/dev/shm``.  posix_ipc is used rather than
-``multiprocessing.shared_memory``, whose resource tracker may unlink segments
-that other processes still use (DESIGN section 8).
+A segment is an anonymous ``memfd`` (it never has a name, so no exit, ``kill
+-9`` included, can leave anything in ``/dev/shm``), mode ``0600``, mapped here
+and passed to other processes by ``SCM_RIGHTS``.  Its size is *sealed*
+(``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``): a process holding a writable
+fd (a guest its memory, a daemon its ring page) cannot ``ftruncate`` it, which
+would otherwise turn the hypervisor's next access to the mapping into a
+``SIGBUS`` and bring every domain down with it.
+
+A read-only twin (an ``O_RDONLY`` open of the same object, through
+``/proc/self/fd``) is what a less trusted process gets when it may only look
+(the p2m table): it can neither map it writable nor resize it.
+
+``multiprocessing.shared_memory`` is not used: its resource tracker may unlink
+segments that other processes still use (DESIGN section 8).  Like a POSIX shm
+segment, a memfd is shmem: ``MADV_REMOVE`` really gives its pages back.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
-import secrets
 
-import posix_ipc
-
-NAME_PREFIX = "/hvemu-"
+NAME_PREFIX = "hvemu-"
+#: Seals every segment carries once sized: nobody may change its size, or the seals.
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+MODE = 0o600
 
 
 class Segment:
-    """A mapped, already-unlinked shared-memory segment and its fds."""
+    """A mapped, size-sealed, nameless shared-memory segment and its fds."""
 
     def __init__(self, size: int, *, tag: str = "seg", read_only_twin: bool = False) -> None:
         if size <= 0:
             raise ValueError(f"segment size must be positive, not {size}")
-        name = f"{NAME_PREFIX}{os.getpid()}-{tag}-{secrets.token_hex(6)}"
-        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
+        fd = os.memfd_create(f"{NAME_PREFIX}{tag}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         ro_fd = -1
         try:
+            os.fchmod(fd, MODE)  # a memfd is created 0777
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
             if read_only_twin:
-                ro = posix_ipc.SharedMemory(name, 0, read_only=True)
-                ro_fd = ro.fd
-            self.map = mmap.mmap(shm.fd, size, mmap.MAP_SHARED)
-        finally:
-            shm.unlink()
+                ro_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            self.map = mmap.mmap(fd, size, mmap.MAP_SHARED)
+        except BaseException:
+            for f in (fd, ro_fd):
+                if f >= 0:
+                    os.close(f)
+            raise
         self.size = size
-        self.fd: int = shm.fd
+        self.fd: int = fd
         #: An fd that can only be mapped read-only (or -1).
         self.ro_fd: int = ro_fd
-        for fd in (self.fd, self.ro_fd):
-            if fd >= 0:
-                os.set_inheritable(fd, False)
 
     def release_range(self, offset: int, length: int) -> None:
         """Give the pages back to the host (they read back as zeros)."""
