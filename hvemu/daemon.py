@@ -43,8 +43,9 @@ Reply = tuple[protocol.Msg, list[FdLike]]
 class ConnCtx:
     """What the hypervisor knows about one control connection."""
 
-    def __init__(self, uid: int) -> None:
-        self.uid = uid
+    def __init__(self, state: ConnState) -> None:
+        self.state = state
+        self.uid = state.uid
         self.role: str | None = None
         self.domid: int | None = None
         self.vcpu: int | None = None
@@ -91,13 +92,14 @@ class HypervisorDaemon:
             protocol.TraceStop: self._trace_stop,
         }
         self.trace: TraceWriter | None = None
+        self.server: ControlServer | None = None
 
     # ------------------------------------------------------------ plumbing
     @staticmethod
     def ctx(state: ConnState) -> ConnCtx:
         ctx = state.data.get("ctx")
         if ctx is None:
-            ctx = state.data["ctx"] = ConnCtx(state.uid)
+            ctx = state.data["ctx"] = ConnCtx(state)
         assert isinstance(ctx, ConnCtx)
         return ctx
 
@@ -125,6 +127,9 @@ class HypervisorDaemon:
             if be is not None:
                 for ring in be.rings.values():
                     ring.close_channel()
+                # The guest's vCPUs got ESRCH; one that never exits would not
+                # notice, so hang up on it (it then exits, and the domain goes).
+                self._disconnect_guest(be)
 
     def on_disconnect(self, state: ConnState) -> None:
         ctx = state.data.pop("ctx", None)
@@ -215,10 +220,20 @@ class HypervisorDaemon:
         log.info("created domain %d: %d vCPUs, %d pages", dom.domid, msg.max_vcpus, msg.gfns)
         return protocol.DomainCreated(domid=dom.domid), []
 
+    def _disconnect_guest(self, be: DomainBackend) -> None:
+        """Hang up on a domain's guest: it learns its domain is gone and exits."""
+        if self.server is None:
+            return
+        current = asyncio.current_task()
+        for ctx in [be.guest, *be.vcpu_conns.values()]:
+            if isinstance(ctx, ConnCtx) and ctx.state.task is not current:
+                self.server.disconnect(ctx.state)
+
     def _destroy(self, domid: int) -> None:
         be = self.backends.pop(domid, None)
         if be is None:
             return
+        self._disconnect_guest(be)
         if domid in self.hv.domains:
             self.hv.destroy_domain(domid)
         self._after_op()
@@ -476,7 +491,8 @@ class HypervisorDaemon:
             loop.add_signal_handler(sig, stop.set)
         try:
             async with ControlServer(self.socket_path, self.handle, on_disconnect=self.on_disconnect,
-                                     check_peer=self.check_peer):
+                                     check_peer=self.check_peer) as server:
+                self.server = server
                 log.info("hypervisor listening on %s (%d frames, %s policy)", self.socket_path,
                          self.hv.budget.total, self.hv.policy)
                 if ready is not None:

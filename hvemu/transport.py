@@ -906,6 +906,8 @@ class ConnState:
         self.connected_at = time.monotonic()
         self.requests = 0
         self.data: dict[str, Any] = {}
+        #: The task serving this connection (see :meth:`ControlServer.disconnect`).
+        self.task: asyncio.Task[Any] | None = None
 
     def __repr__(self) -> str:
         return f"<ConnState #{self.id} pid={self.pid} uid={self.uid}>"
@@ -978,6 +980,19 @@ class ControlServer:
         self._main: asyncio.Task[None] | None = None
         self._conns: dict[int, ConnState] = {}
         self._closing = False
+
+    def disconnect(self, state: ConnState) -> None:
+        """Close one connection from the server's side (``on_disconnect`` still runs for it).
+
+        The request in progress on it, if any, is cancelled.  A handler may not
+        disconnect its own connection this way (it would cancel itself).
+        """
+        task = state.task
+        if task is None or task.done():
+            return
+        if task is asyncio.current_task():
+            raise RuntimeError("a handler cannot disconnect its own connection")
+        task.cancel()
 
     # ------------------------------------------------------------ lifetime
     @property
@@ -1105,6 +1120,7 @@ class ControlServer:
                 stream.discard_input()
                 return
             state = ConnState(pid, uid, gid)
+            state.task = asyncio.current_task()
             self._conns[state.id] = state
             log.debug("connection %s", state)
             await self._serve_conn(state, stream)

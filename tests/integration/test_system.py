@@ -156,3 +156,17 @@ async def test_foreign_mapper_during_heavy_faulting(hypervisor: Hypervisor, tmp_
         await conn.close()
         guest.stop()
         pager.stop()
+
+
+async def test_destroying_a_domain_stops_its_guest(hypervisor: Hypervisor) -> None:
+    domid = await _domain(hypervisor, target=GFNS_8M)  # nothing paged: the guest never exits by itself
+    guest = hypervisor.guest(domid, "--duration", "60")
+    conn = await hypervisor.tool()
+    try:
+        time.sleep(0.5)
+        await conn.call(protocol.DomainDestroy(domid=domid))
+        assert guest.wait(10) == 3
+        assert "closed domain" in guest.stderr()
+    finally:
+        await conn.close()
+        guest.stop()
