@@ -31,7 +31,7 @@ from hvemu.abi import Errno, RingKind
 from hvemu.backend import DomainBackend, RingBackend, apply_effects
 from hvemu.core.errors import HypervisorError
 from hvemu.core.hypervisor import Hypervisor
-from hvemu.shm import Segment
+from hvemu.shm import PosixSegment, Segment
 from hvemu.trace import TraceWriter
 from hvemu.transport import ConnState, ControlServer, FdLike, OwnedFd
 
@@ -207,7 +207,7 @@ class HypervisorDaemon:
             raise _err(Errno.EINVAL, "max_vcpus must be within 1..128")
         if not 1 <= msg.gfns <= (1 << 22):
             raise _err(Errno.EINVAL, "gfns must be within 1..4194304 (16 GiB)")
-        memory = Segment(msg.gfns * abi.PAGE_SIZE, tag="mem")
+        memory = PosixSegment(msg.gfns * abi.PAGE_SIZE, tag="mem")
         p2m = Segment(abi.p2m_table_size(msg.gfns), tag="p2m", read_only_twin=True)
         inflight = Segment(abi.inflight_table_size(msg.max_vcpus), tag="inflight")
         try:
@@ -382,10 +382,10 @@ class HypervisorDaemon:
         if any(len(p) != abi.PAGE_SIZE for p in msg.pages):
             raise _err(Errno.EINVAL, f"every page must be {abi.PAGE_SIZE} bytes")
         pages = dict(zip(msg.gfns, msg.pages, strict=True))
-        mem = be.memory.map
+        memory = be.memory
 
         def fill(gfn: int) -> None:
-            mem[gfn * abi.PAGE_SIZE:(gfn + 1) * abi.PAGE_SIZE] = pages[gfn]
+            memory.pwrite(gfn * abi.PAGE_SIZE, pages[gfn])  # never through the mapping: see PosixSegment
 
         return protocol.BatchResult(results=be.dom.paging_load(msg.gfns, fill)), []
 
@@ -400,11 +400,12 @@ class HypervisorDaemon:
     async def _map_foreign(self, ctx: ConnCtx, msg: protocol.MapForeign) -> Reply:
         be = self._backend(msg.domid)
         results = be.dom.foreign_map(msg.gfns)
-        mem = be.memory.map
-        pages: list[bytes | None] = [
-            mem[g * abi.PAGE_SIZE:(g + 1) * abi.PAGE_SIZE] if r is None else None
-            for g, r in zip(msg.gfns, results, strict=True)
-        ]
+        pages: list[bytes | None] = []
+        for i, (g, r) in enumerate(zip(msg.gfns, results, strict=True)):
+            page = be.memory.pread(g * abi.PAGE_SIZE, abi.PAGE_SIZE) if r is None else None
+            if page is not None and len(page) != abi.PAGE_SIZE:  # the guest shrank its own memory
+                results[i], page = Errno.EINVAL, None
+            pages.append(page)
         return protocol.ForeignPages(results=results, pages=pages), []
 
     # ------------------------------------------------------------ tracing

@@ -22,6 +22,9 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import secrets
+
+import posix_ipc
 
 NAME_PREFIX = "hvemu-"
 #: Seals every segment carries once sized: nobody may change its size, or the seals.
@@ -58,6 +61,15 @@ class Segment:
         """Give the pages back to the host (they read back as zeros)."""
         self.map.madvise(mmap.MADV_REMOVE, offset, length)
 
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read through the fd, never the mapping (see :class:`PosixSegment`)."""
+        return os.pread(self.fd, length, offset)
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], offset + done)
+
     def close(self) -> None:
         try:
             self.map.close()
@@ -69,3 +81,42 @@ class Segment:
             if fd >= 0:
                 os.close(fd)
         self.fd = self.ro_fd = -1
+
+
+class PosixSegment(Segment):
+    """A POSIX shared-memory segment (posix_ipc), its name unlinked as soon as it is mapped.
+
+    This is what guest memory is (DESIGN section 3: names unlinked once
+    mapped, so nothing is left in ``/dev/shm`` after any exit).  A POSIX
+    segment cannot be sealed, and the guest holds a writable fd to it, so it
+    could ``ftruncate`` it; the hypervisor therefore never loads or stores
+    through its mapping of guest memory: it reads and writes pages with
+    ``pread``/``pwrite`` on the fd (a shrunk segment gives a short read, not a
+    ``SIGBUS``) and uses the mapping only for ``MADV_REMOVE``, which touches no
+    page.  Segments the hypervisor must access through a mapping (ring pages,
+    the p2m and in-flight tables) are sealed memfds (:class:`Segment`).
+    """
+
+    def __init__(self, size: int, *, tag: str = "seg", read_only_twin: bool = False) -> None:
+        if size <= 0:
+            raise ValueError(f"segment size must be positive, not {size}")
+        name = f"/{NAME_PREFIX}{os.getpid()}-{tag}-{secrets.token_hex(6)}"
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=MODE, size=size)
+        ro_fd = -1
+        try:
+            if read_only_twin:
+                ro_fd = posix_ipc.SharedMemory(name, 0, read_only=True).fd
+            self.map = mmap.mmap(shm.fd, size, mmap.MAP_SHARED)
+        except BaseException:
+            for f in (shm.fd, ro_fd):
+                if f >= 0:
+                    os.close(f)
+            raise
+        finally:
+            shm.unlink()
+        self.size = size
+        self.fd = shm.fd
+        self.ro_fd = ro_fd
+        for f in (self.fd, self.ro_fd):
+            if f >= 0:
+                os.set_inheritable(f, False)
