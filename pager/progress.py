@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 
 class Progressbar:
@@ -27,7 +27,7 @@ class Progressbar:
         self.stream = stream or sys.stderr
         tty = self.stream.isatty() if force_terminal is None else force_terminal
         self._progress: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
         self._next_line = 0
         self._start = time.monotonic()
         if tty:
