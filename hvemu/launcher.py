@@ -121,6 +121,34 @@ async def _wait_ring(tool: Connection, domid: int, pager: Child, timeout: float 
     raise RuntimeError(f"pager of domain {domid} did not attach within {timeout} s")
 
 
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived: everything was stopped."""
+
+
+async def scenario_with_signals(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`scenario`, stopped cleanly by SIGINT/SIGTERM (even when a shell left SIGINT ignored)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    caught: list[int] = []
+
+    def stop(sig: int) -> None:
+        caught.append(sig)
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        return await scenario(args)
+    except asyncio.CancelledError:
+        if caught:
+            raise Interrupted(signal.Signals(caught[0]).name) from None
+        raise
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
 async def scenario(args: argparse.Namespace) -> dict[str, Any]:
     run_dir = tempfile.mkdtemp(prefix="hvemu-run-")
     os.chmod(run_dir, 0o700)
@@ -238,9 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         print("run.sh: need 0 < --target <= --memory, --host-memory > 0 and --duration > 0", file=sys.stderr)
         return 2
     try:
-        summary = uvloop.run(scenario(args))
-    except KeyboardInterrupt:
-        print("run.sh: interrupted, everything stopped", file=sys.stderr)
+        summary = uvloop.run(scenario_with_signals(args))
+    except (KeyboardInterrupt, Interrupted) as exc:
+        print(f"run.sh: interrupted ({exc or 'SIGINT'}), everything stopped", file=sys.stderr)
         return 130
     except (RuntimeError, OSError, TimeoutError) as exc:
         print(f"run.sh: {exc}", file=sys.stderr)
