@@ -36,8 +36,12 @@ class Pager:
     """A paging daemon; subclass and override the three hooks for a custom one."""
 
     def __init__(self, client: MemEventClient, pagefile: Pagefile, policy: VictimPolicy, *,
-                 batch: int = 64, poll_interval: float = 0.05) -> None:
+                 batch: int = 64, poll_interval: float = 0.05, unbatched: bool = False) -> None:
         self.client = client
+        #: Serve each request on its own (one load, one response, one push and
+        #: notify, hence one resume, per request): the naive daemon that the
+        #: page-in benchmark compares batching against.
+        self.unbatched = unbatched
         #: Eviction's own connection (set by :meth:`run`): page-ins never queue behind it.
         self.evictor: Domctl = client
         self.pagefile = pagefile
@@ -73,6 +77,18 @@ class Pager:
             await self.handle_batch(batch)
 
     async def handle_batch(self, batch: list[MemEvent]) -> None:
+        if self.unbatched:
+            for req in batch:
+                if not await self._handle([req]):
+                    self.client.kick()  # one notify per response, even when ring.h would skip it
+            return
+        await self._handle(batch)
+
+    async def _handle(self, batch: list[MemEvent]) -> bool:
+        """Load every page the requests need with one domctl, then answer all with one push.
+
+        Returns whether the push notified the hypervisor.
+        """
         self.requests += len(batch)
         to_load: dict[int, None] = {}
         for req in batch:
@@ -87,11 +103,12 @@ class Pager:
                 self.evict_failed += 1
             self.client.respond(MemEvent(type=req.type, flags=req.flags & _ECHO, vcpu_id=req.vcpu_id,
                                          gfn=req.gfn, p2mt=req.p2mt))
-        await self.client.push()
+        notified = await self.client.push()
         if loaded:
             self.pages_in += len(loaded)
             self.on_populate(loaded)
             self._paged_in_event.set()
+        return notified
 
     async def _load(self, gfns: list[int]) -> list[int]:
         """Read the pagefile and load; on ENOMEM make room by evicting, then retry."""
@@ -240,6 +257,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=int, default=None, help="resident pages to keep (default: the hypervisor's)")
     p.add_argument("--policy", choices=["random", "clock"], default="random")
     p.add_argument("--batch", type=int, default=64, help="pages per eviction batch")
+    p.add_argument("--unbatched", action="store_true",
+                   help="answer each request on its own (one load, push and notify per request); "
+                        "for comparison only")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--run-dir", default=None)
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -261,7 +281,8 @@ async def _main(args: argparse.Namespace) -> dict[str, int]:
         # A fresh ring means no page of this domain is in any pagefile yet:
         # start from an empty one.  A re-attached ring keeps its pagefile.
         pagefile = Pagefile(args.pagefile, client.gfns, fresh=not client.info.reattached)
-        pager = Pager(client, pagefile, make_policy(policy_name, seed=args.seed), batch=args.batch)
+        pager = Pager(client, pagefile, make_policy(policy_name, seed=args.seed), batch=args.batch,
+                      unbatched=args.unbatched)
         try:
             await pager.run(stop)
         except BaseException as exc:

@@ -1,0 +1,15 @@
+"""``scripts/bench.sh``: the system measured as a user sees it, beside the floors it cannot beat.
+
+Every figure is taken with real processes (hypervisor, guests, daemons) and,
+in the same run and under the same CPU placement, the floor that bounds it:
+a fault next to the same round trip with a daemon that does no work, page-in
+throughput next to a bare ring between two processes, eviction next to the
+bare copy to a pagefile, and a Linux ``userfaultfd`` handler in C next to all
+of it.  These machines are noisy, so the ratios are what to read.
+
+Modules: :mod:`.common` (placement, child processes, percentiles),
+:mod:`.vcpus` (a bench-only guest), :mod:`.nulld` (a daemon that does no
+work), :mod:`.floors` (ring and copy floors), :mod:`.uffd` (the C handler),
+:mod:`.suites` (one function per benchmark), :mod:`.report` (table, targets)
+and :mod:`.__main__` (the command line).
+"""

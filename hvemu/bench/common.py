@@ -1,0 +1,391 @@
+"""What every benchmark shares: CPU placement, child processes, a hypervisor, percentiles.
+
+Children are started with this interpreter, in their own session, with
+``die_with_parent`` (a killed benchmark leaves nothing running) and pinned
+with ``sched_setaffinity`` before ``exec`` (the same CPU lists ``taskset -c``
+and ``scripts/run.sh --cpus`` take).  Their stderr goes to a private
+temporary file that is shown only when something fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from hvemu import abi, protocol
+from hvemu.launcher import die_with_parent
+from hvemu.transport import Connection
+
+#: Process roles a placement names.
+ROLES = ("hypervisor", "guest", "daemon")
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not run (a child failed, a deadline passed); the message says which."""
+
+
+def parse_cpus(text: str) -> set[int]:
+    """A ``taskset -c`` list (``0``, ``0,2``, ``0-3``) as a set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            cpus.update(range(int(lo), int(hi) + 1))
+        else:
+            cpus.add(int(part))
+    if not cpus:
+        raise ValueError(f"no CPU in {text!r}")
+    allowed = os.sched_getaffinity(0)
+    if not cpus <= allowed:
+        raise ValueError(f"CPUs {sorted(cpus - allowed)} are not available (allowed: {format_cpus(allowed)})")
+    return cpus
+
+
+def format_cpus(cpus: set[int] | frozenset[int]) -> str:
+    """The compact ``taskset -c`` form of a CPU set (``0-3,6``)."""
+    out: list[str] = []
+    run: list[int] = []
+    for c in sorted(cpus):
+        if run and c == run[-1] + 1:
+            run.append(c)
+            continue
+        if run:
+            out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+        run = [c]
+    if run:
+        out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+    return ",".join(out)
+
+
+@dataclass
+class Placement:
+    """Which CPUs each role runs on (None: wherever the scheduler likes)."""
+
+    hypervisor: set[int] | None = None
+    guest: set[int] | None = None
+    daemon: set[int] | None = None
+    #: What was actually seen in /proc for one process of each role.
+    observed: dict[str, str] = field(default_factory=dict)
+
+    def of(self, role: str) -> set[int] | None:
+        cpus: set[int] | None = getattr(self, role)
+        return cpus
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {r: (format_cpus(c) if (c := self.of(r)) is not None else "any") for r in ROLES}
+        out["pinned"] = any(self.of(r) is not None for r in ROLES)
+        out["online_cpus"] = format_cpus(os.sched_getaffinity(0))
+        out["observed"] = dict(self.observed)
+        return out
+
+    def union(self) -> set[int] | None:
+        sets = [c for r in ROLES if (c := self.of(r)) is not None]
+        if len(sets) != len(ROLES):
+            return None
+        return set().union(*sets)
+
+
+def observed_affinity(pid: int) -> str:
+    """``Cpus_allowed_list`` of a live process (what the kernel enforces)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Cpus_allowed_list:"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of ``pid`` (anonymous, file and shared memory it touched), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def percentile(sorted_values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile of already sorted values (0.0 when empty)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, math.ceil(len(sorted_values) * pct / 100.0))
+    return float(sorted_values[rank - 1])
+
+
+def latency_summary(samples_ns: list[int]) -> dict[str, Any]:
+    """p50/p99/max/mean in microseconds of samples in nanoseconds."""
+    s = sorted(samples_ns)
+    return {
+        "n": len(s),
+        "p50_us": round(percentile(s, 50) / 1000, 2),
+        "p99_us": round(percentile(s, 99) / 1000, 2),
+        "max_us": round((s[-1] if s else 0) / 1000, 2),
+        "mean_us": round((sum(s) / len(s) if s else 0) / 1000, 2),
+    }
+
+
+# --------------------------------------------------------------------------
+# Child processes
+# --------------------------------------------------------------------------
+
+
+def _preexec(cpus: set[int] | None) -> Any:
+    def run() -> None:
+        die_with_parent()
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+
+    return run
+
+
+class Proc:
+    """A child Python process: stdout read by lines, stdin written by lines, stderr kept aside."""
+
+    def __init__(self, name: str, proc: asyncio.subprocess.Process, err: IO[bytes]) -> None:
+        self.name = name
+        self.proc = proc
+        self._err = err
+
+    @classmethod
+    async def start(cls, name: str, argv: Sequence[str], *, cpus: set[int] | None = None,
+                    stdin: bool = False, pass_fds: Sequence[int] = (), executable: str | None = None) -> Proc:
+        cmd = [executable] if executable else [sys.executable]
+        cmd += list(argv)
+        err = tempfile.TemporaryFile()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=err, start_new_session=True,
+                preexec_fn=_preexec(cpus), pass_fds=tuple(pass_fds),
+                limit=1 << 22)
+        except BaseException:
+            err.close()
+            raise
+        return cls(name, proc, err)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stderr_tail(self, limit: int = 3000) -> str:
+        try:
+            self._err.seek(0)
+            return self._err.read().decode(errors="replace")[-limit:]
+        except (OSError, ValueError):
+            return ""
+
+    async def line(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        try:
+            data = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        except TimeoutError:
+            raise BenchError(f"{self.name}: no output within {timeout:.0f} s; stderr:\n{self.stderr_tail()}") \
+                from None
+        return data.decode().strip()
+
+    async def json_line(self, timeout: float) -> dict[str, Any]:
+        """The next stdout line that is a JSON object (others, e.g. from a library, are skipped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = await self.line(max(0.1, deadline - time.monotonic()))
+            if line.startswith("{"):
+                data: dict[str, Any] = json.loads(line)
+                return data
+            if not line and self.proc.stdout is not None and self.proc.stdout.at_eof():
+                status = await self.stop(timeout=5, sig=0)
+                raise BenchError(f"{self.name} exited (status {status}) without a report; stderr:\n"
+                                 f"{self.stderr_tail()}")
+
+    async def send(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode() + b"\n")
+        await self.proc.stdin.drain()
+
+    async def stop(self, timeout: float = 20.0, sig: int = signal.SIGTERM) -> int:
+        """Send ``sig`` (0: none, just wait) and reap; SIGKILL after ``timeout``."""
+        if self.proc.returncode is None:
+            if sig:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(sig)
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                await self.proc.wait()
+        if self.proc.stdin is not None and not self.proc.stdin.is_closing():
+            self.proc.stdin.close()
+        return self.proc.returncode or 0
+
+    def close(self) -> None:
+        self._err.close()
+
+
+class Host:
+    """A hypervisor process in a private run directory, a tool connection, and the children around it.
+
+    ``async with Host(...)``: everything started through it is stopped and
+    reaped on exit, the run directory is removed, and no ``/dev/shm`` name
+    of the hypervisor may be left (checked).
+    """
+
+    def __init__(self, placement: Placement, *, memory_mib: float = 1024.0, policy: str = "seed",
+                 ring_size: int | None = None) -> None:
+        self.placement = placement
+        self.memory_mib = memory_mib
+        self.policy = policy
+        self.ring_size = ring_size
+        self.run_dir = ""
+        self.hv: Proc | None = None
+        self.tool: Connection | None = None
+        self.children: list[Proc] = []
+
+    @property
+    def socket(self) -> str:
+        return protocol.socket_path(self.run_dir)
+
+    async def __aenter__(self) -> Host:
+        self.run_dir = tempfile.mkdtemp(prefix="hvemu-bench-")
+        os.chmod(self.run_dir, 0o700)
+        try:
+            args = ["-m", "hvemu.daemon", "--run-dir", self.run_dir, "--memory", str(self.memory_mib),
+                    "--policy", self.policy]
+            if self.ring_size is not None:
+                args += ["--ring-size", str(self.ring_size)]
+            self.hv = await Proc.start("hypervisor", args, cpus=self.placement.hypervisor)
+            deadline = time.monotonic() + 15
+            while True:
+                if self.hv.proc.returncode is not None:
+                    raise BenchError(f"hypervisor exited ({self.hv.proc.returncode}): {self.hv.stderr_tail()}")
+                if os.path.exists(self.socket):
+                    try:
+                        self.tool = await Connection.connect(self.socket)
+                        break
+                    except OSError:
+                        pass
+                if time.monotonic() > deadline:
+                    raise BenchError("hypervisor did not listen within 15 s")
+                await asyncio.sleep(0.02)
+            await self.tool.call(protocol.ToolHello(client="bench"))
+            self.placement.observed.setdefault("hypervisor", observed_affinity(self.hv.pid))
+        except BaseException:
+            await self._teardown()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        for child in reversed(self.children):
+            await child.stop()
+            child.close()
+        self.children.clear()
+        if self.tool is not None:
+            await self.tool.close()
+            self.tool = None
+        leaked: list[str] = []
+        if self.hv is not None:
+            status = await self.hv.stop()
+            leaked = [n for n in os.listdir("/dev/shm") if n.startswith(f"hvemu-{self.hv.pid}-")]
+            err = self.hv.stderr_tail()
+            self.hv.close()
+            self.hv = None
+            if status not in (0, -signal.SIGTERM):
+                raise BenchError(f"hypervisor exited with status {status}: {err}")
+        if self.run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        if leaked:
+            raise BenchError(f"shared-memory segments left in /dev/shm: {leaked}")
+
+    async def start(self, name: str, role: str, argv: Sequence[str], *, stdin: bool = False) -> Proc:
+        """A child of ``role`` (``guest``/``daemon``), stopped when the host is."""
+        proc = await Proc.start(name, argv, cpus=self.placement.of(role), stdin=stdin)
+        self.children.append(proc)
+        self.placement.observed.setdefault(role, observed_affinity(proc.pid))
+        return proc
+
+    async def stop_child(self, proc: Proc, *, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        status = await proc.stop(timeout=timeout, sig=sig)
+        if proc in self.children:
+            self.children.remove(proc)
+        proc.close()
+        return status
+
+    # ------------------------------------------------------------ tool calls
+    async def call(self, msg: protocol.Msg) -> protocol.Msg:
+        assert self.tool is not None
+        reply, fds = await self.tool.call(msg)
+        for fd in fds:
+            os.close(fd)
+        return reply
+
+    async def create(self, gfns: int, vcpus: int = 1, target: int | None = None, name: str = "bench") -> int:
+        reply = await self.call(protocol.DomainCreate(max_vcpus=vcpus, gfns=gfns, name=name))
+        assert isinstance(reply, protocol.DomainCreated)
+        if target is not None:
+            await self.call(protocol.SetTarget(domid=reply.domid, pages=target))
+        return reply.domid
+
+    async def stats(self, domid: int) -> dict[str, Any]:
+        reply = await self.call(protocol.Stats(domid=domid))
+        assert isinstance(reply, protocol.StatsReply)
+        return dict(reply.stats)
+
+    async def set_target(self, domid: int, pages: int) -> None:
+        await self.call(protocol.SetTarget(domid=domid, pages=pages))
+
+    async def wait_for(self, domid: int, pred: Any, what: str, timeout: float = 60.0,
+                       interval: float = 0.01, watch: Proc | None = None) -> dict[str, Any]:
+        """Poll the domain's stats until ``pred(stats)``; the stats that satisfied it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = await self.stats(domid)
+            if pred(st):
+                return st
+            if watch is not None and watch.proc.returncode is not None:
+                raise BenchError(f"{watch.name} exited ({watch.proc.returncode}) while waiting for {what}: "
+                                 f"{watch.stderr_tail()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{what}: not reached within {timeout:.0f} s (stats: "
+                                 f"resident={st.get('resident')} paged={st.get('paged')})")
+            await asyncio.sleep(interval)
+
+    async def pager(self, domid: int, *extra: str, name: str = "pager") -> Proc:
+        """The real pager (``pager.xenpaging``) on ``domid``; returns once its ring is enabled."""
+        proc = await self.start(name, "daemon", [
+            "-m", "pager.xenpaging", "--run-dir", self.run_dir, "--domid", str(domid),
+            "--pagefile", os.path.join(self.run_dir, f"dom{domid}.pagefile"), *extra])
+        await self.wait_for(domid, ring_enabled, "pager attach", timeout=20, watch=proc)
+        return proc
+
+
+def ring_enabled(st: dict[str, Any], ring: str = "paging") -> bool:
+    info = st.get(ring, {})
+    return isinstance(info, dict) and bool(info.get("enabled"))
+
+
+def lost_guest(st: dict[str, Any]) -> int:
+    """Guest events lost on the paging ring (the seed's ``EAGAIN`` for a guest producer)."""
+    paging = st.get("paging", {})
+    return int(paging.get("lost_guest", 0)) if isinstance(paging, dict) else 0
+
+
+def pages(mib: float) -> int:
+    return int(mib * (1 << 20)) // abi.PAGE_SIZE

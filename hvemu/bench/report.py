@@ -1,0 +1,119 @@
+"""The issue's targets, checked against a run's figures, and the table a person reads.
+
+Targets are *reported*, never asserted: a run that misses one still exits 0;
+only lost guest events, integrity failures or a benchmark that could not run
+make it fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def _get(result: dict[str, Any], path: str) -> Any:
+    node: Any = result
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    if not isinstance(a, int | float) or not isinstance(b, int | float) or not b:
+        return None
+    return round(float(a) / float(b), 3)
+
+
+#: (name, how the value is computed, comparison, bound, what it means)
+TARGETS: list[tuple[str, Callable[[dict[str, Any]], float | None], str, float, str]] = [
+    ("fault_vs_floor_p50", lambda r: _get(r, "fault_vs_floor_p50"), "<=", 1.5,
+     "the emulator adds at most half the floor to a fault"),
+    ("pagein16_batched_over_unbatched",
+     lambda r: _ratio(_get(r, "pagein.16.batched_pages_per_s"), _get(r, "pagein.16.unbatched_pages_per_s")),
+     ">=", 2.0, "batching pays at 16 vCPUs"),
+    ("pagein_batched_16_over_1",
+     lambda r: _ratio(_get(r, "pagein.16.batched_pages_per_s"), _get(r, "pagein.1.batched_pages_per_s")),
+     ">=", 2.0, "concurrency pays"),
+    ("evict_over_floor",
+     lambda r: _ratio(_get(r, "evict.pages_per_s"), _get(r, "evict_floor.pages_per_s")),
+     ">=", 0.5, "eviction runs at half the bare copy rate or better"),
+    ("fairness_min_over_max", lambda r: _get(r, "fairness.min_over_max"), ">=", 0.8,
+     "no vCPU starves under congestion"),
+    ("scale_startup_s", lambda r: _get(r, "scale.startup_s"), "<", 1.0, "a 1 GiB domain and its pager in < 1 s"),
+    ("scale_hv_bytes_per_gfn", lambda r: _get(r, "scale.hv_bytes_per_gfn"), "<=", 16.0,
+     "hypervisor memory per guest page"),
+    ("lost_guest_events", lambda r: _get(r, "lost_guest_events"), "<=", 0, "must be 0"),
+    ("integrity_failures", lambda r: _get(r, "integrity_failures"), "<=", 0, "must be 0"),
+]
+
+
+def evaluate(result: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, fn, op, bound, why in TARGETS:
+        value = fn(result)
+        met: bool | None
+        if value is None:
+            met = None
+        elif op == "<=":
+            met = value <= bound
+        elif op == ">=":
+            met = value >= bound
+        else:
+            met = value < bound
+        out[name] = {"value": value, "target": f"{op} {bound:g}", "met": met, "why": why}
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def table(result: dict[str, Any]) -> str:
+    """Figures beside their floors, then the targets."""
+    rows: list[tuple[str, str, str, str]] = [("figure", "value", "floor / ceiling", "ratio")]
+
+    def row(label: str, value: Any, floor: Any = None, ratio: Any = None) -> None:
+        rows.append((label, _fmt(value), _fmt(floor) if floor is not None else "", _fmt(ratio) if ratio else ""))
+
+    fr, tf = result.get("fault_roundtrip", {}), result.get("transport_floor", {})
+    uf = result.get("native_uffd", {})
+    row("fault p50 us (1 vCPU, real pager)", fr.get("p50_us"), tf.get("p50_us"), result.get("fault_vs_floor_p50"))
+    row("fault p99 us", fr.get("p99_us"), tf.get("p99_us"), _ratio(fr.get("p99_us"), tf.get("p99_us")))
+    row("faults measured", fr.get("n"), tf.get("n"))
+    row("native userfaultfd p50 us (C)", uf.get("p50_us"))
+    ring = _get(result, "ring_floor.entries_per_s")
+    for v in ("1", "4", "16"):
+        pi = _get(result, f"pagein.{v}") or {}
+        row(f"page-in {v:>2} vCPUs batched pages/s", pi.get("batched_pages_per_s"), ring,
+            _ratio(pi.get("batched_pages_per_s"), ring))
+        row(f"page-in {v:>2} vCPUs unbatched pages/s", pi.get("unbatched_pages_per_s"), ring,
+            _ratio(pi.get("unbatched_pages_per_s"), ring))
+    ev, evf = _get(result, "evict.pages_per_s"), _get(result, "evict_floor.pages_per_s")
+    row("evict pages/s (batches of 64)", ev, evf, _ratio(ev, evf))
+    fa = result.get("fairness", {})
+    row("fairness min/max faults per vCPU", fa.get("min_over_max"))
+    row("fairness longest stall ms", fa.get("max_stall_ms"))
+    row("fairness congestion pauses", fa.get("congestion_pauses"))
+    sc = result.get("scale", {})
+    row("1 GiB domain + pager startup s", sc.get("startup_s"))
+    row("hypervisor bytes per gfn", sc.get("hv_bytes_per_gfn"))
+    row("lost guest events", result.get("lost_guest_events"))
+    row("integrity failures", result.get("integrity_failures"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append("targets (reported, not asserted):")
+    for name, t in result.get("targets", {}).items():
+        mark = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
+        lines.append(f"  {name:<34} {_fmt(t['value']):>10} {t['target']:>8}  {mark:<6}  {t['why']}")
+    return "\n".join(lines)

@@ -1,0 +1,349 @@
+"""The benchmarks, one coroutine each; every one returns its JSON section.
+
+Each starts its own hypervisor (:class:`~hvemu.bench.common.Host`), so that
+one benchmark's leftovers (pagefiles, fragmented heaps, a busy pager) never
+bend the next one's figures, and adds the guest events it saw lost and the
+pages that failed verification to the run's totals (both must be 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from hvemu import protocol
+from hvemu.abi import Errno
+from hvemu.bench import uffd
+from hvemu.bench.common import BenchError, Host, Placement, Proc, format_cpus, lost_guest, rss_bytes
+
+
+@dataclass(frozen=True)
+class Config:
+    """Sizes and durations of one run (``--smoke`` < ``--quick`` < full)."""
+
+    name: str
+    fault_gfns: int = 2048
+    fault_target: int = 256
+    fault_duration: float = 10.0
+    floor_iterations: int = 5000
+    uffd_iterations: int = 20000
+    pagein_pages: int = 4096
+    pagein_vcpus: tuple[int, ...] = (1, 4, 16)
+    ring_duration: float = 2.0
+    evict_pages: int = 16384
+    fairness_vcpus: int = 32
+    fairness_gfns: int = 4096
+    fairness_target: int = 512
+    fairness_duration: float = 10.0
+    fairness_foreign_batch: int = 8
+    scale_gfns: int = 262144
+
+
+FULL = Config("full")
+QUICK = Config("quick", fault_duration=3.0, floor_iterations=2000, uffd_iterations=5000, pagein_pages=1024,
+               ring_duration=1.0, evict_pages=4096, fairness_gfns=2048, fairness_target=256,
+               fairness_duration=3.0)
+SMOKE = Config("smoke", fault_gfns=512, fault_target=64, fault_duration=0.5, floor_iterations=200,
+               uffd_iterations=500, pagein_pages=128, ring_duration=0.2, evict_pages=512,
+               fairness_gfns=512, fairness_target=64, fairness_duration=1.0)
+CONFIGS = {c.name: c for c in (FULL, QUICK, SMOKE)}
+
+
+@dataclass
+class Totals:
+    """What must be zero in every benchmark, summed over the run."""
+
+    lost_guest_events: int = 0
+    integrity_failures: int = 0
+
+
+def _guest_args(host: Host, domid: int, *extra: str) -> list[str]:
+    return ["-m", "guest", "--run-dir", host.run_dir, "--domid", str(domid), *extra]
+
+
+def _bench_guest_args(host: Host, mode: str, domid: int, *extra: str) -> list[str]:
+    return ["-m", "hvemu.bench.vcpus", mode, "--run-dir", host.run_dir, "--domid", str(domid), *extra]
+
+
+async def _finish_guest(host: Host, guest: Proc, pager: Proc | None) -> None:
+    """Stop a lingering guest (its domain goes with it), then let the daemon leave on its own."""
+    status = await host.stop_child(guest)
+    if status not in (0, -signal.SIGTERM):
+        raise BenchError(f"{guest.name} exited with status {status}: {guest.stderr_tail()}")
+    if pager is not None:
+        status = await host.stop_child(pager, sig=0, timeout=20)
+        if status != 0:
+            raise BenchError(f"{pager.name} exited with status {status}: {pager.stderr_tail()}")
+
+
+# --------------------------------------------------------------------------
+# Fault round trip and its floors
+# --------------------------------------------------------------------------
+
+
+async def transport_floor(cfg: Config, placement: Placement, totals: Totals) -> dict[str, Any]:
+    """Guest exit -> hypervisor -> null daemon -> hypervisor -> guest, no paging work."""
+    async with Host(placement, memory_mib=64) as host:
+        domid = await host.create(64, vcpus=1)
+        nulld = await host.start("nulld", "daemon", ["-m", "hvemu.bench.nulld", "--run-dir", host.run_dir,
+                                                     "--domid", str(domid), "--evict", "1"])
+        await nulld.json_line(30)
+        guest = await host.start("bench-guest", "guest", _bench_guest_args(
+            host, "floor", domid, "--gfn", "0", "--iterations", str(cfg.floor_iterations),
+            "--warmup", str(max(50, cfg.floor_iterations // 10))))
+        rep = await guest.json_line(120)
+        st = await host.stats(domid)
+        totals.lost_guest_events += lost_guest(st)
+        await _finish_guest(host, guest, nulld)
+    return {k: rep[k] for k in ("p50_us", "p99_us", "n", "max_us", "mean_us")}
+
+
+async def fault_roundtrip(cfg: Config, placement: Placement, totals: Totals) -> dict[str, Any]:
+    """One vCPU, uniform random access, real pager: the guest's own fault latency histogram."""
+    async with Host(placement, memory_mib=256) as host:
+        domid = await host.create(cfg.fault_gfns, vcpus=1, target=cfg.fault_target)
+        pager = await host.pager(domid)
+        await host.wait_for(domid, lambda st: st["resident"] <= cfg.fault_target, "initial eviction",
+                            watch=pager)
+        guest = await host.start("guest", "guest", _guest_args(
+            host, domid, "--vcpus", "1", "--duration", str(cfg.fault_duration), "--pattern", "uniform",
+            "--write-ratio", "0.3", "--seed", "1", "--no-verify-all", "--linger"))
+        rep = await guest.json_line(cfg.fault_duration + 120)
+        st = await host.stats(domid)
+        totals.lost_guest_events += lost_guest(st)
+        totals.integrity_failures += int(rep["integrity_failures"])
+        await _finish_guest(host, guest, pager)
+    lat = rep["latency_us"]
+    out = {"p50_us": lat["p50"], "p99_us": lat["p99"], "n": lat["n"], "max_us": lat["max"],
+           "mean_us": lat["mean"], "accesses": rep["accesses"], "pages": cfg.fault_gfns,
+           "target": cfg.fault_target, "integrity_failures": rep["integrity_failures"]}
+    hv_lat = st.get("fault_latency_us")
+    if isinstance(hv_lat, dict) and hv_lat.get("n"):
+        out["hypervisor_p50_us"] = hv_lat.get("p50")
+    return out
+
+
+async def native_uffd(cfg: Config, placement: Placement, totals: Totals) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="hvemu-uffd-") as scratch:
+        out = await uffd.run(placement, scratch, cfg.uffd_iterations, max(100, cfg.uffd_iterations // 10))
+    totals.integrity_failures += int(out.get("integrity_failures", 0) or 0)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Page-in throughput, eviction
+# --------------------------------------------------------------------------
+
+
+async def _filled_guest(host: Host, domid: int, vcpus: int) -> Proc:
+    guest = await host.start(f"bench-guest-v{vcpus}", "guest",
+                             _bench_guest_args(host, "pages", domid, "--vcpus", str(vcpus)), stdin=True)
+    await guest.json_line(120)  # every page written (and resident)
+    return guest
+
+
+async def _read_back(host: Host, domid: int, guest: Proc, totals: Totals, timeout: float) -> dict[str, Any]:
+    await guest.send("go")
+    rep = await guest.json_line(timeout)
+    st = await host.stats(domid)
+    totals.lost_guest_events += lost_guest(st)
+    totals.integrity_failures += int(rep["integrity_failures"])
+    if rep["integrity_failures"]:
+        raise BenchError(f"{guest.name}: integrity failures: {rep['errors']}")
+    await guest.send("exit")
+    return rep
+
+
+async def _pagein_one(host: Host, pages: int, vcpus: int, unbatched: bool, totals: Totals) -> dict[str, Any]:
+    domid = await host.create(pages, vcpus=vcpus)
+    guest = await _filled_guest(host, domid, vcpus)
+    pager = await host.pager(domid, *(["--unbatched"] if unbatched else []))
+    await host.set_target(domid, 0)
+    await host.wait_for(domid, lambda st: st["paged"] >= pages, "evicting every page", watch=pager)
+    await host.set_target(domid, pages)  # nothing more to evict: the pager only pages in now
+    rep = await _read_back(host, domid, guest, totals, timeout=300)
+    await _finish_guest(host, guest, pager)
+    if rep["faults"] < pages:
+        raise BenchError(f"page-in with {vcpus} vCPUs: only {rep['faults']} of {pages} reads faulted")
+    return {"pages_per_s": round(pages / rep["elapsed_s"], 1), "fault_p50_us": rep["latency"]["p50_us"]}
+
+
+async def pagein(cfg: Config, placement: Placement, totals: Totals) -> dict[str, Any]:
+    """V vCPUs read back every (evicted) page, batched pager vs. one push and notify per response."""
+    out: dict[str, Any] = {}
+    async with Host(placement, memory_mib=max(64.0, cfg.pagein_pages * 4096 * 4 / (1 << 20))) as host:
+        for v in cfg.pagein_vcpus:
+            batched = await _pagein_one(host, cfg.pagein_pages, v, False, totals)
+            unbatched = await _pagein_one(host, cfg.pagein_pages, v, True, totals)
+            out[str(v)] = {"batched_pages_per_s": batched["pages_per_s"],
+                           "unbatched_pages_per_s": unbatched["pages_per_s"],
+                           "batched_fault_p50_us": batched["fault_p50_us"],
+                           "unbatched_fault_p50_us": unbatched["fault_p50_us"]}
+    out["pages"] = cfg.pagein_pages
+    return out
+
+
+async def ring_floor(cfg: Config, placement: Placement, totals: Totals) -> dict[str, Any]:
+    argv = ["-m", "hvemu.bench.floors", "ring", "--duration", str(cfg.ring_duration)]
+    if placement.daemon is not None:
+        argv += ["--back-cpus", ",".join(map(str, sorted(placement.daemon)))]
+    proc = await Proc.start("ring-floor", argv, cpus=placement.hypervisor)
+    try:
+        rep = await proc.json_line(cfg.ring_duration + 60)
+        status = await proc.stop(sig=0)
+    finally:
+        await proc.stop()
+        proc.close()
+    if status != 0:
+        raise BenchError(f"ring floor exited with status {status}")
+    return {"entries_per_s": round(rep["entries_per_s"], 1), "entries": rep["entries"],
+            "ring_size": rep["ring_size"]}
+
+
+async def evict(cfg: Config, placement: Placement, totals: Totals) -> dict[str, Any]:
+    """Pager eviction (nominate, copy, evict in batches of 64) of every page of a full domain."""
+    pages = cfg.evict_pages
+    async with Host(placement, memory_mib=max(64.0, pages * 4096 * 2 / (1 << 20))) as host:
+        domid = await host.create(pages, vcpus=1)
+        guest = await _filled_guest(host, domid, 1)
+        pager = await host.pager(domid, "--batch", "64")
+        base = int((await host.stats(domid))["evicted"])
+        await host.set_target(domid, 0)
+        first: tuple[float, int] | None = None
+        deadline = time.monotonic() + 300
+        while True:
+            st = await host.stats(domid)
+            now = time.perf_counter()
+            evicted = int(st["evicted"]) - base
+            if first is None and evicted > 0:
+                first = (now, evicted)
+            if st["paged"] >= pages:
+                break
+            if pager.proc.returncode is not None or time.monotonic() > deadline:
+                raise BenchError(f"eviction stalled at {st['paged']} of {pages}: {pager.stderr_tail()}")
+            await asyncio.sleep(0.01)
+        assert first is not None
+        rate = (evicted - first[1]) / max(now - first[0], 1e-9)
+        await host.set_target(domid, pages)
+        await _read_back(host, domid, guest, totals, timeout=300)  # every page still holds its stamp
+        await _finish_guest(host, guest, pager)
+        floor = await _copy_floor(host, placement, pages)
+    return {"evict": {"pages_per_s": round(rate, 1), "pages": pages, "batch": 64},
+            "evict_floor": {"pages_per_s": round(floor, 1), "pages": pages}}
+
+
+async def _copy_floor(host: Host, placement: Placement, pages: int) -> float:
+    proc = await Proc.start("copy-floor", ["-m", "hvemu.bench.floors", "copy", "--pages", str(pages),
+                                           "--batch", "64", "--dir", host.run_dir], cpus=placement.daemon)
+    try:
+        rep = await proc.json_line(120)
+    finally:
+        await proc.stop(sig=0)
+        proc.close()
+    return float(rep["pages_per_s"])
+
+
+# --------------------------------------------------------------------------
+# Fairness under congestion
+# --------------------------------------------------------------------------
+
+
+async def _foreign_mapper(host: Host, domid: int, gfns: int, batch: int, stop: asyncio.Event) -> int:
+    """Map random gfns from outside (as a backup tool would) until stopped: extra ring pressure.
+
+    Paged ones answer ENOENT and populate without pausing anyone; they are
+    retried until mapped, so at most ``batch`` foreign requests are out at once.
+    """
+    rng = random.Random(7)
+    mapped = 0
+    while not stop.is_set():
+        want = rng.sample(range(gfns), batch)
+        while want and not stop.is_set():
+            reply = await host.call(protocol.MapForeign(domid=domid, gfns=want))
+            assert isinstance(reply, protocol.ForeignPages)
+            mapped += sum(1 for r in reply.results if r is None)
+            want = [g for g, r in zip(want, reply.results, strict=True) if r == Errno.ENOENT]
+            if want:
+                await asyncio.sleep(0.001)
+    return mapped
+
+
+async def fairness(cfg: Config, placement: Placement, totals: Totals) -> dict[str, Any]:
+    """32 vCPUs on one 64-slot ring, plus a foreign mapper, so that the seed's reservation bites."""
+    async with Host(placement, memory_mib=256) as host:
+        domid = await host.create(cfg.fairness_gfns, vcpus=cfg.fairness_vcpus, target=cfg.fairness_target)
+        pager = await host.pager(domid)
+        await host.wait_for(domid, lambda st: st["resident"] <= cfg.fairness_target, "initial eviction",
+                            watch=pager)
+        guest = await host.start("guest", "guest", _guest_args(
+            host, domid, "--duration", str(cfg.fairness_duration), "--pattern", "uniform", "--write-ratio", "0.3",
+            "--seed", "3", "--no-verify-all", "--linger"))
+        stop = asyncio.Event()
+        mapper = asyncio.create_task(_foreign_mapper(host, domid, cfg.fairness_gfns,
+                                                     cfg.fairness_foreign_batch, stop))
+        try:
+            rep = await guest.json_line(cfg.fairness_duration + 120)
+        finally:
+            stop.set()
+            mapped = await mapper
+        st = await host.stats(domid)
+        totals.lost_guest_events += lost_guest(st)
+        totals.integrity_failures += int(rep["integrity_failures"])
+        await _finish_guest(host, guest, pager)
+    per_vcpu = [int(v["faults"]) for v in rep["vcpus"]]
+    stalls = [float(v["latency"].get("max", 0.0)) for v in rep["vcpus"]]
+    paging = st.get("paging", {})
+    return {
+        "min_over_max": round(min(per_vcpu) / max(per_vcpu), 3) if max(per_vcpu) else 0.0,
+        "max_stall_ms": round(max(stalls) / 1000.0, 2),
+        "vcpus": cfg.fairness_vcpus, "ring_size": paging.get("size"),
+        "faults_min": min(per_vcpu), "faults_max": max(per_vcpu), "faults_total": sum(per_vcpu),
+        "congestion_pauses": paging.get("blocked_ever", 0), "max_occupancy": paging.get("max_occupancy", 0),
+        "foreign_pages_mapped": mapped, "lost_foreign": paging.get("lost_foreign", 0),
+    }
+
+
+# --------------------------------------------------------------------------
+# Scale
+# --------------------------------------------------------------------------
+
+
+async def scale(cfg: Config, placement: Placement, totals: Totals) -> dict[str, Any]:
+    """Create a 1 GiB domain and attach the real pager: wall time, and hypervisor memory per gfn."""
+    gfns = cfg.scale_gfns
+    async with Host(placement, memory_mib=gfns * 4096 * 1.25 / (1 << 20)) as host:
+        assert host.hv is not None
+        await host.call(protocol.DomainList())  # the hypervisor's lazy set-up is not the domain's cost
+        rss0 = rss_bytes(host.hv.pid)
+        t0 = time.perf_counter()
+        domid = await host.create(gfns, vcpus=1)
+        t1 = time.perf_counter()
+        pager = await host.start("pager", "daemon", [
+            "-m", "pager.xenpaging", "--run-dir", host.run_dir, "--domid", str(domid),
+            "--pagefile", os.path.join(host.run_dir, "scale.pagefile")])
+        await host.wait_for(domid, lambda st: bool(st.get("paging", {}).get("enabled")), "pager attach",
+                            timeout=30, interval=0.002, watch=pager)
+        t2 = time.perf_counter()
+        rss1 = rss_bytes(host.hv.pid)
+        await host.stop_child(pager)
+    return {"gfns": gfns, "startup_s": round(t2 - t0, 3), "create_s": round(t1 - t0, 3),
+            "attach_s": round(t2 - t1, 3), "hv_bytes_per_gfn": round((rss1 - rss0) / gfns, 2),
+            "hv_rss_delta_bytes": rss1 - rss0}
+
+
+BENCHMARKS = ("transport_floor", "fault_roundtrip", "native_uffd", "pagein", "ring_floor", "evict",
+              "fairness", "scale")
+
+
+def placement_label(p: Placement) -> str:
+    parts = []
+    for role in ("hypervisor", "guest", "daemon"):
+        cpus = p.of(role)
+        parts.append(f"{role}={format_cpus(cpus) if cpus is not None else 'any'}")
+    return " ".join(parts)

@@ -1,0 +1,179 @@
+"""A bench-only guest: the guest's own memory access and exit path, driven by the benchmark.
+
+It uses :class:`guest.memory.GuestMemory` and the same ``GuestAccess`` exit
+over one control connection per vCPU as ``python -m guest``, but runs the
+access pattern a benchmark needs instead of a workload:
+
+``floor``
+    vCPU 0 exits on one paged gfn again and again (the daemon is
+    :mod:`hvemu.bench.nulld`, which answers without loading anything, so the
+    gfn stays paged and every access exits).  One sample is one exit's round
+    trip plus the failed direct access after it: exactly what a real fault
+    costs minus the paging work.
+``pages``
+    Writes a stamped page to every gfn (all resident), says so, waits for
+    ``go`` on stdin, then reads every gfn back with ``--vcpus`` vCPUs
+    concurrently (each its own slice), verifying each stamp; reports the wall
+    time.  The pages are evicted in between by the benchmark's pager, so every
+    read is a page-in.  Waits for ``exit`` (or EOF) before leaving, so the
+    benchmark can read the domain's counters first.
+
+Prints one JSON object per phase on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import mmap
+import os
+import sys
+import time
+from typing import Any
+
+import uvloop
+
+from guest.memory import GuestMemory
+from guest.stamp import StampError, make_page, verify_page
+from hvemu import abi, protocol
+from hvemu.bench.common import latency_summary
+from hvemu.transport import Connection
+
+
+class BenchGuest:
+    def __init__(self, main: Connection, mem: GuestMemory, conns: list[Connection]) -> None:
+        self.main = main
+        self.mem = mem
+        self.conns = conns
+        self.faults = 0
+        self.integrity_failures = 0
+        self.errors: list[str] = []
+        self.latencies: list[int] = []
+
+    @classmethod
+    async def open(cls, path: str, domid: int, vcpus: int) -> BenchGuest:
+        main = await Connection.connect(path)
+        reply, fds = await main.call(protocol.GuestHello(domid=domid))
+        assert isinstance(reply, protocol.Welcome)
+        named = dict(zip(reply.fds, fds, strict=True))
+        try:
+            memory = mmap.mmap(named["memory"], reply.gfns * abi.PAGE_SIZE, mmap.MAP_SHARED)
+            p2m = mmap.mmap(named["p2m"], abi.p2m_table_size(reply.gfns), mmap.MAP_SHARED, mmap.PROT_READ)
+            inflight = mmap.mmap(named["inflight"], abi.inflight_table_size(reply.max_vcpus), mmap.MAP_SHARED)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        mem = GuestMemory(memory, p2m, inflight, reply.gfns, reply.max_vcpus)
+        conns = []
+        for i in range(vcpus):
+            c = await Connection.connect(path)
+            await c.call(protocol.GuestHello(domid=domid, vcpu=i))
+            conns.append(c)
+        return cls(main, mem, conns)
+
+    async def close(self) -> None:
+        for c in self.conns:
+            await c.close()
+        await self.main.close()
+        self.mem.close()
+
+    async def write(self, vcpu: int, gfn: int, version: int) -> None:
+        page = make_page(gfn, version)
+        while not self.mem.try_write(vcpu, gfn, page):
+            await self.conns[vcpu].call(protocol.GuestAccess(vcpu=vcpu, gfn=gfn, access=abi.ACCESS_W))
+
+    async def read(self, vcpu: int, gfn: int, version: int) -> None:
+        start = 0
+        while (data := self.mem.try_read(vcpu, gfn)) is None:
+            if not start:
+                start = time.perf_counter_ns()
+            await self.conns[vcpu].call(protocol.GuestAccess(vcpu=vcpu, gfn=gfn, access=abi.ACCESS_R))
+        if start:
+            self.faults += 1
+            self.latencies.append(time.perf_counter_ns() - start)
+        try:
+            verify_page(data, gfn, version)
+        except StampError as exc:
+            self.integrity_failures += 1
+            if len(self.errors) < 10:
+                self.errors.append(str(exc))
+
+
+async def _floor(guest: BenchGuest, gfn: int, iterations: int, warmup: int) -> dict[str, Any]:
+    conn = guest.conns[0]
+    mem = guest.mem
+    msg = protocol.GuestAccess(vcpu=0, gfn=gfn, access=abi.ACCESS_R)
+    samples: list[int] = []
+    clock = time.perf_counter_ns
+    for i in range(warmup + iterations):
+        t0 = clock()
+        await conn.call(msg)
+        if mem.try_read(0, gfn) is not None:
+            raise RuntimeError(f"gfn {gfn} became readable: the floor's daemon must not load it")
+        if i >= warmup:
+            samples.append(clock() - t0)
+    return {"phase": "floor", **latency_summary(samples)}
+
+
+async def _pages(guest: BenchGuest, vcpus: int, stdin: asyncio.StreamReader) -> None:
+    gfns = guest.mem.gfns
+    for g in range(gfns):
+        await guest.write(0, g, 1)
+    _emit({"phase": "filled", "pages": gfns})
+    line = (await stdin.readline()).decode().strip()
+    if line != "go":
+        return
+    slices = [range(i * gfns // vcpus, (i + 1) * gfns // vcpus) for i in range(vcpus)]
+
+    async def run(vcpu: int) -> None:
+        for g in slices[vcpu]:
+            await guest.read(vcpu, g, 1)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(run(i) for i in range(vcpus)))
+    elapsed = time.perf_counter() - t0
+    _emit({"phase": "read", "pages": gfns, "elapsed_s": elapsed, "faults": guest.faults,
+           "integrity_failures": guest.integrity_failures, "errors": guest.errors,
+           "latency": latency_summary(guest.latencies)})
+    await stdin.readline()  # "exit" or EOF
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+async def _stdin() -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    return reader
+
+
+async def _main(args: argparse.Namespace) -> None:
+    guest = await BenchGuest.open(protocol.socket_path(args.run_dir), args.domid, args.vcpus)
+    try:
+        if args.mode == "floor":
+            _emit(await _floor(guest, args.gfn, args.iterations, args.warmup))
+        else:
+            await _pages(guest, args.vcpus, await _stdin())
+    finally:
+        await guest.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hvemu.bench.vcpus", description=__doc__.split("\n")[0])
+    p.add_argument("mode", choices=["floor", "pages"])
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--domid", type=int, required=True)
+    p.add_argument("--vcpus", type=int, default=1)
+    p.add_argument("--gfn", type=int, default=0, help="floor: the paged gfn to exit on")
+    p.add_argument("--iterations", type=int, default=2000)
+    p.add_argument("--warmup", type=int, default=200)
+    args = p.parse_args(argv)
+    uvloop.run(_main(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
