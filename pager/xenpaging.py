@@ -182,10 +182,22 @@ class Pager:
         return total
 
     async def evict_loop(self) -> None:
-        """Follow the target: evict while above it, otherwise wait a little."""
+        """Follow the target: evict while above it, otherwise wait for a page-in or a little while.
+
+        The target (a domctl) and the stranded sweep (a scan of the p2m) are
+        refreshed once per ``poll_interval``, not on every page-in: a page-in
+        wakes this loop only to compare the resident count with the target,
+        so that the fault path does not pay a domctl round trip per fault.
+        """
+        loop = asyncio.get_running_loop()
+        target = 0
+        next_poll = 0.0
         while True:
-            await self.load_stranded()
-            target = await self.evictor.get_target()
+            now = loop.time()
+            if now >= next_poll:
+                await self.load_stranded()
+                target = await self.evictor.get_target()
+                next_poll = now + self.poll_interval
             excess = self.resident() - target
             # Evict whole batches (down to a little below the target) rather
             # than one page per page-in: a batch costs two domctls, whatever its size.
@@ -194,7 +206,8 @@ class Pager:
                 continue
             self._paged_in_event.clear()
             try:
-                await asyncio.wait_for(self._paged_in_event.wait(), self.poll_interval)
+                async with asyncio.timeout(max(0.0, next_poll - loop.time())):
+                    await self._paged_in_event.wait()
             except TimeoutError:
                 pass
 
