@@ -387,7 +387,10 @@ class HypervisorDaemon:
         def fill(gfn: int) -> None:
             memory.pwrite(gfn * abi.PAGE_SIZE, pages[gfn])  # never through the mapping: see PosixSegment
 
-        return protocol.BatchResult(results=be.dom.paging_load(msg.gfns, fill)), []
+        results = be.dom.paging_load(msg.gfns, fill)
+        if msg.resume and Errno.ENOMEM not in results:
+            be.dom.mem_event_resume(RingKind.paging)
+        return protocol.BatchResult(results=results), []
 
     async def _access_set(self, ctx: ConnCtx, msg: protocol.AccessSet) -> Reply:
         be = self._backend(msg.domid)

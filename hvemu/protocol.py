@@ -186,11 +186,20 @@ class PagingPrep(Msg):
 
 
 class PagingLoad(Msg):
-    """Allocate and fill frames: one ``PAGE_SIZE`` bytes object per gfn."""
+    """Allocate and fill frames: one ``PAGE_SIZE`` bytes object per gfn.
+
+    ``resume``: then drain the paging ring's responses, as
+    :class:`MemEventResume` does, in the same call (two domctls batched, like a
+    Xen multicall).  A pager that published its responses for these gfns
+    first saves an event-channel kick and a round trip on every page-in.  The
+    resume is skipped when a gfn failed with ``ENOMEM``: the pager makes room,
+    loads again, then resumes itself.
+    """
 
     domid: int
     gfns: list[int]
     pages: list[bytes]
+    resume: bool = False
 
 
 class AccessSet(Msg):

@@ -134,8 +134,14 @@ class Domctl:
     async def prep(self, gfns: Sequence[int]) -> list[Errno | None]:
         return await self._batch(protocol.PagingPrep(domid=self.domid, gfns=list(gfns)))
 
-    async def load(self, gfns: Sequence[int], pages: Sequence[bytes]) -> list[Errno | None]:
-        return await self._batch(protocol.PagingLoad(domid=self.domid, gfns=list(gfns), pages=list(pages)))
+    async def load(self, gfns: Sequence[int], pages: Sequence[bytes], *, resume: bool = False) -> list[Errno | None]:
+        """Allocate and fill frames; ``resume``: then drain the paging ring (unless a gfn got ``ENOMEM``).
+
+        With ``resume``, publish the responses first (:meth:`MemEventClient.push`
+        with ``notify=False``): the page-in then costs one domctl and no kick.
+        """
+        return await self._batch(protocol.PagingLoad(domid=self.domid, gfns=list(gfns), pages=list(pages),
+                                                     resume=resume))
 
     async def resume(self, ring: RingKind = RingKind.paging) -> None:
         """The domctl twin of an event-channel kick: the hypervisor drains the ring's responses."""
@@ -317,12 +323,20 @@ class MemEventClient(Domctl):
         back.put_response(rsp)
         self._queued += 1
 
-    async def push(self) -> bool:
-        """Publish every queued response with one index update and at most one notify."""
+    async def push(self, *, notify: bool = True) -> bool:
+        """Publish every queued response with one index update and at most one notify.
+
+        ``notify=False`` only publishes (``RING_PUSH_RESPONSES``): the caller
+        resumes the ring itself with a domctl (``load(..., resume=True)`` or
+        :meth:`resume`).  Returns whether the hypervisor was notified.
+        """
         back, evtchn, _ = self._running()
         if not self._queued:
             return False
         self._queued = 0
+        if not notify:
+            back.push_responses()
+            return False
         if back.push_responses_and_check_notify():
             evtchn.notify()
             return True

@@ -79,15 +79,22 @@ class Pager:
     async def handle_batch(self, batch: list[MemEvent]) -> None:
         if self.unbatched:
             for req in batch:
-                if not await self._handle([req]):
+                if not await self._handle([req], merged=False):
                     self.client.kick()  # one notify per response, even when ring.h would skip it
             return
         await self._handle(batch)
 
-    async def _handle(self, batch: list[MemEvent]) -> bool:
-        """Load every page the requests need with one domctl, then answer all with one push.
+    async def _handle(self, batch: list[MemEvent], *, merged: bool = True) -> bool:
+        """Answer one drain: every response with one push, every page with one load domctl.
 
-        Returns whether the push notified the hypervisor.
+        The responses are published first and the load resumes the ring in
+        the same domctl (``resume=True``): one round trip and no event-channel
+        kick per drain.  The hypervisor looks at responses only when it
+        resumes, which it does after loading, so no vCPU runs before its page
+        is in (a pager killed in between leaves published, unconsumed
+        responses, which a re-attach rolls back).  ``merged=False`` is the
+        classic order (load, push, notify), kept for the unbatched mode.
+        Returns whether the hypervisor was resumed or notified.
         """
         self.requests += len(batch)
         to_load: dict[int, None] = {}
@@ -95,7 +102,8 @@ class Pager:
             if req.flags & (MemEventFlag.DROP_PAGE | MemEventFlag.EVICT_FAIL | MemEventFlag.DUMMY):
                 continue
             to_load[req.gfn] = None
-        loaded = await self._load(list(to_load))
+        merge = merged and bool(to_load)
+        loaded: list[int] = [] if merge else await self._load(list(to_load))
         for req in batch:
             if req.flags & MemEventFlag.DROP_PAGE:
                 self.on_drop(req.gfn)
@@ -103,21 +111,31 @@ class Pager:
                 self.evict_failed += 1
             self.client.respond(MemEvent(type=req.type, flags=req.flags & _ECHO, vcpu_id=req.vcpu_id,
                                          gfn=req.gfn, p2mt=req.p2mt))
-        notified = await self.client.push()
+        if merge:
+            await self.client.push(notify=False)
+            loaded = await self._load(list(to_load), resume=True)
+            notified = True
+        else:
+            notified = await self.client.push()
         if loaded:
             self.pages_in += len(loaded)
             self.on_populate(loaded)
             self._paged_in_event.set()
         return notified
 
-    async def _load(self, gfns: list[int]) -> list[int]:
-        """Read the pagefile and load; on ENOMEM make room by evicting, then retry."""
+    async def _load(self, gfns: list[int], *, resume: bool = False) -> list[int]:
+        """Read the pagefile and load; on ENOMEM make room by evicting, then retry.
+
+        ``resume``: the paging ring is resumed by the time this returns, by
+        the load that finds memory for every gfn, or else by a kick at the end.
+        """
         loaded: list[int] = []
         pending = gfns
+        resumed = not resume
         for _attempt in range(8):
             if not pending:
                 break
-            results = await self.client.load(pending, [self.pagefile.read(g) for g in pending])
+            results = await self.client.load(pending, [self.pagefile.read(g) for g in pending], resume=not resumed)
             retry = []
             for g, r in zip(pending, results, strict=True):
                 if r is None:
@@ -125,12 +143,16 @@ class Pager:
                 elif r == abi.Errno.ENOMEM:
                     retry.append(g)
                 # EINVAL etc: the gfn is no longer paged (a duplicate request); the response suffices.
+            if not retry:
+                resumed = True  # the hypervisor resumed after this load (see PagingLoad.resume)
             pending = retry
             if pending:
                 await self.evict_batch(len(pending))
         if pending:
             log.warning("dom%d: host memory exhausted, %d page-ins deferred to the guest's retry",
                         self.client.domid, len(pending))
+        if not resumed:
+            self.client.kick()
         return loaded
 
     # ------------------------------------------------------------- eviction
