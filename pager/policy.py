@@ -46,7 +46,8 @@ class RandomPolicy(_RecentlyPagedIn):
         self._rng = random.Random(seed)
 
     def choose(self, candidates: list[int], count: int) -> list[int]:
-        fresh = [g for g in candidates if g not in self]
+        recent = self._recent  # a dict lookup, not a call of __contains__ per candidate
+        fresh = [g for g in candidates if g not in recent]
         pool = fresh if len(fresh) >= count else candidates
         return self._rng.sample(pool, min(count, len(pool)))
 
