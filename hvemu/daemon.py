@@ -390,6 +390,10 @@ class HypervisorDaemon:
         results = be.dom.paging_load(msg.gfns, fill)
         if msg.resume and Errno.ENOMEM not in results:
             be.dom.mem_event_resume(RingKind.paging)
+            # Let the resumed vCPUs' exits answer first: the pager's reply is
+            # not on any fault's path, the guests' are.
+            self._after_op()
+            await asyncio.sleep(0)
         return protocol.BatchResult(results=results), []
 
     async def _access_set(self, ctx: ConnCtx, msg: protocol.AccessSet) -> Reply:
