@@ -616,8 +616,9 @@ async def test_hostile_daemon_fuzz(tmp_path: object) -> None:
         start = time.monotonic()
         result = await fuzz(hv, seed, cases, str(tmp_path))
         print(f"hostile ring fuzz: {result} in {time.monotonic() - start:.1f}s")
-        assert result["bystander_rounds"] >= 1
+        assert result["bystander_rounds"] != 0
+        ran = result["cases"]
         if cases >= 100:
-            assert set(result["cases"]) == set(KINDS), result  # type: ignore[arg-type]
+            assert isinstance(ran, dict) and set(ran) == set(KINDS), result
     finally:
         assert hv.stop() == 0, "the hypervisor did not stop cleanly"
