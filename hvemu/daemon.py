@@ -39,6 +39,12 @@ log = logging.getLogger("hvemu.daemon")
 
 Reply = tuple[protocol.Msg, list[FdLike]]
 
+# Role checks of every request, as tuples built once (an ``A | B`` union is
+# built anew at each evaluation).
+_HELLOS = (protocol.ToolHello, protocol.GuestHello)
+_GUEST_EXITS = (protocol.GuestAccess, protocol.GuestBalloonOut, protocol.GuestTrap)
+_GUEST_OPS = (*_GUEST_EXITS, protocol.GuestHello)
+
 
 class ConnCtx:
     """What the hypervisor knows about one control connection."""
@@ -108,13 +114,11 @@ class HypervisorDaemon:
         handler = self._handlers.get(type(msg))
         if handler is None:
             raise _err(Errno.ENOSYS, f"no such operation {type(msg).__name__}")
-        if ctx.role is None and not isinstance(msg, protocol.ToolHello | protocol.GuestHello):
+        if ctx.role is None and not isinstance(msg, _HELLOS):
             raise _err(Errno.EPERM, "say tool_hello or guest_hello first")
-        if ctx.role == "guest" and not isinstance(msg, protocol.GuestAccess | protocol.GuestBalloonOut
-                                                  | protocol.GuestTrap | protocol.GuestHello):
+        if ctx.role == "guest" and not isinstance(msg, _GUEST_OPS):
             raise _err(Errno.EPERM, f"a guest may not {type(msg).__name__}")
-        if ctx.role == "tool" and isinstance(msg, protocol.GuestAccess | protocol.GuestBalloonOut
-                                             | protocol.GuestTrap):
+        if ctx.role == "tool" and isinstance(msg, _GUEST_EXITS):
             raise _err(Errno.EPERM, "guest exits come from guest connections only")
         try:
             return await handler(ctx, msg)

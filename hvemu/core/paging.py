@@ -30,6 +30,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("hvemu.core.paging")
 
 _PAGE_OUT_PATH = frozenset({P2MType.ram_paging_out, P2MType.ram_paged})
+# Plain ints on the fault path: an operation on an IntFlag member costs about
+# a microsecond (Python-level enum code), on an int some 10 ns.
+_VCPU_PAUSED = int(MemEventFlag.VCPU_PAUSED)
+_DROP_PAGE = int(MemEventFlag.DROP_PAGE)
+_EVICT_FAIL = int(MemEventFlag.EVICT_FAIL)
+_FOREIGN = int(MemEventFlag.FOREIGN)
 
 
 def p2m_mem_paging_nominate(dom: Domain, gfn: int) -> Errno | None:
@@ -117,16 +123,16 @@ def p2m_mem_paging_populate(dom: Domain, gfn: int, vcpu: Vcpu | None) -> None:
                    vcpu_id=vcpu.vcpu_id if vcpu is not None else 0)
     if p2mt in _PAGE_OUT_PATH:
         if p2mt == P2MType.ram_paging_out:
-            req.flags |= MemEventFlag.EVICT_FAIL  # evict will fail now: tell the pager
+            req.flags |= _EVICT_FAIL  # evict will fail now: tell the pager
         p2m.set_type(gfn, P2MType.ram_paging_in)
     if vcpu is not None:
         vcpu.event_pause()
-        req.flags |= MemEventFlag.VCPU_PAUSED
+        req.flags |= _VCPU_PAUSED
         dom.counters.populates += 1
     else:
-        req.flags |= MemEventFlag.FOREIGN
+        req.flags |= _FOREIGN
         dom.counters.foreign_populates += 1
-    if med.put_request(req, vcpu) == Errno.EBUSY and req.flags & MemEventFlag.VCPU_PAUSED:
+    if med.put_request(req, vcpu) == Errno.EBUSY and req.flags & _VCPU_PAUSED:
         # The seed: the ring is congested, the vCPU was marked and paused, so
         # drop the event pause and let it retry once woken.  The request may
         # well be on the ring: its response then finds no event pause
@@ -145,7 +151,7 @@ def p2m_mem_paging_resume(dom: Domain, rsp: MemEvent) -> bool:
     """
     if not dom.p2m.in_range(rsp.gfn):
         return False
-    if rsp.flags & MemEventFlag.DROP_PAGE:
+    if rsp.flags & _DROP_PAGE:
         return True
     p2m = dom.p2m
     if p2m.get_type(rsp.gfn) == P2MType.ram_paging_in and p2m.has_frame(rsp.gfn):
