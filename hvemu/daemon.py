@@ -279,7 +279,7 @@ class HypervisorDaemon:
 
     async def _set_hvm_param(self, ctx: ConnCtx, msg: protocol.SetHvmParam) -> Reply:
         be = self._backend(msg.domid)
-        be.dom.set_hvm_param(abi.MemEventReason(msg.reason), msg.mode)
+        be.dom.set_hvm_param(msg.reason, msg.mode)  # the core answers EINVAL for a bad reason
         return protocol.Ok(), []
 
     # ------------------------------------------------------------ rings
@@ -420,9 +420,10 @@ class HypervisorDaemon:
         return protocol.ForeignPages(results=results, pages=pages), []
 
     # ------------------------------------------------------------ tracing
-    def start_trace(self, path: str) -> None:
+    def start_trace(self, path: str, *, exclusive: bool = False) -> None:
+        trace = TraceWriter(path, exclusive=exclusive)
         self.stop_trace()
-        self.trace = TraceWriter(path)
+        self.trace = trace
         self.hv.tracer = self.trace
         log.info("tracing ring events to %s", path)
 
@@ -439,7 +440,11 @@ class HypervisorDaemon:
         if not os.path.isabs(msg.path):
             raise _err(Errno.EINVAL, "the trace path must be absolute (the hypervisor has its own cwd)")
         try:
-            self.start_trace(msg.path)
+            # A caller names the file, the hypervisor writes it: a new file only, so
+            # that no request can make it clobber an existing one (or follow a link).
+            self.start_trace(msg.path, exclusive=True)
+        except FileExistsError as exc:
+            raise _err(Errno.EBUSY, f"{msg.path} exists: a trace is only written to a new file") from exc
         except OSError as exc:
             raise _err(Errno.EINVAL, f"cannot write {msg.path}: {exc.strerror}") from exc
         return protocol.Ok(), []
@@ -475,7 +480,7 @@ class HypervisorDaemon:
     async def _guest_trap(self, ctx: ConnCtx, msg: protocol.GuestTrap) -> Reply:
         be = self._own_domain(ctx)
         vcpu = self._vcpu(be, msg.vcpu)
-        be.dom.hvm_trap(vcpu, abi.MemEventReason(msg.reason), msg.value, msg.old, msg.gla)
+        be.dom.hvm_trap(vcpu, msg.reason, msg.value, msg.old, msg.gla)  # EINVAL for a bad reason
         await self._wait_runnable(be, vcpu)
         return protocol.Ok(), []
 

@@ -90,9 +90,12 @@ class TraceWriter:
 
     FLUSH_AT = 1 << 16
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, exclusive: bool = False) -> None:
+        """Open ``path`` owner-only; ``exclusive``: only as a new file (never truncate one, never follow a link)."""
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+        flags |= os.O_EXCL | os.O_NOFOLLOW if exclusive else os.O_TRUNC
+        self._fd = os.open(path, flags, 0o600)
         self._buf = bytearray(HEADER.pack(MAGIC, VERSION, RECORD.size))
         self.records = 0
 
