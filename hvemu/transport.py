@@ -587,6 +587,10 @@ class FramedStream:
         self._frames: deque[Frame] = deque()
         self._max_fds = max_fds
         self._buf = memoryview(bytearray(recv_size))
+        #: The last read returned less than asked: the socket was drained, so
+        #: the next read waits for readability first instead of paying a
+        #: ``recvmsg`` that fails with ``EAGAIN`` (and its exception) per frame.
+        self._drained = False
         #: Set once a read returned EOF.
         self.eof = False
         #: Why the stream cannot be used any more (a frame left half-sent...).
@@ -635,11 +639,16 @@ class FramedStream:
                 raise self._asm.fatal
             if self.eof:
                 return []
+            if self._drained:
+                self._drained = False
+                await self._io.wait(False)
+                continue
             try:
                 n, fds, ctrunc = _recv_into(sock, self._buf, self._max_fds)
             except (BlockingIOError, InterruptedError):
                 await self._io.wait(False)
                 continue
+            self._drained = n < len(self._buf)
             data = self._buf[:n].tobytes()
             if not data:
                 close_fds(fds)
