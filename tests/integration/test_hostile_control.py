@@ -161,7 +161,7 @@ class Gen:
         if annotation is type(None):
             return None
         if isinstance(annotation, type) and issubclass(annotation, str):  # an enum of names
-            members = list(annotation)  # type: ignore[var-annotated]
+            members: list[Any] = list(typing.cast(Any, annotation))
             return rng.choice([*[m.value for m in members], "bogus", ""])
         if origin is typing.Literal:
             return rng.choice([*args, "other"])
@@ -330,6 +330,7 @@ async def role_checks(hv: Hypervisor, tool: Connection) -> None:
     """No role, a guest of another domain, a second daemon: refused, and the owners go on."""
     raw = await Raw.open(hv.socket)
     # No role yet: everything but a hello is EPERM.
+    msg: protocol.Msg
     for msg in (protocol.DomainList(), protocol.Stats(domid=1), protocol.GuestAccess(vcpu=0, gfn=0, access=1)):
         assert is_error(await raw.call(protocol.encode(msg)[4:]), Errno.EPERM)
     # Hellos to domains that do not exist.
