@@ -47,6 +47,13 @@ class RandomPolicy(_RecentlyPagedIn):
 
     def choose(self, candidates: list[int], count: int) -> list[int]:
         recent = self._recent  # a dict lookup, not a call of __contains__ per candidate
+        # Draw a few more than needed and drop the recent ones: a uniform
+        # choice among the fresh candidates at the cost of the draw, not of a
+        # pass over every candidate (there may be a whole guest of them).
+        draw = min(len(candidates), 2 * count + 16)
+        picked = [g for g in self._rng.sample(candidates, draw) if g not in recent][:count]
+        if len(picked) == min(count, len(candidates)):
+            return picked
         fresh = [g for g in candidates if g not in recent]
         pool = fresh if len(fresh) >= count else candidates
         return self._rng.sample(pool, min(count, len(pool)))
