@@ -212,8 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(root, ValueError):
             print(f"hvemu-guest: {root}", file=sys.stderr)
             return 2
-        if isinstance(root, ControlError | ConnectionError | OSError | EOFError):
+        if isinstance(root, ControlError | HypervisorGone):
             print(f"hvemu-guest: domain {args.domid}: {root}", file=sys.stderr)
+            return 3
+        if isinstance(root, ConnectionError | OSError | EOFError):
+            # A vCPU's exit found the connection dead before the lifeline did.
+            print(f"hvemu-guest: domain {args.domid}: lost the hypervisor ({root})", file=sys.stderr)
             return 3
         raise
     if not report.ok:

@@ -337,10 +337,32 @@ async def _main(args: argparse.Namespace) -> dict[str, int]:
             root = root_cause(exc)
             if not isinstance(root, DomainGone):
                 raise
+            if not await _hypervisor_alive(client.socket_path):
+                # Not the end of a domain but of the hypervisor: say so, and fail.
+                raise SdkError(f"lost the hypervisor ({root}); ring and pagefile {args.pagefile} "
+                               "left as they are") from exc
             log.info("dom%d: %s; exiting", args.domid, root)
         finally:
             pagefile.close()
     return pager.summary()
+
+
+async def _hypervisor_alive(socket_path: str) -> bool:
+    """Does anything still answer on the control socket?"""
+    from hvemu import protocol
+    from hvemu.transport import Connection
+
+    try:
+        conn = await asyncio.wait_for(Connection.connect(socket_path), 2)
+    except (OSError, TimeoutError):
+        return False
+    try:
+        await asyncio.wait_for(conn.call(protocol.ToolHello(client="pager:probe")), 2)
+        return True
+    except (OSError, TimeoutError, ControlError):
+        return False
+    finally:
+        await conn.close()
 
 
 def main(argv: list[str] | None = None) -> int:
