@@ -6,15 +6,19 @@ exit (even on error), and errors that keep their root cause::
 
     async with MemEventClient(domid, RingKind.paging) as client:
         async for batch in client.requests():
-            for req in batch:
-                client.respond(MemEvent(type=req.type, flags=req.flags,
-                                        vcpu_id=req.vcpu_id, gfn=req.gfn))
-            await client.push()          # one push, at most one notify
+            ...                          # load pages, change access rights...
+            client.respond_all(batch)    # one response per request, echoing its flags
+            await client.push()          # one index update, at most one notify
 
 The ring protocol itself (who produces, when to notify, the final check) is
-handled here, on :mod:`hvemu.ring`; the daemon only sees batches of
-:class:`~hvemu.abi.MemEvent` requests.  Every domctl a pager needs is a method
-taking a batch of gfns and returning per-gfn results.
+handled here, on :mod:`hvemu.ring`; the daemon only sees batches
+(:class:`RequestBatch`, a list of :class:`~hvemu.abi.MemEvent`).  Every domctl
+a daemon needs is a method of :class:`Domctl` taking a batch of gfns and
+returning one result per gfn (``None`` or an :class:`~hvemu.abi.Errno` name);
+a domctl that fails as a whole raises :class:`DomctlError` whose ``errno`` is
+the errno name.  :class:`pager.base.Pager` is a paging daemon built on this
+module, with hooks for a custom victim policy.  ``docs/writing-a-daemon.md``
+explains the protocol and the pitfalls.
 """
 
 from __future__ import annotations
@@ -30,12 +34,85 @@ from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 
 from hvemu import abi, protocol
-from hvemu.abi import Errno, MemEvent, RingKind
+from hvemu.abi import Errno, MemEvent, MemEventFlag, MemEventReason, MemEventType, RingKind
 from hvemu.evtchn import ChannelClosed, EventChannel
 from hvemu.ring import BackRing, RingCorruptError, SharedRing
 from hvemu.transport import Connection, ControlError, TransportError
 
 log = logging.getLogger("pager.sdk")
+
+#: The request flags a response echoes back.  The hypervisor acts on
+#: ``VCPU_PAUSED`` (unpause that vCPU) and ``DROP_PAGE`` (nothing to page in);
+#: the others are echoed as Xen's daemons do, for the record.
+ECHO_FLAGS = int(MemEventFlag.VCPU_PAUSED | MemEventFlag.DROP_PAGE | MemEventFlag.EVICT_FAIL
+                 | MemEventFlag.FOREIGN)
+_DUMMY = int(MemEventFlag.DUMMY)
+_DROP_PAGE = int(MemEventFlag.DROP_PAGE)
+_EVICT_FAIL = int(MemEventFlag.EVICT_FAIL)
+_NO_LOAD = _DROP_PAGE | _EVICT_FAIL | _DUMMY
+
+
+def response_for(req: MemEvent, *, flags: int | None = None) -> MemEvent:
+    """The response to ``req``: same type, vCPU, gfn, p2m type and reason, its flags echoed.
+
+    A response must name the vCPU and carry ``VCPU_PAUSED`` exactly when the
+    request did, or the vCPU stays paused (or, in an older Xen, a vCPU paused
+    for something else would be released).  ``flags`` replaces the echoed
+    flags, e.g. ``flags=MemEventFlag.DUMMY`` for a response the hypervisor
+    must ignore.
+    """
+    return MemEvent(type=req.type, flags=req.flags & ECHO_FLAGS if flags is None else int(flags),
+                    vcpu_id=req.vcpu_id, gfn=req.gfn, p2mt=req.p2mt, reason=req.reason)
+
+
+def failures(gfns: Sequence[int], results: Sequence[Errno | None]) -> dict[int, Errno]:
+    """The gfns of a batched domctl that failed, with their errno names (empty: all succeeded)."""
+    return {g: r for g, r in zip(gfns, results, strict=True) if r is not None}
+
+
+class RequestBatch(list[MemEvent]):
+    """One drain of the ring: the requests in ring order, with views a daemon often needs.
+
+    It is a plain ``list`` of :class:`~hvemu.abi.MemEvent`; the properties are
+    computed on use, so a daemon that only iterates pays nothing for them.
+    """
+
+    @property
+    def populates(self) -> list[MemEvent]:
+        """Paging requests that need the page brought in (not ``DROP_PAGE``, ``EVICT_FAIL`` or ``DUMMY``).
+
+        An ``EVICT_FAIL`` request's page was only nominated: it still has its
+        frame and its data, so the response alone makes it ``ram_rw`` again.
+        """
+        return [r for r in self if r.type == MemEventType.PAGING and not r.flags & _NO_LOAD]
+
+    def gfns_to_load(self) -> list[int]:
+        """The distinct gfns of :attr:`populates`, in ring order (several vCPUs may wait for one)."""
+        return list(dict.fromkeys(r.gfn for r in self.populates))
+
+    @property
+    def drops(self) -> list[MemEvent]:
+        """``DROP_PAGE`` requests: the guest gave a paged-out gfn back; forget its copy."""
+        return [r for r in self if r.flags & _DROP_PAGE]
+
+    @property
+    def evict_fails(self) -> list[MemEvent]:
+        """Populates of a gfn that was nominated but not yet evicted (its evict will fail)."""
+        return [r for r in self if r.flags & _EVICT_FAIL]
+
+    @property
+    def violations(self) -> list[MemEvent]:
+        """mem_access violations (``ACCESS`` requests with reason ``VIOLATION``)."""
+        return [r for r in self if r.type == MemEventType.ACCESS and r.reason == MemEventReason.VIOLATION]
+
+    def by_reason(self, reason: MemEventReason | int) -> list[MemEvent]:
+        """Requests with this reason (``CR3``, ``INT3``... of ``hvm_memory_event_traps``)."""
+        return [r for r in self if r.reason == reason]
+
+    @property
+    def paused(self) -> list[MemEvent]:
+        """Requests whose vCPU waits for the response (``VCPU_PAUSED``)."""
+        return [r for r in self if r.flags & MemEventFlag.VCPU_PAUSED]
 
 
 class RunState(enum.Enum):
@@ -88,6 +165,7 @@ class Domctl:
 
     @classmethod
     async def open(cls, domid: int, socket_path: str) -> Domctl:
+        """A connection of its own (a tool connection: it owns no ring); :meth:`close` it."""
         conn = await Connection.connect(socket_path)
         try:
             await conn.call(protocol.ToolHello(client="sdk:domctl"))
@@ -129,12 +207,19 @@ class Domctl:
         return reply.results
 
     async def nominate(self, gfns: Sequence[int]) -> list[Errno | None]:
+        """``ram_rw`` -> ``ram_paging_out`` (``EBUSY``: not pageable).  Copy the page out only after this."""
         return await self._batch(protocol.PagingNominate(domid=self.domid, gfns=list(gfns)))
 
     async def evict(self, gfns: Sequence[int]) -> list[Errno | None]:
+        """Free the frames of nominated gfns (``EBUSY``: touched since nominate, keep the page)."""
         return await self._batch(protocol.PagingEvict(domid=self.domid, gfns=list(gfns)))
 
     async def prep(self, gfns: Sequence[int]) -> list[Errno | None]:
+        """Give paged gfns a zeroed frame (``ENOMEM``: host budget spent; ``ENOENT``: not paged).
+
+        Fill the frame through :attr:`MemEventClient.memory`, then respond: the
+        response makes the gfn ``ram_rw``.  Never fill a gfn whose prep failed.
+        """
         return await self._batch(protocol.PagingPrep(domid=self.domid, gfns=list(gfns)))
 
     async def load(self, gfns: Sequence[int], pages: Sequence[bytes], *, resume: bool = False) -> list[Errno | None]:
@@ -151,21 +236,46 @@ class Domctl:
         await self.call(protocol.MemEventResume(domid=self.domid, ring=ring))
 
     async def access_set(self, gfns: Sequence[int], access: int) -> list[Errno | None]:
-        return await self._batch(protocol.AccessSet(domid=self.domid, gfns=list(gfns), access=access))
+        """Set the ``p2m_access_t`` (:class:`~hvemu.abi.P2MAccess`) of each gfn.
+
+        When it returns, no vCPU can still use a right it removed.
+        """
+        return await self._batch(protocol.AccessSet(domid=self.domid, gfns=list(gfns), access=int(access)))
+
+    async def access_required(self, required: bool) -> None:
+        """``access_required``: with no access listener, a violation crashes the domain
+        (else the restriction is dropped and the guest goes on)."""
+        await self.call(protocol.AccessRequired(domid=self.domid, required=required))
+
+    async def set_hvm_param(self, reason: MemEventReason | int, mode: int) -> None:
+        """``HVM_PARAM_MEMORY_EVENT_{CR0,CR3,CR4,INT3}``: send those events on the access ring.
+
+        ``mode`` is ``abi.HVMPME_MODE_SYNC`` (the vCPU waits for the response),
+        ``HVMPME_MODE_ASYNC`` (it does not) or ``HVMPME_MODE_DISABLED``, plus
+        ``HVMPME_ONCHANGEONLY`` to skip writes of an unchanged value.
+        """
+        await self.call(protocol.SetHvmParam(domid=self.domid, reason=int(reason), mode=int(mode)))
+
+    async def set_target(self, pages: int) -> None:
+        """The paging target (resident pages), as xenstore's ``memory/target``."""
+        await self.call(protocol.SetTarget(domid=self.domid, pages=pages))
 
     async def map_foreign(self, gfns: Sequence[int]) -> protocol.ForeignPages:
+        """Map gfns as a tool: a paged gfn is populated (no vCPU paused) and answers ``ENOENT``; retry it."""
         reply = await self.call(protocol.MapForeign(domid=self.domid, gfns=list(gfns)))
         if not isinstance(reply, protocol.ForeignPages):
             raise DomctlError(f"unexpected reply {type(reply).__name__} to MapForeign")
         return reply
 
     async def get_target(self) -> int:
+        """The paging target in pages (follow it: the toolstack may change it at run time)."""
         reply = await self.call(protocol.GetTarget(domid=self.domid))
         if not isinstance(reply, protocol.TargetReply):
             raise DomctlError(f"unexpected reply {type(reply).__name__} to GetTarget")
         return reply.pages
 
     async def stats(self) -> dict[str, object]:
+        """The hypervisor's counters for the domain (p2m counts, per-ring counters, target...)."""
         reply = await self.call(protocol.Stats(domid=self.domid))
         if not isinstance(reply, protocol.StatsReply):
             raise DomctlError(f"unexpected reply {type(reply).__name__} to Stats")
@@ -185,7 +295,16 @@ def _finder(value: int) -> re.Pattern[bytes]:
 
 
 class MemEventClient(Domctl):
-    """A daemon's attachment to one mem_event ring of one domain."""
+    """A daemon's attachment to one mem_event ring of one domain.
+
+    ``async with MemEventClient(domid, ring) as client`` enables the ring (or
+    re-attaches to one whose daemon died: ``client.info.reattached``) and maps
+    the ring page, the guest's memory (:attr:`memory`) and its p2m table
+    (:attr:`p2m`, read-only); leaving the block disables the ring, even when
+    the block raised.  The client is also the :class:`Domctl` of its domain,
+    on the connection that owns the ring.  It is meant for one task reading
+    :meth:`requests`; domctls may come from any task of the same loop.
+    """
 
     def __init__(self, domid: int, ring: RingKind = RingKind.paging, *, run_dir: str | None = None,
                  disable_on_exit: bool = True) -> None:
@@ -259,12 +378,22 @@ class MemEventClient(Domctl):
                  "re-attached" if reply.reattached else "new")
 
     async def detach(self, *, disable: bool = True) -> None:
-        """Leave the ring: disable it (a clean stop) or just let go (as a crash would)."""
+        """Leave the ring: disable it (a clean stop) or just let go (as a crash would).
+
+        A clean stop first publishes responses still queued and has the
+        hypervisor drain them (so no vCPU is left paused for an answer that was
+        written but never seen), then disables.  Requests still unanswered at
+        that point are logged: their vCPUs stay paused until the domain dies
+        (Xen's rule, DESIGN section 5), so a daemon answers everything before
+        it stops.  ``disable=False`` leaves the ring, and its requests, to the
+        next daemon that attaches.
+        """
         if self.state in (RunState.DETACHED, RunState.IDLE):
             return
         self.state = RunState.DETACHING
         try:
             if disable and self._conn is not None:
+                await self._drain_before_disable()
                 try:
                     await self._conn.call(protocol.MemEventDisable(domid=self.domid, ring=self.ring_kind))
                 except ControlError as exc:
@@ -275,6 +404,24 @@ class MemEventClient(Domctl):
         finally:
             await self._teardown()
             self.state = RunState.DETACHED
+
+    async def _drain_before_disable(self) -> None:
+        """Publish queued responses, have them consumed, and report what stays unanswered."""
+        back, conn = self.back, self._conn
+        if back is None or conn is None:
+            return
+        try:
+            if self._queued:
+                self._queued = 0
+                back.push_responses()
+            await conn.call(protocol.MemEventResume(domid=self.domid, ring=self.ring_kind))
+        except (ControlError, OSError) as exc:
+            log.debug("resume before disabling dom%d %s ring: %s", self.domid, self.ring_kind, exc)
+            return
+        left = (back.sring.req_prod - back.sring.rsp_prod) & abi.RING_IDX_MASK
+        if left:
+            log.warning("disabling dom%d %s ring with %d requests unanswered: their vCPUs stay paused",
+                        self.domid, self.ring_kind, left)
 
     async def _teardown(self) -> None:
         if self._evtchn is not None:
@@ -305,18 +452,32 @@ class MemEventClient(Domctl):
         self._running()
         return await Domctl.open(self.domid, self.socket_path)
 
+    async def resume(self, ring: RingKind | None = None) -> None:
+        """Make the hypervisor drain this ring's responses now (a domctl instead of a kick)."""
+        await super().resume(self.ring_kind if ring is None else ring)
+
     # -------------------------------------------------------------- requests
-    def take_requests(self) -> list[MemEvent]:
+    def take_requests(self) -> RequestBatch:
         """Every request on the ring now (possibly none); never blocks."""
         back, _, _ = self._running()
         try:
             n = back.unconsumed_requests()
         except RingCorruptError as exc:
             raise SdkError(f"dom{self.domid} {self.ring_kind} ring is corrupt: {exc}") from exc
-        return [back.get_request() for _ in range(n)]
+        return RequestBatch([back.get_request() for _ in range(n)])
 
-    async def requests(self) -> AsyncIterator[list[MemEvent]]:
-        """Batches of requests, forever: drain, final check, then sleep on the event channel."""
+    async def requests(self) -> AsyncIterator[RequestBatch]:
+        """Batches of requests, forever: drain, final check, then sleep on the event channel.
+
+        Each batch is everything the ring held when it was read.  When the
+        ring is empty the iterator re-arms ``req_event`` and looks once more
+        (``RING_FINAL_CHECK_FOR_REQUESTS``: a request put between the last
+        look and the re-arm sent no notification), and only then sleeps.
+        Answer a batch before asking for the next one if you can: requests
+        hold ring slots until they are answered, and a full ring pauses vCPUs.
+        Raises :class:`DomainGone` when the hypervisor closes the ring's event
+        channel (the domain was destroyed or crashed, or the hypervisor stopped).
+        """
         while True:
             back, evtchn, _ = self._running()
             batch = self.take_requests()
@@ -332,10 +493,31 @@ class MemEventClient(Domctl):
                                  Errno.ESRCH) from exc
 
     def respond(self, rsp: MemEvent) -> None:
-        """Queue one response (it is not visible to the hypervisor until :meth:`push`)."""
+        """Queue one response (it is not visible to the hypervisor until :meth:`push`).
+
+        Responses need not come in request order: each names its vCPU and gfn.
+        There can be at most one per consumed request (``OverflowError`` else).
+        """
         back, _, _ = self._running()
         back.put_response(rsp)
         self._queued += 1
+
+    def respond_all(self, batch: Sequence[MemEvent]) -> None:
+        """Queue :func:`response_for` every request of ``batch``."""
+        for req in batch:
+            self.respond(response_for(req))
+
+    @property
+    def outstanding(self) -> int:
+        """Requests consumed (handed out by :meth:`requests`) and not answered yet."""
+        back, _, _ = self._running()
+        return back.free_responses()
+
+    def unanswered(self) -> int:
+        """Requests on the ring with no published response (consumed or not): what a
+        disable now would leave waiting forever."""
+        back, _, _ = self._running()
+        return (back.sring.req_prod - back.sring.rsp_prod) & abi.RING_IDX_MASK
 
     async def push(self, *, notify: bool = True) -> bool:
         """Publish every queued response with one index update and at most one notify.
@@ -363,9 +545,16 @@ class MemEventClient(Domctl):
 
     # ----------------------------------------------------------- p2m reading
     def p2m_type(self, gfn: int) -> int:
+        """The gfn's :class:`~hvemu.abi.P2MType` now (the hypervisor may change it any time)."""
         if self.p2m is None:
             raise StateError("not attached")
         return self.p2m[abi.p2m_type_index(self.gfns, gfn)]
+
+    def p2m_access(self, gfn: int) -> int:
+        """The gfn's :class:`~hvemu.abi.P2MAccess` now."""
+        if self.p2m is None:
+            raise StateError("not attached")
+        return self.p2m[abi.p2m_access_index(self.gfns, gfn)]
 
     def gfns_of_type(self, p2mt: abi.P2MType) -> list[int]:
         """Every gfn whose p2m type is ``p2mt``, by scans in C whatever the density.
