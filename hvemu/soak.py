@@ -1,0 +1,358 @@
+"""``scripts/soak.sh``: a bounded soak of the whole system under heavy paging.
+
+Several domains with many vCPUs and a tiny paging target, one pager each,
+foreign mappers hammering every domain with ``MapForeign`` (paged gfns answer
+``ENOENT`` and are retried), guests giving pages back half way (``--balloon``:
+``DROP_PAGE`` requests), and optionally pagers killed with SIGKILL and
+restarted on their pagefile.  At the end every guest reads back every page it
+wrote.  The summary reports, per domain, events put / lost (guest and foreign)
+/ refused, ring occupancy, the longest vCPU stall (the slowest exit, guest
+side) and integrity; the run passes only with zero integrity failures, zero
+lost guest events, no domain crash, no response rejected and every process
+exiting as it should.
+
+``--minutes`` (or ``--seconds``) bounds the run; ``--json FILE`` writes the
+summary.  Logs of every process go to ``--log-dir`` (a temporary directory,
+kept and named on failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from typing import IO, Any
+
+import uvloop
+
+from hvemu import abi, protocol
+from hvemu.abi import Errno
+from hvemu.launcher import die_with_parent
+from hvemu.transport import Connection, ControlError
+
+PATTERNS = ("uniform", "hotcold", "phases", "sequential")
+#: Lines in the hypervisor's log that fail a soak.
+BAD_LOG = ("crashed", "response rejected", "Traceback", "handler failed")
+
+
+class Proc:
+    """A child process, its stdout kept in memory, its stderr in a log file."""
+
+    def __init__(self, name: str, proc: asyncio.subprocess.Process, log: IO[bytes], path: str) -> None:
+        self.name = name
+        self.proc = proc
+        self.log = log
+        self.log_path = path
+
+    @classmethod
+    async def start(cls, name: str, log_dir: str, *argv: str) -> Proc:
+        path = os.path.join(log_dir, f"{name}.log")
+        log = open(path, "ab")  # noqa: SIM115 - closed by stop()
+        proc = await asyncio.create_subprocess_exec(sys.executable, *argv, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=log, start_new_session=True,
+                                                    preexec_fn=die_with_parent)
+        return cls(name, proc, log, path)
+
+    async def line(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        return (await asyncio.wait_for(self.proc.stdout.readline(), timeout)).decode().strip()
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.returncode is None:
+            if sig:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(sig)
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                await self.proc.wait()
+        self.log.close()
+        return self.proc.returncode if self.proc.returncode is not None else -1
+
+    def stderr(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+
+async def _tool(path: str) -> Connection:
+    conn = await Connection.connect(path)
+    await conn.call(protocol.ToolHello(client="soak"))
+    return conn
+
+
+async def _stats(conn: Connection, domid: int) -> dict[str, Any]:
+    reply, _ = await conn.call(protocol.Stats(domid=domid))
+    assert isinstance(reply, protocol.StatsReply)
+    return dict(reply.stats)
+
+
+async def _wait_attached(conn: Connection, domid: int, pager: Proc, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pager.proc.returncode is not None:
+            raise RuntimeError(f"{pager.name} exited {pager.proc.returncode}: {pager.stderr()[-1000:]}")
+        st = await _stats(conn, domid)
+        if st["paging"]["enabled"] and "paging" not in st["rings_orphaned"]:
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"{pager.name} did not attach within {timeout}s")
+
+
+class Mapper:
+    """A foreign mapper: maps random gfns of a domain, retrying the paged-out ones (ENOENT)."""
+
+    def __init__(self, path: str, domid: int, gfns: int, usable: int, seed: int) -> None:
+        self.path = path
+        self.domid = domid
+        self.gfns = gfns
+        self.usable = usable
+        self.rng = random.Random(seed)
+        self.batches = 0
+        self.pages = 0
+        self.retries = 0
+        self.torn = 0
+        self.wrong = 0
+        self.timeouts = 0
+        self.errors: list[str] = []
+
+    async def run(self, until: float) -> None:
+        from guest.stamp import StampError, read_stamp
+
+        conn = await _tool(self.path)
+        try:
+            while time.monotonic() < until:
+                start = self.rng.randrange(self.usable)
+                gfns = sorted({(start + self.rng.randrange(64)) % self.usable for _ in range(16)})
+                pending, deadline = gfns, time.monotonic() + 30
+                while pending:
+                    try:
+                        reply, _ = await conn.call(protocol.MapForeign(domid=self.domid, gfns=pending))
+                    except ControlError as exc:
+                        if exc.errno == Errno.ESRCH:
+                            return  # the domain ended
+                        raise
+                    assert isinstance(reply, protocol.ForeignPages)
+                    again = []
+                    for g, r, page in zip(pending, reply.results, reply.pages, strict=True):
+                        if r is None and page is not None:
+                            self.pages += 1
+                            try:
+                                stamp = read_stamp(page)
+                            except StampError:
+                                self.torn += 1  # read while the guest was writing it: expected
+                                continue
+                            if stamp is not None and stamp[0] != g:
+                                self.wrong += 1
+                                self.errors.append(f"gfn {g} holds gfn {stamp[0]}'s page")
+                        elif r == Errno.ENOENT:
+                            again.append(g)
+                        elif r != Errno.EINVAL:  # EINVAL: given back by the guest (ballooned)
+                            self.errors.append(f"gfn {g}: {r}")
+                    pending = again
+                    if pending:
+                        self.retries += 1
+                        if time.monotonic() > deadline:
+                            self.timeouts += 1
+                            self.errors.append(f"gfns {pending} still paged out after 30s")
+                            break
+                        await asyncio.sleep(0.002)
+                self.batches += 1
+                await asyncio.sleep(0.005)
+        finally:
+            await conn.close()
+
+    def summary(self) -> dict[str, Any]:
+        return {"batches": self.batches, "pages": self.pages, "retries": self.retries, "torn_reads": self.torn,
+                "wrong_pages": self.wrong, "timeouts": self.timeouts, "errors": self.errors[:10]}
+
+
+async def soak(args: argparse.Namespace) -> dict[str, Any]:
+    run_dir = tempfile.mkdtemp(prefix="hvemu-soak-")
+    log_dir = args.log_dir or tempfile.mkdtemp(prefix="hvemu-soak-logs-")
+    os.makedirs(log_dir, exist_ok=True)
+    path = protocol.socket_path(run_dir)
+    rng = random.Random(args.seed)
+    procs: list[Proc] = []
+    gfns = int(args.memory * (1 << 20)) // abi.PAGE_SIZE
+    ok = False
+    try:
+        hv = await Proc.start("hypervisor", log_dir, "-m", "hvemu.daemon", "--run-dir", run_dir, "--memory",
+                              str(args.host_memory), "--policy", args.policy)
+        procs.append(hv)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                tool = await _tool(path)
+                break
+            except OSError:
+                if hv.proc.returncode is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the hypervisor did not start: {hv.stderr()[-2000:]}") from None
+                await asyncio.sleep(0.05)
+        domids: list[int] = []
+        for i in range(args.domains):
+            reply, _ = await tool.call(protocol.DomainCreate(max_vcpus=args.vcpus, gfns=gfns, name=f"soak{i}"))
+            assert isinstance(reply, protocol.DomainCreated)
+            domids.append(reply.domid)
+            await tool.call(protocol.SetTarget(domid=reply.domid, pages=args.target))
+        pagers: dict[int, Proc] = {}
+        pagefiles = {d: os.path.join(run_dir, f"dom{d}.pages") for d in domids}
+
+        async def start_pager(domid: int, n: int) -> Proc:
+            p = await Proc.start(f"pager{domid}.{n}", log_dir, "-m", "pager.xenpaging", "--domid", str(domid),
+                                 "--run-dir", run_dir, "--pagefile", pagefiles[domid], "--batch", str(args.batch))
+            procs.append(p)
+            await _wait_attached(tool, domid, p)
+            return p
+
+        for d in domids:
+            pagers[d] = await start_pager(d, 0)
+        guests: dict[int, Proc] = {}
+        for i, d in enumerate(domids):
+            g = await Proc.start(f"guest{d}", log_dir, "-m", "guest", "--domid", str(d), "--run-dir", run_dir,
+                                 "--duration", str(args.seconds), "--pattern", PATTERNS[i % len(PATTERNS)],
+                                 "--write-ratio", str(args.write_ratio), "--seed", str(args.seed + d),
+                                 "--balloon", str(args.balloon), "--linger")
+            procs.append(g)
+            guests[d] = g
+        started = time.monotonic()
+        until = started + args.seconds
+        mappers = [Mapper(path, d, gfns, gfns - args.balloon, args.seed * 31 + d * 7 + k)
+                   for d in domids for k in range(args.mappers)]
+        mapper_tasks = [asyncio.create_task(m.run(until)) for m in mappers]
+        kills = 0
+        if args.kill_pagers_every > 0:
+            next_kill = started + args.kill_pagers_every
+            while time.monotonic() < until - 2:
+                await asyncio.sleep(max(0.0, min(next_kill, until - 2) - time.monotonic()))
+                if time.monotonic() >= until - 2:
+                    break
+                d = rng.choice(domids)
+                await pagers[d].stop(signal.SIGKILL)
+                kills += 1
+                pagers[d] = await start_pager(d, kills)
+                next_kill = time.monotonic() + args.kill_pagers_every
+        reports: dict[int, dict[str, Any]] = {}
+        for d, g in guests.items():
+            line = await g.line(timeout=args.seconds + 300)
+            if not line:
+                raise RuntimeError(f"guest of domain {d} exited {await g.stop(0)}: {g.stderr()[-2000:]}")
+            reports[d] = json.loads(line)
+        for t in mapper_tasks:
+            await t
+        hv_stats = {d: await _stats(tool, d) for d in domids}
+        guest_exit = {d: await g.stop() for d, g in guests.items()}  # their domains go with them
+        pager_exit = {d: await p.stop(0, timeout=30) for d, p in pagers.items()}
+        await tool.close()
+        hv_exit = await hv.stop()
+        hv_log = hv.stderr()
+        bad_log = sorted({b for b in BAD_LOG if b in hv_log})
+        domains = []
+        for d in domids:
+            rep, st = reports[d], hv_stats[d]
+            paging = st["paging"]
+            stall = max((v.get("latency", {}).get("max", 0.0) for v in rep["vcpus"]), default=0.0)
+            domains.append({
+                "domid": d, "vcpus": args.vcpus, "pattern": PATTERNS[domids.index(d) % len(PATTERNS)],
+                "accesses": rep["accesses"], "faults": rep["faults"], "integrity_failures": rep["integrity_failures"],
+                "ballooned": rep["ballooned"], "max_vcpu_stall_ms": round(stall / 1000.0, 3),
+                "fault_p99_us": rep.get("latency_us", {}).get("p99", 0.0),
+                "events_put": paging["put"], "events_lost": paging["lost"], "lost_guest": paging["lost_guest"],
+                "lost_foreign": paging["lost_foreign"], "refused": paging["refused"],
+                "max_occupancy": paging["max_occupancy"], "blocked_ever": paging["blocked_ever"],
+                "unpause_ignored": paging["unpause_ignored"], "rejected": paging["responses_rejected"],
+                "evicted": st["evicted"], "paged_in": st["paged_in"], "dropped": st["dropped"],
+                "foreign_populates": st["foreign_populates"],
+                "guest_exit": guest_exit[d], "pager_exit": pager_exit[d],
+            })
+        mapper_summary = [m.summary() for m in mappers]
+        ok = (all(x["integrity_failures"] == 0 and x["lost_guest"] == 0 and x["rejected"] == 0
+                  and x["guest_exit"] == 0 and x["pager_exit"] == 0 for x in domains)
+              and all(m["wrong_pages"] == 0 and m["timeouts"] == 0 and not m["errors"] for m in mapper_summary)
+              and hv_exit == 0 and not bad_log)
+        return {"ok": ok, "seconds": args.seconds, "policy": args.policy, "host_memory_mib": args.host_memory,
+                "target_pages": args.target, "pager_kills": kills, "hypervisor_exit": hv_exit,
+                "bad_log_lines": bad_log, "domains": domains, "mappers": mapper_summary,
+                "elapsed_s": round(time.monotonic() - started, 1), "log_dir": log_dir}
+    finally:
+        for p in reversed(procs):
+            await p.stop(timeout=20)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if ok and not args.log_dir:
+            shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def _print(summary: dict[str, Any]) -> None:
+    cols = ["domid", "vcpus", "faults", "events_put", "lost_guest", "lost_foreign", "refused", "max_occupancy",
+            "max_vcpu_stall_ms", "dropped", "integrity_failures"]
+    print(" ".join(f"{c:>18}" for c in cols))
+    for d in summary["domains"]:
+        print(" ".join(f"{d[c]:>18}" for c in cols))
+    m = summary["mappers"]
+    print(f"foreign mappers: {sum(x['pages'] for x in m)} pages, {sum(x['retries'] for x in m)} ENOENT retries, "
+          f"{sum(x['wrong_pages'] for x in m)} wrong pages, {sum(x['timeouts'] for x in m)} timeouts")
+    verdict = "OK" if summary["ok"] else f"FAILED (logs in {summary['log_dir']})"
+    print(f"soak {verdict}: {summary['elapsed_s']} s, {summary['policy']} policy, "
+          f"{summary['pager_kills']} pager kills, hypervisor exit {summary['hypervisor_exit']}"
+          + (f", log: {summary['bad_log_lines']}" if summary["bad_log_lines"] else ""))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="soak.sh", description="Soak the system under heavy paging for a bounded time.")
+    p.add_argument("--minutes", type=float, default=None, help="how long the guests run (default 1)")
+    p.add_argument("--seconds", type=float, default=None, help="the same, in seconds")
+    p.add_argument("--domains", type=int, default=3)
+    p.add_argument("--vcpus", type=int, default=8)
+    p.add_argument("--memory", type=float, default=8, help="MiB per domain")
+    p.add_argument("--target", type=int, default=64, help="pages each pager keeps resident (tiny: heavy paging)")
+    p.add_argument("--host-memory", type=float, default=16, help="host budget in MiB")
+    p.add_argument("--mappers", type=int, default=1, help="foreign mappers per domain")
+    p.add_argument("--balloon", type=int, default=32, help="pages each guest gives back half way (drops)")
+    p.add_argument("--write-ratio", type=float, default=0.4)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--policy", choices=["seed", "claim"], default="seed")
+    p.add_argument("--kill-pagers-every", type=float, default=0.0,
+                   help="SIGKILL a random pager this often (seconds; 0: never) and restart it")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--log-dir", default=None, help="keep every process's log here")
+    p.add_argument("--json", default=None, help="also write the summary as JSON to this file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.seconds is None:
+        args.seconds = 60.0 * (args.minutes if args.minutes is not None else 1.0)
+    if args.seconds <= 0 or min(args.domains, args.vcpus, args.batch) < 1 or args.target < 1:
+        print("soak.sh: need positive --seconds/--minutes, --domains, --vcpus, --batch and --target", file=sys.stderr)
+        return 2
+    gfns = int(args.memory * (1 << 20)) // abi.PAGE_SIZE
+    if not 0 <= args.balloon < gfns // 2:
+        print("soak.sh: --balloon must be below half a domain's pages", file=sys.stderr)
+        return 2
+    try:
+        summary = uvloop.run(soak(args))
+    except KeyboardInterrupt:
+        print("soak.sh: interrupted, everything stopped", file=sys.stderr)
+        return 130
+    except (RuntimeError, OSError, TimeoutError, ControlError) as exc:
+        print(f"soak.sh: {exc}", file=sys.stderr)
+        return 1
+    _print(summary)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
