@@ -1,13 +1,10 @@
 """The built-in pager, ``xenpaging``-like, written on the public SDK only.
 
-It keeps a domain's resident pages at a target (read from the hypervisor, so a
-changed target is followed at run time), evicting in batches (nominate, copy
-to the pagefile, evict: a page touched in between fails the evict and stays),
-and serves page-in requests by draining the whole ring, loading every page of
-the drain in one domctl, and pushing all responses with one notify.  On a
-clean stop it pages everything back in (through foreign mappings, as xenpaging
-does) and disables the ring.  Killed, it leaves ring and pagefile behind; a new
-pager on the same pagefile picks up every unanswered request.
+It is :class:`pager.base.Pager` (which does the work: drains, batched
+page-ins, eviction to a target, paging everything in on a clean stop) with a
+victim policy from :mod:`pager.policy`, and this command line.  Killed, it
+leaves ring and pagefile behind; a new pager on the same pagefile picks up
+every unanswered request.
 """
 
 from __future__ import annotations
@@ -17,285 +14,34 @@ import asyncio
 import logging
 import signal
 import sys
-import time
 
-from hvemu import abi, logs
-from hvemu.abi import MemEvent, MemEventFlag, P2MType, RingKind
+from hvemu import logs
+from hvemu.abi import RingKind
 from hvemu.transport import ControlError, root_cause
+from pager.base import Pager as BasePager
+from pager.base import PageStore
 from pager.pagefile import Pagefile
 from pager.policy import PolicyName, VictimPolicy, make_policy
-from pager.sdk import DomainGone, Domctl, MemEventClient, SdkError
+from pager.sdk import DomainGone, MemEventClient, SdkError
 
 log = logging.getLogger("pager")
 
-#: Request flags a response echoes back (the hypervisor acts on them).
-_ECHO = int(MemEventFlag.VCPU_PAUSED | MemEventFlag.DROP_PAGE | MemEventFlag.EVICT_FAIL | MemEventFlag.FOREIGN)
-# Plain ints on the page-in path: an IntFlag operation costs a microsecond, an int one 10 ns.
-_DROP_PAGE = int(MemEventFlag.DROP_PAGE)
-_EVICT_FAIL = int(MemEventFlag.EVICT_FAIL)
-_NO_LOAD = int(MemEventFlag.DROP_PAGE | MemEventFlag.EVICT_FAIL | MemEventFlag.DUMMY)
 
+class Pager(BasePager):
+    """The built-in pager: :class:`pager.base.Pager` with a victim policy from :mod:`pager.policy`."""
 
-class Pager:
-    """A paging daemon; subclass and override the three hooks for a custom one."""
-
-    def __init__(self, client: MemEventClient, pagefile: Pagefile, policy: VictimPolicy, *,
+    def __init__(self, client: MemEventClient, pagefile: PageStore, policy: VictimPolicy, *,
                  batch: int = 64, poll_interval: float = 0.05, unbatched: bool = False) -> None:
-        self.client = client
-        #: Serve each request on its own (one load, one response, one push and
-        #: notify, hence one resume, per request): the naive daemon that the
-        #: page-in benchmark compares batching against.
-        self.unbatched = unbatched
-        #: Eviction's own connection (set by :meth:`run`): page-ins never queue behind it.
-        self.evictor: Domctl = client
-        self.pagefile = pagefile
+        super().__init__(client, pagefile, batch=batch, poll_interval=poll_interval, unbatched=unbatched)
         self.policy = policy
-        self.batch = batch
-        self.poll_interval = poll_interval
-        self.pages_out = 0
-        self.pages_in = 0
-        self.evict_failed = 0
-        self.drops = 0
-        self.requests = 0
-        self.stranded_loaded = 0
-        self._paged_in_event = asyncio.Event()
-        #: The target and the resident count as the eviction loop last read
-        #: them, plus the pages loaded since: a page-in wakes that loop only
-        #: when it takes the domain above its target.
-        self._target = 1 << 62
-        self._resident = 0
-        self._paging_in_seen: set[int] = set()
 
-    # ------------------------------------------------------------- hooks
     def choose_victims(self, candidates: list[int], count: int) -> list[int]:
-        """Which resident (``ram_rw``) gfns to evict next."""
+        """The policy's choice (it avoids pages paged in lately)."""
         return self.policy.choose(candidates, count)
 
     def on_populate(self, gfns: list[int]) -> None:
-        """Pages just paged in (the policy avoids evicting them again soon)."""
+        """Tell the policy, so that it does not evict these again soon."""
         self.policy.paged_in(gfns)
-
-    def on_drop(self, gfn: int) -> None:
-        """The guest gave a paged-out gfn back: its pagefile slot is garbage now."""
-        self.drops += 1
-
-    # ------------------------------------------------------------- serving
-    async def serve(self) -> None:
-        """Answer requests forever, one drain at a time."""
-        async for batch in self.client.requests():
-            await self.handle_batch(batch)
-
-    async def handle_batch(self, batch: list[MemEvent]) -> None:
-        if self.unbatched:
-            for req in batch:
-                if not await self._handle([req], merged=False):
-                    self.client.kick()  # one notify per response, even when ring.h would skip it
-            return
-        await self._handle(batch)
-
-    async def _handle(self, batch: list[MemEvent], *, merged: bool = True) -> bool:
-        """Answer one drain: every response with one push, every page with one load domctl.
-
-        The responses are published first and the load resumes the ring in
-        the same domctl (``resume=True``): one round trip and no event-channel
-        kick per drain.  The hypervisor looks at responses only when it
-        resumes, which it does after loading, so no vCPU runs before its page
-        is in (a pager killed in between leaves published, unconsumed
-        responses, which a re-attach rolls back).  ``merged=False`` is the
-        classic order (load, push, notify), kept for the unbatched mode.
-        Returns whether the hypervisor was resumed or notified.
-        """
-        self.requests += len(batch)
-        to_load: dict[int, None] = {}
-        for req in batch:
-            if req.flags & _NO_LOAD:
-                continue
-            to_load[req.gfn] = None
-        merge = merged and bool(to_load)
-        loaded: list[int] = [] if merge else await self._load(list(to_load))
-        for req in batch:
-            if req.flags & _DROP_PAGE:
-                self.on_drop(req.gfn)
-            elif req.flags & _EVICT_FAIL:
-                self.evict_failed += 1
-            self.client.respond(MemEvent(type=req.type, flags=req.flags & _ECHO, vcpu_id=req.vcpu_id,
-                                         gfn=req.gfn, p2mt=req.p2mt))
-        if merge:
-            await self.client.push(notify=False)
-            loaded = await self._load(list(to_load), resume=True)
-            notified = True
-        else:
-            notified = await self.client.push()
-        if loaded:
-            self.pages_in += len(loaded)
-            self.on_populate(loaded)
-            self._resident += len(loaded)
-            if self._resident > self._target:
-                self._paged_in_event.set()
-        return notified
-
-    async def _load(self, gfns: list[int], *, resume: bool = False) -> list[int]:
-        """Read the pagefile and load; on ENOMEM make room by evicting, then retry.
-
-        ``resume``: the paging ring is resumed by the time this returns, by
-        the load that finds memory for every gfn, or else by a kick at the end.
-        """
-        loaded: list[int] = []
-        pending = gfns
-        resumed = not resume
-        for _attempt in range(8):
-            if not pending:
-                break
-            results = await self.client.load(pending, [self.pagefile.read(g) for g in pending], resume=not resumed)
-            retry = []
-            for g, r in zip(pending, results, strict=True):
-                if r is None:
-                    loaded.append(g)
-                elif r == abi.Errno.ENOMEM:
-                    retry.append(g)
-                # EINVAL etc: the gfn is no longer paged (a duplicate request); the response suffices.
-            if not retry:
-                resumed = True  # the hypervisor resumed after this load (see PagingLoad.resume)
-            pending = retry
-            if pending:
-                await self.evict_batch(len(pending))
-        if pending:
-            log.warning("dom%d: host memory exhausted, %d page-ins deferred to the guest's retry",
-                        self.client.domid, len(pending))
-        if not resumed:
-            self.client.kick()
-        return loaded
-
-    # ------------------------------------------------------------- eviction
-    def resident(self) -> int:
-        c = self.client
-        return c.count_type(P2MType.ram_rw) + c.count_type(P2MType.ram_paging_out)
-
-    async def evict_batch(self, count: int) -> int:
-        """Nominate, copy and evict up to ``count`` pages; returns how many left."""
-        candidates = self.client.gfns_of_type(P2MType.ram_rw)
-        victims = self.choose_victims(candidates, min(count, self.batch))
-        if not victims:
-            return 0
-        nominated = [g for g, r in zip(victims, await self.evictor.nominate(victims), strict=True) if r is None]
-        if not nominated:
-            return 0
-        mem = self.client.memory
-        assert mem is not None
-        for g in nominated:
-            off = g * abi.PAGE_SIZE
-            self.pagefile.write(g, mem[off:off + abi.PAGE_SIZE])
-        results = await self.evictor.evict(nominated)
-        evicted = sum(1 for r in results if r is None)
-        self.pages_out += evicted
-        return evicted
-
-    async def load_stranded(self) -> int:
-        """Load gfns left ``ram_paging_in`` with no request in sight.
-
-        Under the seed's rule a foreign mapper's populate is lost when the
-        ring is full, and a foreign retry of a ``ram_paging_in`` gfn sends no
-        new request: without this sweep such a gfn would wait for a guest
-        vCPU to touch it.  A gfn seen ``ram_paging_in`` on two consecutive
-        sweeps is loaded directly (a request that does turn up later is then
-        answered as usual; its response finds ``ram_rw`` and only unpauses).
-        """
-        now = set(self.client.gfns_of_type(P2MType.ram_paging_in))
-        stranded = sorted(now & self._paging_in_seen)
-        self._paging_in_seen = now - set(stranded)
-        if not stranded:
-            return 0
-        total = 0
-        for i in range(0, len(stranded), self.batch):
-            loaded = await self._load(stranded[i:i + self.batch])
-            self.stranded_loaded += len(loaded)
-            self.pages_in += len(loaded)
-            self.on_populate(loaded)
-            total += len(loaded)
-        return total
-
-    async def evict_loop(self) -> None:
-        """Follow the target: evict while above it, otherwise wait for a page-in or a little while.
-
-        The target (a domctl) and the stranded sweep (a scan of the p2m) are
-        refreshed once per ``poll_interval``, not on every page-in, and a
-        page-in wakes this loop only when it takes the domain above the
-        target: the fault path pays neither a domctl round trip nor a task
-        switch and a p2m scan per fault.
-        """
-        loop = asyncio.get_running_loop()
-        target = 0
-        next_poll = 0.0
-        while True:
-            now = loop.time()
-            if now >= next_poll:
-                await self.load_stranded()
-                target = self._target = await self.evictor.get_target()
-                next_poll = now + self.poll_interval
-            self._resident = self.resident()
-            excess = self._resident - target
-            # Evict whole batches (down to a little below the target) rather
-            # than one page per page-in: a batch costs two domctls, whatever its size.
-            if excess > 0 and await self.evict_batch(max(excess, min(self.batch, target // 8 + 1))) > 0:
-                await asyncio.sleep(0)
-                continue
-            self._paged_in_event.clear()
-            try:
-                async with asyncio.timeout(max(0.0, next_poll - loop.time())):
-                    await self._paged_in_event.wait()
-            except TimeoutError:
-                pass
-
-    # ------------------------------------------------------------- stopping
-    async def page_in_all(self, timeout: float = 60.0) -> None:
-        """Bring every page back before the ring goes away.
-
-        Paged gfns (and ones whose populate is in flight) are loaded directly
-        from the pagefile, which makes them ``ram_rw`` at once; nominated ones
-        still hold their frame and are foreign-mapped, which turns them
-        ``ram_paging_in`` so that the next round loads them.  Requests that
-        arrive meanwhile are answered by the serve loop as usual.
-        """
-        deadline = time.monotonic() + timeout
-        client = self.client
-        while True:
-            out = client.gfns_of_type(P2MType.ram_paged) + client.gfns_of_type(P2MType.ram_paging_in)
-            nominated = client.gfns_of_type(P2MType.ram_paging_out)
-            if not out and not nominated:
-                return
-            if time.monotonic() > deadline:
-                raise SdkError(f"dom{client.domid}: {len(out) + len(nominated)} pages still out after {timeout}s")
-            for i in range(0, len(out), self.batch):
-                chunk = out[i:i + self.batch]
-                results = await client.load(chunk, [self.pagefile.read(g) for g in chunk])
-                if abi.Errno.ENOMEM in results:
-                    raise SdkError(f"dom{client.domid}: host memory exhausted while paging everything in",
-                                   abi.Errno.ENOMEM)
-                self.pages_in += sum(1 for r in results if r is None)
-            for i in range(0, len(nominated), self.batch):
-                await client.map_foreign(nominated[i:i + self.batch])
-            await asyncio.sleep(0)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Serve and evict until ``stop`` is set, then page everything in."""
-        self.evictor = await self.client.open_domctl()
-        try:
-            async with asyncio.TaskGroup() as tg:
-                serve = tg.create_task(self.serve(), name="serve")
-                evict = tg.create_task(self.evict_loop(), name="evict")
-                await stop.wait()
-                evict.cancel()
-                log.info("dom%d: stopping, paging everything back in", self.client.domid)
-                await self.page_in_all()
-                serve.cancel()
-        finally:
-            await self.evictor.close()
-            self.evictor = self.client
-
-    def summary(self) -> dict[str, int]:
-        return {"pages_out": self.pages_out, "pages_in": self.pages_in, "requests": self.requests,
-                "evict_failed": self.evict_failed, "drops": self.drops,
-                "stranded_loaded": self.stranded_loaded}
 
 
 def _parser() -> argparse.ArgumentParser:
