@@ -29,6 +29,9 @@ log = logging.getLogger("hvemu.backend")
 #: How long a shootdown waits for a vCPU to leave a page before the domain is
 #: crashed (a guest stuck mid-access, e.g. SIGSTOPped, cannot hold the host).
 SHOOTDOWN_TIMEOUT = 10.0
+#: Loop turns a shootdown waits without sleeping, then how long it sleeps between looks.
+SHOOTDOWN_SPINS = 64
+SHOOTDOWN_POLL = 0.001
 
 
 class RingBackend:
@@ -91,12 +94,16 @@ class DomainBackend:
         if not wanted:
             return True
         deadline = 0.0
+        spins = 0
         while any(w in wanted for w in words):
             if not deadline:
                 deadline = time.monotonic() + SHOOTDOWN_TIMEOUT
             elif time.monotonic() > deadline:
                 return False
-            await asyncio.sleep(0)
+            # A vCPU leaves a page within microseconds: yield a few times, then
+            # poll gently, so that a guest that never leaves cannot pin a host CPU.
+            spins += 1
+            await asyncio.sleep(0 if spins <= SHOOTDOWN_SPINS else SHOOTDOWN_POLL)
             mb()
         return True
 

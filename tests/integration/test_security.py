@@ -21,6 +21,7 @@ import os
 import socket
 import stat
 import tempfile
+import time
 
 import pytest
 
@@ -364,6 +365,65 @@ async def test_the_hypervisor_refuses_a_peer_its_hook_rejects(tmp_path: object) 
         assert refused == [os.getuid()]
         assert not daemon.backends
     finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        os.rmdir(run)
+
+
+async def test_a_guest_pinning_a_page_in_flight_crashes_only_its_domain(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guest that never leaves a page (its in-flight word held) cannot hold the host.
+
+    The shootdown after a nominate gives up after ``SHOOTDOWN_TIMEOUT`` and crashes that domain
+    alone; while it waits it must not burn a CPU (a legitimate access ends within microseconds).
+    """
+    from hvemu import backend
+
+    monkeypatch.setattr(backend, "SHOOTDOWN_TIMEOUT", 1.0)
+    run = tempfile.mkdtemp(prefix="hvemu-pin")
+    daemon = HypervisorDaemon(run, 256)
+    started = asyncio.Event()
+    task = asyncio.create_task(daemon.serve(started.set))
+    conns: list[Connection] = []
+    fds: dict[str, int] = {}
+    try:
+        await asyncio.wait_for(started.wait(), 10)
+        tool = await Connection.connect(daemon.socket_path)
+        conns.append(tool)
+        await tool.call(protocol.ToolHello())
+        pinned = await _create(tool, vcpus=2, gfns=16)
+        other = await _create(tool, vcpus=1, gfns=16)
+        guest = await Connection.connect(daemon.socket_path)
+        conns.append(guest)
+        reply, got = await guest.call(protocol.GuestHello(domid=pinned))
+        assert isinstance(reply, protocol.Welcome)
+        fds = dict(zip(reply.fds, got, strict=True))
+        inflight = mmap.mmap(fds["inflight"], abi.inflight_table_size(2), mmap.MAP_SHARED)
+        words = memoryview(inflight)[: 2 * abi.INFLIGHT_WORD_SIZE].cast("Q")
+        words[1] = abi.inflight_value(5)  # vCPU 1 "is inside" gfn 5, forever
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        nominate = asyncio.create_task(tool.call(protocol.PagingNominate(domid=pinned, gfns=[4, 5, 6])))
+        # Meanwhile the host serves everyone else.
+        await asyncio.sleep(0.2)
+        for _ in range(20):
+            r, _ = await tool.call(protocol.PagingNominate(domid=other, gfns=[1]))
+            assert isinstance(r, protocol.BatchResult)
+            await tool.call(protocol.PagingLoad(domid=other, gfns=[1], pages=[bytes(abi.PAGE_SIZE)]))
+        with pytest.raises(ControlError) as info:
+            await asyncio.wait_for(nominate, 10)
+        cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+        assert info.value.errno == Errno.ESRCH and "shootdown" in info.value.message
+        assert wall >= 0.9
+        assert cpu < 0.5 * wall, f"the shootdown wait burnt {cpu:.2f}s of CPU in {wall:.2f}s"
+        words.release()
+        inflight.close()
+        st, _ = await tool.call(protocol.DomainList())
+        assert isinstance(st, protocol.DomainListReply)
+        alive = {d.domid: d.crashed for d in st.domains}
+        assert alive.get(other) is False and alive.get(pinned, True) is True, alive
+    finally:
+        _close_all(fds)
+        for c in conns:
+            await c.close()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         os.rmdir(run)
