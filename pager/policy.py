@@ -50,10 +50,11 @@ class RandomPolicy(_RecentlyPagedIn):
         # Draw a few more than needed and drop the recent ones: a uniform
         # choice among the fresh candidates at the cost of the draw, not of a
         # pass over every candidate (there may be a whole guest of them).
-        draw = min(len(candidates), 2 * count + 16)
-        picked = [g for g in self._rng.sample(candidates, draw) if g not in recent][:count]
-        if len(picked) == min(count, len(candidates)):
-            return picked
+        if len(candidates) > 4 * len(recent):  # most draws are fresh: worth trying
+            draw = min(len(candidates), 2 * count + 16)
+            picked = [g for g in self._rng.sample(candidates, draw) if g not in recent][:count]
+            if len(picked) == min(count, len(candidates)):
+                return picked
         fresh = [g for g in candidates if g not in recent]
         pool = fresh if len(fresh) >= count else candidates
         return self._rng.sample(pool, min(count, len(pool)))
