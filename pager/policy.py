@@ -6,6 +6,7 @@ evicting a page the guest just faulted back is the classic thrash.
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -50,10 +51,15 @@ class RandomPolicy(_RecentlyPagedIn):
         # Draw a few more than needed and drop the recent ones: a uniform
         # choice among the fresh candidates at the cost of the draw, not of a
         # pass over every candidate (there may be a whole guest of them).
-        if len(candidates) > 4 * len(recent):  # most draws are fresh: worth trying
-            draw = min(len(candidates), 2 * count + 16)
-            picked = [g for g in self._rng.sample(candidates, draw) if g not in recent][:count]
-            if len(picked) == min(count, len(candidates)):
+        n = len(candidates)
+        if n > 4 * len(recent) and n > 8 * count:  # most draws are fresh and distinct: worth trying
+            # i.i.d. uniform indices, first occurrences kept in draw order: a
+            # uniform sample without replacement, at a C-level random() per
+            # draw instead of random.sample's Python-level _randbelow.
+            rnd = self._rng.random
+            drawn = dict.fromkeys(int(rnd() * n) for _ in range(2 * count + 16))
+            picked = [g for i in drawn if (g := candidates[i]) not in recent][:count]
+            if len(picked) == count:
                 return picked
         fresh = [g for g in candidates if g not in recent]
         pool = fresh if len(fresh) >= count else candidates
@@ -68,14 +74,31 @@ class ClockPolicy(_RecentlyPagedIn):
         self._hand = 0
 
     def choose(self, candidates: list[int], count: int) -> list[int]:
-        if not candidates:
+        """``count`` gfns from the hand on (``candidates`` ascending), recent ones only if short.
+
+        Walks only as far as it must (a binary search for the hand, then one
+        step per gfn taken or skipped), not over every candidate per batch.
+        """
+        n = len(candidates)
+        if not n:
             return []
-        start = next((i for i, g in enumerate(candidates) if g >= self._hand), 0)
-        ordered = candidates[start:] + candidates[:start]
-        picked = [g for g in ordered if g not in self][:count]
+        recent = self._recent
+        start = bisect.bisect_left(candidates, self._hand)
+        if start == n:
+            start = 0
+        picked: list[int] = []
+        skipped: list[int] = []
+        for i in range(start - n, start):  # negative indices wrap around: one full turn from start
+            g = candidates[i]
+            if g in recent:
+                if len(skipped) < count:
+                    skipped.append(g)
+            else:
+                picked.append(g)
+                if len(picked) == count:
+                    break
         if len(picked) < count:
-            extra = [g for g in ordered if g in self]
-            picked += extra[: count - len(picked)]
+            picked += skipped[: count - len(picked)]
         if picked:
             self._hand = picked[-1] + 1
         return picked
