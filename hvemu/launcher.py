@@ -172,7 +172,7 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
             pager = await Child.start(f"pager{domid}", "-m", "pager.xenpaging", "--domid", str(domid),
                                       "--run-dir", run_dir, "--pagefile",
                                       os.path.join(run_dir, f"dom{domid}.pagefile"),
-                                      "--batch", str(args.batch), cpus=args.cpus)
+                                      "--batch", str(args.batch), "--progress", "off", cpus=args.cpus)
             children.append(pager)
             pagers[domid] = pager
             await _wait_ring(tool, domid, pager)

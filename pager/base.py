@@ -28,6 +28,7 @@ from typing import Protocol
 
 from hvemu import abi
 from hvemu.abi import MemEvent, MemEventFlag, P2MType
+from pager.progress import Progressbar
 from pager.sdk import Domctl, MemEventClient, SdkError, response_for
 
 log = logging.getLogger("pager")
@@ -69,7 +70,7 @@ class Pager:
 
     def __init__(self, client: MemEventClient, pagefile: PageStore, *,
                  batch: int = 64, poll_interval: float = 0.05, unbatched: bool = False,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, progress: bool = False) -> None:
         if batch < 1:
             raise ValueError(f"batch must be at least 1, not {batch}")
         self.client = client
@@ -77,6 +78,9 @@ class Pager:
         #: notify, hence one resume, per request): the naive daemon that the
         #: page-in benchmark compares batching against.
         self.unbatched = unbatched
+        #: Show the initial page-out and the final page-in as progress (a bar
+        #: on a terminal, plain lines otherwise; see :mod:`pager.progress`).
+        self.progress = progress
         #: Eviction's own connection (set by :meth:`run`): page-ins never queue behind it.
         self.evictor: Domctl = client
         self.pagefile = pagefile
@@ -260,6 +264,8 @@ class Pager:
         loop = asyncio.get_running_loop()
         target = 0
         next_poll = 0.0
+        initial: Progressbar | None = None
+        initial_done = not self.progress
         while True:
             now = loop.time()
             if now >= next_poll:
@@ -268,6 +274,17 @@ class Pager:
                 next_poll = now + self.poll_interval
             self._resident = self.resident()
             excess = self._resident - target
+            if not initial_done:
+                # The first page-out down to the target, shown as progress.
+                if initial is None and excess > 0:
+                    initial = Progressbar(f"dom{self.client.domid}: paging out to the target", excess).__enter__()
+                    start_out = self.pages_out
+                if initial is not None:
+                    initial.update(self.pages_out - start_out)
+                if excess <= 0 and next_poll > 0:
+                    if initial is not None:
+                        initial.__exit__(None, None, None)
+                    initial_done = True
             # Evict whole batches (down to a little below the target) rather
             # than one page per page-in: a batch costs two domctls, whatever its size.
             if excess > 0 and await self.evict_batch(max(excess, min(self.batch, target // 8 + 1))) > 0:
@@ -292,10 +309,19 @@ class Pager:
         """
         deadline = time.monotonic() + timeout
         client = self.client
+        bar: Progressbar | None = None
+        total = 0
         while True:
             out = client.gfns_of_type(P2MType.ram_paged) + client.gfns_of_type(P2MType.ram_paging_in)
             nominated = client.gfns_of_type(P2MType.ram_paging_out)
+            if self.progress:
+                if bar is None:
+                    total = len(out) + len(nominated)
+                    bar = Progressbar(f"dom{client.domid}: paging everything in", total).__enter__()
+                bar.update(total - len(out) - len(nominated))
             if not out and not nominated:
+                if bar is not None:
+                    bar.__exit__(None, None, None)
                 return
             if time.monotonic() > deadline:
                 raise SdkError(f"dom{client.domid}: {len(out) + len(nominated)} pages still out after {timeout}s")

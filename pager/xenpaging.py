@@ -31,8 +31,10 @@ class Pager(BasePager):
     """The built-in pager: :class:`pager.base.Pager` with a victim policy from :mod:`pager.policy`."""
 
     def __init__(self, client: MemEventClient, pagefile: PageStore, policy: VictimPolicy, *,
-                 batch: int = 64, poll_interval: float = 0.05, unbatched: bool = False) -> None:
-        super().__init__(client, pagefile, batch=batch, poll_interval=poll_interval, unbatched=unbatched)
+                 batch: int = 64, poll_interval: float = 0.05, unbatched: bool = False,
+                 progress: bool = False) -> None:
+        super().__init__(client, pagefile, batch=batch, poll_interval=poll_interval, unbatched=unbatched,
+                         progress=progress)
         self.policy = policy
 
     def choose_victims(self, candidates: list[int], count: int) -> list[int]:
@@ -55,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="answer each request on its own (one load, push and notify per request); "
                         "for comparison only")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
+                   help="show the initial page-out and the final page-in (auto: when stderr is a terminal)")
     p.add_argument("--run-dir", default=None)
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p
@@ -75,8 +79,9 @@ async def _main(args: argparse.Namespace) -> dict[str, int]:
         # A fresh ring means no page of this domain is in any pagefile yet:
         # start from an empty one.  A re-attached ring keeps its pagefile.
         pagefile = Pagefile(args.pagefile, client.gfns, fresh=not client.info.reattached)
+        progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
         pager = Pager(client, pagefile, make_policy(policy_name, seed=args.seed), batch=args.batch,
-                      unbatched=args.unbatched)
+                      unbatched=args.unbatched, progress=progress)
         try:
             await pager.run(stop)
         except BaseException as exc:

@@ -106,3 +106,30 @@ async def test_balloon_out_of_paged_pages_sends_drop_requests(hypervisor: Hyperv
         for proc in (guest, pager):
             if proc is not None:
                 proc.stop()
+
+
+async def test_pager_shows_progress_of_its_long_operations(hypervisor: Hypervisor, tmp_path: object) -> None:
+    conn = await hypervisor.tool()
+    pager = None
+    try:
+        reply, _ = await conn.call(protocol.DomainCreate(max_vcpus=1, gfns=2048))
+        assert isinstance(reply, protocol.DomainCreated)
+        domid = reply.domid
+        await conn.call(protocol.SetTarget(domid=domid, pages=256))
+        pager = hypervisor.pager(domid, os.path.join(str(tmp_path), "d.pages"), "--progress", "on")
+
+        async def paged_out() -> bool:
+            return int((await stats(conn, domid))["paged"]) >= 2048 - 256 - 64
+
+        await wait_until(paged_out, timeout=30)
+        time.sleep(0.3)
+        pager.signal(signal.SIGTERM)
+        assert pager.wait(30) == 0, pager.stderr()
+        err = pager.stderr()  # not a terminal: plain lines
+        assert f"dom{domid}: paging out to the target: " in err and "(100%)" in err, err
+        assert f"dom{domid}: paging everything in: " in err, err
+        assert int((await stats(conn, domid))["paged"]) == 0
+    finally:
+        await conn.close()
+        if pager is not None:
+            pager.stop()
