@@ -152,6 +152,8 @@ async def scenario_with_signals(args: argparse.Namespace) -> dict[str, Any]:
 async def scenario(args: argparse.Namespace) -> dict[str, Any]:
     run_dir = tempfile.mkdtemp(prefix="hvemu-run-")
     os.chmod(run_dir, 0o700)
+    print(f"run.sh: run directory {run_dir} (watch with: hvemu --run-dir {run_dir} top)", file=sys.stderr,
+          flush=True)
     children: list[Child] = []
     try:
         hv = await start_hypervisor(run_dir, args.host_memory, args.policy, cpus=args.cpus)
