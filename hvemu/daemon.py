@@ -62,6 +62,16 @@ def _err(errno: Errno, message: str) -> HypervisorError:
     return HypervisorError(errno, message)
 
 
+#: Longest a reply to a load that resumed the paging ring is held, waiting for
+#: the pager's next wake-up to ride on (see HypervisorDaemon._hold_load_reply).
+LOAD_REPLY_HOLD = 0.002
+
+
+def _release(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class HypervisorDaemon:
     def __init__(self, run_dir: str, total_frames: int, *, policy: str = "seed",
                  ring_size: int | None = None) -> None:
@@ -69,6 +79,8 @@ class HypervisorDaemon:
         self.socket_path = protocol.socket_path(run_dir)
         self.hv = Hypervisor(total_frames, policy=policy, ring_size=ring_size)  # type: ignore[arg-type]
         self.backends: dict[int, DomainBackend] = {}
+        #: Replies to PagingLoad(resume=True) held until the pager's next wake-up (see _hold_load_reply).
+        self._held_load_replies: dict[int, list[asyncio.Future[None]]] = {}
         self._next_port = 1
         self._handlers: dict[type, Callable[[ConnCtx, Any], Awaitable[Reply]]] = {
             protocol.ToolHello: self._tool_hello,
@@ -126,6 +138,8 @@ class HypervisorDaemon:
             self._after_op()
 
     def _after_op(self) -> None:
+        if self._held_load_replies:
+            self._release_load_replies()
         for crash in apply_effects(self.hv, self.backends):
             be = self.backends.get(crash.domid)
             if be is not None:
@@ -134,6 +148,16 @@ class HypervisorDaemon:
                 # The guest's vCPUs got ESRCH; one that never exits would not
                 # notice, so hang up on it (it then exits, and the domain goes).
                 self._disconnect_guest(be)
+
+    def _release_load_replies(self) -> None:
+        """Send the held load replies of domains whose paging ring has a request again (or is gone)."""
+        for domid, held in list(self._held_load_replies.items()):
+            be = self.backends.get(domid)
+            paging = be.dom.rings[RingKind.paging] if be is not None else None
+            if paging is None or paging.front is None or paging.occupancy() or be is None or be.dom.crashed:
+                for fut in held:
+                    _release(fut)
+                del self._held_load_replies[domid]
 
     def on_disconnect(self, state: ConnState) -> None:
         ctx = state.data.pop("ctx", None)
@@ -196,6 +220,10 @@ class HypervisorDaemon:
         else:
             if be.guest is None:
                 raise _err(Errno.EPERM, f"domain {msg.domid}: connect the guest before its vCPUs")
+            owner = be.guest.state.pid if isinstance(be.guest, ConnCtx) else None
+            if owner != ctx.state.pid:
+                # Another process may not take over a vCPU the guest left unconnected.
+                raise _err(Errno.EPERM, f"the vCPUs of domain {msg.domid} belong to its guest (pid {owner})")
             self._vcpu(be, msg.vcpu)
             if msg.vcpu in be.vcpu_conns:
                 raise _err(Errno.EBUSY, f"vCPU {msg.vcpu} of domain {msg.domid} is already connected")
@@ -394,11 +422,34 @@ class HypervisorDaemon:
         results = be.dom.paging_load(msg.gfns, fill)
         if msg.resume and Errno.ENOMEM not in results:
             be.dom.mem_event_resume(RingKind.paging)
-            # Let the resumed vCPUs' exits answer first: the pager's reply is
-            # not on any fault's path, the guests' are.
-            self._after_op()
-            await asyncio.sleep(0)
+            self._after_op()  # the resumed vCPUs' exits answer now
+            await self._hold_load_reply(be)
         return protocol.BatchResult(results=results), []
+
+    async def _hold_load_reply(self, be: DomainBackend) -> None:
+        """Coalesce the reply to a load that resumed the paging ring with the pager's next wake-up.
+
+        Nothing in that reply is urgent (every page loaded, the vCPUs already
+        run), yet sending it at once wakes the pager a second time per
+        fault, only to go back to sleep on its ring.  So it is held until a
+        request is next put on that ring (the pager must wake for it anyway
+        and then finds both), or for :data:`LOAD_REPLY_HOLD` at most.  When
+        requests are already waiting for the pager it is not held.
+        """
+        paging = be.dom.rings[RingKind.paging]
+        if paging.front is None or paging.occupancy():
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        held = self._held_load_replies.setdefault(be.domid, [])
+        held.append(fut)
+        timer = loop.call_later(LOAD_REPLY_HOLD, _release, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            if fut in held:
+                held.remove(fut)
 
     async def _access_set(self, ctx: ConnCtx, msg: protocol.AccessSet) -> Reply:
         be = self._backend(msg.domid)

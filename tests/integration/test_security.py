@@ -258,8 +258,8 @@ def test_prepare_run_dir_removes_a_stale_socket_only(tmp_path: object) -> None:
         os.unlink(path)
 
 
-def _as_nobody(path: str, msg: protocol.Msg) -> str:
-    """Connect to ``path`` as uid/gid nobody (a forked child) and send ``msg``; what happened, as text.
+def _as_nobody(path: str, msg: protocol.Msg, *, nobody: bool = True) -> str:
+    """Connect to ``path`` from a forked child (as uid/gid nobody) and send ``msg``; what happened, as text.
 
     A fork, not an exec: the interpreter may live where nobody cannot read it.
     """
@@ -270,8 +270,9 @@ def _as_nobody(path: str, msg: protocol.Msg) -> str:
         code = 1
         try:
             os.close(r)
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
+            if nobody:
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 s.connect(path)
@@ -280,7 +281,11 @@ def _as_nobody(path: str, msg: protocol.Msg) -> str:
             else:
                 s.sendall(data)
                 got = b""
-                while chunk := s.recv(65536):
+                while len(got) < protocol.HEADER_SIZE or len(got) < protocol.HEADER_SIZE + int.from_bytes(
+                        got[:protocol.HEADER_SIZE], "little"):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
                     got += chunk
                 os.write(w, f"reply {got[protocol.HEADER_SIZE:].hex()}".encode())
             code = 0
@@ -427,3 +432,23 @@ async def test_a_guest_pinning_a_page_in_flight_crashes_only_its_domain(monkeypa
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         os.rmdir(run)
+
+
+async def test_another_process_cannot_take_a_vcpu_the_guest_left_free(hypervisor: Hypervisor) -> None:
+    """A domain's vCPU connections come from its guest's process: no other may exit (or balloon) for it."""
+    tool = await hypervisor.tool()
+    domid = await _create(tool, vcpus=2, gfns=16)
+    guest, gfds = await _guest(hypervisor, domid)
+    try:
+        msg = protocol.GuestHello(domid=domid, vcpu=1)
+        out = await asyncio.to_thread(_as_nobody, hypervisor.socket, msg, nobody=False)
+        reply = protocol.decode_reply(bytes.fromhex(out.split()[1]))
+        assert isinstance(reply, protocol.Error) and reply.errno == Errno.EPERM, reply
+        # The guest's own process may.
+        vcpu1, _ = await _guest(hypervisor, domid, vcpu=1)
+        await vcpu1.call(protocol.GuestAccess(vcpu=1, gfn=3, access=abi.ACCESS_R))
+        await vcpu1.close()
+    finally:
+        _close_all(gfds)
+        for c in (guest, tool):
+            await c.close()
