@@ -31,6 +31,7 @@ from hvemu.abi import Errno, RingKind
 from hvemu.backend import DomainBackend, RingBackend, apply_effects
 from hvemu.core.errors import HypervisorError
 from hvemu.core.hypervisor import Hypervisor
+from hvemu.janitor import Janitor
 from hvemu.shm import PosixSegment, Segment
 from hvemu.trace import TraceWriter
 from hvemu.transport import ConnState, ControlServer, FdLike, OwnedFd
@@ -623,7 +624,11 @@ def main(argv: list[str] | None = None) -> int:
         print("hvemu-hypervisor: --memory must be at least one page", file=sys.stderr)
         return 2
 
+    # Forked before anything is opened: removes the socket file if we are killed.
+    janitor = Janitor.start(protocol.socket_path(run_dir))
+
     def ready() -> None:
+        janitor.arm()
         if args.ready_fd is not None:
             os.write(args.ready_fd, b"R")
             os.close(args.ready_fd)
@@ -636,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"hvemu-hypervisor: {exc}", file=sys.stderr)
         return 1
+    finally:
+        janitor.reap()
     return 0
 
 
