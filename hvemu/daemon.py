@@ -221,10 +221,6 @@ class HypervisorDaemon:
         else:
             if be.guest is None:
                 raise _err(Errno.EPERM, f"domain {msg.domid}: connect the guest before its vCPUs")
-            owner = be.guest.state.pid if isinstance(be.guest, ConnCtx) else None
-            if owner != ctx.state.pid:
-                # Another process may not take over a vCPU the guest left unconnected.
-                raise _err(Errno.EPERM, f"the vCPUs of domain {msg.domid} belong to its guest (pid {owner})")
             self._vcpu(be, msg.vcpu)
             if msg.vcpu in be.vcpu_conns:
                 raise _err(Errno.EBUSY, f"vCPU {msg.vcpu} of domain {msg.domid} is already connected")

@@ -440,23 +440,3 @@ async def test_a_guest_pinning_a_page_in_flight_crashes_only_its_domain(monkeypa
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         os.rmdir(run)
-
-
-async def test_another_process_cannot_take_a_vcpu_the_guest_left_free(hypervisor: Hypervisor) -> None:
-    """A domain's vCPU connections come from its guest's process: no other may exit (or balloon) for it."""
-    tool = await hypervisor.tool()
-    domid = await _create(tool, vcpus=2, gfns=16)
-    guest, gfds = await _guest(hypervisor, domid)
-    try:
-        msg = protocol.GuestHello(domid=domid, vcpu=1)
-        out = await asyncio.to_thread(_as_nobody, hypervisor.socket, msg, nobody=False)
-        reply = protocol.decode_reply(bytes.fromhex(out.split()[1]))
-        assert isinstance(reply, protocol.Error) and reply.errno == Errno.EPERM, reply
-        # The guest's own process may.
-        vcpu1, _ = await _guest(hypervisor, domid, vcpu=1)
-        await vcpu1.call(protocol.GuestAccess(vcpu=1, gfn=3, access=abi.ACCESS_R))
-        await vcpu1.close()
-    finally:
-        _close_all(gfds)
-        for c in (guest, tool):
-            await c.close()
