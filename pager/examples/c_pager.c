@@ -1,0 +1,467 @@
+/* c_pager.c -- a pager in C for hvemu, on the raw attach (pager/attach.py).
+ *
+ *   cc -O2 -Wall -o c_pager pager/examples/c_pager.c
+ *   python -m pager.attach --domid 1 --ring paging -- ./c_pager /tmp/dom1.pages
+ *
+ * It uses nothing but the documented contract (docs/writing-a-daemon.md):
+ * the ring page layout (declared below, with ring.h's back-ring logic written
+ * out), the event channel (4-byte little-endian port messages on a SEQPACKET
+ * socket), read-only mappings of guest memory and of the p2m table, and the
+ * attach's line-based command channel for domctls.
+ *
+ * It keeps the domain at its paging target by evicting pages in batches
+ * (nominate, copy to PAGEFILE, evict), answers every populate request of a
+ * drain by loading the pages from PAGEFILE in one command, pushes all of the
+ * drain's responses with at most one notify, and on SIGTERM/SIGINT pages
+ * everything back in before it exits (attach then disables the ring).  When
+ * the hypervisor closes the event channel (the domain is gone) it just exits.
+ * The last line on stdout is a JSON summary.  Assumes a little-endian host.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ------------------------------------------------------------------ layout */
+
+struct mem_event {              /* mem_event_st: 40 bytes */
+    uint16_t type;              /* SHARED=0 PAGING=1 ACCESS=2 */
+    uint16_t flags;
+    uint32_t vcpu_id;
+    uint64_t gfn;
+    uint64_t offset;
+    uint64_t gla;
+    uint32_t p2mt;
+    uint16_t bits;              /* access_r:1 access_w:1 access_x:1 gla_valid:1 */
+    uint16_t reason;
+};
+
+struct sring {                  /* mem_event_sring */
+    uint32_t req_prod, req_event;
+    uint32_t rsp_prod, rsp_event;
+    uint8_t pad[48];
+    struct mem_event ring[];    /* HVEMU_RING_SIZE entries */
+};
+
+_Static_assert(sizeof(struct mem_event) == 40, "mem_event_st is 40 bytes");
+_Static_assert(offsetof(struct mem_event, reason) == 38, "reason at byte 38");
+_Static_assert(offsetof(struct sring, ring) == 64, "ring[] starts at byte 64");
+
+#define FLAG_VCPU_PAUSED (1u << 0)
+#define FLAG_DROP_PAGE   (1u << 1)
+#define FLAG_EVICT_FAIL  (1u << 2)
+#define FLAG_FOREIGN     (1u << 3)
+#define FLAG_DUMMY       (1u << 4)
+#define ECHO_FLAGS (FLAG_VCPU_PAUSED | FLAG_DROP_PAGE | FLAG_EVICT_FAIL | FLAG_FOREIGN)
+#define NO_LOAD    (FLAG_DROP_PAGE | FLAG_EVICT_FAIL | FLAG_DUMMY)
+
+enum { P2M_RAM_RW = 0, P2M_PAGING_OUT = 9, P2M_PAGED = 10, P2M_PAGING_IN = 11 };
+
+/* --------------------------------------------------- ring.h's back ring */
+
+/* mb() is a real full fence (mfence or a locked instruction on x86): it is
+ * what keeps "publish rsp_prod, then read rsp_event" in that order. */
+#define mb()  __atomic_thread_fence(__ATOMIC_SEQ_CST)
+#define wmb() __atomic_thread_fence(__ATOMIC_RELEASE)
+#define rmb() __atomic_thread_fence(__ATOMIC_ACQUIRE)
+#define LOAD(x)     __atomic_load_n(&(x), __ATOMIC_RELAXED)
+#define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
+
+struct back_ring {
+    struct sring *sring;
+    uint32_t size;              /* a power of two */
+    uint32_t rsp_prod_pvt;      /* responses written, not yet published */
+    uint32_t req_cons;          /* requests consumed */
+};
+
+#define RING_SLOT(b, idx) (&(b)->sring->ring[(idx) & ((b)->size - 1)])
+
+/* BACK_RING_ATTACH: everything up to rsp_prod was answered (all zero on a new ring). */
+static void back_ring_attach(struct back_ring *b, struct sring *s, uint32_t size)
+{
+    b->sring = s;
+    b->size = size;
+    b->rsp_prod_pvt = b->req_cons = LOAD(s->rsp_prod);
+}
+
+/* RING_HAS_UNCONSUMED_REQUESTS (indices are free-running u32: unsigned wrap is right). */
+static uint32_t unconsumed_requests(struct back_ring *b)
+{
+    uint32_t req = LOAD(b->sring->req_prod) - b->req_cons;
+    uint32_t rsp = b->size - (b->req_cons - b->rsp_prod_pvt);
+    uint32_t n = req < rsp ? req : rsp;
+    if (n)
+        rmb();                  /* read the slots after seeing req_prod */
+    return n;
+}
+
+/* RING_FINAL_CHECK_FOR_REQUESTS: re-arm req_event, then look again, so that a
+ * request put just before the re-arm (which sent no notification) is seen. */
+static int final_check_for_requests(struct back_ring *b)
+{
+    if (unconsumed_requests(b))
+        return 1;
+    STORE(b->sring->req_event, b->req_cons + 1);
+    mb();
+    return unconsumed_requests(b) != 0;
+}
+
+/* RING_PUSH_RESPONSES_AND_CHECK_NOTIFY */
+static int push_responses_and_check_notify(struct back_ring *b)
+{
+    uint32_t old = LOAD(b->sring->rsp_prod), new = b->rsp_prod_pvt;
+    wmb();                      /* the responses before the index */
+    STORE(b->sring->rsp_prod, new);
+    mb();                       /* the index before reading rsp_event */
+    return (uint32_t)(new - LOAD(b->sring->rsp_event)) < (uint32_t)(new - old);
+}
+
+/* ------------------------------------------------------------ the pager */
+
+#define PAGE 4096u
+#define BATCH 64u
+
+static struct back_ring back;
+static int evtchn, ctl, pagefile;
+static uint32_t port;
+static uint64_t gfns;
+static const uint8_t *mem;
+static const volatile uint8_t *p2m;          /* the hypervisor changes it under us */
+static FILE *ctl_in;
+static volatile sig_atomic_t stop;
+static unsigned long pages_out, pages_in, requests, notifies, evict_busy;
+static uint64_t hand;                        /* clock hand of the victim scan */
+
+static void die(const char *what)
+{
+    fprintf(stderr, "c_pager: %s: %s\n", what, errno ? strerror(errno) : "failed");
+    exit(1);
+}
+
+static long env(const char *name)
+{
+    const char *v = getenv(name);
+    if (!v) {
+        fprintf(stderr, "c_pager: %s is not set: run me under python -m pager.attach\n", name);
+        exit(2);
+    }
+    return strtol(v, NULL, 10);
+}
+
+static void write_all(int fd, const void *buf, size_t len)
+{
+    const char *p = buf;
+    while (len) {
+        ssize_t n = write(fd, p, len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            die("command channel");
+        p += n;
+        len -= (size_t)n;
+    }
+}
+
+/* Send one command (plus raw pages for "load"), read its reply line.
+ * Returns 1 for "ok ...": then *rest points at what follows "ok". */
+static int command(const char *line, const void *data, size_t len, char *reply, size_t rlen, char **rest)
+{
+    write_all(ctl, line, strlen(line));
+    if (len)
+        write_all(ctl, data, len);
+    if (!fgets(reply, (int)rlen, ctl_in))
+        die("command channel closed");
+    reply[strcspn(reply, "\n")] = 0;
+    if (strncmp(reply, "ok", 2) == 0 && (reply[2] == 0 || reply[2] == ' ')) {
+        if (rest)
+            *rest = reply + 2;
+        return 1;
+    }
+    return 0;
+}
+
+/* "nominate 1 2 3\n" etc. */
+static void batch_line(char *buf, size_t len, const char *cmd, const uint64_t *g, unsigned n)
+{
+    size_t off = (size_t)snprintf(buf, len, "%s", cmd);
+    for (unsigned i = 0; i < n; i++)
+        off += (size_t)snprintf(buf + off, len - off, " %llu", (unsigned long long)g[i]);
+    snprintf(buf + off, len - off, "\n");
+}
+
+/* The per-gfn words of a batch reply: "0" or an errno name. */
+enum { RES_OK, RES_ENOMEM, RES_OTHER };
+static void batch_results(char *rest, unsigned n, int *res)
+{
+    char *save = NULL, *w = strtok_r(rest, " ", &save);
+    for (unsigned i = 0; i < n; i++, w = strtok_r(NULL, " ", &save))
+        res[i] = !w ? RES_OTHER : !strcmp(w, "0") ? RES_OK : !strcmp(w, "ENOMEM") ? RES_ENOMEM : RES_OTHER;
+}
+
+static void notify(void)
+{
+    uint32_t msg = port;        /* little-endian host: the bytes are the LE port */
+    /* EAGAIN: the hypervisor has unread notifications, it is pending anyway. */
+    if (send(evtchn, &msg, sizeof msg, MSG_DONTWAIT | MSG_NOSIGNAL) == (ssize_t)sizeof msg)
+        notifies++;
+}
+
+/* Read every pending notification (they are all one event); 0 if the peer closed. */
+static int drain_evtchn(void)
+{
+    char buf[64];
+    for (;;) {
+        ssize_t n = recv(evtchn, buf, sizeof buf, MSG_DONTWAIT);
+        if (n > 0)
+            continue;
+        if (n == 0)
+            return 0;
+        if (errno == EINTR)
+            continue;
+        return errno == EAGAIN || errno == EWOULDBLOCK;
+    }
+}
+
+static uint64_t resident(void)
+{
+    uint64_t n = 0;
+    for (uint64_t g = 0; g < gfns; g++)
+        n += p2m[g] == P2M_RAM_RW || p2m[g] == P2M_PAGING_OUT;
+    return n;
+}
+
+static long target(void)
+{
+    char reply[256], *rest;
+    return command("target\n", NULL, 0, reply, sizeof reply, &rest) ? strtol(rest, NULL, 10) : -1;
+}
+
+/* Evict up to n resident pages: nominate, copy to the pagefile, evict. */
+static unsigned evict(unsigned n)
+{
+    uint64_t victims[BATCH], nominated[BATCH];
+    int ok[BATCH];
+    char line[BATCH * 24 + 16], reply[BATCH * 8 + 64], *rest;
+    unsigned count = 0, good = 0, done = 0;
+
+    if (n > BATCH)
+        n = BATCH;
+    for (uint64_t i = 0; i < gfns && count < n; i++) {
+        uint64_t g = (hand + i) % gfns;
+        if (p2m[g] == P2M_RAM_RW)
+            victims[count++] = g;
+    }
+    if (!count)
+        return 0;
+    hand = (victims[count - 1] + 1) % gfns;
+    batch_line(line, sizeof line, "nominate", victims, count);
+    if (!command(line, NULL, 0, reply, sizeof reply, &rest))
+        return 0;
+    batch_results(rest, count, ok);
+    for (unsigned i = 0; i < count; i++) {
+        if (ok[i] != RES_OK)
+            continue;
+        /* Nominated: the guest cannot write it any more, the copy is final. */
+        if (pwrite(pagefile, mem + victims[i] * PAGE, PAGE, (off_t)(victims[i] * PAGE)) != (ssize_t)PAGE)
+            die("pagefile write");
+        nominated[good++] = victims[i];
+    }
+    if (!good)
+        return 0;
+    batch_line(line, sizeof line, "evict", nominated, good);
+    if (!command(line, NULL, 0, reply, sizeof reply, &rest))
+        return 0;
+    batch_results(rest, good, ok);
+    for (unsigned i = 0; i < good; i++) {
+        done += ok[i] == RES_OK;
+        evict_busy += ok[i] != RES_OK;   /* EBUSY: touched since nominate; its populate comes as EVICT_FAIL */
+    }
+    pages_out += done;
+    return done;
+}
+
+/* Load gfns from the pagefile with one "load" command; on ENOMEM make room and retry. */
+static void load(const uint64_t *want, unsigned n)
+{
+    static uint8_t pages[BATCH * PAGE];
+    uint64_t g[BATCH];
+    int ok[BATCH];
+    char line[BATCH * 24 + 16], reply[BATCH * 8 + 64], *rest;
+
+    memcpy(g, want, n * sizeof *g);
+    for (int attempt = 0; n && attempt < 8; attempt++) {
+        for (unsigned i = 0; i < n; i++)
+            if (pread(pagefile, pages + i * PAGE, PAGE, (off_t)(g[i] * PAGE)) != (ssize_t)PAGE)
+                die("pagefile read");
+        batch_line(line, sizeof line, "load", g, n);
+        if (!command(line, pages, (size_t)n * PAGE, reply, sizeof reply, &rest))
+            return;             /* e.g. ESRCH: the domain is going away */
+        unsigned left = 0;
+        batch_results(rest, n, ok);
+        for (unsigned i = 0; i < n; i++) {
+            pages_in += ok[i] == RES_OK;
+            /* ENOMEM: retry after evicting; anything else (ENOENT, EINVAL): not paged
+             * any more (a duplicate request), the response alone is right. */
+            if (ok[i] == RES_ENOMEM)
+                g[left++] = g[i];
+        }
+        n = left;
+        if (n)
+            evict(n);
+    }
+}
+
+/* Drain the ring: answer every request, one load and one push per drain. */
+static void serve(void)
+{
+    struct mem_event reqs[BATCH];
+    uint64_t to_load[BATCH];
+
+    for (;;) {
+        unsigned n = 0, nload = 0;
+        while (n < BATCH && unconsumed_requests(&back)) {
+            reqs[n++] = *RING_SLOT(&back, back.req_cons);    /* copy: the slot gets our response */
+            back.req_cons++;
+        }
+        if (!n) {
+            if (final_check_for_requests(&back))
+                continue;
+            return;
+        }
+        requests += n;
+        for (unsigned i = 0; i < n; i++) {
+            int dup = 0;
+            if (reqs[i].flags & NO_LOAD)
+                continue;       /* dropped, or only nominated (its frame is still there) */
+            for (unsigned j = 0; j < nload; j++)
+                dup |= to_load[j] == reqs[i].gfn;
+            if (!dup)
+                to_load[nload++] = reqs[i].gfn;
+        }
+        if (nload)
+            load(to_load, nload);
+        for (unsigned i = 0; i < n; i++) {
+            struct mem_event rsp = {
+                .type = reqs[i].type, .flags = reqs[i].flags & ECHO_FLAGS, .vcpu_id = reqs[i].vcpu_id,
+                .gfn = reqs[i].gfn, .p2mt = reqs[i].p2mt, .reason = reqs[i].reason,
+            };
+            *RING_SLOT(&back, back.rsp_prod_pvt) = rsp;
+            back.rsp_prod_pvt++;
+        }
+        if (push_responses_and_check_notify(&back))
+            notify();
+    }
+}
+
+/* Before exiting on a signal: bring every page back (the ring goes away after us). */
+static void page_in_all(void)
+{
+    for (int round = 0; round < 1000; round++) {
+        uint64_t batch[BATCH];
+        unsigned n = 0, out = 0;
+        char line[BATCH * 24 + 16], reply[BATCH * 8 + 64];
+
+        serve();
+        for (uint64_t g = 0; g < gfns; g++) {
+            uint8_t t = p2m[g];
+            if (t == P2M_PAGED || t == P2M_PAGING_IN) {
+                out++;
+                if (n < BATCH)
+                    batch[n++] = g;
+            } else if (t == P2M_PAGING_OUT) {
+                /* Only nominated: a foreign map turns it paging_in, the next round loads it. */
+                out++;
+                batch_line(line, sizeof line, "map", &g, 1);
+                command(line, NULL, 0, reply, sizeof reply, NULL);
+            }
+        }
+        if (!out)
+            return;
+        if (n)
+            load(batch, n);
+        if (!drain_evtchn())
+            return;             /* the domain is gone: nothing to page in */
+    }
+    fprintf(stderr, "c_pager: pages still out after paging in\n");
+}
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    stop = 1;
+}
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc != 2) {
+        fprintf(stderr, "usage: python -m pager.attach --domid N -- %s PAGEFILE\n", argv[0]);
+        return 2;
+    }
+    uint32_t size = (uint32_t)env("HVEMU_RING_SIZE");
+    gfns = (uint64_t)env("HVEMU_GFNS");
+    port = (uint32_t)env("HVEMU_PORT");
+    evtchn = (int)env("HVEMU_EVTCHN_FD");
+    ctl = (int)env("HVEMU_CTL_FD");
+    if (env("HVEMU_PAGE_SIZE") != PAGE || !size || size & (size - 1) || size > BATCH) {
+        fprintf(stderr, "c_pager: unexpected page or ring size\n");
+        return 2;
+    }
+    struct sring *s = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, (int)env("HVEMU_RING_FD"), 0);
+    mem = mmap(NULL, gfns * PAGE, PROT_READ, MAP_SHARED, (int)env("HVEMU_MEMORY_FD"), 0);
+    p2m = mmap(NULL, 2 * gfns, PROT_READ, MAP_SHARED, (int)env("HVEMU_P2M_FD"), 0);
+    if (s == MAP_FAILED || mem == MAP_FAILED || p2m == MAP_FAILED)
+        die("mmap");
+    if (!(ctl_in = fdopen(dup(ctl), "r")))
+        die("fdopen");
+    /* A re-attached ring's pages are in the pagefile already: keep it then. */
+    int flags = O_RDWR | O_CREAT | O_CLOEXEC | (env("HVEMU_REATTACHED") ? 0 : O_TRUNC);
+    if ((pagefile = open(argv[1], flags, 0600)) < 0 || ftruncate(pagefile, (off_t)(gfns * PAGE)))
+        die(argv[1]);
+
+    struct sigaction sa = { .sa_handler = on_signal };     /* no SA_RESTART: poll returns EINTR */
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+
+    back_ring_attach(&back, s, size);
+    int gone = 0;
+    long tgt = target();
+    double next_target = now() + 0.2;
+    while (!stop) {
+        serve();
+        if (now() >= next_target) {
+            tgt = target();
+            next_target = now() + 0.2;
+        }
+        uint64_t res = resident();
+        if (tgt >= 0 && res > (uint64_t)tgt && evict((unsigned)(res - (uint64_t)tgt)))
+            continue;           /* keep evicting, but serve between batches */
+        struct pollfd pfd = { .fd = evtchn, .events = POLLIN };
+        if (poll(&pfd, 1, 50) > 0 && !drain_evtchn()) {
+            gone = 1;           /* the hypervisor closed the channel: the domain is gone */
+            break;
+        }
+    }
+    if (!gone)
+        page_in_all();
+    printf("{\"c_pager\": true, \"pages_out\": %lu, \"pages_in\": %lu, \"requests\": %lu, "
+           "\"notifies\": %lu, \"evict_busy\": %lu, \"domain_gone\": %s}\n",
+           pages_out, pages_in, requests, notifies, evict_busy, gone ? "true" : "false");
+    return 0;
+}
