@@ -1,9 +1,11 @@
 """Hostile ring fuzzing: a daemon that writes anything into its ring page and event channel.
 
 The harness is, for a *victim* domain, both its guest (vCPU exits that pause
-vCPUs on paged gfns) and its paging daemon (``MemEventEnable`` over a tool
-connection, the ring page mapped writable).  Each case puts a few requests on
-the ring (foreign mappings and paused vCPUs), then writes what a buggy or
+vCPUs) and the daemon of one of its rings (``MemEventEnable`` over a tool
+connection, the ring page mapped writable): the paging ring (requests from
+foreign mappings and from vCPUs touching paged gfns) or the access ring
+(violations that pause, ``n2rwx`` events that do not, synchronous INT3
+traps).  Each case puts a few requests on the ring, then writes what a buggy or
 hostile daemon might: responses with bad vCPU ids, gfns out of range or not
 being paged in, unknown flags and reserved bits, duplicates, random slots,
 ``rsp_prod`` far ahead or behind, garbage in ``req_event``/``req_prod``/the
@@ -50,7 +52,6 @@ from tests.integration.hostile import FUZZ_CASES_ENV, Bystander, env_count, env_
 from tests.integration.system import Hypervisor, stats
 
 MASK = abi.RING_IDX_MASK
-RING = RingKind.paging
 GFNS = 64
 ECHO = int(MemEventFlag.VCPU_PAUSED | MemEventFlag.DROP_PAGE | MemEventFlag.EVICT_FAIL | MemEventFlag.FOREIGN)
 #: Counters the oracle predicts (ring counters, plus the domain's paged_in).
@@ -76,10 +77,12 @@ class Prediction:
 class Victim:
     """One victim domain: the harness is its guest and its paging daemon."""
 
-    def __init__(self, hv: Hypervisor, rng: random.Random, vcpus: int) -> None:
+    def __init__(self, hv: Hypervisor, rng: random.Random, vcpus: int, kind: RingKind = RingKind.paging) -> None:
         self.hv = hv
         self.rng = rng
         self.vcpus = vcpus
+        #: The ring under attack: paging (foreign and vCPU populates) or access (violations, traps).
+        self.kind = kind
         self.domid = -1
         self.tool: Connection | None = None
         self.daemon: Connection | None = None
@@ -114,11 +117,15 @@ class Victim:
             self.vcpu_conns.append(c)
             await c.call(protocol.GuestHello(domid=self.domid, vcpu=v))
         await self.attach()
-        await self.replenish()
+        if self.kind == RingKind.paging:
+            await self.replenish()
+        else:
+            await self.tool.call(protocol.SetHvmParam(domid=self.domid, reason=int(abi.MemEventReason.INT3),
+                                                      mode=abi.HVMPME_MODE_SYNC))
 
     async def attach(self) -> bool:
         self.daemon = await self.hv.tool()
-        reply, fds = await self.daemon.call(protocol.MemEventEnable(domid=self.domid, ring=RING))
+        reply, fds = await self.daemon.call(protocol.MemEventEnable(domid=self.domid, ring=self.kind))
         assert isinstance(reply, protocol.MemEventEnabled)
         named = dict(zip(reply.fds, fds, strict=True))
         try:
@@ -192,10 +199,58 @@ class Victim:
         await self.tool.call(protocol.PagingEvict(domid=self.domid, gfns=everything))
         self.prepped.clear()
 
+    def spent(self) -> bool:
+        """An access victim whose vCPUs are all left paused and whose ring is empty can do no more."""
+        return self.kind == RingKind.access and not self.idle_vcpus() and not self.outstanding()
+
     async def make_requests(self) -> None:
-        rng = self.rng
         if self.outstanding() >= 24:
             return
+        before = self.req_prod
+        self.last: list[object] = []
+        if self.kind == RingKind.paging:
+            await self._paging_requests()
+        else:
+            await self._access_requests()
+        deadline = time.monotonic() + 10
+        # (Only when something was put: a hostile case may have scribbled on req_prod since.)
+        while self.req_prod != before and self.ring().req_prod != self.req_prod:
+            if time.monotonic() > deadline:
+                raise CaseFailure(f"{self.kind} ring: req_prod {self.ring().req_prod}, expected {self.req_prod} "
+                                  f"after {self.last}; stats {await self.stats()}")
+            await asyncio.sleep(0.001)
+        i = before
+        while i != self.req_prod:
+            self.requests[i] = self.ring().read_slot(i)
+            i = (i + 1) & MASK
+
+    async def _access_requests(self) -> None:
+        """Violations (vCPU paused), n2rwx events (not paused) and synchronous INT3 traps."""
+        rng = self.rng
+        assert self.tool is not None
+        idle = self.idle_vcpus()
+        chosen = rng.sample(idle, rng.randint(0 if self.outstanding() else 1, len(idle)))
+        # One gfn each: a vCPU's exit may run after the next AccessSet, which must not be on its gfn.
+        for v, gfn in zip(chosen, rng.sample(range(GFNS), len(chosen)), strict=True):
+            what = rng.choice(["violation", "violation", "n2rwx", "int3"])
+            msg: protocol.Msg
+            if what == "int3":
+                msg = protocol.GuestTrap(vcpu=v, reason=int(abi.MemEventReason.INT3), value=gfn, gla=gfn << 12)
+            else:
+                access = abi.P2MAccess.r if what == "violation" else abi.P2MAccess.n2rwx
+                await self.tool.call(protocol.AccessSet(domid=self.domid, gfns=[gfn], access=int(access)))
+                msg = protocol.GuestAccess(vcpu=v, gfn=gfn, access=abi.ACCESS_W, gla=(gfn << 12) | 0x10)
+            self.last.append((what, v, gfn))
+            task = asyncio.create_task(self.vcpu_conns[v].call(msg))
+            self.req_prod = (self.req_prod + 1) & MASK
+            if what == "n2rwx":
+                await asyncio.wait_for(task, 10)  # reported, not paused
+            else:
+                self.tasks[v] = task
+                self.event_pause[v] += 1
+
+    async def _paging_requests(self) -> None:
+        rng = self.rng
         paged = [g for g in range(GFNS) if self.ptype(g) == P2MType.ram_paged]
         if len(paged) < 12:
             await self.replenish()
@@ -206,7 +261,6 @@ class Victim:
         nforeign = rng.randint(0 if nvcpu else 1, 4)
         assert self.tool is not None
         foreign = [paged.pop() for _ in range(nforeign)]
-        before = self.req_prod
         if foreign:
             await self.tool.call(protocol.MapForeign(domid=self.domid, gfns=foreign))
             self.req_prod = (self.req_prod + len(foreign)) & MASK
@@ -216,15 +270,6 @@ class Victim:
             self.tasks[v] = asyncio.create_task(call)
             self.event_pause[v] += 1
             self.req_prod = (self.req_prod + 1) & MASK
-        deadline = time.monotonic() + 10
-        while self.ring().req_prod != self.req_prod:
-            if time.monotonic() > deadline:
-                raise CaseFailure(f"req_prod {self.ring().req_prod}, expected {self.req_prod}")
-            await asyncio.sleep(0.001)
-        i = before
-        while i != self.req_prod:
-            self.requests[i] = self.ring().read_slot(i)
-            i = (i + 1) & MASK
 
     def pending_requests(self) -> list[tuple[int, MemEvent]]:
         out = []
@@ -263,10 +308,11 @@ class Oracle:
             if rsp.flags & MemEventFlag.DUMMY:
                 p.counts["responses_dummy"] += 1
                 continue
-            if rsp.vcpu_id >= v.vcpus or rsp.gfn >= GFNS:
+            paging = v.kind == RingKind.paging
+            if rsp.vcpu_id >= v.vcpus or (paging and rsp.gfn >= GFNS):  # only paging checks the gfn
                 p.counts["responses_rejected"] += 1
                 continue
-            if not rsp.flags & MemEventFlag.DROP_PAGE:
+            if paging and not rsp.flags & MemEventFlag.DROP_PAGE:
                 if types[rsp.gfn] == P2MType.ram_paging_in and rsp.gfn in prepped:
                     types[rsp.gfn] = P2MType.ram_rw
                     prepped.discard(rsp.gfn)
@@ -368,7 +414,7 @@ PREP = {"valid": 0.8, "fields": 0.5, "duplicate": 1.0, "flood": 1.0, "evtchn_jun
 
 async def prepare(kind: str, victim: Victim, rng: random.Random) -> None:
     """What a daemon does before it answers: prep (allocate frames for) some of the gfns asked for."""
-    share = PREP.get(kind, 0.0)
+    share = PREP.get(kind, 0.0) if victim.kind == RingKind.paging else 0.0
     await prep(victim, [req.gfn for _, req in victim.pending_requests() if rng.random() < share])
 
 
@@ -444,7 +490,7 @@ async def apply_case(kind: str, victim: Victim, rng: random.Random) -> dict[str,
         deadline = time.monotonic() + 10
         while True:
             st = await victim.stats()
-            if "paging" in st.get("rings_orphaned", []):  # type: ignore[operator]
+            if str(victim.kind) in st.get("rings_orphaned", []):  # type: ignore[operator]
                 break
             if time.monotonic() > deadline:
                 raise CaseFailure("the ring was not orphaned after its daemon left")
@@ -455,7 +501,7 @@ async def apply_case(kind: str, victim: Victim, rng: random.Random) -> dict[str,
         facts["indices"] = (sring.req_prod, sring.rsp_prod) == (victim.req_prod, victim.rsp_cons)
     elif kind == "disable":
         assert victim.daemon is not None
-        await victim.daemon.call(protocol.MemEventDisable(domid=victim.domid, ring=RING))
+        await victim.daemon.call(protocol.MemEventDisable(domid=victim.domid, ring=victim.kind))
         victim.detach_ring()
         await victim.daemon.close()
         facts["reattached"] = await victim.attach()
@@ -512,7 +558,7 @@ async def run_case(case: int, kind: str, victim: Victim, rng: random.Random, log
     await poke(kind, victim, rng)
     assert victim.tool is not None
     try:
-        await victim.tool.call(protocol.MemEventResume(domid=victim.domid, ring=RING))
+        await victim.tool.call(protocol.MemEventResume(domid=victim.domid, ring=victim.kind))
         resumed: Errno | None = None
     except ControlError as exc:
         resumed = exc.errno
@@ -522,7 +568,7 @@ async def run_case(case: int, kind: str, victim: Victim, rng: random.Random, log
         # A crash hangs up on the guest (this harness), which destroys the domain.
         if exc.errno != Errno.ESRCH:
             raise
-        after = {"crashed": True, "paging": before["paging"], "paged_in": before["paged_in"], "gone": True}
+        after = {"crashed": True, victim.kind: before[victim.kind], "paged_in": before["paged_in"], "gone": True}
     crashed = bool(after["crashed"])
     if prediction.crash:
         # The resume that finds the corruption crashes the domain and returns
@@ -531,7 +577,7 @@ async def run_case(case: int, kind: str, victim: Victim, rng: random.Random, log
             raise CaseFailure(f"a corrupt ring did not crash the domain (resume -> {resumed})")
     elif crashed or resumed is not None:
         raise CaseFailure(f"the domain crashed or resume failed ({resumed}) on a ring that was not corrupt")
-    b_ring, a_ring = before["paging"], after["paging"]
+    b_ring, a_ring = before[victim.kind], after[victim.kind]
     assert isinstance(b_ring, dict) and isinstance(a_ring, dict)
     got = Counter({k: int(a_ring[k]) - int(b_ring[k]) for k in COUNTED})
     got_paged_in = int(after["paged_in"]) - int(before["paged_in"])  # type: ignore[call-overload]
@@ -561,7 +607,8 @@ async def fuzz(hv: Hypervisor, seed: int, cases: int, workdir: str) -> dict[str,
     bystander = Bystander(hv, workdir)
     await bystander.start()
     victim: Victim | None = None
-    crashed_domains: list[int] = []
+    crashed_domains: list[tuple[int, RingKind]] = []
+    rings: Counter[str] = Counter()
     done: Counter[str] = Counter()
     log: list[str] = []
     kind = "?"
@@ -569,19 +616,22 @@ async def fuzz(hv: Hypervisor, seed: int, cases: int, workdir: str) -> dict[str,
     try:
         for case in range(cases):
             bystander.check()
-            if victim is None or victim.crashed:
+            if victim is None or victim.crashed or victim.spent():
                 if victim is not None:
-                    crashed_domains.append(victim.domid)
+                    if victim.crashed:
+                        crashed_domains.append((victim.domid, victim.kind))
                     await victim.close()
-                victim = Victim(hv, rng, rng.choice([1, 2, 3, 4]))
+                kind_of_ring = RingKind.paging if rng.random() < 0.7 else RingKind.access
+                victim = Victim(hv, rng, rng.choice([1, 2, 3, 4]), kind_of_ring)
                 await victim.open()
+                rings[kind_of_ring] += 1
             kind = rng.choices(kinds, weights)[0]
             await run_case(case, kind, victim, rng, log)
             done[kind] += 1
             if not hv.proc.alive():
                 raise CaseFailure("the hypervisor died")
         if victim is not None and victim.crashed:
-            crashed_domains.append(victim.domid)
+            crashed_domains.append((victim.domid, victim.kind))
     except Exception as exc:
         bystander.kill()
         raise CaseFailure(f"seed {seed} case {case} ({kind}) on domain "
@@ -592,15 +642,15 @@ async def fuzz(hv: Hypervisor, seed: int, cases: int, workdir: str) -> dict[str,
     await bystander.stop()
     assert hv.proc.alive(), "the hypervisor died"
     err = hv.proc.stderr()
-    for domid in crashed_domains:
-        assert re.search(rf"domain {domid} crashed: paging ring corrupt", err), f"no crash reason for {domid}"
+    for domid, ring in crashed_domains:
+        assert re.search(rf"domain {domid} crashed: {ring} ring corrupt", err), f"no crash reason for {domid}"
     assert "Traceback" not in err, err[-3000:]
     # Every victim and bystander domain is gone: the hypervisor holds what it held before.
     deadline = time.monotonic() + 10
     while open_fds(hv.proc.pid) > baseline and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert open_fds(hv.proc.pid) <= baseline, "the hypervisor leaked fds"
-    return {"seed": seed, "cases": dict(done), "crashed_domains": len(crashed_domains),
+    return {"seed": seed, "cases": dict(done), "victims": dict(rings), "crashed_domains": len(crashed_domains),
             "bystander_rounds": bystander.rounds, "bystander_faults": bystander.faults}
 
 
