@@ -1,0 +1,405 @@
+"""The daemon-writer's kit without a hypervisor: SDK helpers, the ring loop of MemEventClient
+over an in-process ring, the Pager base class's hooks, and the raw attach's command channel."""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from hvemu import abi, protocol
+from hvemu.abi import Errno, MemEvent, MemEventFlag, MemEventReason, MemEventType, P2MAccess, P2MType, RingKind
+from hvemu.evtchn import EventChannel
+from hvemu.ring import FrontRing, SharedRing
+from pager import attach
+from pager.base import Pager
+from pager.examples.access_listener import describe, parse_gfns
+from pager.sdk import (
+    DomainGone,
+    DomctlError,
+    MemEventClient,
+    RequestBatch,
+    RunState,
+    SdkError,
+    StateError,
+    failures,
+    response_for,
+)
+
+PAUSED = int(MemEventFlag.VCPU_PAUSED)
+
+
+def _req(gfn: int, flags: int = PAUSED, *, vcpu: int = 0, type_: int = MemEventType.PAGING,
+         reason: int = MemEventReason.UNKNOWN) -> MemEvent:
+    return MemEvent(type=type_, flags=flags, vcpu_id=vcpu, gfn=gfn, p2mt=P2MType.ram_paged, reason=reason)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_response_for_echoes_what_the_hypervisor_acts_on() -> None:
+    req = _req(7, PAUSED | MemEventFlag.EVICT_FAIL | MemEventFlag.DUMMY, vcpu=3, type_=MemEventType.ACCESS,
+               reason=MemEventReason.CR3)
+    req.gla, req.gla_valid = 0x1234, True
+    rsp = response_for(req)
+    assert (rsp.type, rsp.vcpu_id, rsp.gfn, rsp.p2mt, rsp.reason) == (req.type, 3, 7, req.p2mt, MemEventReason.CR3)
+    assert rsp.flags == PAUSED | MemEventFlag.EVICT_FAIL, "DUMMY in a request is not echoed"
+    assert not rsp.gla_valid
+    assert response_for(req, flags=MemEventFlag.DUMMY).flags == MemEventFlag.DUMMY
+
+
+def test_request_batch_views() -> None:
+    batch = RequestBatch([
+        _req(1), _req(1, vcpu=1), _req(2, MemEventFlag.DROP_PAGE), _req(3, PAUSED | MemEventFlag.EVICT_FAIL),
+        _req(4, MemEventFlag.FOREIGN), _req(9, type_=MemEventType.ACCESS, reason=MemEventReason.VIOLATION),
+        _req(0x5000, type_=MemEventType.ACCESS, reason=MemEventReason.CR3),
+    ])
+    assert isinstance(batch, list) and len(batch) == 7
+    assert [r.gfn for r in batch.populates] == [1, 1, 4]
+    assert batch.gfns_to_load() == [1, 4]
+    assert [r.gfn for r in batch.drops] == [2] and [r.gfn for r in batch.evict_fails] == [3]
+    assert [r.gfn for r in batch.violations] == [9]
+    assert [r.gfn for r in batch.by_reason(MemEventReason.CR3)] == [0x5000]
+    assert [r.gfn for r in batch.paused] == [1, 1, 3, 9, 0x5000]
+
+
+def test_failures_and_typed_errors() -> None:
+    assert failures([1, 2, 3], [None, Errno.EBUSY, None]) == {2: Errno.EBUSY}
+    assert failures([], []) == {}
+    with pytest.raises(ValueError):
+        failures([1], [])
+    err = DomctlError("PagingEvict on dom1: EINVAL", Errno.EINVAL)
+    assert isinstance(err, SdkError) and err.errno == Errno.EINVAL
+    assert DomainGone("gone", Errno.ESRCH).errno == "ESRCH"
+
+
+# --------------------------------------------------------------------------- the ring loop
+
+
+class _Ring:
+    """The hypervisor's end of an in-process ring, and a client attached to the other."""
+
+    def __init__(self) -> None:
+        self.page = mmap.mmap(-1, abi.PAGE_SIZE)
+        hv_sring: SharedRing[MemEvent] = SharedRing(self.page, abi.MemEventCodec)
+        hv_sring.init()
+        self.front = FrontRing(hv_sring)
+        self.hv_chan, remote = EventChannel.pair(7)
+        self.client = MemEventClient(1, RingKind.paging)
+        c = self.client
+        c.sring = SharedRing(self.page, abi.MemEventCodec)
+        from hvemu.ring import BackRing
+
+        c.back = BackRing.attach(c.sring)
+        c._evtchn = remote
+        c._conn = object()  # type: ignore[assignment]  # no domctls in these tests
+        c.state = RunState.RUNNING
+
+    def put(self, *reqs: MemEvent) -> None:
+        for r in reqs:
+            self.front.put_request(r)
+        if self.front.push_requests_and_check_notify():
+            self.hv_chan.notify()
+
+    def responses(self) -> list[MemEvent]:
+        out = []
+        while self.front.unconsumed_responses():
+            out.append(self.front.get_response())
+        return out
+
+    def close(self) -> None:
+        self.client._evtchn.close()  # type: ignore[union-attr]
+        self.hv_chan.close()
+        assert self.client.sring is not None
+        self.client.sring.release()
+        self.front.sring.release()
+        self.page.close()
+
+
+async def test_requests_drain_answer_and_sleep_until_notified() -> None:
+    ring = _Ring()
+    client = ring.client
+    try:
+        ring.put(_req(1), _req(2, vcpu=1))
+        it = client.requests()
+        batch = await asyncio.wait_for(anext(it), 5)
+        assert [r.gfn for r in batch] == [1, 2] and client.outstanding == 2
+        client.respond_all(batch)
+        assert ring.responses() == [], "a response is invisible until pushed"
+        await client.push()
+        assert [(r.gfn, r.vcpu_id, r.flags) for r in ring.responses()] == [(1, 0, PAUSED), (2, 1, PAUSED)]
+        assert client.outstanding == 0 and client.unanswered() == 0
+        # Nothing on the ring: the iterator re-arms req_event and sleeps ...
+        nxt = asyncio.ensure_future(anext(it))
+        await asyncio.sleep(0.05)
+        assert not nxt.done()
+        assert ring.front.sring.req_event == 3, "req_event re-armed at req_cons + 1"
+        ring.put(_req(3))  # ... and the put's notification wakes it
+        assert [r.gfn for r in await asyncio.wait_for(nxt, 5)] == [3]
+        assert client.unanswered() == 1
+        with pytest.raises(OverflowError):  # one response per consumed request
+            for _ in range(2):
+                client.respond(response_for(_req(3)))
+        # The hypervisor closing the channel ends the stream with DomainGone.
+        ring.hv_chan.close()
+        with pytest.raises(DomainGone):
+            await asyncio.wait_for(anext(it), 5)
+    finally:
+        ring.close()
+
+
+async def test_a_detached_client_refuses_ring_calls() -> None:
+    client = MemEventClient(1, RingKind.access)
+    with pytest.raises(StateError):
+        client.take_requests()
+    with pytest.raises(StateError):
+        client.p2m_access(0)
+    await client.detach()  # detaching an idle client is a no-op
+    assert client.state is RunState.IDLE
+
+
+# --------------------------------------------------------------------------- the Pager base class
+
+
+class _FakeClient:
+    """What Pager uses of a MemEventClient, recorded."""
+
+    domid = 1
+
+    def __init__(self, types: bytes) -> None:
+        self.types = bytearray(types)
+        self.memory = bytearray(len(types) * abi.PAGE_SIZE)
+        self.responses: list[MemEvent] = []
+        self.loaded: list[int] = []
+        self.pushes = 0
+
+    def respond(self, rsp: MemEvent) -> None:
+        self.responses.append(rsp)
+
+    async def push(self, *, notify: bool = True) -> bool:
+        self.pushes += 1
+        return notify
+
+    def kick(self) -> None:
+        pass
+
+    async def load(self, gfns: Sequence[int], pages: Sequence[bytes], *, resume: bool = False) -> list[Errno | None]:
+        self.loaded += gfns
+        for g in gfns:
+            self.types[g] = P2MType.ram_rw
+        return [None] * len(gfns)
+
+    def gfns_of_type(self, t: int) -> list[int]:
+        return [g for g, x in enumerate(self.types) if x == t]
+
+    def count_type(self, t: int) -> int:
+        return self.types.count(t)
+
+    async def nominate(self, gfns: Sequence[int]) -> list[Errno | None]:
+        for g in gfns:
+            self.types[g] = P2MType.ram_paging_out
+        return [None] * len(gfns)
+
+    async def evict(self, gfns: Sequence[int]) -> list[Errno | None]:
+        for g in gfns:
+            self.types[g] = P2MType.ram_paged
+        return [None] * len(gfns)
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.pages: dict[int, bytes] = {}
+
+    def write(self, gfn: int, data: bytes | memoryview) -> None:
+        self.pages[gfn] = bytes(data)
+
+    def read(self, gfn: int) -> bytes:
+        return self.pages.get(gfn, bytes(abi.PAGE_SIZE))
+
+
+class _Recording(Pager):
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.populated: list[int] = []
+        self.dropped: list[int] = []
+        self.asked: list[tuple[list[int], int]] = []
+
+    def choose_victims(self, candidates: list[int], count: int) -> list[int]:
+        self.asked.append((candidates, count))
+        return candidates[-count:]
+
+    def on_populate(self, gfns: list[int]) -> None:
+        self.populated += gfns
+
+    def on_drop(self, gfn: int) -> None:
+        self.dropped.append(gfn)
+
+
+async def test_pager_hooks_are_the_whole_policy() -> None:
+    types = bytes([P2MType.ram_rw] * 6 + [P2MType.ram_paging_in] * 2)
+    client = _FakeClient(types)
+    store = _Store()
+    pager = _Recording(client, store, batch=3)  # type: ignore[arg-type]
+    assert await pager.evict_batch(10) == 3
+    assert pager.asked == [([0, 1, 2, 3, 4, 5], 3)], "candidates are the ram_rw gfns, count capped by batch"
+    assert sorted(store.pages) == [3, 4, 5] and client.gfns_of_type(P2MType.ram_paged) == [3, 4, 5]
+    batch = RequestBatch([_req(6), _req(6, vcpu=1), _req(3, MemEventFlag.DROP_PAGE),
+                          _req(7, PAUSED | MemEventFlag.EVICT_FAIL)])
+    await pager.handle_batch(batch)
+    assert client.loaded == [6], "one load of the distinct gfns that need a page"
+    assert pager.populated == [6] and pager.dropped == [3]
+    assert [r.gfn for r in client.responses] == [6, 6, 3, 7] and client.pushes == 1
+    assert pager.summary()["drops"] == 1 and pager.summary()["evict_failed"] == 1
+    with pytest.raises(ValueError):
+        Pager(client, store, batch=0)  # type: ignore[arg-type]
+
+
+def test_default_victims_are_a_random_subset() -> None:
+    pager = Pager(_FakeClient(b""), _Store(), seed=1)  # type: ignore[arg-type]
+    picked = pager.choose_victims(list(range(100)), 10)
+    assert len(set(picked)) == 10 and set(picked) <= set(range(100))
+    assert sorted(pager.choose_victims([1, 2], 10)) == [1, 2]
+
+
+# --------------------------------------------------------------------------- raw attach: command channel
+
+
+def test_parse_commands() -> None:
+    c = attach.parse_command(b"nominate 1 0x10 2\n")
+    assert (c.name, c.gfns, c.pages) == ("nominate", [1, 16, 2], 0)
+    c = attach.parse_command(b"load 5 6\n")
+    assert (c.name, c.gfns, c.pages) == ("load", [5, 6], 2)
+    assert attach.parse_command(b"access rx 1 2").args == [str(int(P2MAccess.rx))]
+    assert attach.parse_command(b"access 7 1").args == ["7"]
+    assert attach.parse_command(b"hvm-param cr3 sync onchangeonly").args == [
+        str(int(MemEventReason.CR3)), str(abi.HVMPME_MODE_SYNC | abi.HVMPME_ONCHANGEONLY)]
+    assert attach.parse_command(b"target").args == [] and attach.parse_command(b"target 12").args == ["12"]
+    assert attach.parse_command(b"  ping  \r\n").name == "ping"
+
+
+@pytest.mark.parametrize("line, why", [
+    (b"\n", "empty"), (b"frob 1", "unknown command"), (b"evict", "at least one gfn"), (b"evict -1", "negative"),
+    (b"evict x", "not a number"), (b"access rwz 1", "unknown access"), (b"access rx", "usage"),
+    (b"hvm-param cr9 sync", "usage"), (b"hvm-param cr3 sync always", "usage"), (b"ping 1", "no arguments"),
+    (b"access-required 2", "usage"), (b"target 1 2", "usage"), (b"\xffping", "ASCII"),
+    (b"evict " + b" ".join(b"1" for _ in range(attach.MAX_BATCH + 1)), "at most"),
+])
+def test_malformed_commands_are_einval(line: bytes, why: str) -> None:
+    with pytest.raises(attach.CommandError, match=why) as exc:
+        attach.parse_command(line)
+    assert exc.value.errno == Errno.EINVAL
+
+
+def test_a_malformed_load_still_owns_its_pages() -> None:
+    """So that the channel stays in step: one page per word after 'load', whatever the words."""
+    assert attach.data_pages(b"load 1 x y\n") == 3
+    assert attach.data_pages(b"evict 1 2\n") == 0 and attach.data_pages(b"\n") == 0
+
+
+def test_reply_formats() -> None:
+    assert attach.format_results([None, Errno.EBUSY, None]) == "ok 0 EBUSY 0"
+    assert attach.format_error(Errno.ESRCH, "dom1\nis gone") == "ESRCH dom1 is gone"
+    assert attach.format_error(None, "?") == "EINVAL ?"
+    assert attach.exit_status(3) == 3 and attach.exit_status(-15) == 143
+
+
+class _FakeDomctl:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    async def load(self, gfns: list[int], pages: list[bytes]) -> list[Errno | None]:
+        self.calls.append(("load", (gfns, [p[:1] for p in pages])))
+        return [None, Errno.ENOMEM][:len(gfns)]
+
+    async def evict(self, gfns: list[int]) -> list[Errno | None]:
+        raise DomainGone("dom1 is gone", Errno.ESRCH)
+
+    async def nominate(self, gfns: list[int]) -> list[Errno | None]:
+        raise DomctlError("PagingNominate on dom1: EPERM", Errno.EPERM)
+
+    async def resume(self, ring: RingKind) -> None:
+        self.calls.append(("resume", ring))
+
+    async def set_hvm_param(self, reason: int, mode: int) -> None:
+        self.calls.append(("hvm", (reason, mode)))
+
+    async def get_target(self) -> int:
+        return 42
+
+    async def set_target(self, pages: int) -> None:
+        self.calls.append(("target", pages))
+
+
+async def test_command_server_runs_domctls() -> None:
+    d = _FakeDomctl()
+    server = attach.CommandServer(d, RingKind.access)  # type: ignore[arg-type]
+    page = abi.PAGE_SIZE
+    assert await server.handle_line(b"load 5 6\n", b"\xab" * page + b"\xcd" * page) == "ok 0 ENOMEM"
+    assert d.calls[-1] == ("load", ([5, 6], [b"\xab", b"\xcd"]))
+    assert await server.handle_line(b"evict 1\n", b"") == "ESRCH dom1 is gone"
+    assert await server.handle_line(b"nominate 1\n", b"") == "EPERM PagingNominate on dom1: EPERM"
+    assert await server.handle_line(b"resume\n", b"") == "ok" and d.calls[-1] == ("resume", RingKind.access)
+    assert await server.handle_line(b"target 9\n", b"") == "ok 42" and ("target", 9) in d.calls
+    assert await server.handle_line(b"hvm-param int3 async\n", b"") == "ok"
+    assert d.calls[-1] == ("hvm", (int(MemEventReason.INT3), abi.HVMPME_MODE_ASYNC))
+    assert (await server.handle_line(b"hello\n", b"")).startswith("ok hvemu-attach ")
+    assert (await server.handle_line(b"oops\n", b"")).startswith("EINVAL unknown command")
+
+
+async def test_command_server_over_a_stream_keeps_in_step() -> None:
+    d = _FakeDomctl()
+    server = attach.CommandServer(d, RingKind.paging)  # type: ignore[arg-type]
+    import socket
+
+    a, b = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=a)
+    task = asyncio.create_task(server.serve(reader, writer))
+    try:
+        page = abi.PAGE_SIZE
+        # A malformed load, its pages, then a good command: the pages are skipped, not parsed.
+        b.sendall(b"load 1 zz\n" + b"\n" * (2 * page) + b"ping\nload 3\n" + b"\x01" * page + b"target\n")
+        b.shutdown(socket.SHUT_WR)
+        got = b""
+        while got.count(b"\n") < 4:
+            chunk = await asyncio.to_thread(b.recv, 4096)
+            assert chunk, got
+            got += chunk
+        assert got.decode().splitlines() == ["EINVAL gfn 'zz' is not a number", "ok", "ok 0", "ok 42"]
+        await asyncio.wait_for(task, 5)  # EOF ends the server
+    finally:
+        task.cancel()
+        writer.close()
+        b.close()
+
+
+def test_child_env_names_every_fact() -> None:
+    reply = protocol.MemEventEnabled(domid=3, ring=RingKind.access, port=9, ring_size=8, max_vcpus=2, gfns=100,
+                                     reattached=True, fds=["ring", "evtchn", "memory", "p2m"])
+    env = attach.child_env({"PATH": "/bin"}, reply, {"ring": 10, "evtchn": 11, "memory": 12, "p2m": 13}, 14,
+                           "/run/hv", "/run/hv/control.sock")
+    assert env["PATH"] == "/bin"
+    assert {k: v for k, v in env.items() if k.startswith("HVEMU_")} == {
+        "HVEMU_DOMID": "3", "HVEMU_RING": "access", "HVEMU_RING_FD": "10", "HVEMU_RING_SIZE": "8",
+        "HVEMU_EVTCHN_FD": "11", "HVEMU_PORT": "9", "HVEMU_MEMORY_FD": "12", "HVEMU_P2M_FD": "13",
+        "HVEMU_CTL_FD": "14", "HVEMU_GFNS": "100", "HVEMU_MAX_VCPUS": "2", "HVEMU_PAGE_SIZE": str(abi.PAGE_SIZE),
+        "HVEMU_REATTACHED": "1", "HVEMU_RUN_DIR": "/run/hv", "HVEMU_SOCKET": "/run/hv/control.sock",
+    }
+
+
+# --------------------------------------------------------------------------- access listener helpers
+
+
+def test_listener_gfn_spec_and_lines() -> None:
+    assert parse_gfns("0-3,0x10,2", 32) == [0, 1, 2, 3, 16]
+    assert parse_gfns("all", 4) == [0, 1, 2, 3]
+    with pytest.raises(ValueError):
+        parse_gfns("30-40", 32)
+    v = _req(0x1C, type_=MemEventType.ACCESS, reason=MemEventReason.VIOLATION)
+    v.access_w, v.gla, v.gla_valid, v.offset = True, 0x1C123, True, 0x123
+    assert describe(v, "rwx") == ("PAGE ACCESS: -w- for GFN 0x1c (offset 0x000123) gla 0x000000000001c123 "
+                                  "(vcpu 0) [-> rwx]")
+    assert describe(_req(0x5000, type_=MemEventType.ACCESS, reason=MemEventReason.CR3), None) == \
+        "CR3 write: 0x5000 (vcpu 0)"
