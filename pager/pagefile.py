@@ -14,6 +14,7 @@ while the gfn is paged out.
 from __future__ import annotations
 
 import os
+import stat
 
 from hvemu.abi import PAGE_SIZE
 
@@ -23,7 +24,20 @@ class Pagefile:
         """Open (or create) the pagefile; ``fresh`` empties it (a new domain has nothing in it)."""
         self.path = path
         self.gfns = gfns
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Guest memory goes in here: never through a symlink, never into a file another
+        # user owns or can read (a pagefile path in /tmp could have been planted).
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            st = os.fstat(self.fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise PermissionError(f"pagefile {path} is not a regular file")
+            if st.st_uid != os.getuid():
+                raise PermissionError(f"pagefile {path} belongs to uid {st.st_uid}, not to us")
+            if stat.S_IMODE(st.st_mode) & 0o077:
+                os.fchmod(self.fd, 0o600)
+        except BaseException:
+            os.close(self.fd)
+            raise
         if fresh:
             os.ftruncate(self.fd, 0)
         if os.fstat(self.fd).st_size < gfns * PAGE_SIZE:

@@ -440,3 +440,37 @@ async def test_a_guest_pinning_a_page_in_flight_crashes_only_its_domain(monkeypa
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         os.rmdir(run)
+
+
+def test_a_pagefile_is_never_someone_elses(tmp_path: object) -> None:
+    """Guest memory goes into the pagefile: not through a planted link, not into a file others own or read."""
+    from pager.pagefile import Pagefile
+
+    base = str(tmp_path)
+    target = os.path.join(base, "target")
+    with open(target, "wb") as f:
+        f.write(b"x")
+    link = os.path.join(base, "link.pages")
+    os.symlink(target, link)
+    with pytest.raises(OSError) as info:
+        Pagefile(link, 4)
+    assert info.value.errno == errno.ELOOP
+    assert open(target, "rb").read() == b"x"
+    loose = os.path.join(base, "loose.pages")
+    with open(loose, "wb"):
+        pass
+    os.chmod(loose, 0o666)
+    pf = Pagefile(loose, 4)
+    pf.close()
+    assert _mode(loose) == 0o600, "an existing pagefile others could read was not tightened"
+    if os.getuid() == 0:
+        planted = os.path.join(base, "planted.pages")
+        with open(planted, "wb"):
+            pass
+        os.chown(planted, NOBODY, NOBODY)
+        with pytest.raises(PermissionError, match="belongs to uid"):
+            Pagefile(planted, 4)
+        assert os.path.getsize(planted) == 0
+    fresh = os.path.join(base, "fresh.pages")
+    Pagefile(fresh, 4).close()
+    assert _mode(fresh) == 0o600
