@@ -488,7 +488,10 @@ class Attach:
     async def _wait_child(child: subprocess.Popen[bytes]) -> int:
         """Wait for the program without blocking the loop: a pidfd becomes readable when it exits."""
         loop = asyncio.get_running_loop()
-        pidfd = os.pidfd_open(child.pid)
+        try:
+            pidfd = os.pidfd_open(child.pid)
+        except ProcessLookupError:  # already reaped (a forwarded signal polls it)
+            return child.wait()
         try:
             exited: asyncio.Future[None] = loop.create_future()
 
