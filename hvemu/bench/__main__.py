@@ -28,6 +28,7 @@ import uvloop
 
 from hvemu.bench import report, suites
 from hvemu.bench.common import BenchError, Placement, format_cpus, parse_cpus
+from hvemu.transport import ControlError
 
 
 def machine() -> dict[str, Any]:
@@ -97,7 +98,7 @@ async def run(args: argparse.Namespace, placement: Placement) -> dict[str, Any]:
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         try:
             section = await getattr(suites, name)(cfg, placement, totals)
-        except (BenchError, OSError, KeyError, AssertionError) as exc:
+        except (BenchError, ControlError, OSError, KeyError, AssertionError) as exc:
             errors[name] = f"{type(exc).__name__}: {exc}"
             print(f"bench: {name} failed: {exc}", file=sys.stderr, flush=True)
             if os.environ.get("HVEMU_BENCH_TRACEBACK"):

@@ -9,7 +9,7 @@ access pattern a benchmark needs instead of a workload:
     :mod:`hvemu.bench.nulld`, which answers without loading anything, so the
     gfn stays paged and every access exits).  One sample is one exit's round
     trip plus the failed direct access after it: exactly what a real fault
-    costs minus the paging work.
+    costs minus the paging work.  Waits for ``exit`` (or EOF) before leaving.
 ``pages``
     Writes a stamped page to every gfn (all resident), says so, waits for
     ``go`` on stdin, then reads every gfn back with ``--vcpus`` vCPUs
@@ -154,7 +154,9 @@ async def _main(args: argparse.Namespace) -> None:
     guest = await BenchGuest.open(protocol.socket_path(args.run_dir), args.domid, args.vcpus)
     try:
         if args.mode == "floor":
+            stdin = await _stdin()
             _emit(await _floor(guest, args.gfn, args.iterations, args.warmup))
+            await stdin.readline()  # "exit" or EOF: the domain lives until the benchmark has read its counters
         else:
             await _pages(guest, args.vcpus, await _stdin())
     finally:
