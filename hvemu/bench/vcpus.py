@@ -28,6 +28,7 @@ import asyncio
 import json
 import mmap
 import os
+import stat
 import sys
 import time
 from typing import Any
@@ -144,9 +145,17 @@ def _emit(obj: dict[str, Any]) -> None:
 
 
 async def _stdin() -> asyncio.StreamReader:
-    loop = asyncio.get_running_loop()
+    """stdin as a stream; when it is not a pipe (a terminal, /dev/null) a stream already at EOF.
+
+    (uvloop aborts the process when asked to read a pipe that is a character device.)
+    """
     reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    mode = os.fstat(sys.stdin.fileno()).st_mode
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        loop = asyncio.get_running_loop()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    else:
+        reader.feed_eof()
     return reader
 
 
