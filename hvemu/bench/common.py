@@ -80,6 +80,8 @@ class Placement:
     daemon: set[int] | None = None
     #: What was actually seen in /proc for one process of each role.
     observed: dict[str, str] = field(default_factory=dict)
+    #: The CPUs the benchmark was allowed to use when it started.
+    available: frozenset[int] = field(default_factory=lambda: frozenset(os.sched_getaffinity(0)))
 
     def of(self, role: str) -> set[int] | None:
         cpus: set[int] | None = getattr(self, role)
@@ -88,7 +90,7 @@ class Placement:
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {r: (format_cpus(c) if (c := self.of(r)) is not None else "any") for r in ROLES}
         out["pinned"] = any(self.of(r) is not None for r in ROLES)
-        out["online_cpus"] = format_cpus(os.sched_getaffinity(0))
+        out["available_cpus"] = format_cpus(self.available)
         out["observed"] = dict(self.observed)
         return out
 
