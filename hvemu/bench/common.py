@@ -303,16 +303,18 @@ class Host:
             await self.tool.close()
             self.tool = None
         leaked: list[str] = []
+        failed = ""
         if self.hv is not None:
             status = await self.hv.stop()
             leaked = [n for n in os.listdir("/dev/shm") if n.startswith(f"hvemu-{self.hv.pid}-")]
-            err = self.hv.stderr_tail()
+            if status not in (0, -signal.SIGTERM):
+                failed = f"hypervisor exited with status {status}: {self.hv.stderr_tail()}"
             self.hv.close()
             self.hv = None
-            if status not in (0, -signal.SIGTERM):
-                raise BenchError(f"hypervisor exited with status {status}: {err}")
         if self.run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+        if failed:
+            raise BenchError(failed)
         if leaked:
             raise BenchError(f"shared-memory segments left in /dev/shm: {leaked}")
 
