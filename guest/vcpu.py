@@ -49,7 +49,10 @@ class Vcpu:
         self.report = VcpuReport(vcpu=vcpu_id)
 
     async def _exit(self, gfn: int, access: int) -> None:
-        await self.conn.call(protocol.GuestAccess(vcpu=self.vcpu_id, gfn=gfn, access=access))
+        # The guest runs identity-mapped, so the linear address of the faulting
+        # access is the page's guest-physical address (what a listener sees as gla).
+        await self.conn.call(protocol.GuestAccess(vcpu=self.vcpu_id, gfn=gfn, access=access,
+                                                  gla=gfn * abi.PAGE_SIZE))
 
     async def read(self, gfn: int) -> None:
         start = 0
