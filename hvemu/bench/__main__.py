@@ -16,9 +16,11 @@ integrity failure (targets missed are reported, not fatal), 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -84,6 +86,14 @@ async def run(args: argparse.Namespace, placement: Placement) -> dict[str, Any]:
     unknown = only - set(suites.BENCHMARKS)
     if unknown:
         raise SystemExit(f"bench.sh: unknown benchmark(s) {sorted(unknown)}; choose from {suites.BENCHMARKS}")
+    # SIGINT and SIGTERM cancel the run, whatever the shell left them as (a
+    # background job starts with SIGINT ignored): every Host then stops its
+    # processes and removes its run directory on the way out.
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
     totals = suites.Totals()
     result: dict[str, Any] = {"config": cfg.name, "machine": machine()}
     errors: dict[str, str] = {}
@@ -135,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         placement.observed["bench"] = format_cpus(os.sched_getaffinity(0))
     try:
         result = uvloop.run(run(args, placement))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("bench.sh: interrupted; every process stopped", file=sys.stderr)
         return 130
     print(report.table(result))
