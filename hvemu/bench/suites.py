@@ -47,7 +47,7 @@ class Config:
 
 FULL = Config("full")
 QUICK = Config("quick", fault_duration=3.0, floor_iterations=2000, uffd_iterations=5000, pagein_pages=1024,
-               ring_duration=1.0, evict_pages=4096, fairness_gfns=2048, fairness_target=256,
+               ring_duration=1.0, evict_pages=8192, fairness_gfns=2048, fairness_target=256,
                fairness_duration=3.0)
 SMOKE = Config("smoke", fault_gfns=512, fault_target=64, fault_duration=0.5, floor_iterations=200,
                uffd_iterations=500, pagein_pages=128, ring_duration=0.2, evict_pages=512,
@@ -262,7 +262,8 @@ async def evict(cfg: Config, placement: Placement, totals: Totals) -> dict[str, 
 
 async def _copy_floor(host: Host, placement: Placement, pages: int) -> float:
     proc = await Proc.start("copy-floor", ["-m", "hvemu.bench.floors", "copy", "--pages", str(pages),
-                                           "--batch", "64", "--dir", host.run_dir], cpus=placement.daemon)
+                                           "--batch", "64", "--repeat", "3", "--dir", host.run_dir],
+                            cpus=placement.daemon)
     try:
         rep = await proc.json_line(120)
     finally:
