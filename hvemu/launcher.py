@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import shutil
@@ -25,22 +24,10 @@ from typing import Any
 import uvloop
 
 from hvemu import abi, protocol
+from hvemu.procs import die_with_parent, stop_process
 from hvemu.transport import Connection
 
 MiB = 1 << 20
-
-
-def die_with_parent() -> None:
-    """``preexec_fn``: have the kernel SIGTERM this child if its parent dies first.
-
-    A launcher (or a test run) killed with ``kill -9`` cannot stop its
-    children; without this they would run on, holding memory and sockets.
-    """
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 class Child:
@@ -66,17 +53,7 @@ class Child:
 
     async def stop(self, timeout: float = 30.0, sig: int = signal.SIGTERM) -> int:
         """Send ``sig`` (0: none, just wait) and wait; kill after ``timeout``."""
-        if self.proc.returncode is None:
-            if sig:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.send_signal(sig)
-            try:
-                await asyncio.wait_for(self.proc.wait(), timeout)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-                await self.proc.wait()
-        return self.proc.returncode or 0
+        return await stop_process(self.proc, sig=sig, timeout=timeout) or 0
 
     async def output(self) -> str:
         assert self.proc.stdout is not None

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -35,7 +34,7 @@ import uvloop
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno
-from hvemu.launcher import die_with_parent
+from hvemu.procs import die_with_parent, stop_process
 from hvemu.transport import Connection, ControlError
 
 PATTERNS = ("uniform", "hotcold", "phases", "sequential")
@@ -66,16 +65,7 @@ class Proc:
         return (await asyncio.wait_for(self.proc.stdout.readline(), timeout)).decode().strip()
 
     async def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc.returncode is None:
-            if sig:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.send_signal(sig)
-            try:
-                await asyncio.wait_for(self.proc.wait(), timeout)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-                await self.proc.wait()
+        await stop_process(self.proc, sig=sig, timeout=timeout)
         self.log.close()
         return self.proc.returncode if self.proc.returncode is not None else -1
 

@@ -330,7 +330,7 @@ def _child_setup() -> None:
     Its own group: a terminal's Ctrl-C reaches attach alone, which forwards it
     once (the program would otherwise get it twice).
     """
-    from hvemu.launcher import die_with_parent
+    from hvemu.procs import die_with_parent
 
     os.setpgid(0, 0)
     die_with_parent()

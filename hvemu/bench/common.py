@@ -10,7 +10,6 @@ temporary file that is shown only when something fails.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import os
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from hvemu import abi, protocol
-from hvemu.launcher import die_with_parent
+from hvemu.procs import die_with_parent, stop_process
 from hvemu.transport import Connection
 
 #: Process roles a placement names.
@@ -221,16 +220,7 @@ class Proc:
 
     async def stop(self, timeout: float = 20.0, sig: int = signal.SIGTERM) -> int:
         """Send ``sig`` (0: none, just wait) and reap; SIGKILL after ``timeout``."""
-        if self.proc.returncode is None:
-            if sig:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.send_signal(sig)
-            try:
-                await asyncio.wait_for(self.proc.wait(), timeout)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-                await self.proc.wait()
+        await stop_process(self.proc, sig=sig, timeout=timeout)
         if self.proc.stdin is not None and not self.proc.stdin.is_closing():
             self.proc.stdin.close()
         return self.proc.returncode or 0

@@ -34,7 +34,7 @@ import uvloop
 from hvemu import abi
 from hvemu.abi import MemEvent, MemEventFlag, MemEventType
 from hvemu.evtchn import ChannelClosed, EventChannel
-from hvemu.launcher import die_with_parent
+from hvemu.procs import die_with_parent
 from hvemu.ring import BackRing, FrontRing, SharedRing
 from hvemu.shm import Segment
 

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from hvemu import protocol
-from hvemu.launcher import die_with_parent
+from hvemu.procs import die_with_parent
 from hvemu.transport import Connection
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from typing import Any
 
-from hvemu.launcher import die_with_parent
+from hvemu.procs import die_with_parent
 from tests.integration.system import ROOT
 
 REQUIRED = [

@@ -1,0 +1,41 @@
+"""Child processes that never outlive their parent, and stopping them.
+
+Shared by everything that starts hvemu processes (``run.sh``, the soak, the
+benchmarks, the raw attach, the tests): one way to tie a child's life to its
+parent and one way to stop it (signal, wait, SIGKILL after a deadline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import signal
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """``preexec_fn``: have the kernel SIGTERM this child if its parent dies first.
+
+    A launcher (or a test run) killed with ``kill -9`` cannot stop its
+    children; without this they would run on, holding memory and sockets.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+async def stop_process(proc: asyncio.subprocess.Process, *, sig: int = signal.SIGTERM,
+                       timeout: float = 30.0) -> int | None:
+    """Send ``sig`` (0: none, just wait), wait up to ``timeout``, then SIGKILL; the exit status."""
+    if proc.returncode is None:
+        if sig:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+    return proc.returncode
