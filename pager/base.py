@@ -348,9 +348,25 @@ class Pager:
                 log.info("dom%d: stopping, paging everything back in", self.client.domid)
                 await self.page_in_all()
                 serve.cancel()
+            await self.drain_unanswered()
         finally:
             await self.evictor.close()
             self.evictor = self.client
+
+    async def drain_unanswered(self) -> None:
+        """Answer every request left on the ring before it is disabled.
+
+        The serve task may have been cancelled between taking a batch and
+        answering it; a request left unanswered at disable would keep its
+        vCPU paused for good.  Publish what was answered, take back what was
+        taken but not answered, and serve until the ring is empty.
+        """
+        await self.client.push()
+        if self.client.rewind_unanswered():
+            log.info("dom%d: answering requests a cancelled serve had taken", self.client.domid)
+        while batch := self.client.take_requests():
+            await self.handle_batch(batch)
+        await self.client.push()
 
     def summary(self) -> dict[str, int]:
         """Counters of this run (printed by the pagers as one JSON line)."""

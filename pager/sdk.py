@@ -457,6 +457,20 @@ class MemEventClient(Domctl):
         await super().resume(self.ring_kind if ring is None else ring)
 
     # -------------------------------------------------------------- requests
+    def rewind_unanswered(self) -> int:
+        """Consume again every request taken but not yet answered; how many.
+
+        A daemon task cancelled between taking a batch and answering it leaves
+        those requests consumed but unanswered; they are still in their slots
+        (a slot only changes when its response is written), so going back to
+        ``rsp_prod_pvt`` hands them out once more, as a restarted daemon would
+        get them (:meth:`hvemu.ring.BackRing.attach`).
+        """
+        back, _, _ = self._running()
+        n = back.free_responses()
+        back.req_cons = back.rsp_prod_pvt
+        return n
+
     def take_requests(self) -> RequestBatch:
         """Every request on the ring now (possibly none); never blocks."""
         back, _, _ = self._running()
