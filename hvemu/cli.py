@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -129,7 +130,7 @@ def _read_pid(path: str) -> int | None:
     return pid
 
 
-def _spawn(run_dir: str, name: str, argv: list[str]) -> int:
+def _spawn(run_dir: str, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
     """Start a detached background process logging to ``<run_dir>/<name>.log``."""
     if _read_pid(_pidfile(run_dir, name)) is not None:
         raise CliError(f"{name} is already running")
@@ -140,7 +141,7 @@ def _spawn(run_dir: str, name: str, argv: list[str]) -> int:
                                 start_new_session=True)
     with open(_pidfile(run_dir, name), "w") as f:
         f.write(f"{proc.pid}\n")
-    return proc.pid
+    return proc
 
 
 def _stop(run_dir: str, name: str, timeout: float) -> int:
@@ -173,7 +174,7 @@ def cmd_start(args: argparse.Namespace) -> Any:
     argv += ["-v"] * args.verbose
     if args.foreground:
         os.execv(sys.executable, [sys.executable, *argv])
-    pid = _spawn(run_dir, "hypervisor", argv)
+    pid = _spawn(run_dir, "hypervisor", argv).pid
     sock = protocol.socket_path(run_dir)
     deadline = time.monotonic() + 10
     while not os.path.exists(sock):
@@ -194,7 +195,41 @@ def cmd_pager_attach(args: argparse.Namespace) -> Any:
             "--policy", args.policy, "--batch", str(args.batch)]
     if args.target is not None:
         argv += ["--target", str(int(args.target * MiB) // abi.PAGE_SIZE)]
-    return {"attached": "pager", "domid": args.domid, "pid": _spawn(run_dir, f"pager-{args.domid}", argv)}
+    name = f"pager-{args.domid}"
+    proc = _spawn(run_dir, name, argv)
+    _wait_attached(proc, run_dir, name, args.domid, "paging")
+    return {"attached": "pager", "domid": args.domid, "pid": proc.pid}
+
+
+def _wait_attached(proc: subprocess.Popen[bytes], run_dir: str, name: str, domid: int, ring: str,
+                   timeout: float = 15.0) -> None:
+    """Return once the daemon has enabled its ring; if it exits first, say why (from its log)."""
+    path = _pidfile(run_dir, name)
+
+    async def enabled() -> bool:
+        conn = await _tool(run_dir)
+        try:
+            st = await domain_info(conn, domid)
+        except ControlError:
+            return False
+        finally:
+            await conn.close()
+        info = st.get(ring, {})
+        return isinstance(info, dict) and bool(info.get("enabled"))
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:  # it exited: no pidfile, and say why
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            log_path = os.path.join(run_dir, f"{name}.log")
+            with open(log_path) as f:
+                lines = [ln.strip() for ln in f if ln.strip()]
+            raise CliError(f"{name} exited: {lines[-1] if lines else 'no message'} (log: {log_path})")
+        if uvloop.run(enabled()):
+            return
+        time.sleep(0.05)
+    raise CliError(f"{name} did not attach within {timeout:.0f}s (log: {os.path.join(run_dir, name + '.log')})")
 
 
 def cmd_pager_detach(args: argparse.Namespace) -> Any:
@@ -205,7 +240,10 @@ def cmd_pager_detach(args: argparse.Namespace) -> Any:
 def cmd_listener_attach(args: argparse.Namespace) -> Any:
     run_dir = _run_dir(args)
     argv = ["-m", "pager.examples.access_listener", "--run-dir", run_dir, "--domid", str(args.domid), *args.extra]
-    return {"attached": "listener", "domid": args.domid, "pid": _spawn(run_dir, f"listener-{args.domid}", argv)}
+    name = f"listener-{args.domid}"
+    proc = _spawn(run_dir, name, argv)
+    _wait_attached(proc, run_dir, name, args.domid, "access")
+    return {"attached": "listener", "domid": args.domid, "pid": proc.pid}
 
 
 def cmd_listener_detach(args: argparse.Namespace) -> Any:
@@ -220,6 +258,8 @@ def cmd_listener_detach(args: argparse.Namespace) -> Any:
 
 async def cmd_create(args: argparse.Namespace) -> Any:
     gfns = int(args.memory * MiB) // abi.PAGE_SIZE
+    if args.target is not None and not 0 <= args.target <= args.memory:
+        raise CliError(f"--target must be within 0..{args.memory} MiB (the domain's memory)")
     conn = await _tool(args.run_dir)
     try:
         reply, _ = await conn.call(protocol.DomainCreate(max_vcpus=args.vcpus, gfns=gfns, name=args.name))

@@ -25,7 +25,7 @@ import uvloop
 
 from hvemu import abi, protocol
 from hvemu.procs import die_with_parent, stop_process
-from hvemu.transport import Connection
+from hvemu.transport import Connection, ControlError
 
 MiB = 1 << 20
 
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Interrupted) as exc:
         print(f"run.sh: interrupted ({exc or 'SIGINT'}), everything stopped", file=sys.stderr)
         return 130
-    except (RuntimeError, OSError, TimeoutError) as exc:
+    except (RuntimeError, OSError, TimeoutError, ControlError) as exc:
         print(f"run.sh: {exc}", file=sys.stderr)
         return 1
     _print_table(summary)

@@ -71,6 +71,12 @@ def test_errors_are_one_line(started: str, tmp_path: object) -> None:
         assert res.returncode == 1, (args, res.stderr)
         assert needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
         assert "Traceback" not in res.stderr
+    bad = hvemu(started, "pager-attach", "99", check=False)
+    assert bad.returncode == 1 and "ESRCH" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert not os.path.exists(os.path.join(started, "pager-99.pid")), "a failed attach left its pidfile"
+    too_big = hvemu(started, "create", "--memory", "8", "--target", "16", check=False)
+    assert too_big.returncode == 1 and "--target" in too_big.stderr
+    assert hv_json(started, "list") == [], "a refused create must not leave a domain behind"
     nobody = hvemu(os.path.join(str(tmp_path), "none"), "list", check=False)
     assert nobody.returncode == 1 and "no hypervisor" in nobody.stderr and "Traceback" not in nobody.stderr
     usage = hvemu(started, "create", "--vcpus", "many", check=False)

@@ -58,3 +58,9 @@ def test_sigint_stops_everything(tmp_path: object) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_values_the_hypervisor_refuses_are_one_line() -> None:
+    res = subprocess.run([sys.executable, "-m", "hvemu.launcher", "--vcpus", "1000", "--duration", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "max_vcpus" in res.stderr and "Traceback" not in res.stderr, res.stderr
