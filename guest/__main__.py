@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import mmap
-import os
 import signal
 import sys
 import time
@@ -20,10 +18,10 @@ import time
 import msgspec
 import uvloop
 
-from guest.memory import GuestMemory
+from guest.memory import open_guest
 from guest.vcpu import Vcpu, VcpuReport
 from guest.workload import WorkloadConfig, accesses
-from hvemu import abi, logs, protocol
+from hvemu import logs, protocol
 from hvemu.histogram import Histogram
 from hvemu.transport import Connection, ControlError, root_cause
 
@@ -62,21 +60,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _open_guest(path: str, domid: int) -> tuple[Connection, GuestMemory, protocol.Welcome]:
-    conn = await Connection.connect(path)
-    reply, fds = await conn.call(protocol.GuestHello(domid=domid))
-    assert isinstance(reply, protocol.Welcome)
-    named = dict(zip(reply.fds, fds, strict=True))
-    try:
-        mem = mmap.mmap(named["memory"], reply.gfns * abi.PAGE_SIZE, mmap.MAP_SHARED)
-        p2m = mmap.mmap(named["p2m"], abi.p2m_table_size(reply.gfns), mmap.MAP_SHARED, mmap.PROT_READ)
-        inflight = mmap.mmap(named["inflight"], abi.inflight_table_size(reply.max_vcpus), mmap.MAP_SHARED)
-    finally:
-        for fd in fds:
-            os.close(fd)
-    return conn, GuestMemory(mem, p2m, inflight, reply.gfns, reply.max_vcpus), reply
-
-
 class _Done(Exception):
     """Raised inside the task group to stop the lifeline once the work is done."""
 
@@ -110,7 +93,7 @@ async def _lifeline(conn: Connection, domid: int) -> None:
 
 async def run_guest(args: argparse.Namespace) -> GuestReport:
     path = protocol.socket_path(args.run_dir)
-    main_conn, memory, welcome = await _open_guest(path, args.domid)
+    main_conn, memory, welcome = await open_guest(path, args.domid)
     nvcpus = args.vcpus or welcome.max_vcpus
     if not 0 < nvcpus <= welcome.max_vcpus:
         raise ValueError(f"--vcpus must be within 1..{welcome.max_vcpus}")

@@ -18,9 +18,11 @@ or the hypervisor sees the access in flight and waits for it to end.
 from __future__ import annotations
 
 import mmap
+import os
 
-from hvemu import abi
+from hvemu import abi, protocol
 from hvemu.ring import mb
+from hvemu.transport import Connection
 
 PAGE = abi.PAGE_SIZE
 
@@ -84,3 +86,22 @@ class GuestMemory:
             view.release()
         for m in self._maps:
             m.close()
+
+
+async def open_guest(path: str, domid: int) -> tuple[Connection, GuestMemory, protocol.Welcome]:
+    """Connect as ``domid``'s guest and map what the hypervisor hands over (memory, p2m, in-flight table).
+
+    The returned connection is the domain's lifeline: the domain lives as long as it stays open.
+    """
+    conn = await Connection.connect(path)
+    reply, fds = await conn.call(protocol.GuestHello(domid=domid))
+    assert isinstance(reply, protocol.Welcome)
+    named = dict(zip(reply.fds, fds, strict=True))
+    try:
+        mem = mmap.mmap(named["memory"], reply.gfns * abi.PAGE_SIZE, mmap.MAP_SHARED)
+        p2m = mmap.mmap(named["p2m"], abi.p2m_table_size(reply.gfns), mmap.MAP_SHARED, mmap.PROT_READ)
+        inflight = mmap.mmap(named["inflight"], abi.inflight_table_size(reply.max_vcpus), mmap.MAP_SHARED)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return conn, GuestMemory(mem, p2m, inflight, reply.gfns, reply.max_vcpus), reply

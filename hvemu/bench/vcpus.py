@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import mmap
 import os
 import stat
 import sys
@@ -35,7 +34,7 @@ from typing import Any
 
 import uvloop
 
-from guest.memory import GuestMemory
+from guest.memory import GuestMemory, open_guest
 from guest.stamp import StampError, make_page, verify_page
 from hvemu import abi, protocol
 from hvemu.bench.common import latency_summary
@@ -54,18 +53,7 @@ class BenchGuest:
 
     @classmethod
     async def open(cls, path: str, domid: int, vcpus: int) -> BenchGuest:
-        main = await Connection.connect(path)
-        reply, fds = await main.call(protocol.GuestHello(domid=domid))
-        assert isinstance(reply, protocol.Welcome)
-        named = dict(zip(reply.fds, fds, strict=True))
-        try:
-            memory = mmap.mmap(named["memory"], reply.gfns * abi.PAGE_SIZE, mmap.MAP_SHARED)
-            p2m = mmap.mmap(named["p2m"], abi.p2m_table_size(reply.gfns), mmap.MAP_SHARED, mmap.PROT_READ)
-            inflight = mmap.mmap(named["inflight"], abi.inflight_table_size(reply.max_vcpus), mmap.MAP_SHARED)
-        finally:
-            for fd in fds:
-                os.close(fd)
-        mem = GuestMemory(memory, p2m, inflight, reply.gfns, reply.max_vcpus)
+        main, mem, reply = await open_guest(path, domid)
         conns = []
         for i in range(vcpus):
             c = await Connection.connect(path)
