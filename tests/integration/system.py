@@ -126,6 +126,18 @@ class Hypervisor:
         await conn.call(protocol.ToolHello(client="test"))
         return conn
 
+    async def create_domain(self, vcpus: int, gfns: int, target: int | None = None) -> int:
+        """A new domain (and its paging target); its domid."""
+        conn = await self.tool()
+        try:
+            reply, _ = await conn.call(protocol.DomainCreate(max_vcpus=vcpus, gfns=gfns))
+            assert isinstance(reply, protocol.DomainCreated)
+            if target is not None:
+                await conn.call(protocol.SetTarget(domid=reply.domid, pages=target))
+            return reply.domid
+        finally:
+            await conn.close()
+
     def pager(self, domid: int, pagefile: str, *extra: str) -> Proc:
         return Proc("-m", "pager.xenpaging", "--run-dir", self.run_dir, "--domid", str(domid),
                     "--pagefile", pagefile, *extra)

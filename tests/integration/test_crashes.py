@@ -35,14 +35,7 @@ KILLS = env_count(CRASH_CASES_ENV, 8)
 
 
 async def _domain(hv: Hypervisor, vcpus: int, gfns: int, target: int) -> int:
-    conn = await hv.tool()
-    try:
-        reply, _ = await conn.call(protocol.DomainCreate(max_vcpus=vcpus, gfns=gfns))
-        assert isinstance(reply, protocol.DomainCreated)
-        await conn.call(protocol.SetTarget(domid=reply.domid, pages=target))
-        return reply.domid
-    finally:
-        await conn.close()
+    return await hv.create_domain(vcpus, gfns, target)
 
 
 def _crashy(hv: Hypervisor, domid: int, pagefile: str, point: str, hit: int) -> Proc:

@@ -13,14 +13,7 @@ GFNS_8M = 2048
 
 
 async def _domain(hv: Hypervisor, vcpus: int = 2, gfns: int = GFNS_8M, target: int = 512) -> int:
-    conn = await hv.tool()
-    try:
-        reply, _ = await conn.call(protocol.DomainCreate(max_vcpus=vcpus, gfns=gfns))
-        assert isinstance(reply, protocol.DomainCreated)
-        await conn.call(protocol.SetTarget(domid=reply.domid, pages=target))
-        return reply.domid
-    finally:
-        await conn.close()
+    return await hv.create_domain(vcpus, gfns, target)
 
 
 async def _start_pager(hv: Hypervisor, domid: int, pagefile: str) -> Proc:
