@@ -441,7 +441,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("domid", type=int)
     s.add_argument("--pagefile", default=None)
     s.add_argument("--target", type=float, default=None, help="MiB")
-    s.add_argument("--policy", choices=["random", "clock"], default="random")
+    s.add_argument("--policy", choices=["clock", "random"], default="clock",
+                   help="victim policy: clock (xenpaging's sweeping hand) or random")
     s.add_argument("--batch", type=int, default=64)
     s = add("pager-detach", "stop a domain's pager cleanly (pages everything back in)")
     s.add_argument("domid", type=int)

@@ -28,6 +28,7 @@ from typing import Protocol
 
 from hvemu import abi
 from hvemu.abi import MemEvent, MemEventFlag, P2MType
+from pager.gfns import GfnsOfType, gfns_in
 from pager.progress import Progressbar
 from pager.sdk import Domctl, MemEventClient, SdkError, response_for
 
@@ -37,6 +38,8 @@ log = logging.getLogger("pager")
 _DROP_PAGE = int(MemEventFlag.DROP_PAGE)
 _EVICT_FAIL = int(MemEventFlag.EVICT_FAIL)
 _NO_LOAD = int(MemEventFlag.DROP_PAGE | MemEventFlag.EVICT_FAIL | MemEventFlag.DUMMY)
+_RAM_RW = int(P2MType.ram_rw)
+_RAM_PAGING_OUT = int(P2MType.ram_paging_out)
 
 
 class PageStore(Protocol):
@@ -102,13 +105,16 @@ class Pager:
         self._paging_in_seen: set[int] = set()
 
     # ------------------------------------------------------------- hooks
-    def choose_victims(self, candidates: list[int], count: int) -> list[int]:
+    def choose_victims(self, candidates: GfnsOfType, count: int) -> list[int]:
         """Which of ``candidates`` (every ``ram_rw`` gfn, ascending) to evict next: at most ``count``.
 
+        ``candidates`` is a read-only sequence (``len``, ``in``, indexing,
+        iteration) that lists the gfns only when indexed or iterated; its
+        ``walk(gfn)`` (a clock hand's turn) and ``sample(n, rng)`` do not.
         Return fewer (or none) to evict less.  A gfn that is no longer
         pageable by the time it is nominated is simply skipped.
         """
-        return self.rng.sample(candidates, min(count, len(candidates)))
+        return gfns_in(candidates).sample(count, self.rng)
 
     def on_populate(self, gfns: list[int]) -> None:
         """``gfns`` were just paged back in (loaded and made ``ram_rw``)."""
@@ -206,12 +212,12 @@ class Pager:
     # ------------------------------------------------------------- eviction
     def resident(self) -> int:
         """Pages holding a frame the pager could evict (``ram_rw`` + nominated)."""
-        c = self.client
-        return c.count_type(P2MType.ram_rw) + c.count_type(P2MType.ram_paging_out)
+        types = self.client.p2m_types()
+        return types.count(_RAM_RW) + types.count(_RAM_PAGING_OUT)
 
     async def evict_batch(self, count: int) -> int:
         """Nominate, copy and evict up to ``count`` pages; returns how many left."""
-        candidates = self.client.gfns_of_type(P2MType.ram_rw)
+        candidates = self.client.gfns_view(P2MType.ram_rw)
         victims = self.choose_victims(candidates, min(count, self.batch))
         if not victims:
             return 0

@@ -1,22 +1,25 @@
 """Victim selection: which resident pages a pager evicts next.
 
-Both policies avoid pages paged in recently (xenpaging keeps a similar list):
+``clock`` (the default) is xenpaging's own policy; ``random`` is the
+classic alternative.  Both avoid pages paged in recently (xenpaging keeps a similar list):
 evicting a page the guest just faulted back is the classic thrash.
 """
 
 from __future__ import annotations
 
-import bisect
 import random
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Literal, Protocol
+
+from pager.gfns import gfns_in
 
 PolicyName = Literal["random", "clock"]
 
 
 class VictimPolicy(Protocol):
-    def choose(self, candidates: list[int], count: int) -> list[int]: ...
+    def choose(self, candidates: Sequence[int], count: int) -> list[int]:
+        """At most ``count`` of ``candidates`` (ascending gfns: a :class:`~pager.gfns.GfnsOfType` or a list)."""
 
     def paged_in(self, gfns: Iterable[int]) -> None: ...
 
@@ -46,50 +49,34 @@ class RandomPolicy(_RecentlyPagedIn):
         super().__init__(capacity)
         self._rng = random.Random(seed)
 
-    def choose(self, candidates: list[int], count: int) -> list[int]:
-        recent = self._recent  # a dict lookup, not a call of __contains__ per candidate
-        # Draw a few more than needed and drop the recent ones: a uniform
-        # choice among the fresh candidates at the cost of the draw, not of a
-        # pass over every candidate (there may be a whole guest of them).
-        n = len(candidates)
-        if n > 4 * len(recent) and n > 8 * count:  # most draws are fresh and distinct: worth trying
-            # i.i.d. uniform indices, first occurrences kept in draw order: a
-            # uniform sample without replacement, at a C-level random() per
-            # draw instead of random.sample's Python-level _randbelow.
-            rnd = self._rng.random
-            drawn = dict.fromkeys(int(rnd() * n) for _ in range(2 * count + 16))
-            picked = [g for i in drawn if (g := candidates[i]) not in recent][:count]
-            if len(picked) == count:
-                return picked
-        fresh = [g for g in candidates if g not in recent]
-        pool = fresh if len(fresh) >= count else candidates
-        return self._rng.sample(pool, min(count, len(pool)))
+    def choose(self, candidates: Sequence[int], count: int) -> list[int]:
+        return gfns_in(candidates).sample(count, self._rng, avoid=self._recent)
 
 
 class ClockPolicy(_RecentlyPagedIn):
-    """A sweeping hand over gfn order, skipping recently paged-in pages."""
+    """xenpaging's default policy: a hand sweeping over gfn order, skipping recently paged-in pages.
+
+    Victims come in gfn order, so a batch is mostly one run of gfns: the
+    hypervisor gives its frames back with one hole punched per run, and
+    the pagefile is written sequentially.
+    """
 
     def __init__(self, capacity: int = 256) -> None:
         super().__init__(capacity)
         self._hand = 0
 
-    def choose(self, candidates: list[int], count: int) -> list[int]:
-        """``count`` gfns from the hand on (``candidates`` ascending), recent ones only if short.
+    def choose(self, candidates: Sequence[int], count: int) -> list[int]:
+        """``count`` gfns from the hand on, recent ones only if short.
 
-        Walks only as far as it must (a binary search for the hand, then one
-        step per gfn taken or skipped), not over every candidate per batch.
+        Walks only as far as it must (one C-level search per gfn taken or
+        skipped), never over every candidate per batch.
         """
-        n = len(candidates)
-        if not n:
-            return []
-        recent = self._recent
-        start = bisect.bisect_left(candidates, self._hand)
-        if start == n:
-            start = 0
+        recent = self._recent  # a dict lookup, not a call of __contains__ per candidate
         picked: list[int] = []
         skipped: list[int] = []
-        for i in range(start - n, start):  # negative indices wrap around: one full turn from start
-            g = candidates[i]
+        if count <= 0:
+            return picked
+        for g in gfns_in(candidates).walk(self._hand):
             if g in recent:
                 if len(skipped) < count:
                     skipped.append(g)

@@ -24,12 +24,9 @@ explains the protocol and the pitfalls.
 from __future__ import annotations
 
 import enum
-import functools
-import itertools
 import logging
 import mmap
 import os
-import re
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 
@@ -38,6 +35,7 @@ from hvemu.abi import Errno, MemEvent, MemEventFlag, MemEventReason, MemEventTyp
 from hvemu.evtchn import ChannelClosed, EventChannel
 from hvemu.ring import BackRing, RingCorruptError, SharedRing
 from hvemu.transport import Connection, ControlError, TransportError
+from pager.gfns import GfnsOfType
 
 log = logging.getLogger("pager.sdk")
 
@@ -281,17 +279,6 @@ class Domctl:
             raise DomctlError(f"unexpected reply {type(reply).__name__} to Stats")
         return dict(reply.stats)
 
-
-
-@functools.cache
-def _selector(value: int) -> bytes:
-    """A ``bytes.translate`` table mapping ``value`` to 1 and every other byte to 0."""
-    return bytes(1 if i == value else 0 for i in range(256))
-
-
-@functools.cache
-def _finder(value: int) -> re.Pattern[bytes]:
-    return re.compile(re.escape(bytes([value])))
 
 
 class MemEventClient(Domctl):
@@ -570,28 +557,26 @@ class MemEventClient(Domctl):
             raise StateError("not attached")
         return self.p2m[abi.p2m_access_index(self.gfns, gfn)]
 
-    def gfns_of_type(self, p2mt: abi.P2MType) -> list[int]:
-        """Every gfn whose p2m type is ``p2mt``, by scans in C whatever the density.
-
-        The eviction loop calls this for every batch, so its cost is per
-        evicted page: a regex search touches only the matches (right when
-        they are few), ``translate`` + ``compress`` every byte once (right when
-        they are many, e.g. a full guest about to be paged out).
-        """
+    def p2m_types(self) -> bytes:
+        """A snapshot of the p2m type array, one byte per gfn (one copy, at C speed)."""
         if self.p2m is None:
             raise StateError("not attached")
         start = abi.p2m_type_index(self.gfns, 0)
-        table = bytes(self.p2m[start:start + self.gfns])
-        value = int(p2mt)
-        found = table.count(value)
-        if not found:
-            return []
-        if found * 5 >= len(table):
-            return list(itertools.compress(range(len(table)), table.translate(_selector(value))))
-        return [m.start() for m in _finder(value).finditer(table)]
+        return bytes(self.p2m[start:start + self.gfns])
+
+    def gfns_view(self, p2mt: abi.P2MType, types: bytes | None = None) -> GfnsOfType:
+        """The gfns of type ``p2mt`` now, as a sequence that lists them only if indexed or iterated.
+
+        What eviction passes to a victim policy once per batch: counting,
+        membership, a clock hand's walk and random sampling cost a scan in C
+        or a few probes, not a list of the whole guest (:mod:`pager.gfns`).
+        ``types`` reuses a snapshot from :meth:`p2m_types`.
+        """
+        return GfnsOfType(self.p2m_types() if types is None else types, int(p2mt))
+
+    def gfns_of_type(self, p2mt: abi.P2MType) -> list[int]:
+        """Every gfn whose p2m type is ``p2mt``, ascending."""
+        return self.gfns_view(p2mt).as_list()
 
     def count_type(self, p2mt: abi.P2MType) -> int:
-        if self.p2m is None:
-            raise StateError("not attached")
-        start = abi.p2m_type_index(self.gfns, 0)
-        return bytes(self.p2m[start:start + self.gfns]).count(bytes([int(p2mt)]))
+        return self.p2m_types().count(int(p2mt))

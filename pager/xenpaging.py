@@ -20,6 +20,7 @@ from hvemu.abi import RingKind
 from hvemu.transport import ControlError, root_cause
 from pager.base import Pager as BasePager
 from pager.base import PageStore
+from pager.gfns import GfnsOfType
 from pager.pagefile import Pagefile
 from pager.policy import PolicyName, VictimPolicy, make_policy
 from pager.sdk import DomainGone, MemEventClient, SdkError
@@ -37,7 +38,7 @@ class Pager(BasePager):
                          progress=progress)
         self.policy = policy
 
-    def choose_victims(self, candidates: list[int], count: int) -> list[int]:
+    def choose_victims(self, candidates: GfnsOfType, count: int) -> list[int]:
         """The policy's choice (it avoids pages paged in lately)."""
         return self.policy.choose(candidates, count)
 
@@ -51,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--domid", type=int, required=True)
     p.add_argument("--pagefile", required=True, help="backing file (kept across restarts)")
     p.add_argument("--target", type=int, default=None, help="resident pages to keep (default: the hypervisor's)")
-    p.add_argument("--policy", choices=["random", "clock"], default="random")
+    p.add_argument("--policy", choices=["clock", "random"], default="clock",
+                   help="victim policy: clock (xenpaging's sweeping hand, the default) or random")
     p.add_argument("--batch", type=int, default=64, help="pages per eviction batch")
     p.add_argument("--unbatched", action="store_true",
                    help="answer each request on its own (one load, push and notify per request); "

@@ -13,6 +13,7 @@ import asyncio
 import json
 import random
 import signal
+from collections.abc import Sequence
 
 import uvloop
 
@@ -25,7 +26,7 @@ from pager.sdk import DomainGone, MemEventClient
 class RandomPager(Pager):
     """The whole policy: which resident pages to evict."""
 
-    def choose_victims(self, candidates: list[int], count: int) -> list[int]:
+    def choose_victims(self, candidates: Sequence[int], count: int) -> list[int]:
         return random.sample(candidates, min(count, len(candidates)))
 
     def on_drop(self, gfn: int) -> None:

@@ -17,6 +17,7 @@ from hvemu.ring import FrontRing, SharedRing
 from pager import attach
 from pager.base import Pager
 from pager.examples.access_listener import describe, parse_gfns
+from pager.gfns import GfnsOfType
 from pager.sdk import (
     DomainGone,
     DomctlError,
@@ -195,6 +196,12 @@ class _FakeClient:
     def gfns_of_type(self, t: int) -> list[int]:
         return [g for g, x in enumerate(self.types) if x == t]
 
+    def p2m_types(self) -> bytes:
+        return bytes(self.types)
+
+    def gfns_view(self, t: int) -> GfnsOfType:
+        return GfnsOfType(bytes(self.types), t)
+
     def count_type(self, t: int) -> int:
         return self.types.count(t)
 
@@ -227,8 +234,8 @@ class _Recording(Pager):
         self.dropped: list[int] = []
         self.asked: list[tuple[list[int], int]] = []
 
-    def choose_victims(self, candidates: list[int], count: int) -> list[int]:
-        self.asked.append((candidates, count))
+    def choose_victims(self, candidates: GfnsOfType, count: int) -> list[int]:
+        self.asked.append((list(candidates), count))
         return candidates[-count:]
 
     def on_populate(self, gfns: list[int]) -> None:
