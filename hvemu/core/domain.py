@@ -253,6 +253,21 @@ class Domain:
                 out.append(op(g))
         return out
 
+    def _batch_valid(self, gfns: Sequence[int],
+                     op: Callable[[list[int]], list[Errno | None]]) -> list[Errno | None]:
+        """Apply a batch op to the valid gfns at once; an invalid gfn answers ``EINVAL`` in its place.
+
+        For ops that cannot crash the domain part-way (nominate, evict), so
+        the whole batch runs in one call of a tight loop.
+        """
+        self._live()
+        n = self.gfns
+        valid = [g for g in gfns if type(g) is int and 0 <= g < n]
+        if len(valid) == len(gfns):
+            return op(valid)
+        results = iter(op(valid))
+        return [next(results) if type(g) is int and 0 <= g < n else Errno.EINVAL for g in gfns]
+
     def free_frame(self, gfn: int, released: list[int]) -> None:
         """Give ``gfn``'s frame back to the host (the caller emits FramesReleased)."""
         if self.p2m.set_frame(gfn, False):
@@ -370,11 +385,11 @@ class Domain:
         return self._batch(gfns, lambda g: _paging.foreign_map_gfn(self, g))
 
     def paging_nominate(self, gfns: Sequence[int]) -> list[Errno | None]:
-        return self._batch(gfns, lambda g: _paging.p2m_mem_paging_nominate(self, g))
+        return self._batch_valid(gfns, lambda valid: _paging.p2m_mem_paging_nominate(self, valid))
 
     def paging_evict(self, gfns: Sequence[int]) -> list[Errno | None]:
         released: list[int] = []
-        out = self._batch(gfns, lambda g: _paging.p2m_mem_paging_evict(self, g, released))
+        out = self._batch_valid(gfns, lambda valid: _paging.p2m_mem_paging_evict(self, valid, released))
         self.release_frames(released)
         return out
 

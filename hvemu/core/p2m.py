@@ -20,6 +20,7 @@ never scans; :meth:`P2M.recount` scans (in C, via ``bytes.count``) to check them
 from __future__ import annotations
 
 import itertools
+from collections.abc import Container, Sequence
 from typing import Any
 
 from hvemu import abi
@@ -117,6 +118,36 @@ class P2M:
         self.types[gfn] = p2mt
         self._type_counts[old] -= 1
         self._type_counts[p2mt] += 1
+
+    def transition(self, gfns: Sequence[int], from_types: Container[int], to: int) -> list[bool]:
+        """Per gfn in order: a gfn with a frame and a type in ``from_types`` becomes ``to``.
+
+        Returns, per gfn, whether it changed.  The batch form of ``has_frame`` +
+        ``get_type`` + ``set_type``, for the pager's nominate and evict of a
+        whole batch: one tight loop instead of a few method calls per gfn.
+        A gfn named twice is judged each time on its type at that point, as
+        the per-gfn form would.
+        """
+        types, frames, counts = self.types, self.frames, self._type_counts
+        changed: list[bool] = []
+        for g in gfns:
+            old = types[g]
+            if frames[g] and old in from_types and old != to:
+                types[g] = to
+                counts[old] -= 1
+                counts[to] += 1
+                changed.append(True)
+            else:
+                changed.append(False)
+        return changed
+
+    def drop_frames(self, gfns: Sequence[int]) -> int:
+        """Mark the frames of ``gfns`` (each present, each named once) absent; returns how many."""
+        frames = self.frames
+        for g in gfns:
+            frames[g] = 0
+        self.resident -= len(gfns)
+        return len(gfns)
 
     def set_access(self, gfn: int, access: int) -> None:
         self.access[gfn] = access

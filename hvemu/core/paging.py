@@ -16,8 +16,9 @@ the pager gets a ``DROP_PAGE`` request so that it can forget its copy.
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from hvemu import abi
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hvemu.core.paging")
 
 _PAGE_OUT_PATH = frozenset({P2MType.ram_paging_out, P2MType.ram_paged})
+_NOMINATED = frozenset({P2MType.ram_paging_out})
 # Plain ints on the fault path: an operation on an IntFlag member costs about
 # a microsecond (Python-level enum code), on an int some 10 ns.
 _VCPU_PAUSED = int(MemEventFlag.VCPU_PAUSED)
@@ -38,29 +40,35 @@ _EVICT_FAIL = int(MemEventFlag.EVICT_FAIL)
 _FOREIGN = int(MemEventFlag.FOREIGN)
 
 
-def p2m_mem_paging_nominate(dom: Domain, gfn: int) -> Errno | None:
-    """``ram_rw`` -> ``ram_paging_out``; ``EBUSY`` for a page that cannot be paged (Xen's answer)."""
-    p2m = dom.p2m
-    if not p2m.has_frame(gfn) or p2m.get_type(gfn) not in PAGEABLE_TYPES:
-        return Errno.EBUSY
-    p2m.set_type(gfn, P2MType.ram_paging_out)
-    dom.counters.nominated += 1
-    return None
+def p2m_mem_paging_nominate(dom: Domain, gfns: Sequence[int]) -> list[Errno | None]:
+    """``ram_rw`` -> ``ram_paging_out`` per gfn; ``EBUSY`` for a page that cannot be paged (Xen's answer).
 
-
-def p2m_mem_paging_evict(dom: Domain, gfn: int, released: list[int]) -> Errno | None:
-    """``ram_paging_out`` -> ``ram_paged`` and the frame goes back to the host.
-
-    ``EBUSY`` if the gfn is not (or no longer) nominated: a touch after
-    nominate turned it ``ram_paging_in``, so the pager's copy may be stale.
+    Batched (the pager nominates a whole batch per domctl): the per-gfn
+    checks run in one loop in :meth:`P2M.transition`.  ``gfns`` are valid.
     """
-    p2m = dom.p2m
-    if p2m.get_type(gfn) != P2MType.ram_paging_out or not p2m.has_frame(gfn):
-        return Errno.EBUSY
-    p2m.set_type(gfn, P2MType.ram_paged)
-    dom.free_frame(gfn, released)
-    dom.counters.evicted += 1
-    return None
+    changed = dom.p2m.transition(gfns, PAGEABLE_TYPES, P2MType.ram_paging_out)
+    dom.counters.nominated += changed.count(True)
+    return _results(changed, Errno.EBUSY)
+
+
+def p2m_mem_paging_evict(dom: Domain, gfns: Sequence[int], released: list[int]) -> list[Errno | None]:
+    """``ram_paging_out`` -> ``ram_paged`` per gfn, and the frames go back to the host.
+
+    ``EBUSY`` if a gfn is not (or no longer) nominated: a touch after
+    nominate turned it ``ram_paging_in``, so the pager's copy may be stale.
+    ``gfns`` are valid.
+    """
+    changed = dom.p2m.transition(gfns, _NOMINATED, P2MType.ram_paged)
+    freed = list(itertools.compress(gfns, changed))
+    dom.budget.release(dom.p2m.drop_frames(freed))
+    released += freed
+    dom.counters.evicted += len(freed)
+    return _results(changed, Errno.EBUSY)
+
+
+def _results(changed: list[bool], failed: Errno) -> list[Errno | None]:
+    """One result per gfn: ``None`` where it changed, ``failed`` elsewhere."""
+    return [None if ok else failed for ok in changed]
 
 
 def p2m_mem_paging_prep(dom: Domain, gfn: int) -> Errno | None:

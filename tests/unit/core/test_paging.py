@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hvemu import abi
 from hvemu.abi import Errno, MemEventFlag, P2MType, RingKind
@@ -206,3 +208,43 @@ def test_p2m_counts_follow_every_transition() -> None:
     lis.serve_all(rounds=2)
     check_accounting(dom)
     assert dom.stats()["resident"] == dom.p2m.recount()[1]
+
+
+_TYPES = [P2MType.ram_rw, P2MType.ram_logdirty, P2MType.ram_paging_out, P2MType.ram_paged, P2MType.ram_paging_in,
+          P2MType.ram_shared, P2MType.mmio_dm]
+
+
+@given(st.lists(st.sampled_from(_TYPES), min_size=8, max_size=8), st.lists(st.booleans(), min_size=8, max_size=8),
+       st.lists(st.integers(-2, 10), max_size=12), st.booleans())
+def test_batched_nominate_and_evict_match_gfn_by_gfn(types: list[int], frames: list[bool], gfns: list[int],
+                                                     evict: bool) -> None:
+    """The batch ops answer and change exactly what applying Xen's per-gfn op in order would."""
+    hv, dom = make(gfns=8)
+    p2m = dom.p2m
+    for g, (t, f) in enumerate(zip(types, frames, strict=True)):
+        p2m.set_type(g, t)
+        if not f:
+            dom.free_frame(g, [])
+    hv.take_effects()
+    model_types, model_frames = list(types), list(frames)
+    expected: list[Errno | None] = []
+    freed: list[int] = []
+    for g in gfns:
+        if not 0 <= g < 8:
+            expected.append(Errno.EINVAL)
+        elif not evict and model_frames[g] and model_types[g] in (P2MType.ram_rw, P2MType.ram_logdirty):
+            model_types[g] = P2MType.ram_paging_out
+            expected.append(None)
+        elif evict and model_frames[g] and model_types[g] == P2MType.ram_paging_out:
+            model_types[g], model_frames[g] = P2MType.ram_paged, False
+            freed.append(g)
+            expected.append(None)
+        else:
+            expected.append(Errno.EBUSY)
+    used = hv.budget.used
+    assert (dom.paging_evict(gfns) if evict else dom.paging_nominate(gfns)) == expected
+    assert [p2m.get_type(g) for g in range(8)] == model_types
+    assert [p2m.has_frame(g) for g in range(8)] == model_frames
+    assert hv.budget.used == used - len(freed)
+    assert hv.take_effects() == ([FramesReleased(dom.domid, freed)] if freed else [])
+    p2m.check_counts()
