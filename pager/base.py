@@ -265,20 +265,27 @@ class Pager:
         refreshed once per ``poll_interval``, not on every page-in, and a
         page-in wakes this loop only when it takes the domain above the
         target: the fault path pays neither a domctl round trip nor a task
-        switch and a p2m scan per fault.
+        switch and a p2m scan per fault.  Between batches the resident count
+        is carried forward (minus what was evicted, plus what was paged in)
+        rather than counted again: a count of a big guest's p2m costs more
+        than a batch.  It is counted afresh after every wait and before
+        deciding to wait, so an estimate never keeps the domain off target.
         """
         loop = asyncio.get_running_loop()
         target = 0
         next_poll = 0.0
         initial: Progressbar | None = None
         initial_done = not self.progress
+        counted = False
         while True:
             now = loop.time()
             if now >= next_poll:
                 await self.load_stranded()
                 target = self._target = await self.evictor.get_target()
                 next_poll = now + self.poll_interval
-            self._resident = self.resident()
+                counted = False
+            if not counted:
+                self._resident = self.resident()
             excess = self._resident - target
             if not initial_done:
                 # The first page-out down to the target, shown as progress.
@@ -287,14 +294,21 @@ class Pager:
                     start_out = self.pages_out
                 if initial is not None:
                     initial.update(self.pages_out - start_out)
-                if excess <= 0 and next_poll > 0:
+                if excess <= 0 and not counted:
                     if initial is not None:
                         initial.__exit__(None, None, None)
                     initial_done = True
             # Evict whole batches (down to a little below the target) rather
             # than one page per page-in: a batch costs two domctls, whatever its size.
-            if excess > 0 and await self.evict_batch(max(excess, min(self.batch, target // 8 + 1))) > 0:
-                await asyncio.sleep(0)
+            if excess > 0:
+                evicted = await self.evict_batch(max(excess, min(self.batch, target // 8 + 1)))
+                if evicted > 0:
+                    self._resident -= evicted
+                    counted = True
+                    await asyncio.sleep(0)
+                    continue
+            if counted:
+                counted = False  # on target by the estimate (or nothing to evict): count before waiting
                 continue
             self._paged_in_event.clear()
             try:

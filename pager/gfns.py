@@ -18,8 +18,8 @@ import re
 from collections.abc import Container, Iterator, Sequence
 from typing import overload
 
-# Rejection sampling is tried when at least this share of all gfns matches:
-# it then needs a handful of draws per gfn picked, instead of a full listing.
+# Rejection sampling is sized for at least this share of all gfns matching: it
+# then needs a handful of draws per gfn picked, instead of a full listing.
 _DENSE = 1 / 8
 
 
@@ -46,11 +46,13 @@ class GfnsOfType(Sequence[int]):
         self._table = table
         self._value = p2mt
         self._byte = bytes([p2mt])
-        self._count = table.count(self._byte)
+        self._count = -1  # counted on first use: a clock hand's walk never needs it
         self._list: list[int] | None = None
 
     # ------------------------------------------------------------- Sequence
     def __len__(self) -> int:
+        if self._count < 0:
+            self._count = self._table.count(self._byte)
         return self._count
 
     def __contains__(self, gfn: object) -> bool:
@@ -69,13 +71,13 @@ class GfnsOfType(Sequence[int]):
         return iter(self.as_list())
 
     def __repr__(self) -> str:
-        return f"GfnsOfType(p2mt={self._value}, {self._count} of {len(self._table)} gfns)"
+        return f"GfnsOfType(p2mt={self._value}, {len(self)} of {len(self._table)} gfns)"
 
     def as_list(self) -> list[int]:
         """All of them, ascending (built once, on first use)."""
         if self._list is None:
             table = self._table
-            if self._count * 5 >= len(table):
+            if len(self) * 5 >= len(table):
                 # Many matches: one translate + compress pass over every byte.
                 self._list = list(itertools.compress(range(len(table)), table.translate(_selector(self._value))))
             else:
@@ -99,23 +101,25 @@ class GfnsOfType(Sequence[int]):
     def sample(self, count: int, rng: random.Random, avoid: Container[int] = ()) -> list[int]:
         """Up to ``count`` distinct gfns, uniformly at random, none in ``avoid`` unless too few others.
 
-        When the type is common, random gfns are drawn and the wrong ones
-        rejected (a few draws per gfn picked); otherwise it falls back to the
-        full list.
+        Random gfns are drawn and the wrong ones rejected: a few draws per gfn
+        picked when the type is common (the usual case: most of a guest is
+        resident).  When a bounded number of draws is not enough, it falls
+        back to the full list.
         """
         n = len(self._table)
-        if count <= 0 or not self._count:
+        if count <= 0 or not n:
             return []
-        if self._count >= _DENSE * n and self._count > 8 * count:
-            table, value, rnd = self._table, self._value, rng.random
-            picked: dict[int, None] = {}
-            # Expected draws per pick <= 1/_DENSE: cap the attempts well above that.
-            for _ in range(int(count / _DENSE) * 4 + 64):
-                g = int(rnd() * n)
-                if table[g] == value and g not in avoid:
-                    picked[g] = None
-                    if len(picked) == count:
-                        return list(picked)
+        table, value, rnd = self._table, self._value, rng.random
+        picked: dict[int, None] = {}
+        # i.i.d. uniform draws, first occurrences of the right ones kept: a
+        # uniform sample without replacement.  The cap allows 1/_DENSE draws
+        # per pick four times over.
+        for _ in range(int(count / _DENSE) * 4 + 64):
+            g = int(rnd() * n)
+            if table[g] == value and g not in avoid:
+                picked[g] = None
+                if len(picked) == count:
+                    return list(picked)
         every = self.as_list()
         fresh = [g for g in every if g not in avoid]
         pool = fresh if len(fresh) >= count else every
