@@ -20,7 +20,7 @@ never scans; :meth:`P2M.recount` scans (in C, via ``bytes.count``) to check them
 from __future__ import annotations
 
 import itertools
-from collections.abc import Container, Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from hvemu import abi
@@ -119,16 +119,28 @@ class P2M:
         self._type_counts[old] -= 1
         self._type_counts[p2mt] += 1
 
-    def transition(self, gfns: Sequence[int], from_types: Container[int], to: int) -> list[bool]:
+    def transition(self, gfns: Sequence[int], from_types: Collection[int], to: int) -> list[bool]:
         """Per gfn in order: a gfn with a frame and a type in ``from_types`` becomes ``to``.
 
         Returns, per gfn, whether it changed.  The batch form of ``has_frame`` +
         ``get_type`` + ``set_type``, for the pager's nominate and evict of a
-        whole batch: one tight loop instead of a few method calls per gfn.
-        A gfn named twice is judged each time on its type at that point, as
-        the per-gfn form would.
+        whole batch: one tight loop instead of a few method calls per gfn,
+        and slice operations for a run of consecutive gfns that all qualify
+        (a clock pager's batch).  A gfn named twice is judged each time on
+        its type at that point, as the per-gfn form would.
         """
         types, frames, counts = self.types, self.frames, self._type_counts
+        n = len(gfns)
+        if n > 1 and gfns[n - 1] - gfns[0] == n - 1 and list(gfns) == list(range(gfns[0], gfns[0] + n)):
+            lo, hi = gfns[0], gfns[0] + n
+            before = types[lo:hi].tobytes()
+            moved = {t: before.count(t) for t in from_types if t != to}
+            if sum(moved.values()) == n and frames.find(0, lo, hi) < 0:
+                types[lo:hi] = bytes([to]) * n
+                for t, k in moved.items():
+                    counts[t] -= k
+                counts[to] += n
+                return [True] * n
         changed: list[bool] = []
         for g in gfns:
             old = types[g]

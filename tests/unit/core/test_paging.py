@@ -214,12 +214,9 @@ _TYPES = [P2MType.ram_rw, P2MType.ram_logdirty, P2MType.ram_paging_out, P2MType.
           P2MType.ram_shared, P2MType.mmio_dm]
 
 
-@given(st.lists(st.sampled_from(_TYPES), min_size=8, max_size=8), st.lists(st.booleans(), min_size=8, max_size=8),
-       st.lists(st.integers(-2, 10), max_size=12), st.booleans())
-def test_batched_nominate_and_evict_match_gfn_by_gfn(types: list[int], frames: list[bool], gfns: list[int],
-                                                     evict: bool) -> None:
-    """The batch ops answer and change exactly what applying Xen's per-gfn op in order would."""
-    hv, dom = make(gfns=8)
+def _check_against_model(types: list[int], frames: list[bool], gfns: list[int], evict: bool) -> None:
+    """The batch op answers and changes exactly what applying Xen's per-gfn op in order would."""
+    hv, dom = make(gfns=len(types))
     p2m = dom.p2m
     for g, (t, f) in enumerate(zip(types, frames, strict=True)):
         p2m.set_type(g, t)
@@ -230,7 +227,7 @@ def test_batched_nominate_and_evict_match_gfn_by_gfn(types: list[int], frames: l
     expected: list[Errno | None] = []
     freed: list[int] = []
     for g in gfns:
-        if not 0 <= g < 8:
+        if not 0 <= g < len(types):
             expected.append(Errno.EINVAL)
         elif not evict and model_frames[g] and model_types[g] in (P2MType.ram_rw, P2MType.ram_logdirty):
             model_types[g] = P2MType.ram_paging_out
@@ -243,8 +240,29 @@ def test_batched_nominate_and_evict_match_gfn_by_gfn(types: list[int], frames: l
             expected.append(Errno.EBUSY)
     used = hv.budget.used
     assert (dom.paging_evict(gfns) if evict else dom.paging_nominate(gfns)) == expected
-    assert [p2m.get_type(g) for g in range(8)] == model_types
-    assert [p2m.has_frame(g) for g in range(8)] == model_frames
+    assert [p2m.get_type(g) for g in range(len(types))] == model_types
+    assert [p2m.has_frame(g) for g in range(len(types))] == model_frames
     assert hv.budget.used == used - len(freed)
     assert hv.take_effects() == ([FramesReleased(dom.domid, freed)] if freed else [])
     p2m.check_counts()
+
+
+_TABLES = st.lists(st.tuples(st.sampled_from(_TYPES), st.booleans()), min_size=8, max_size=8)
+
+
+@given(_TABLES, st.lists(st.integers(-2, 10), max_size=12), st.booleans())
+def test_batched_nominate_and_evict_match_gfn_by_gfn(table: list[tuple[int, bool]], gfns: list[int],
+                                                     evict: bool) -> None:
+    _check_against_model([t for t, _ in table], [f for _, f in table], gfns, evict)
+
+
+@given(_TABLES, st.integers(0, 7), st.integers(2, 8), st.booleans(), st.booleans())
+def test_a_run_of_gfns_matches_gfn_by_gfn(table: list[tuple[int, bool]], start: int, length: int, evict: bool,
+                                          qualify: bool) -> None:
+    """Consecutive gfns (a clock pager's batch) take the slice path when all qualify; same answers."""
+    run = list(range(start, min(start + length, 8)))
+    types, frames = [t for t, _ in table], [f for _, f in table]
+    if qualify:  # make every gfn of the run qualify, so that the slice path is taken
+        for g in run:
+            types[g], frames[g] = (P2MType.ram_paging_out if evict else P2MType.ram_rw), True
+    _check_against_model(types, frames, run, evict)
