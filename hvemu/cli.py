@@ -30,6 +30,7 @@ import uvloop
 from hvemu import abi, protocol
 from hvemu.abi import Errno
 from hvemu.transport import Connection, ControlError, root_cause
+from pager.defaults import EVICT_BATCH
 
 MiB = 1 << 20
 
@@ -443,7 +444,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--target", type=float, default=None, help="MiB")
     s.add_argument("--policy", choices=["clock", "random"], default="clock",
                    help="victim policy: clock (xenpaging's sweeping hand) or random")
-    s.add_argument("--batch", type=int, default=64)
+    s.add_argument("--batch", type=int, default=EVICT_BATCH, help=f"pages per eviction batch (default {EVICT_BATCH})")
     s = add("pager-detach", "stop a domain's pager cleanly (pages everything back in)")
     s.add_argument("domid", type=int)
     s.add_argument("--timeout", type=float, default=60)

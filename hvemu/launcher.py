@@ -26,6 +26,7 @@ import uvloop
 from hvemu import abi, protocol
 from hvemu.procs import die_with_parent, stop_process
 from hvemu.transport import Connection, ControlError
+from pager.defaults import EVICT_BATCH
 
 MiB = 1 << 20
 
@@ -228,7 +229,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", choices=["sequential", "uniform", "hotcold", "phases"], default="hotcold")
     p.add_argument("--write-ratio", type=float, default=0.3)
     p.add_argument("--policy", choices=["seed", "claim"], default="seed")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=EVICT_BATCH, help=f"pager eviction batch (default {EVICT_BATCH})")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--cpus", default=None, help="pin every process to these CPUs (taskset list, e.g. 0)")
     p.add_argument("--json", default=None, help="also write the summary as JSON to this file")

@@ -24,11 +24,12 @@ import asyncio
 import logging
 import random
 import time
-from typing import Protocol
 
 from hvemu import abi
 from hvemu.abi import MemEvent, MemEventFlag, P2MType
+from pager.defaults import EVICT_BATCH
 from pager.gfns import GfnsOfType, gfns_in
+from pager.pagefile import PageStore, copy_out
 from pager.progress import Progressbar
 from pager.sdk import Domctl, MemEventClient, SdkError, response_for
 
@@ -40,14 +41,6 @@ _EVICT_FAIL = int(MemEventFlag.EVICT_FAIL)
 _NO_LOAD = int(MemEventFlag.DROP_PAGE | MemEventFlag.EVICT_FAIL | MemEventFlag.DUMMY)
 _RAM_RW = int(P2MType.ram_rw)
 _RAM_PAGING_OUT = int(P2MType.ram_paging_out)
-
-
-class PageStore(Protocol):
-    """Where evicted pages live: one ``PAGE_SIZE`` slot per gfn."""
-
-    def write(self, gfn: int, data: bytes | memoryview) -> None: ...
-
-    def read(self, gfn: int) -> bytes: ...
 
 
 class Pager:
@@ -72,7 +65,7 @@ class Pager:
     """
 
     def __init__(self, client: MemEventClient, pagefile: PageStore, *,
-                 batch: int = 64, poll_interval: float = 0.05, unbatched: bool = False,
+                 batch: int = EVICT_BATCH, poll_interval: float = 0.05, unbatched: bool = False,
                  seed: int | None = None, progress: bool = False) -> None:
         if batch < 1:
             raise ValueError(f"batch must be at least 1, not {batch}")
@@ -226,9 +219,7 @@ class Pager:
             return 0
         mem = self.client.memory
         assert mem is not None
-        for g in nominated:
-            off = g * abi.PAGE_SIZE
-            self.pagefile.write(g, mem[off:off + abi.PAGE_SIZE])
+        copy_out(self.pagefile, mem, nominated)
         results = await self.evictor.evict(nominated)
         evicted = sum(1 for r in results if r is None)
         self.pages_out += evicted

@@ -13,10 +13,34 @@ while the gfn is paged out.
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
+from collections.abc import Iterable
+from typing import Protocol
 
 from hvemu.abi import PAGE_SIZE
+
+
+class PageStore(Protocol):
+    """Where evicted pages live: one ``PAGE_SIZE`` slot per gfn."""
+
+    def write(self, gfn: int, data: bytes | memoryview) -> None: ...
+
+    def read(self, gfn: int) -> bytes: ...
+
+
+def copy_out(store: PageStore, memory: mmap.mmap, gfns: Iterable[int]) -> None:
+    """Copy each gfn's page from guest ``memory`` to its slot in ``store``.
+
+    The one copy loop of eviction: the pager runs it between nominate and
+    evict, and the benchmark's copy floor runs this very function, so the
+    floor moves with any change made here.
+    """
+    write = store.write
+    for g in gfns:
+        off = g * PAGE_SIZE
+        write(g, memory[off:off + PAGE_SIZE])
 
 
 class Pagefile:

@@ -20,6 +20,7 @@ from hvemu.abi import RingKind
 from hvemu.transport import ControlError, root_cause
 from pager.base import Pager as BasePager
 from pager.base import PageStore
+from pager.defaults import EVICT_BATCH
 from pager.gfns import GfnsOfType
 from pager.pagefile import Pagefile
 from pager.policy import PolicyName, VictimPolicy, make_policy
@@ -32,7 +33,7 @@ class Pager(BasePager):
     """The built-in pager: :class:`pager.base.Pager` with a victim policy from :mod:`pager.policy`."""
 
     def __init__(self, client: MemEventClient, pagefile: PageStore, policy: VictimPolicy, *,
-                 batch: int = 64, poll_interval: float = 0.05, unbatched: bool = False,
+                 batch: int = EVICT_BATCH, poll_interval: float = 0.05, unbatched: bool = False,
                  progress: bool = False) -> None:
         super().__init__(client, pagefile, batch=batch, poll_interval=poll_interval, unbatched=unbatched,
                          progress=progress)
@@ -54,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=int, default=None, help="resident pages to keep (default: the hypervisor's)")
     p.add_argument("--policy", choices=["clock", "random"], default="clock",
                    help="victim policy: clock (xenpaging's sweeping hand, the default) or random")
-    p.add_argument("--batch", type=int, default=64, help="pages per eviction batch")
+    p.add_argument("--batch", type=int, default=EVICT_BATCH,
+                   help=f"pages per eviction batch (default {EVICT_BATCH})")
     p.add_argument("--unbatched", action="store_true",
                    help="answer each request on its own (one load, push and notify per request); "
                         "for comparison only")

@@ -12,9 +12,9 @@
     the ceiling of page-in throughput.
 ``python -m hvemu.bench.floors copy --pages N --batch B --dir D``
     Copies ``N`` stamped pages from a shared-memory mapping to a fresh
-    :class:`~pager.pagefile.Pagefile`, ``B`` at a time, with the very loop the
-    pager's eviction uses, minus the two domctls per batch: the floor of
-    eviction.
+    :class:`~pager.pagefile.Pagefile`, ``B`` at a time, with the very copy
+    loop the pager's eviction runs (:func:`pager.pagefile.copy_out`), minus
+    the two domctls per batch: the floor of eviction.
 
 Each prints one JSON object.
 """
@@ -37,6 +37,7 @@ from hvemu.evtchn import ChannelClosed, EventChannel
 from hvemu.procs import die_with_parent
 from hvemu.ring import BackRing, FrontRing, SharedRing
 from hvemu.shm import Segment
+from pager.defaults import EVICT_BATCH
 
 PORT = 1
 
@@ -145,7 +146,7 @@ async def _ring_front(duration: float, back_cpus: str | None) -> dict[str, objec
 def _copy(pages: int, batch: int, directory: str, repeat: int) -> dict[str, object]:
     """The best of ``repeat`` copies, each into a fresh pagefile (noise only ever slows a run down)."""
     from guest.stamp import make_page
-    from pager.pagefile import Pagefile
+    from pager.pagefile import Pagefile, copy_out
 
     seg = Segment(pages * abi.PAGE_SIZE, tag="bench-copy")
     path = os.path.join(directory, f"floor-{os.getpid()}.pagefile")
@@ -159,9 +160,7 @@ def _copy(pages: int, batch: int, directory: str, repeat: int) -> dict[str, obje
             try:
                 t0 = time.perf_counter()
                 for start in range(0, pages, batch):
-                    for g in range(start, min(start + batch, pages)):
-                        off = g * abi.PAGE_SIZE
-                        pagefile.write(g, mem[off:off + abi.PAGE_SIZE])
+                    copy_out(pagefile, mem, range(start, min(start + batch, pages)))
                 best = min(best, time.perf_counter() - t0)
             finally:
                 pagefile.close()
@@ -183,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     back.add_argument("--evtchn-fd", type=int, required=True)
     copy = sub.add_parser("copy")
     copy.add_argument("--pages", type=int, default=4096)
-    copy.add_argument("--batch", type=int, default=64)
+    copy.add_argument("--batch", type=int, default=EVICT_BATCH)
     copy.add_argument("--dir", required=True)
     copy.add_argument("--repeat", type=int, default=3, help="report the best of this many copies")
     args = p.parse_args(argv)

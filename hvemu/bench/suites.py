@@ -21,6 +21,7 @@ from hvemu import protocol
 from hvemu.abi import Errno
 from hvemu.bench import uffd
 from hvemu.bench.common import BenchError, Host, Placement, Proc, format_cpus, lost_guest, rss_bytes
+from pager.defaults import EVICT_BATCH
 
 
 @dataclass(frozen=True)
@@ -211,31 +212,35 @@ async def _evict_rate(host: Host, pages: int, policy: str, totals: Totals) -> fl
     """Pages per second of the pager evicting a full, stamped domain down to nothing."""
     domid = await host.create(pages, vcpus=1)
     guest = await _filled_guest(host, domid, 1)
-    pager = await host.pager(domid, "--batch", "64", "--policy", policy)
+    pager = await host.pager(domid, "--policy", policy)  # the default batch (EVICT_BATCH)
     base = int((await host.stats(domid))["evicted"])
     # About 20 polls over the expected run, 2-20 ms apart: a Stats call costs
-    # the hypervisor ~0.1 ms, so polling takes ~1% of its time; the first poll
-    # that sees an eviction and the last one bound the interval.
-    interval = min(0.02, max(0.002, pages / 50000 / 20))
+    # the hypervisor ~0.1 ms, so polling takes ~1-2% of its time.  The rate is
+    # taken between the first and the last poll that saw eviction under way
+    # (evicted > 0, not all paged yet): the poll that sees the end comes up
+    # to an interval after it, which would bias the rate down.
+    interval = min(0.02, max(0.002, pages / 150000 / 20))
     t_set = time.perf_counter()
     await host.set_target(domid, 0)
     first: tuple[float, int] | None = None
+    running: tuple[float, int] | None = None
     deadline = time.monotonic() + 300
     while True:
         st = await host.stats(domid)
         now = time.perf_counter()
         evicted = int(st["evicted"]) - base
-        if first is None and evicted > 0:
-            first = (now, evicted)
         if st["paged"] >= pages:
             break
+        if evicted > 0:
+            running = (now, evicted)
+            if first is None:
+                first = running
         if pager.proc.returncode is not None or time.monotonic() > deadline:
             raise BenchError(f"eviction stalled at {st['paged']} of {pages}: {pager.stderr_tail()}")
         await asyncio.sleep(interval)
-    assert first is not None
-    if evicted > first[1]:
-        rate = (evicted - first[1]) / max(now - first[0], 1e-9)
-    else:  # all done between two polls: count from the target change (includes the pager noticing it)
+    if first is not None and running is not None and running[1] > first[1]:
+        rate = (running[1] - first[1]) / max(running[0] - first[0], 1e-9)
+    else:  # too quick for two polls under way: count from the target change (includes the pager noticing it)
         rate = evicted / max(now - t_set, 1e-9)
     await host.set_target(domid, pages)
     await _read_back(host, domid, guest, totals, timeout=600)  # every page still holds its stamp
@@ -244,7 +249,7 @@ async def _evict_rate(host: Host, pages: int, policy: str, totals: Totals) -> fl
 
 
 async def evict(cfg: Config, placement: Placement, totals: Totals) -> dict[str, Any]:
-    """Pager eviction (nominate, copy, evict in batches of 64) of every page of a full domain.
+    """Pager eviction (nominate, copy, evict in batches of the pager's default size) of every page of a full domain.
 
     The pager's default victim policy (clock, xenpaging's: sequential
     victims, one hole punched per batch) is the figure; the random policy's
@@ -255,14 +260,14 @@ async def evict(cfg: Config, placement: Placement, totals: Totals) -> dict[str, 
         rate = await _evict_rate(host, pages, "clock", totals)
         random_rate = await _evict_rate(host, pages, "random", totals)
         floor = await _copy_floor(host, placement, pages)
-    return {"evict": {"pages_per_s": round(rate, 1), "pages": pages, "batch": 64, "policy": "clock",
+    return {"evict": {"pages_per_s": round(rate, 1), "pages": pages, "batch": EVICT_BATCH, "policy": "clock",
                       "random_pages_per_s": round(random_rate, 1)},
             "evict_floor": {"pages_per_s": round(floor, 1), "pages": pages}}
 
 
 async def _copy_floor(host: Host, placement: Placement, pages: int) -> float:
     proc = await Proc.start("copy-floor", ["-m", "hvemu.bench.floors", "copy", "--pages", str(pages),
-                                           "--batch", "64", "--repeat", "3", "--dir", host.run_dir],
+                                           "--batch", str(EVICT_BATCH), "--repeat", "3", "--dir", host.run_dir],
                             cpus=placement.daemon)
     try:
         rep = await proc.json_line(120)
