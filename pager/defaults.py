@@ -8,7 +8,7 @@ so that what they run is the pager a user gets.
 #: round trips whatever its size -- some 65 us each on a small VM with the
 #: hypervisor and the pager on one CPU -- against ~4 us to copy one page: at
 #: 64 pages the round trips add ~2 us to every page, at 256 about 0.5 us.  A
-#: larger batch only keeps its pages nominated a little longer (about a
-#: millisecond at 256): a guest touching one of them meanwhile makes that
+#: larger batch only keeps its pages nominated a little longer (about 1.5
+#: ms at 256): a guest touching one of them meanwhile makes that
 #: page's evict fail (``EVICT_FAIL``), which is harmless.
 EVICT_BATCH = 256
