@@ -264,6 +264,60 @@ async def test_pager_hooks_are_the_whole_policy() -> None:
         Pager(client, store, batch=0)  # type: ignore[arg-type]
 
 
+async def test_evict_loop_follows_the_target_and_rechecks_its_estimate() -> None:
+    """Between batches the loop carries its resident count forward; it counts afresh before waiting and per poll."""
+    client = _FakeClient(bytes([P2MType.ram_rw] * 1000))
+    target = 600
+    counts = 0
+
+    async def get_target() -> int:
+        return target
+
+    client.get_target = get_target  # type: ignore[attr-defined]
+    pager = Pager(client, _Store(), batch=16, poll_interval=0.01)  # type: ignore[arg-type]
+    count_resident = pager.resident
+
+    def resident_counted() -> int:
+        nonlocal counts
+        counts += 1
+        return count_resident()
+
+    pager.resident = resident_counted  # type: ignore[method-assign]
+
+    def resident() -> int:
+        return client.types.count(P2MType.ram_rw)
+
+    async def settled(target: int) -> int:
+        """Resident at the target or less than one batch below it (whole batches), and staying there."""
+        async with asyncio.timeout(5):
+            while not target - 16 < resident() <= target:
+                await asyncio.sleep(0.005)
+        now = resident()
+        await asyncio.sleep(0.05)  # a few polls later: nothing more evicted
+        assert resident() == now
+        return now
+
+    task = asyncio.create_task(pager.evict_loop())
+    try:
+        await settled(600)
+        assert counts < 400 // 16 // 2, f"the resident count is not taken per batch ({counts} for 25 batches)"
+        target = 300
+        await settled(300)
+        # Pages made resident behind the pager's back (e.g. by a foreign populate): the poll notices.
+        for g in client.gfns_of_type(P2MType.ram_paged)[:40]:
+            client.types[g] = P2MType.ram_rw
+        before = await settled(300)
+        # Pages gone behind its back (ballooned out): nothing more is evicted for them.
+        for g in client.gfns_of_type(P2MType.ram_rw)[:50]:
+            client.types[g] = P2MType.mmio_dm
+        await asyncio.sleep(0.05)
+        assert resident() == before - 50
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
 def test_default_victims_are_a_random_subset() -> None:
     pager = Pager(_FakeClient(b""), _Store(), seed=1)  # type: ignore[arg-type]
     picked = pager.choose_victims(list(range(100)), 10)
