@@ -274,7 +274,7 @@ async def test_evict_loop_follows_the_target_and_rechecks_its_estimate() -> None
         return target
 
     client.get_target = get_target  # type: ignore[attr-defined]
-    pager = Pager(client, _Store(), batch=16, poll_interval=0.01)  # type: ignore[arg-type]
+    pager = Pager(client, _Store(), batch=16, poll_interval=0.05)  # type: ignore[arg-type]
     count_resident = pager.resident
 
     def resident_counted() -> int:
@@ -293,14 +293,18 @@ async def test_evict_loop_follows_the_target_and_rechecks_its_estimate() -> None
             while not target - 16 < resident() <= target:
                 await asyncio.sleep(0.005)
         now = resident()
-        await asyncio.sleep(0.05)  # a few polls later: nothing more evicted
+        await asyncio.sleep(0.12)  # a few polls later: nothing more evicted
         assert resident() == now
         return now
 
     task = asyncio.create_task(pager.evict_loop())
     try:
-        await settled(600)
+        evicting = asyncio.create_task(settled(600))
+        async with asyncio.timeout(5):
+            while resident() > 600:
+                await asyncio.sleep(0)
         assert counts < 400 // 16 // 2, f"the resident count is not taken per batch ({counts} for 25 batches)"
+        await evicting
         target = 300
         await settled(300)
         # Pages made resident behind the pager's back (e.g. by a foreign populate): the poll notices.
@@ -310,7 +314,7 @@ async def test_evict_loop_follows_the_target_and_rechecks_its_estimate() -> None
         # Pages gone behind its back (ballooned out): nothing more is evicted for them.
         for g in client.gfns_of_type(P2MType.ram_rw)[:50]:
             client.types[g] = P2MType.mmio_dm
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.12)
         assert resident() == before - 50
     finally:
         task.cancel()
