@@ -15,20 +15,33 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import uvloop
 
 from hvemu import abi, protocol
+from hvemu.bench.common import parse_cpus
 from hvemu.procs import die_with_parent, stop_process
 from hvemu.transport import Connection, ControlError
 from pager.defaults import EVICT_BATCH
 
 MiB = 1 << 20
+
+
+def _preexec(cpus: set[int] | None) -> Callable[[], None]:
+    """``preexec_fn``: die with this process and, if asked, run only on ``cpus`` (``taskset -c`` without taskset)."""
+    def run() -> None:
+        die_with_parent()
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+
+    return run
 
 
 class Child:
@@ -39,12 +52,9 @@ class Child:
         self.proc = proc
 
     @classmethod
-    async def start(cls, name: str, *argv: str, cpus: str | None = None) -> Child:
-        cmd = [sys.executable, *argv]
-        if cpus and shutil.which("taskset"):
-            cmd = ["taskset", "-c", cpus, *cmd]
-        proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, start_new_session=True,
-                                                    preexec_fn=die_with_parent)
+    async def start(cls, name: str, *argv: str, cpus: set[int] | None = None) -> Child:
+        proc = await asyncio.create_subprocess_exec(sys.executable, *argv, stdout=asyncio.subprocess.PIPE,
+                                                    start_new_session=True, preexec_fn=_preexec(cpus))
         return cls(name, proc)
 
     async def readline(self, timeout: float) -> str:
@@ -61,7 +71,7 @@ class Child:
         return (await self.proc.stdout.read()).decode()
 
 
-async def start_hypervisor(run_dir: str, memory_mib: float, policy: str, *, cpus: str | None = None,
+async def start_hypervisor(run_dir: str, memory_mib: float, policy: str, *, cpus: set[int] | None = None,
                            verbose: int = 0) -> Child:
     """Start ``hvemu.daemon`` and return once its control socket answers."""
     args = ["-m", "hvemu.daemon", "--run-dir", run_dir, "--memory", str(memory_mib), "--policy", policy]
@@ -224,26 +234,70 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vcpus", type=int, default=4)
     p.add_argument("--memory", type=float, default=64, help="MiB per domain")
     p.add_argument("--host-memory", type=float, default=96, help="host budget in MiB (below the total)")
-    p.add_argument("--target", type=float, default=40, help="pager target per domain, MiB")
+    p.add_argument("--target", type=float, default=40, help="pager target per domain, MiB (0 to --memory)")
     p.add_argument("--duration", type=float, default=10)
     p.add_argument("--pattern", choices=["sequential", "uniform", "hotcold", "phases"], default="hotcold")
     p.add_argument("--write-ratio", type=float, default=0.3)
     p.add_argument("--policy", choices=["seed", "claim"], default="seed")
     p.add_argument("--batch", type=int, default=EVICT_BATCH, help=f"pager eviction batch (default {EVICT_BATCH})")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--cpus", default=None, help="pin every process to these CPUs (taskset list, e.g. 0)")
+    p.add_argument("--cpus", default=None,
+                   help="pin every process to these CPUs (taskset -c list: 0, 0,2 or 0-3; CPUs this shell may use)")
     p.add_argument("--json", default=None, help="also write the summary as JSON to this file")
     return p
 
 
+def _num(value: float) -> str:
+    """A number as the user would have typed it (``80``, not ``80.0``)."""
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+#: A ``taskset -c`` list as :func:`~hvemu.bench.common.parse_cpus` reads it: ``0``, ``0,2``, ``0-3,6``.
+_CPU_LIST = re.compile(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*(\d+(\s*-\s*\d+)?)?)*\s*")
+
+
+def option_problems(args: argparse.Namespace) -> list[str]:
+    """One line per option value refused, naming the option and the value (empty: all good).
+
+    Checked before anything is started.  ``--cpus`` is parsed here (and
+    normalised to the parsed set in ``args.cpus``) so that an invalid list is
+    one message of ours, not taskset's or a child's.
+    """
+    problems = [f"--{name} {getattr(args, name)} is below 1" for name in ("domains", "vcpus", "batch")
+                if getattr(args, name) < 1]
+    for name in ("memory", "host_memory"):
+        if getattr(args, name) <= 0:
+            problems.append(f"--{name.replace('_', '-')} {_num(getattr(args, name))} MiB is not above 0")
+    if args.target < 0:
+        problems.append(f"--target {_num(args.target)} MiB is below 0")
+    elif args.memory > 0 and args.target > args.memory:
+        problems.append(f"--target {_num(args.target)} MiB is above --memory {_num(args.memory)} MiB")
+    if args.duration <= 0:
+        problems.append(f"--duration {_num(args.duration)} s is not above 0")
+    if not 0 <= args.write_ratio <= 1:
+        problems.append(f"--write-ratio {_num(args.write_ratio)} is outside 0..1")
+    if args.json is not None:
+        parent = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(parent):
+            problems.append(f"--json {args.json}: no directory {parent} to write it in")
+    if args.cpus is not None:
+        text = args.cpus
+        if not _CPU_LIST.fullmatch(text):
+            problems.append(f"--cpus {text!r} is not a CPU list (taskset -c form: 0, 0,2 or 0-3)")
+        else:
+            try:
+                args.cpus = parse_cpus(text)
+            except ValueError as exc:  # no CPU at all, or CPUs this process may not use
+                problems.append(f"--cpus {text}: {exc}")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for name in ("domains", "vcpus", "batch"):
-        if getattr(args, name) < 1:
-            print(f"run.sh: --{name} must be at least 1", file=sys.stderr)
-            return 2
-    if args.target > args.memory or args.memory <= 0 or args.host_memory <= 0 or args.duration <= 0:
-        print("run.sh: need 0 < --target <= --memory, --host-memory > 0 and --duration > 0", file=sys.stderr)
+    problems = option_problems(args)
+    for problem in problems:
+        print(f"run.sh: {problem}", file=sys.stderr)
+    if problems:
         return 2
     try:
         summary = uvloop.run(scenario_with_signals(args))
@@ -255,8 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     _print_table(summary)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(summary, f, indent=2)
+        except OSError as exc:
+            print(f"run.sh: could not write --json {args.json}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
     return 0 if summary["ok"] else 1
 
 
