@@ -2,7 +2,10 @@
 
 One entry point, one subcommand per job, ``--help`` everywhere, ``--json`` on
 every command that reads state.  Errors are one line on stderr and exit
-status 1 (2 for usage errors), never a traceback.
+status 1 (2 for usage errors), never a traceback; with ``--json`` that line is
+one JSON object, ``{"error": ..., "errno": ..., "command": ...}`` (see
+:func:`error_object`), so a script reads results from stdout and failures
+from stderr, told apart by the exit status.
 
 ``map`` is a foreign mapper: a paged-out gfn answers ``ENOENT`` (the
 hypervisor has asked the pager for it) and the mapper retries, as Xen's
@@ -16,14 +19,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno as errno_mod
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import zlib
-from typing import Any
+from typing import Any, NoReturn
 
 import uvloop
 
@@ -36,7 +41,11 @@ MiB = 1 << 20
 
 
 class CliError(Exception):
-    """A user-facing failure: printed as one line."""
+    """A user-facing failure: printed as one line; ``errno`` names it for ``--json`` (None: no errno fits)."""
+
+    def __init__(self, message: str, errno: str | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 # --------------------------------------------------------------------------
@@ -49,7 +58,8 @@ async def _tool(run_dir: str | None) -> Connection:
     try:
         conn = await Connection.connect(path)
     except (FileNotFoundError, ConnectionRefusedError) as exc:
-        raise CliError(f"no hypervisor at {path} ({exc.strerror}); start one with 'hvemu start'") from exc
+        raise CliError(f"no hypervisor at {path} ({exc.strerror}); start one with 'hvemu start'",
+                       errno_mod.errorcode.get(exc.errno or 0)) from exc
     await conn.call(protocol.ToolHello(client="hvemu-cli"))
     return conn
 
@@ -134,7 +144,7 @@ def _read_pid(path: str) -> int | None:
 def _spawn(run_dir: str, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
     """Start a detached background process logging to ``<run_dir>/<name>.log``."""
     if _read_pid(_pidfile(run_dir, name)) is not None:
-        raise CliError(f"{name} is already running")
+        raise CliError(f"{name} is already running", "EBUSY")
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     log_path = os.path.join(run_dir, f"{name}.log")
     with open(log_path, "ab") as log:
@@ -149,7 +159,7 @@ def _stop(run_dir: str, name: str, timeout: float) -> int:
     path = _pidfile(run_dir, name)
     pid = _read_pid(path)
     if pid is None:
-        raise CliError(f"{name} is not running")
+        raise CliError(f"{name} is not running", "ESRCH")
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -159,7 +169,7 @@ def _stop(run_dir: str, name: str, timeout: float) -> int:
             break
         time.sleep(0.05)
     else:
-        raise CliError(f"{name} (pid {pid}) did not stop within {timeout:.0f}s")
+        raise CliError(f"{name} (pid {pid}) did not stop within {timeout:.0f}s", "ETIMEDOUT")
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -226,11 +236,18 @@ def _wait_attached(proc: subprocess.Popen[bytes], run_dir: str, name: str, domid
             log_path = os.path.join(run_dir, f"{name}.log")
             with open(log_path) as f:
                 lines = [ln.strip() for ln in f if ln.strip()]
-            raise CliError(f"{name} exited: {lines[-1] if lines else 'no message'} (log: {log_path})")
+            last = lines[-1] if lines else "no message"
+            raise CliError(f"{name} exited: {last} (log: {log_path})", _errno_named_in(last))
         if uvloop.run(enabled()):
             return
         time.sleep(0.05)
-    raise CliError(f"{name} did not attach within {timeout:.0f}s (log: {os.path.join(run_dir, name + '.log')})")
+    raise CliError(f"{name} did not attach within {timeout:.0f}s (log: {os.path.join(run_dir, name + '.log')})",
+                   "ETIMEDOUT")
+
+
+def _errno_named_in(text: str) -> str | None:
+    """The first errno name a message mentions (a daemon's last log line: ``... ESRCH: no such domain``)."""
+    return next((w for w in re.findall(r"\bE[A-Z0-9]+\b", text) if w in errno_mod.errorcode.values()), None)
 
 
 def cmd_pager_detach(args: argparse.Namespace) -> Any:
@@ -260,7 +277,7 @@ def cmd_listener_detach(args: argparse.Namespace) -> Any:
 async def cmd_create(args: argparse.Namespace) -> Any:
     gfns = int(args.memory * MiB) // abi.PAGE_SIZE
     if args.target is not None and not 0 <= args.target <= args.memory:
-        raise CliError(f"--target must be within 0..{args.memory} MiB (the domain's memory)")
+        raise CliError(f"--target must be within 0..{args.memory} MiB (the domain's memory)", "EINVAL")
     conn = await _tool(args.run_dir)
     try:
         reply, _ = await conn.call(protocol.DomainCreate(max_vcpus=args.vcpus, gfns=gfns, name=args.name))
@@ -352,9 +369,9 @@ async def cmd_trace(args: argparse.Namespace) -> Any:
         with open(args.file, "rb") as f:
             records = list(trace.read(f))
     except FileNotFoundError as exc:
-        raise CliError(f"no trace file {args.file}") from exc
+        raise CliError(f"no trace file {args.file}", "ENOENT") from exc
     except trace.TraceFormatError as exc:
-        raise CliError(f"{args.file}: {exc}") from exc
+        raise CliError(f"{args.file}: {exc}", "EINVAL") from exc
     if args.trace_cmd == "summary":
         return trace.summarise(records)
     from hvemu.plots import plot_trace
@@ -365,6 +382,7 @@ async def cmd_trace(args: argparse.Namespace) -> Any:
 async def cmd_top(args: argparse.Namespace) -> Any:
     from hvemu.top import run_top
 
+    await (await _tool(args.run_dir)).close()  # no hypervisor: the same one-line error as every command
     await run_top(args.run_dir, interval=args.interval, iterations=args.iterations)
     return None
 
@@ -397,16 +415,59 @@ def _human(result: Any, indent: int = 0) -> str:
     return f"{pad}{result}"
 
 
-def _parser() -> argparse.ArgumentParser:
+def error_object(exc: BaseException | str, command: str | None, errno: str | None = None) -> dict[str, Any]:
+    """A failure as ``--json`` prints it: one object on one line of stderr.
+
+    ``error`` is the text the plain mode prints after ``hvemu COMMAND:``;
+    ``errno`` the errno name when the failure has one (``ESRCH``,
+    ``ENOENT``... as the hypervisor answered, or the OS error), else null;
+    ``command`` the subcommand (``info``, ``trace stop``; null if none was
+    recognised).
+    """
+    if isinstance(exc, ControlError):
+        errno = str(exc.errno)
+    elif isinstance(exc, CliError):
+        errno = exc.errno
+    elif isinstance(exc, OSError):
+        errno = errno_mod.errorcode.get(exc.errno or 0)
+    elif isinstance(exc, ValueError):
+        errno = "EINVAL"
+    return {"error": str(exc), "errno": errno, "command": command}
+
+
+_EPILOG = """output: text by default; with --json, results are JSON on stdout and a failure is one JSON
+object on one line of stderr, {"error": "...", "errno": "ESRCH" or null, "command": "info"}.
+exit status: 0 done, 1 failed, 2 usage error, 130 interrupted."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one JSON line too when ``--json`` was given."""
+
+    json_errors = False
+    argv: list[str] = []
+
+    def error(self, message: str) -> NoReturn:
+        if not self.json_errors:
+            super().error(message)
+        # A sub-parser's prog is "hvemu info" or "hvemu trace stop"; the top
+        # one's errors (unrecognized arguments...) name the command in argv.
+        command = self.prog.partition(" ")[2] or next((a for a in self.argv if a in _SYNC or a in _ASYNC), None)
+        print(json.dumps(error_object(message, command, "EINVAL")), file=sys.stderr)
+        self.exit(2)
+
+
+def _parser(json_errors: bool = False, argv: list[str] | None = None) -> argparse.ArgumentParser:
     # SUPPRESS: an option given before the subcommand must not be reset by the
     # subcommand's own copy of it (argparse applies sub-parser defaults last).
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--run-dir", default=argparse.SUPPRESS,
                         help="hypervisor run directory (default: $HVEMU_RUN_DIR or a per-user directory)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="print JSON instead of text")
-    p = argparse.ArgumentParser(prog="hvemu", parents=[common],
-                                description="Toolstack for the hvemu hypervisor (xl-like).")
+                        help="print JSON instead of text (errors: one JSON object on stderr)")
+    # Sub-parsers are made of the same class, so they answer in JSON too.
+    parser_class = type("Parser", (_Parser,), {"json_errors": json_errors, "argv": list(argv or [])})
+    p = parser_class(prog="hvemu", parents=[common], description="Toolstack for the hvemu hypervisor (xl-like).",
+                     epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
@@ -478,7 +539,12 @@ _SYNC = {"start": cmd_start, "stop": cmd_stop, "pager-attach": cmd_pager_attach,
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # Before parsing: a usage error is printed while parsing.  (A --json after
+    # "--" or inside listener-attach's options is not ours, but a usage error
+    # in JSON there does no harm.)
+    wants_json = "--json" in argv[:argv.index("--")] if "--" in argv else "--json" in argv
+    args = _parser(json_errors=wants_json, argv=argv).parse_args(argv)
     args.run_dir = getattr(args, "run_dir", None)
     args.json = getattr(args, "json", False)
     try:
@@ -491,7 +557,11 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # noqa: BLE001 - one line, never a traceback
         root = root_cause(exc)
         if isinstance(root, CliError | ControlError | OSError | ValueError):
-            print(f"hvemu {args.cmd}: {root}", file=sys.stderr)
+            if args.json:
+                command = " ".join(filter(None, (args.cmd, getattr(args, "trace_cmd", None))))
+                print(json.dumps(error_object(root, command)), file=sys.stderr)
+            else:
+                print(f"hvemu {args.cmd}: {root}", file=sys.stderr)
             return 1
         if isinstance(root, KeyboardInterrupt):
             return 130

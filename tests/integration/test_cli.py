@@ -85,6 +85,34 @@ def test_errors_are_one_line(started: str, tmp_path: object) -> None:
     assert again.returncode == 1 and "already running" in again.stderr
 
 
+def test_json_errors_are_one_json_object_on_stderr(started: str, tmp_path: object) -> None:
+    nowhere = os.path.join(str(tmp_path), "none")
+    for run_dir, args, errno, command, status in [
+            (started, ("info", "7"), "ESRCH", "info", 1),
+            (started, ("trace", "stop"), "ENOENT", "trace stop", 1),
+            (started, ("pager-detach", "3"), "ESRCH", "pager-detach", 1),
+            (started, ("pager-attach", "99"), "ESRCH", "pager-attach", 1),
+            (started, ("trace", "summary", "/nonexistent"), "ENOENT", "trace summary", 1),
+            (started, ("create", "--memory", "8", "--target", "16"), "EINVAL", "create", 1),
+            (started, ("start",), "EBUSY", "start", 1),
+            (nowhere, ("list",), "ENOENT", "list", 1),
+            (nowhere, ("top",), "ENOENT", "top", 1),
+            (started, ("create", "--vcpus", "many"), "EINVAL", "create", 2),
+            (started, ("info", "1", "--bogus"), "EINVAL", "info", 2)]:
+        for where in ("before", "after"):  # --json before or after the command
+            argv = ("--json", *args) if where == "before" else (*args, "--json")
+            res = hvemu(run_dir, *argv, check=False)
+            assert res.returncode == status, (argv, res.stderr)
+            assert res.stdout == "", (argv, res.stdout)
+            lines = res.stderr.strip().splitlines()
+            assert len(lines) == 1, (argv, res.stderr)
+            err = json.loads(lines[0])
+            assert set(err) == {"error", "errno", "command"}, err
+            assert err["errno"] == errno and err["command"] == command and err["error"], (argv, err)
+    plain = hvemu(started, "info", "7", check=False)
+    assert plain.returncode == 1 and plain.stderr.startswith("hvemu info: ") and "ESRCH" in plain.stderr
+
+
 def test_pager_trace_top_and_plots(started: str, tmp_path: object) -> None:
     run_dir = started
     trace_file = os.path.join(str(tmp_path), "ring.trace")
