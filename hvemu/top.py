@@ -2,12 +2,14 @@
 
 Built on ``rich`` (``Live`` + ``Table``).  On a terminal the screen is
 redrawn in place; when stdout is not a terminal each refresh is printed as a
-plain table, so the view can also be logged.
+plain table, so the view can also be logged: ``$COLUMNS`` wide if set, else
+as wide as the tables are (never wrapped or cut to 80 columns).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -73,9 +75,27 @@ def render(infos: list[dict[str, Any]], stamp: str) -> Group:
     return Group(f"hvemu top — {stamp} — {len(infos)} domain(s)", _domain_table(infos), _ring_table(infos))
 
 
+#: The console width when stdout is not a terminal and ``$COLUMNS`` is unset:
+#: more than any table needs, and tables not expanded take only what they need.
+PIPE_WIDTH = 10_000
+
+
+def make_console() -> Console:
+    """A terminal's own width; otherwise ``$COLUMNS`` if set, else :data:`PIPE_WIDTH`.
+
+    (rich alone would use 80 columns, or the width of whichever of stdin and
+    stderr is a terminal, and wrap or cut the tables to it.)
+    """
+    console = Console()
+    if console.is_terminal:
+        return console
+    columns = os.environ.get("COLUMNS", "")
+    return Console(width=int(columns) if columns.isdigit() and int(columns) > 0 else PIPE_WIDTH)
+
+
 async def run_top(run_dir: str | None, *, interval: float = 1.0, iterations: int = 0) -> None:
     conn = await Connection.connect(protocol.socket_path(run_dir))
-    console = Console()
+    console = make_console()
     try:
         await conn.call(protocol.ToolHello(client="hvemu-top"))
         n = 0

@@ -14,9 +14,10 @@ import pytest
 from tests.integration.system import ROOT, Proc, shm_segments
 
 
-def hvemu(run_dir: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def hvemu(run_dir: str, *args: str, check: bool = True,
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     res = subprocess.run([sys.executable, "-m", "hvemu.cli", "--run-dir", run_dir, *args], cwd=ROOT,
-                         capture_output=True, text=True, timeout=90)
+                         capture_output=True, text=True, timeout=90, env=env)
     if check:
         assert res.returncode == 0, res.stderr
     return res
@@ -113,6 +114,21 @@ def test_json_errors_are_one_json_object_on_stderr(started: str, tmp_path: objec
     assert plain.returncode == 1 and plain.stderr.startswith("hvemu info: ") and "ESRCH" in plain.stderr
 
 
+def _check_piped_top(run_dir: str) -> None:
+    """``top`` into a pipe: as wide as its tables without $COLUMNS (nothing cut or wrapped), else $COLUMNS."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    natural = hvemu(run_dir, "top", "--iterations", "1", env=env).stdout
+    assert "…" not in natural, natural
+    lines = natural.splitlines()
+    header = next(line for line in lines if " dom " in line and "lost" in line)  # one row of column names
+    for column in ("vcpus run/paused/blocked", "in flight", "fault p50 us", "fault p99 us", "put"):
+        assert column in header, (column, natural)
+    assert any(" dom " in line and "blocked now/ever" in line and "rejected" in line for line in lines), natural
+    assert max(len(line) for line in lines) > 80, "the domain table alone is wider than 80 columns"
+    narrow = hvemu(run_dir, "top", "--iterations", "1", env={**env, "COLUMNS": "100"}).stdout
+    assert "domains" in narrow and max(len(line) for line in narrow.splitlines()) <= 100, narrow
+
+
 def test_pager_trace_top_and_plots(started: str, tmp_path: object) -> None:
     run_dir = started
     trace_file = os.path.join(str(tmp_path), "ring.trace")
@@ -129,6 +145,7 @@ def test_pager_trace_top_and_plots(started: str, tmp_path: object) -> None:
         assert report["ok"] and report["faults"] > 0
         top = hvemu(run_dir, "top", "--iterations", "1").stdout
         assert "domains" in top and "rings" in top and "paging" in top
+        _check_piped_top(run_dir)
         info = hv_json(run_dir, "info", "1")
         assert info["fault_latency_us"]["n"] > 0  # type: ignore[index]
         assert hv_json(run_dir, "pager-detach", "1")["detached"] == "pager"  # type: ignore[index]
