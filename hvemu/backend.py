@@ -151,8 +151,8 @@ def apply_effects(hv: Hypervisor, backends: dict[int, DomainBackend]) -> list[Do
 
 def _runs(gfns: Iterable[int]) -> list[tuple[int, int]]:
     """Coalesce gfns into (start, length) runs, so one madvise covers each run."""
-    ordered = sorted(gfns)
-    if ordered and ordered[-1] - ordered[0] + 1 == len(ordered) and len(set(ordered)) == len(ordered):
+    ordered = sorted(set(gfns))
+    if ordered and ordered[-1] - ordered[0] + 1 == len(ordered):
         return [(ordered[0], len(ordered))]  # one run (a clock pager's batch): no per-gfn loop
     out: list[tuple[int, int]] = []
     for g in ordered:

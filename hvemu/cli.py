@@ -35,7 +35,7 @@ import uvloop
 from hvemu import abi, protocol
 from hvemu.abi import Errno
 from hvemu.transport import Connection, ControlError, root_cause
-from pager.defaults import EVICT_BATCH
+from pager.defaults import EVICT_BATCH, EVICT_POLICY
 
 MiB = 1 << 20
 
@@ -503,7 +503,7 @@ def _parser(json_errors: bool = False, argv: list[str] | None = None) -> argpars
     s.add_argument("domid", type=int)
     s.add_argument("--pagefile", default=None)
     s.add_argument("--target", type=float, default=None, help="MiB")
-    s.add_argument("--policy", choices=["clock", "random"], default="clock",
+    s.add_argument("--policy", choices=["clock", "random"], default=EVICT_POLICY,
                    help="victim policy: clock (xenpaging's sweeping hand) or random")
     s.add_argument("--batch", type=int, default=EVICT_BATCH, help=f"pages per eviction batch (default {EVICT_BATCH})")
     s = add("pager-detach", "stop a domain's pager cleanly (pages everything back in)")

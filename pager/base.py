@@ -25,7 +25,7 @@ import logging
 import random
 import time
 
-from hvemu import abi
+from hvemu import abi, protocol
 from hvemu.abi import MemEvent, MemEventFlag, P2MType
 from pager.defaults import EVICT_BATCH
 from pager.gfns import GfnsOfType, gfns_in
@@ -39,6 +39,8 @@ log = logging.getLogger("pager")
 _DROP_PAGE = int(MemEventFlag.DROP_PAGE)
 _EVICT_FAIL = int(MemEventFlag.EVICT_FAIL)
 _NO_LOAD = int(MemEventFlag.DROP_PAGE | MemEventFlag.EVICT_FAIL | MemEventFlag.DUMMY)
+#: The most pages one load domctl may carry: half a control frame of page data.
+LOAD_BATCH_MAX = protocol.MAX_FRAME // 2 // abi.PAGE_SIZE
 _RAM_RW = int(P2MType.ram_rw)
 _RAM_PAGING_OUT = int(P2MType.ram_paging_out)
 
@@ -81,6 +83,10 @@ class Pager:
         self.evictor: Domctl = client
         self.pagefile = pagefile
         self.batch = batch
+        #: Pages per load domctl when loading without a request (stranded gfns,
+        #: the final page-in): a load carries its pages, and a control message
+        #: is at most ``protocol.MAX_FRAME`` bytes.
+        self.load_batch = min(batch, LOAD_BATCH_MAX)
         self.rng = random.Random(seed)
         self.poll_interval = poll_interval
         self.pages_out = 0
@@ -223,6 +229,7 @@ class Pager:
         results = await self.evictor.evict(nominated)
         evicted = sum(1 for r in results if r is None)
         self.pages_out += evicted
+        self._resident -= evicted  # the eviction loop's estimate, whoever evicted (e.g. room for a load)
         return evicted
 
     async def load_stranded(self) -> int:
@@ -241,8 +248,8 @@ class Pager:
         if not stranded:
             return 0
         total = 0
-        for i in range(0, len(stranded), self.batch):
-            loaded = await self._load(stranded[i:i + self.batch])
+        for i in range(0, len(stranded), self.load_batch):
+            loaded = await self._load(stranded[i:i + self.load_batch])
             self.stranded_loaded += len(loaded)
             self.pages_in += len(loaded)
             self.on_populate(loaded)
@@ -267,16 +274,18 @@ class Pager:
         next_poll = 0.0
         initial: Progressbar | None = None
         initial_done = not self.progress
-        counted = False
+        recount = True
         while True:
             now = loop.time()
             if now >= next_poll:
                 await self.load_stranded()
                 target = self._target = await self.evictor.get_target()
                 next_poll = now + self.poll_interval
-                counted = False
-            if not counted:
+                recount = True  # bounds the drift of the estimate during a long page-out
+            counted = recount
+            if recount:
                 self._resident = self.resident()
+                recount = False
             excess = self._resident - target
             if not initial_done:
                 # The first page-out down to the target, shown as progress.
@@ -285,21 +294,17 @@ class Pager:
                     start_out = self.pages_out
                 if initial is not None:
                     initial.update(self.pages_out - start_out)
-                if excess <= 0 and not counted:
+                if excess <= 0 and counted:
                     if initial is not None:
                         initial.__exit__(None, None, None)
                     initial_done = True
             # Evict whole batches (down to a little below the target) rather
             # than one page per page-in: a batch costs two domctls, whatever its size.
-            if excess > 0:
-                evicted = await self.evict_batch(max(excess, min(self.batch, target // 8 + 1)))
-                if evicted > 0:
-                    self._resident -= evicted
-                    counted = True
-                    await asyncio.sleep(0)
-                    continue
-            if counted:
-                counted = False  # on target by the estimate (or nothing to evict): count before waiting
+            if excess > 0 and await self.evict_batch(max(excess, min(self.batch, target // 8 + 1))) > 0:
+                await asyncio.sleep(0)
+                continue  # evict_batch took its pages off the estimate
+            if not counted:
+                recount = True  # on target by the estimate (or nothing to evict): count before waiting
                 continue
             self._paged_in_event.clear()
             try:
@@ -307,6 +312,7 @@ class Pager:
                     await self._paged_in_event.wait()
             except TimeoutError:
                 pass
+            recount = True
 
     # ------------------------------------------------------------- stopping
     async def page_in_all(self, timeout: float = 60.0) -> None:
@@ -336,8 +342,8 @@ class Pager:
                 return
             if time.monotonic() > deadline:
                 raise SdkError(f"dom{client.domid}: {len(out) + len(nominated)} pages still out after {timeout}s")
-            for i in range(0, len(out), self.batch):
-                chunk = out[i:i + self.batch]
+            for i in range(0, len(out), self.load_batch):
+                chunk = out[i:i + self.load_batch]
                 results = await client.load(chunk, [self.pagefile.read(g) for g in chunk])
                 if abi.Errno.ENOMEM in results:
                     raise SdkError(f"dom{client.domid}: host memory exhausted while paging everything in",

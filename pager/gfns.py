@@ -99,31 +99,35 @@ class GfnsOfType(Sequence[int]):
                 i = find(byte, i + 1, hi)
 
     def sample(self, count: int, rng: random.Random, avoid: Container[int] = ()) -> list[int]:
-        """Up to ``count`` distinct gfns, uniformly at random, none in ``avoid`` unless too few others.
+        """Up to ``count`` distinct gfns, uniformly at random; gfns in ``avoid`` only when too few others.
 
-        Random gfns are drawn and the wrong ones rejected: a few draws per gfn
-        picked when the type is common (the usual case: most of a guest is
-        resident).  When a bounded number of draws is not enough, it falls
-        back to the full list.
+        When the type is common (the usual case: most of a guest is
+        resident), random gfns are drawn and the wrong ones rejected, a few
+        draws per gfn picked.  Otherwise, or when a bounded number of draws
+        falls short (most are in ``avoid``), it samples the full list.
         """
         n = len(self._table)
         if count <= 0 or not n:
             return []
-        table, value, rnd = self._table, self._value, rng.random
-        picked: dict[int, None] = {}
-        # i.i.d. uniform draws, first occurrences of the right ones kept: a
-        # uniform sample without replacement.  The cap allows 1/_DENSE draws
-        # per pick four times over.
-        for _ in range(int(count / _DENSE) * 4 + 64):
-            g = int(rnd() * n)
-            if table[g] == value and g not in avoid:
-                picked[g] = None
-                if len(picked) == count:
-                    return list(picked)
+        if count * 8 <= len(self) and len(self) >= _DENSE * n:
+            table, value, rnd = self._table, self._value, rng.random
+            picked: dict[int, None] = {}
+            # i.i.d. uniform draws, first occurrences of the right ones kept: a
+            # uniform sample without replacement.  The cap allows 1/_DENSE draws
+            # per pick four times over.
+            for _ in range(int(count / _DENSE) * 4 + 64):
+                g = int(rnd() * n)
+                if table[g] == value and g not in avoid:
+                    picked[g] = None
+                    if len(picked) == count:
+                        return list(picked)
         every = self.as_list()
         fresh = [g for g in every if g not in avoid]
-        pool = fresh if len(fresh) >= count else every
-        return rng.sample(pool, min(count, len(pool)))
+        if len(fresh) >= count:
+            return rng.sample(fresh, count)
+        # Too few fresh ones: all of them, then avoided ones to make up the count.
+        avoided = [g for g in every if g in avoid]
+        return fresh + rng.sample(avoided, min(count - len(fresh), len(avoided)))
 
 
 def gfns_in(candidates: Sequence[int], p2mt: int = 0) -> GfnsOfType:

@@ -20,7 +20,7 @@ from hvemu.abi import RingKind
 from hvemu.transport import ControlError, root_cause
 from pager.base import Pager as BasePager
 from pager.base import PageStore
-from pager.defaults import EVICT_BATCH
+from pager.defaults import EVICT_BATCH, EVICT_POLICY
 from pager.gfns import GfnsOfType
 from pager.pagefile import Pagefile
 from pager.policy import PolicyName, VictimPolicy, make_policy
@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--domid", type=int, required=True)
     p.add_argument("--pagefile", required=True, help="backing file (kept across restarts)")
     p.add_argument("--target", type=int, default=None, help="resident pages to keep (default: the hypervisor's)")
-    p.add_argument("--policy", choices=["clock", "random"], default="clock",
+    p.add_argument("--policy", choices=["clock", "random"], default=EVICT_POLICY,
                    help="victim policy: clock (xenpaging's sweeping hand, the default) or random")
     p.add_argument("--batch", type=int, default=EVICT_BATCH,
                    help=f"pages per eviction batch (default {EVICT_BATCH})")

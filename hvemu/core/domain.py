@@ -136,6 +136,8 @@ class DomainCounters:
     foreign_populates: int = 0
     foreign_maps: int = 0
     nominated: int = 0
+    #: Populates of a nominated gfn: its evict will fail (``EVICT_FAIL``), a fault the batch caused.
+    evict_fails: int = 0
     evicted: int = 0
     prepped: int = 0
     loaded: int = 0

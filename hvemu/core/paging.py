@@ -132,6 +132,7 @@ def p2m_mem_paging_populate(dom: Domain, gfn: int, vcpu: Vcpu | None) -> None:
     if p2mt in _PAGE_OUT_PATH:
         if p2mt == P2MType.ram_paging_out:
             req.flags |= _EVICT_FAIL  # evict will fail now: tell the pager
+            dom.counters.evict_fails += 1
         p2m.set_type(gfn, P2MType.ram_paging_in)
     if vcpu is not None:
         vcpu.event_pause()

@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import signal
-from collections.abc import Sequence
 
 import uvloop
 
 from hvemu.abi import RingKind
 from pager.base import Pager
+from pager.gfns import GfnsOfType
 from pager.pagefile import Pagefile
 from pager.sdk import DomainGone, MemEventClient
 
@@ -26,8 +25,9 @@ from pager.sdk import DomainGone, MemEventClient
 class RandomPager(Pager):
     """The whole policy: which resident pages to evict."""
 
-    def choose_victims(self, candidates: Sequence[int], count: int) -> list[int]:
-        return random.sample(candidates, min(count, len(candidates)))
+    def choose_victims(self, candidates: GfnsOfType, count: int) -> list[int]:
+        # Draws from the p2m snapshot: no list of every resident gfn per batch.
+        return candidates.sample(count, self.rng)
 
     def on_drop(self, gfn: int) -> None:
         print(f"dom{self.client.domid}: gfn {gfn:#x} ballooned out while paged", flush=True)

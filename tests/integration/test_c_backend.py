@@ -146,10 +146,11 @@ def run_c_backend(
             if got or front.final_check_for_responses():
                 continue
             if child.poll() is not None:
-                raise AssertionError(f"C back end exited early ({child.returncode}): {child.stderr.read()}")
+                err = child.stderr.read() if child.stderr is not None else ""
+                raise AssertionError(f"C back end exited early ({child.returncode}): {err}")
             stats["sleeps"] += 1
-            ready, _, _ = select.select([kick_front], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
+            woken, _w, _x = select.select([kick_front], [], [], max(0.0, deadline - time.monotonic()))
+            if not woken:
                 raise AssertionError(
                     f"lost wake-up: front end asleep past the deadline, {received}/{count} answers, "
                     f"req_prod={sring.req_prod} req_event={sring.req_event} "

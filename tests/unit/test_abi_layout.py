@@ -162,9 +162,9 @@ def test_bitfield_bits_and_reserved_bits() -> None:
         assert int.from_bytes(raw[36:38], "little") == 1 << bit, name
         assert raw[:36] == bytes(36) and raw[38:] == bytes(2)
     # bits 4..15 are "rest 0": the codec surfaces them for a validator instead of dropping them
-    raw = bytearray(by_hand())
-    raw[36:38] = (0xFFF0).to_bytes(2, "little")
-    ev = MemEventCodec.decode(bytes(raw))
+    flagged = bytearray(by_hand())
+    flagged[36:38] = (0xFFF0).to_bytes(2, "little")
+    ev = MemEventCodec.decode(bytes(flagged))
     assert ev.reserved_bits == 0xFFF
     assert not (ev.access_r or ev.access_w or ev.access_x or ev.gla_valid)
     assert MemEventCodec.encode(ev) == bytes(raw)

@@ -383,7 +383,7 @@ def race_in_mb(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[], None]]
 
     def install(action: Callable[[], None]) -> None:
         real = ring_mod.mb
-        fired = []
+        fired: list[int] = []
 
         def mb() -> None:
             real()

@@ -25,7 +25,7 @@ def _traced_paging_round(path: str) -> trace.TraceWriter:
     assert not dom.vcpus[1].runnable
     from hvemu.ring import BackRing, SharedRing
 
-    back = BackRing(SharedRing(ring, abi.MemEventCodec, page_size=abi.ring_bytes(64)))
+    back: BackRing[abi.MemEvent] = BackRing(SharedRing(ring, abi.MemEventCodec, page_size=abi.ring_bytes(64)))
     req = back.get_request() if back.unconsumed_requests() else None
     assert req is not None and req.gfn == 3
     assert dom.paging_load([3], lambda g: None) == [None]

@@ -239,7 +239,10 @@ def _check_against_model(types: list[int], frames: list[bool], gfns: list[int], 
         else:
             expected.append(Errno.EBUSY)
     used = hv.budget.used
+    nominated, evicted = dom.counters.nominated, dom.counters.evicted
     assert (dom.paging_evict(gfns) if evict else dom.paging_nominate(gfns)) == expected
+    done = expected.count(None)
+    assert (dom.counters.nominated - nominated, dom.counters.evicted - evicted) == ((0, done) if evict else (done, 0))
     assert [p2m.get_type(g) for g in range(len(types))] == model_types
     assert [p2m.has_frame(g) for g in range(len(types))] == model_frames
     assert hv.budget.used == used - len(freed)

@@ -34,28 +34,40 @@ def test_walk_is_one_turn_from_the_hand(rw: set[int], hand: int) -> None:
 
 
 @given(st.sets(st.integers(0, 299)), st.integers(0, 40), st.sets(st.integers(0, 299), max_size=30))
-def test_sample_is_distinct_of_the_type_and_avoids_when_it_can(rw: set[int], count: int, avoid: set[int]) -> None:
+def test_sample_is_distinct_of_the_type_and_fresh_first(rw: set[int], count: int, avoid: set[int]) -> None:
     view = GfnsOfType(_table(rw, 300), RW)
     picked = view.sample(count, random.Random(0), avoid=avoid)
     assert len(picked) == len(set(picked)) == min(count, len(rw))
     assert set(picked) <= rw
-    if len(rw - avoid) >= count:
+    fresh = rw - avoid
+    if len(fresh) >= count:
         assert not set(picked) & avoid
+    else:
+        assert fresh <= set(picked), "every fresh gfn is taken before any avoided one"
 
 
-@pytest.mark.parametrize("density", [0.9, 0.05])  # rejection sampling, and the fallback to the list
-def test_sample_is_uniform(density: float) -> None:
+@pytest.mark.parametrize("size", [40, 2000])  # 20 of 40: drawn; 20 of 2000: too sparse, from the list
+def test_sample_is_uniform_over_pairs(size: int) -> None:
+    """Every pair equally likely: a sampler of neighbours, or of a biased start, would fail this."""
     rng = random.Random(7)
-    size = 400
-    rw = {g for g in range(size) if rng.random() < density}
-    view = GfnsOfType(_table(rw, size), RW)
-    counts: Counter[int] = Counter()
-    draws = 20000
+    rw = rng.sample(range(size), 20)
+    view = GfnsOfType(_table(set(rw), size), RW)
+    pairs: Counter[tuple[int, int]] = Counter()
+    draws = 19000
     for _ in range(draws):
-        counts.update(view.sample(4, rng))
-    expected = draws * 4 / len(rw)
-    assert set(counts) == rw
-    assert max(counts.values()) < 1.35 * expected and min(counts.values()) > 0.65 * expected
+        a, b = view.sample(2, rng)
+        pairs[(min(a, b), max(a, b))] += 1
+    expected = draws / (20 * 19 / 2)
+    assert len(pairs) == 190
+    assert max(pairs.values()) < 1.6 * expected and min(pairs.values()) > 0.4 * expected
+    assert (view._list is None) == (size == 40), "the path this case is meant to test"
+
+
+def test_sample_draws_when_dense_and_lists_when_sparse() -> None:
+    dense = GfnsOfType(_table(set(range(0, 1000, 2)), 1000), RW)
+    assert len(dense.sample(16, random.Random(1))) == 16 and dense._list is None, "dense: drawn, no list"
+    sparse = GfnsOfType(_table({3, 500, 999}, 100_000), RW)
+    assert sorted(sparse.sample(5, random.Random(1))) == [3, 500, 999] and sparse._list is not None
 
 
 def test_gfns_in_wraps_a_list() -> None:

@@ -17,7 +17,7 @@ from hvemu.ring import FrontRing, SharedRing
 from pager import attach
 from pager.base import Pager
 from pager.examples.access_listener import describe, parse_gfns
-from pager.gfns import GfnsOfType
+from pager.gfns import GfnsOfType, gfns_in
 from pager.sdk import (
     DomainGone,
     DomctlError,
@@ -264,69 +264,92 @@ async def test_pager_hooks_are_the_whole_policy() -> None:
         Pager(client, store, batch=0)  # type: ignore[arg-type]
 
 
-async def test_evict_loop_follows_the_target_and_rechecks_its_estimate() -> None:
-    """Between batches the loop carries its resident count forward; it counts afresh before waiting and per poll."""
-    client = _FakeClient(bytes([P2MType.ram_rw] * 1000))
-    target = 600
-    counts = 0
+class _Targeted(_FakeClient):
+    """A fake client with a target, slow or meddling batches, and a count of p2m counts."""
 
-    async def get_target() -> int:
-        return target
+    def __init__(self, gfns: int, target: int) -> None:
+        super().__init__(bytes([P2MType.ram_rw] * gfns))
+        self.target = target
+        self.nominations = 0
+        self.batch_delay = 0.0
+        #: Called with the number of the nominate call, before it runs: meddles behind the pager's back.
+        self.on_nominate: Any = None
 
-    client.get_target = get_target  # type: ignore[attr-defined]
-    pager = Pager(client, _Store(), batch=16, poll_interval=0.05)  # type: ignore[arg-type]
-    count_resident = pager.resident
+    async def get_target(self) -> int:
+        return self.target
 
-    def resident_counted() -> int:
-        nonlocal counts
-        counts += 1
-        return count_resident()
+    async def nominate(self, gfns: Sequence[int]) -> list[Errno | None]:
+        self.nominations += 1
+        if self.on_nominate is not None:
+            self.on_nominate(self.nominations)
+        if self.batch_delay:
+            await asyncio.sleep(self.batch_delay)
+        return await super().nominate(gfns)
 
-    pager.resident = resident_counted  # type: ignore[method-assign]
+    def resident(self) -> int:
+        return self.types.count(P2MType.ram_rw)
 
-    def resident() -> int:
-        return client.types.count(P2MType.ram_rw)
+    def retype(self, old: int, new: int, count: int) -> None:
+        for g in [g for g, t in enumerate(self.types) if t == old][:count]:
+            self.types[g] = new
 
-    async def settled(target: int) -> int:
-        """Resident at the target or less than one batch below it (whole batches), and staying there."""
-        async with asyncio.timeout(5):
-            while not target - 16 < resident() <= target:
-                await asyncio.sleep(0.005)
-        now = resident()
-        await asyncio.sleep(0.12)  # a few polls later: nothing more evicted
-        assert resident() == now
-        return now
 
+async def _settle(client: _Targeted, pager: Pager, timeout: float = 5.0) -> int:
+    """Run the eviction loop until resident is within one batch under the target, and stays there."""
     task = asyncio.create_task(pager.evict_loop())
     try:
-        evicting = asyncio.create_task(settled(600))
-        async with asyncio.timeout(5):
-            while resident() > 600:
-                await asyncio.sleep(0)
-        assert counts < 400 // 16 // 2, f"the resident count is not taken per batch ({counts} for 25 batches)"
-        await evicting
-        target = 300
-        await settled(300)
-        # Pages made resident behind the pager's back (e.g. by a foreign populate): the poll notices.
-        for g in client.gfns_of_type(P2MType.ram_paged)[:40]:
-            client.types[g] = P2MType.ram_rw
-        before = await settled(300)
-        # Pages gone behind its back (ballooned out): nothing more is evicted for them.
-        for g in client.gfns_of_type(P2MType.ram_rw)[:50]:
-            client.types[g] = P2MType.mmio_dm
-        await asyncio.sleep(0.12)
-        assert resident() == before - 50
+        async with asyncio.timeout(timeout):
+            while not client.target - pager.batch < client.resident() <= client.target:
+                await asyncio.sleep(0.002)
+        now = client.resident()
+        await asyncio.sleep(0.1)  # polls later: nothing more evicted
+        assert client.resident() == now
+        return now
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
 
+async def test_evict_loop_counts_the_p2m_per_poll_not_per_batch() -> None:
+    client = _Targeted(1000, target=600)
+    pager = Pager(client, _Store(), batch=16, poll_interval=30)  # type: ignore[arg-type]
+    count = pager.resident
+    counts = 0
+
+    def counted() -> int:
+        nonlocal counts
+        counts += 1
+        return count()
+
+    pager.resident = counted  # type: ignore[method-assign]
+    assert await _settle(client, pager) == 600
+    assert client.nominations == 25
+    assert counts <= 3, f"{counts} counts for 25 batches (one at start, one before waiting)"
+
+
+async def test_evict_loop_counts_before_waiting() -> None:
+    """Pages made resident behind the pager's back while it evicts (a foreign populate): caught before it waits."""
+    client = _Targeted(1000, target=600)
+    client.on_nominate = lambda n: client.retype(P2MType.ram_paged, P2MType.ram_rw, 40) if n == 10 else None
+    pager = Pager(client, _Store(), batch=16, poll_interval=30)  # type: ignore[arg-type]
+    await _settle(client, pager, timeout=2)  # the next poll is 30 s away: only the count before waiting helps
+
+
+async def test_evict_loop_recounts_at_each_poll_while_evicting() -> None:
+    """Pages gone behind its back mid page-out (ballooned): the poll's count stops it evicting too many."""
+    client = _Targeted(1000, target=600)
+    client.batch_delay = 0.004  # 25 batches over 100 ms, 10 polls
+    client.on_nominate = lambda n: client.retype(P2MType.ram_rw, P2MType.mmio_dm, 50) if n == 3 else None
+    pager = Pager(client, _Store(), batch=16, poll_interval=0.01)  # type: ignore[arg-type]
+    await _settle(client, pager)  # without the poll's count it would stop 50 pages short (at 550)
+
+
 def test_default_victims_are_a_random_subset() -> None:
     pager = Pager(_FakeClient(b""), _Store(), seed=1)  # type: ignore[arg-type]
-    picked = pager.choose_victims(list(range(100)), 10)
+    picked = pager.choose_victims(gfns_in(list(range(100))), 10)
     assert len(set(picked)) == 10 and set(picked) <= set(range(100))
-    assert sorted(pager.choose_victims([1, 2], 10)) == [1, 2]
+    assert sorted(pager.choose_victims(gfns_in([1, 2]), 10)) == [1, 2]
 
 
 # --------------------------------------------------------------------------- raw attach: command channel
