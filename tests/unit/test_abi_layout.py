@@ -167,7 +167,7 @@ def test_bitfield_bits_and_reserved_bits() -> None:
     ev = MemEventCodec.decode(bytes(flagged))
     assert ev.reserved_bits == 0xFFF
     assert not (ev.access_r or ev.access_w or ev.access_x or ev.gla_valid)
-    assert MemEventCodec.encode(ev) == bytes(raw)
+    assert MemEventCodec.encode(ev) == bytes(flagged)
 
 
 def test_enum_values_are_designs() -> None:
