@@ -435,7 +435,10 @@ int main(int argc, char **argv)
     if ((pagefile = open(argv[1], flags, 0600)) < 0 || ftruncate(pagefile, (off_t)(gfns * PAGE)))
         die(argv[1]);
 
-    struct sigaction sa = { .sa_handler = on_signal };     /* no SA_RESTART: poll returns EINTR */
+    /* SA_RESTART: a read of the command channel (fgets) interrupted by the
+     * signal resumes instead of failing half-way through a reply; poll()
+     * is never restarted (signal(7)), so the main loop still sees EINTR. */
+    struct sigaction sa = { .sa_handler = on_signal, .sa_flags = SA_RESTART };
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
 

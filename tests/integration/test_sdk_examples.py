@@ -438,3 +438,48 @@ async def test_raw_attach_keeps_a_ring_with_unanswered_requests(hypervisor: Hype
         for f in (attach.stdin, attach.stdout, attach.stderr):
             if f is not None and not f.closed:
                 f.close()
+
+
+async def test_c_pager_stops_cleanly_while_the_guest_faults(hypervisor: Hypervisor, tmp_path: Path,
+                                                             c_pager: Path) -> None:
+    """SIGTERM lands while the C pager waits for a command's reply: it still answers everything and pages all in.
+
+    Three attach/stop cycles under one faulting guest, so that the signal
+    meets a pending reply (it did, in most stops, before the handler had
+    ``SA_RESTART``: ``fgets`` failed with ``EINTR`` and the pager died with
+    requests unanswered).
+    """
+    domid = await _domain(hypervisor, gfns=2048, target=256)
+    guest: Proc | None = None
+    conn = await hypervisor.tool()
+    try:
+        for cycle in range(3):
+            attach = Proc("-m", "pager.attach", "--run-dir", hypervisor.run_dir, "--domid", str(domid),
+                          "--ring", "paging", "--", str(c_pager), str(tmp_path / "c.pages"))
+            try:
+                await _wait_ring(hypervisor, domid, "paging", attach)
+                if guest is None:
+                    guest = hypervisor.guest(domid, "--duration", "30", "--pattern", "uniform",
+                                             "--write-ratio", "0.5")
+                start = int((await stats(conn, domid))["populates"])
+
+                async def faulting(start: int = start) -> bool:
+                    return int((await stats(conn, domid))["populates"]) >= start + 200
+
+                await wait_until(faulting, timeout=20)
+                attach.signal(signal.SIGTERM)
+                out, err = attach.communicate(30)
+                assert attach.p.returncode == 0, f"cycle {cycle}: {err[-3000:]}"
+                summary = _last_json(out)
+                assert not summary["domain_gone"], summary
+                st = await stats(conn, domid)
+                assert st["paged"] == 0 and st["paging_out"] == 0 and not st["paging"]["enabled"], st
+                assert st["vcpus_paused"] == 0, f"cycle {cycle}: a vCPU was left paused: {st}"
+            finally:
+                attach.stop()
+        assert guest is not None
+        guest.stop()
+    finally:
+        await conn.close()
+        if guest is not None:
+            guest.stop()
