@@ -68,9 +68,11 @@ class RingBackend:
 class DomainBackend:
     """Segments, rings, guest connections and blocked exits of one domain."""
 
-    def __init__(self, dom: Domain, memory: Segment, p2m: Segment, inflight: Segment) -> None:
+    def __init__(self, dom: Domain, memory: Segment, p2m: Segment, inflight: Segment, handle: str) -> None:
         self.dom = dom
         self.domid = dom.domid
+        #: The domain handle (:class:`hvemu.protocol.DomainCreate`): names this instance of the domain.
+        self.handle = handle
         self.memory = memory
         self.p2m = p2m
         self.inflight = inflight

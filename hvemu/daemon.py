@@ -17,10 +17,12 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import stat
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -43,6 +45,7 @@ Reply = tuple[protocol.Msg, list[FdLike]]
 # Role checks of every request, as tuples built once (an ``A | B`` union is
 # built anew at each evaluation).
 _HELLOS = (protocol.ToolHello, protocol.GuestHello)
+_HANDLE = re.compile(r"[0-9a-f]{32}")
 _GUEST_EXITS = (protocol.GuestAccess, protocol.GuestBalloonOut, protocol.GuestTrap)
 _GUEST_OPS = (*_GUEST_EXITS, protocol.GuestHello)
 
@@ -236,6 +239,9 @@ class HypervisorDaemon:
             raise _err(Errno.EINVAL, "max_vcpus must be within 1..128")
         if not 1 <= msg.gfns <= (1 << 22):
             raise _err(Errno.EINVAL, "gfns must be within 1..4194304 (16 GiB)")
+        handle = msg.handle.lower() or uuid.uuid4().hex
+        if not _HANDLE.fullmatch(handle):
+            raise _err(Errno.EINVAL, f"a domain handle is 32 hex digits (a UUID), not {msg.handle!r}")
         memory = PosixSegment(msg.gfns * abi.PAGE_SIZE, tag="mem")
         p2m = Segment(abi.p2m_table_size(msg.gfns), tag="p2m", read_only_twin=True)
         inflight = Segment(abi.inflight_table_size(msg.max_vcpus), tag="inflight")
@@ -245,7 +251,7 @@ class HypervisorDaemon:
             for seg in (memory, p2m, inflight):
                 seg.close()
             raise
-        self.backends[dom.domid] = DomainBackend(dom, memory, p2m, inflight)
+        self.backends[dom.domid] = DomainBackend(dom, memory, p2m, inflight, handle)
         log.info("created domain %d: %d vCPUs, %d pages", dom.domid, msg.max_vcpus, msg.gfns)
         return protocol.DomainCreated(domid=dom.domid), []
 
@@ -286,7 +292,7 @@ class HypervisorDaemon:
     async def _stats(self, ctx: ConnCtx, msg: protocol.Stats | protocol.DomainInfo) -> Reply:
         be = self._backend(msg.domid)
         stats: dict[str, Any] = dict(be.dom.stats())
-        stats.update(target=be.target, guest_connected=be.guest is not None,
+        stats.update(handle=be.handle, target=be.target, guest_connected=be.guest is not None,
                      fault_latency_us=be.fault_latency.summary(scale=1000.0),
                      rings_orphaned=[str(k) for k, r in be.rings.items() if r.owner is None],
                      host_frames_total=self.hv.budget.total, host_frames_used=self.hv.budget.used)
@@ -339,7 +345,7 @@ class HypervisorDaemon:
             ring.evtchn.notify()
         reply = protocol.MemEventEnabled(
             domid=be.domid, ring=msg.ring, port=ring.port, ring_size=be.dom.rings_size(msg.ring),
-            max_vcpus=be.dom.max_vcpus, gfns=be.dom.gfns, reattached=reattached,
+            max_vcpus=be.dom.max_vcpus, gfns=be.dom.gfns, reattached=reattached, domain_handle=be.handle,
             fds=["ring", "evtchn", "memory", "p2m"])
         log.info("domain %d %s ring %s (port %d)", be.domid, msg.ring,
                  "re-attached" if reattached else "enabled", ring.port)

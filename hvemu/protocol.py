@@ -110,6 +110,11 @@ class DomainCreate(Msg):
     max_vcpus: int
     gfns: int
     name: str = ""
+    #: Xen's domain handle (``xen_domain_handle_t``): a UUID as 32 hex digits
+    #: naming this domain instance; the hypervisor picks one when empty.
+    #: Domain ids are reused across hypervisor runs, handles are not: a
+    #: pager's store records the handle of the domain whose pages it holds.
+    handle: str = ""
 
 
 class DomainCreated(Msg):
@@ -153,6 +158,8 @@ class MemEventEnabled(Msg):
     gfns: int
     #: True when an orphaned ring (its daemon died) was handed over as is.
     reattached: bool = False
+    #: The domain's handle (see :class:`DomainCreate`).
+    domain_handle: str = ""
     fds: list[str] = []
 
 

@@ -9,10 +9,19 @@ went through this pager reads back as zeros (a page never written).
 Ordering that keeps a page safe across a crash: the copy is written here
 *before* the evict that frees the guest frame, and it is never overwritten
 while the gfn is paged out.
+
+Which domain the pages belong to: a pagefile opened with an ``owner`` (the
+domain handle, a UUID naming one domain instance) records it in one page
+after the last slot.  :meth:`Pagefile.open_for` serves a pager attaching to
+a domain: it keeps a file that records this very domain, and refuses one
+that does not when pages are out (a re-attach after another daemon died, a
+file left from an earlier domain with the same id) -- serving such a file
+would hand the guest zeros or stale pages without a word.
 """
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import stat
@@ -43,9 +52,46 @@ def copy_out(store: PageStore, memory: mmap.mmap, gfns: Iterable[int]) -> None:
         write(g, memory[off:off + PAGE_SIZE])
 
 
+_OWNER_MAGIC = b"hvemu-pagefile 1\n"
+
+
+class PagefileMismatch(Exception):
+    """The pagefile does not hold the pages of the domain being served (see :meth:`Pagefile.open_for`)."""
+
+
 class Pagefile:
-    def __init__(self, path: str, gfns: int, *, fresh: bool = False) -> None:
-        """Open (or create) the pagefile; ``fresh`` empties it (a new domain has nothing in it)."""
+    @classmethod
+    def open_for(cls, path: str, gfns: int, *, handle: str, reattached: bool, paged_out: int) -> Pagefile:
+        """The pagefile for a pager attaching to the domain ``handle``.
+
+        A file whose owner record names this domain (and size) is kept as it
+        is: its pages are this domain's.  Otherwise it may be started afresh
+        only when no page of the domain is out and the ring is new; a
+        re-attached ring, or pages out (``paged_out``: paged or on their way
+        back in), mean the pages are in some other store, and serving this
+        one would give the guest the wrong bytes: :class:`PagefileMismatch`.
+        """
+        recorded = read_owner(path, gfns)
+        if recorded == handle:
+            return cls(path, gfns, owner=handle)
+        if reattached or paged_out:
+            if recorded is None:
+                what = "has no record of the domain it belongs to" if os.path.exists(path) else "does not exist"
+            else:
+                what = f"holds the pages of another domain instance (handle {recorded})"
+            why = "the ring was handed over from a daemon that died" if reattached else "the ring is new"
+            raise PagefileMismatch(
+                f"{paged_out} pages are out, {why}, and pagefile {path} {what}: they are in the store of "
+                f"the pager that paged them out; attach a pager that reads that store")
+        return cls(path, gfns, fresh=True, owner=handle)
+
+    def __init__(self, path: str, gfns: int, *, fresh: bool = False, owner: str | None = None) -> None:
+        """Open (or create) the pagefile; ``fresh`` empties it (a new domain has nothing in it).
+
+        With ``owner`` (a domain handle) the file carries an owner record
+        after its last slot: written when ``fresh``, else it must match
+        (:class:`PagefileMismatch` otherwise).
+        """
         self.path = path
         self.gfns = gfns
         # Guest memory goes in here: never through a symlink, never into a file another
@@ -64,8 +110,14 @@ class Pagefile:
             raise
         if fresh:
             os.ftruncate(self.fd, 0)
+        if owner is not None and not fresh and _owner_at(self.fd, gfns) != owner:
+            os.close(self.fd)
+            raise PagefileMismatch(f"pagefile {path} does not belong to domain {owner}")
         if os.fstat(self.fd).st_size < gfns * PAGE_SIZE:
             os.ftruncate(self.fd, gfns * PAGE_SIZE)
+        if owner is not None and fresh:
+            record = _OWNER_MAGIC + json.dumps({"domain_handle": owner, "gfns": gfns}).encode() + b"\n"
+            os.pwrite(self.fd, record.ljust(PAGE_SIZE, b"\0"), gfns * PAGE_SIZE)
 
     def _check(self, gfn: int) -> int:
         if not 0 <= gfn < self.gfns:
@@ -89,3 +141,29 @@ class Pagefile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def read_owner(path: str, gfns: int) -> str | None:
+    """The domain handle a pagefile of ``gfns`` slots records, or None (no file, no record, other size)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        return _owner_at(fd, gfns)
+    finally:
+        os.close(fd)
+
+
+def _owner_at(fd: int, gfns: int) -> str | None:
+    raw = os.pread(fd, PAGE_SIZE, gfns * PAGE_SIZE)
+    if not raw.startswith(_OWNER_MAGIC):
+        return None
+    try:
+        record = json.loads(raw[len(_OWNER_MAGIC):].split(b"\n", 1)[0])
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("gfns") != gfns:
+        return None
+    handle = record.get("domain_handle")
+    return handle if isinstance(handle, str) else None

@@ -16,13 +16,13 @@ import signal
 import sys
 
 from hvemu import logs
-from hvemu.abi import RingKind
+from hvemu.abi import P2MType, RingKind
 from hvemu.transport import ControlError, root_cause
 from pager.base import Pager as BasePager
 from pager.base import PageStore
 from pager.defaults import EVICT_BATCH, EVICT_POLICY
 from pager.gfns import GfnsOfType
-from pager.pagefile import Pagefile
+from pager.pagefile import Pagefile, PagefileMismatch
 from pager.policy import PolicyName, VictimPolicy, make_policy
 from pager.sdk import DomainGone, MemEventClient, SdkError
 
@@ -80,9 +80,16 @@ async def _main(args: argparse.Namespace) -> dict[str, int]:
 
             await client.call(protocol.SetTarget(domid=args.domid, pages=args.target))
         assert client.info is not None
-        # A fresh ring means no page of this domain is in any pagefile yet:
-        # start from an empty one.  A re-attached ring keeps its pagefile.
-        pagefile = Pagefile(args.pagefile, client.gfns, fresh=not client.info.reattached)
+        # The pagefile must hold this domain's pages whenever some are out
+        # (a re-attach after a crash, pages left out by another daemon):
+        # otherwise the guest would be served zeros or stale pages.
+        paged_out = client.count_type(P2MType.ram_paged) + client.count_type(P2MType.ram_paging_in)
+        try:
+            pagefile = Pagefile.open_for(args.pagefile, client.gfns, handle=client.info.domain_handle,
+                                         reattached=client.info.reattached, paged_out=paged_out)
+        except PagefileMismatch as exc:
+            client.disable_on_exit = False  # keep the ring, and its requests, for the right pager
+            raise SdkError(f"dom{args.domid}: {exc}; the ring is left as it is") from exc
         progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
         pager = Pager(client, pagefile, make_policy(policy_name, seed=args.seed), batch=args.batch,
                       unbatched=args.unbatched, progress=progress)
@@ -135,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # noqa: BLE001 - every failure becomes one clear line
         root = root_cause(exc)
         if isinstance(root, SdkError | ControlError | ConnectionError | OSError):
-            print(f"hvemu-pager: dom{args.domid}: {root}", file=sys.stderr)
+            text = str(root)
+            prefix = "" if text.startswith(f"dom{args.domid}:") else f"dom{args.domid}: "
+            print(f"hvemu-pager: {prefix}{text}", file=sys.stderr)
             return 1
         raise
     print(json.dumps({"domid": args.domid, **summary}), flush=True)

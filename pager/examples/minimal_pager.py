@@ -15,10 +15,10 @@ import signal
 
 import uvloop
 
-from hvemu.abi import RingKind
+from hvemu.abi import P2MType, RingKind
 from pager.base import Pager
 from pager.gfns import GfnsOfType
-from pager.pagefile import Pagefile
+from pager.pagefile import Pagefile, PagefileMismatch
 from pager.sdk import DomainGone, MemEventClient
 
 
@@ -39,8 +39,16 @@ async def main(domid: int, path: str, run_dir: str | None) -> None:
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     async with MemEventClient(domid, RingKind.paging, run_dir=run_dir) as client:
         assert client.info is not None
-        # A re-attached ring (the last pager died) keeps its pagefile; a new one starts empty.
-        pagefile = Pagefile(path, client.gfns, fresh=not client.info.reattached)
+        # The pagefile records the domain it belongs to: kept when it is this
+        # domain's, started afresh when nothing is out, refused (PagefileMismatch)
+        # when pages are out and it does not hold them.
+        out = client.count_type(P2MType.ram_paged) + client.count_type(P2MType.ram_paging_in)
+        try:
+            pagefile = Pagefile.open_for(path, client.gfns, handle=client.info.domain_handle,
+                                         reattached=client.info.reattached, paged_out=out)
+        except PagefileMismatch:
+            client.disable_on_exit = False  # leave the ring (and its requests) to the pager with the pages
+            raise
         pager = RandomPager(client, pagefile)
         try:
             await pager.run(stop)  # serve + evict until stop, then page everything in
@@ -57,4 +65,7 @@ if __name__ == "__main__":
     p.add_argument("--pagefile", required=True)
     p.add_argument("--run-dir")
     a = p.parse_args()
-    uvloop.run(main(a.domid, a.pagefile, a.run_dir))
+    try:
+        uvloop.run(main(a.domid, a.pagefile, a.run_dir))
+    except PagefileMismatch as exc:
+        raise SystemExit(f"minimal_pager: dom{a.domid}: {exc}") from None

@@ -27,6 +27,8 @@ import time
 import pytest
 
 from hvemu import protocol
+from hvemu.abi import RingKind
+from hvemu.transport import ControlError
 from tests.integration.crashy_pager import POINTS
 from tests.integration.hostile import CRASH_CASES_ENV, env_count, env_seed, open_fds, wait_proc
 from tests.integration.system import Hypervisor, Proc, ring_enabled, shm_segments, stats, wait_until
@@ -229,3 +231,78 @@ async def test_hypervisor_killed_everyone_exits_and_nothing_is_left(tmp_path: ob
         hv.stop()
         if second is not None:
             second.stop()
+
+
+async def test_a_pager_without_the_pages_refuses_the_orphaned_ring(hypervisor: Hypervisor, tmp_path: object) -> None:
+    """kill -9 the pager, re-attach one with another (or a stale) pagefile: it refuses and the ring waits.
+
+    Serving the ring from a store that does not hold the paged-out pages
+    would give the guest zeros or stale bytes without a word.  The refusal
+    leaves the ring and its requests for the pager that has the pages;
+    attached, it serves them and the guest sees every byte it wrote.
+    """
+    hv = hypervisor
+    right = os.path.join(str(tmp_path), "right.pages")
+    wrong = os.path.join(str(tmp_path), "wrong.pages")
+    conn = await hv.tool()
+    procs: list[Proc] = []
+    try:
+        domid = await _domain(hv, vcpus=2, gfns=1024, target=128)
+        # A stale pagefile of another domain instance (an earlier run's domain with this id).
+        other = await _domain(hv, vcpus=1, gfns=1024, target=1024)
+        stale = hv.pager(other, wrong)
+        procs.append(stale)
+        await wait_until(lambda: ring_enabled(conn, other))
+        stale.signal(signal.SIGTERM)
+        assert await wait_proc(stale, 20) == 0, stale.stderr()[-2000:]
+        pager = hv.pager(domid, right, "--batch", "32")
+        procs.append(pager)
+        await wait_until(lambda: ring_enabled(conn, domid))
+        guest = hv.guest(domid, "--duration", "4", "--pattern", "uniform", "--write-ratio", "0.5")
+        procs.append(guest)
+        await wait_until(lambda: _paged_out(conn, domid), timeout=20)
+        pager.signal(signal.SIGKILL)
+        assert await wait_proc(pager, 10) == -signal.SIGKILL
+        for path in (wrong, os.path.join(str(tmp_path), "missing.pages")):
+            refused = hv.pager(domid, path)
+            procs.append(refused)
+            assert await wait_proc(refused, 20) == 1
+            err = refused.stderr()
+            assert "pages are out" in err and "the ring is left as it is" in err, err[-2000:]
+            assert "Traceback" not in err and err.count(f"dom{domid}:") == 1, err[-2000:]
+            st = await stats(conn, domid)
+            assert st["paging"]["enabled"] and "paging" in st["rings_orphaned"], st
+        good = hv.pager(domid, right, "--batch", "32")
+        procs.append(good)
+        out, err = guest.communicate(60)
+        assert guest.p.returncode == 0, err[-3000:]
+        report = json.loads(out.strip().splitlines()[-1])
+        assert report["ok"] and report["integrity_failures"] == 0, report
+        assert await wait_proc(good, 30) == 0, good.stderr()[-3000:]
+    finally:
+        await conn.close()
+        for p in procs:
+            p.stop()
+
+
+async def test_domain_handles_name_instances(hypervisor: Hypervisor) -> None:
+    """Xen's domain handle: given or picked at create, refused when malformed, reported to daemons."""
+    conn = await hypervisor.tool()
+    try:
+        given = "0123456789abcdef" * 2
+        reply, _ = await conn.call(protocol.DomainCreate(max_vcpus=1, gfns=8, handle=given.upper()))
+        assert isinstance(reply, protocol.DomainCreated)
+        assert (await stats(conn, reply.domid))["handle"] == given
+        reply, _ = await conn.call(protocol.DomainCreate(max_vcpus=1, gfns=8))
+        assert isinstance(reply, protocol.DomainCreated)
+        picked = (await stats(conn, reply.domid))["handle"]
+        assert len(picked) == 32 and picked != given
+        with pytest.raises(ControlError) as bad:
+            await conn.call(protocol.DomainCreate(max_vcpus=1, gfns=8, handle="not-a-uuid"))
+        assert bad.value.errno == "EINVAL"
+        enabled, fds = await conn.call(protocol.MemEventEnable(domid=reply.domid, ring=RingKind.paging))
+        for fd in fds:
+            os.close(fd)
+        assert isinstance(enabled, protocol.MemEventEnabled) and enabled.domain_handle == picked
+    finally:
+        await conn.close()

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from hvemu.abi import PAGE_SIZE
-from pager.pagefile import Pagefile
+from pager.pagefile import Pagefile, PagefileMismatch, read_owner
 from pager.policy import ClockPolicy, RandomPolicy, make_policy
 
 
@@ -27,6 +27,37 @@ def test_pagefile_round_trip_is_sparse_and_survives_reopen(tmp_path: object) -> 
             again.write(1, b"short")
     finally:
         again.close()
+
+
+A, B = "a" * 32, "b" * 32
+
+
+def test_pagefile_records_its_domain_and_open_for_keeps_or_refuses(tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "pf")
+    assert read_owner(path, 16) is None, "no file, no owner"
+    first = Pagefile.open_for(path, 16, handle=A, reattached=False, paged_out=0)
+    first.write(3, b"\x03" * PAGE_SIZE)
+    first.close()
+    assert read_owner(path, 16) == A and read_owner(path, 32) is None, "the record names domain and size"
+    # Re-attach (or pages out) with the file of this very domain: kept, pages and all.
+    for reattached, paged_out in ((True, 5), (False, 5), (True, 0)):
+        kept = Pagefile.open_for(path, 16, handle=A, reattached=reattached, paged_out=paged_out)
+        assert kept.read(3) == b"\x03" * PAGE_SIZE
+        kept.close()
+    # Another domain instance with pages out, or a re-attach: refused, the file untouched.
+    for reattached, paged_out in ((True, 0), (False, 7)):
+        with pytest.raises(PagefileMismatch, match=f"handle {A}"):
+            Pagefile.open_for(path, 16, handle=B, reattached=reattached, paged_out=paged_out)
+    with pytest.raises(PagefileMismatch, match="does not exist"):
+        Pagefile.open_for(os.path.join(str(tmp_path), "none"), 16, handle=B, reattached=True, paged_out=1)
+    assert read_owner(path, 16) == A
+    # A new ring and nothing out: the stale file is started afresh for the new owner.
+    fresh = Pagefile.open_for(path, 16, handle=B, reattached=False, paged_out=0)
+    assert fresh.read(3) == bytes(PAGE_SIZE)
+    fresh.close()
+    assert read_owner(path, 16) == B
+    with pytest.raises(PagefileMismatch):
+        Pagefile(path, 16, owner=A)
 
 
 @pytest.mark.parametrize("policy", [RandomPolicy(capacity=4, seed=1), ClockPolicy(capacity=4)])
