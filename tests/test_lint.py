@@ -20,5 +20,5 @@ def test_tree_is_clean(tool: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="hvemu-lint-") as cache:
         extra = ["--cache-dir", cache] if tool[0] == "mypy" else []
         proc = subprocess.run([sys.executable, "-m", *tool, *extra], cwd=ROOT, capture_output=True, text=True,
-                              timeout=300)
+                              timeout=100)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -35,20 +35,25 @@ class BenchError(RuntimeError):
 
 
 def parse_cpus(text: str) -> set[int]:
-    """A ``taskset -c`` list (``0``, ``0,2``, ``0-3``) as a set of CPU numbers."""
+    """A ``taskset -c`` list (``0``, ``0,2``, ``0-3``) of CPUs this process may use, as a set.
+
+    ``ValueError`` names what is wrong: an empty item, a range whose end is
+    below its start, a CPU that is not available (checked before a range is
+    expanded, so ``0-99999999999`` costs nothing).
+    """
+    allowed = os.sched_getaffinity(0)
     cpus: set[int] = set()
     for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            cpus.update(range(int(lo), int(hi) + 1))
-        else:
-            cpus.add(int(part))
-    if not cpus:
-        raise ValueError(f"no CPU in {text!r}")
-    allowed = os.sched_getaffinity(0)
+        item = part.strip()
+        try:
+            lo, hi = (int(x) for x in item.split("-", 1)) if "-" in item else (int(item), int(item))
+        except ValueError:
+            raise ValueError(f"{item!r} is not a CPU or a range of CPUs (in {text!r})") from None
+        if not 0 <= lo <= hi:
+            raise ValueError(f"{item!r} is not a range of CPUs (in {text!r})")
+        if hi > max(allowed):
+            raise ValueError(f"CPU {hi} is not available (allowed: {format_cpus(allowed)})")
+        cpus.update(range(lo, hi + 1))
     if not cpus <= allowed:
         raise ValueError(f"CPUs {sorted(cpus - allowed)} are not available (allowed: {format_cpus(allowed)})")
     return cpus

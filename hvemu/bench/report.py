@@ -97,8 +97,9 @@ def table(result: dict[str, Any]) -> str:
         row(f"page-in {v:>2} vCPUs unbatched pages/s", pi.get("unbatched_pages_per_s"), ring,
             _ratio(pi.get("unbatched_pages_per_s"), ring))
     ev, evf = _get(result, "evict.pages_per_s"), _get(result, "evict_floor.pages_per_s")
-    row(f"evict pages/s ({_get(result, 'evict.policy')} policy, batches of {_get(result, 'evict.batch')})",
-        ev, evf, _ratio(ev, evf))
+    policy, batch = _get(result, "evict.policy"), _get(result, "evict.batch")
+    row(f"evict pages/s ({policy} policy, batches of {batch})" if policy else "evict pages/s", ev, evf,
+        _ratio(ev, evf))
     evt = _get(result, "evict.pages_per_s_from_target")
     row("evict pages/s counted from the target change", evt, evf, _ratio(evt, evf))
     evr = _get(result, "evict.random_pages_per_s")

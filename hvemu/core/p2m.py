@@ -154,8 +154,14 @@ class P2M:
         return changed
 
     def drop_frames(self, gfns: Sequence[int]) -> int:
-        """Mark the frames of ``gfns`` (each present, each named once) absent; returns how many."""
+        """Mark the frames of ``gfns`` (each present, each named once) absent; returns how many.
+
+        The resident count and the frame budget follow the return value, so a
+        gfn without a frame (or named twice) is a bookkeeping bug: refused.
+        """
         frames = self.frames
+        if len(set(gfns)) != len(gfns) or not all(frames[g] for g in gfns):
+            raise ValueError("drop_frames: every gfn must have a frame and be named once")
         for g in gfns:
             frames[g] = 0
         self.resident -= len(gfns)

@@ -38,6 +38,7 @@ def test_evict_fails_ebusy_when_the_page_was_touched_after_nominate_and_populate
     lis = Listener(dom)
     dom.paging_nominate([6])
     dom.guest_access(0, 6, R)
+    assert dom.counters.evict_fails == 1, "a populate of a nominated gfn is counted"
     assert dom.paging_evict([6]) == [Errno.EBUSY]
     (req,) = lis.consume()
     assert req.flags & MemEventFlag.EVICT_FAIL and req.flags & MemEventFlag.VCPU_PAUSED

@@ -63,6 +63,16 @@ def test_sample_is_uniform_over_pairs(size: int) -> None:
     assert (view._list is None) == (size == 40), "the path this case is meant to test"
 
 
+def test_drawn_samples_avoid_what_they_are_told_to() -> None:
+    """The draw path (a dense table: a real guest) skips avoided gfns, e.g. a policy's recently paged-in ones."""
+    view = GfnsOfType(_table(set(range(4000)), 4000), RW)
+    avoid = set(range(0, 4000, 2))
+    for seed in range(50):
+        picked = view.sample(64, random.Random(seed), avoid=avoid)
+        assert len(picked) == 64 and not set(picked) & avoid
+    assert view._list is None, "drawn, not listed"
+
+
 def test_sample_draws_when_dense_and_lists_when_sparse() -> None:
     dense = GfnsOfType(_table(set(range(0, 1000, 2)), 1000), RW)
     assert len(dense.sample(16, random.Random(1))) == 16 and dense._list is None, "dense: drawn, no list"

@@ -345,6 +345,32 @@ async def test_evict_loop_recounts_at_each_poll_while_evicting() -> None:
     await _settle(client, pager)  # without the poll's count it would stop 50 pages short (at 550)
 
 
+async def test_evict_loop_wakes_on_page_ins_and_recounts_after_waiting() -> None:
+    """Page-ins that take the domain above its target wake the loop at once (not at the next poll), and
+    the loop counts afresh after its wait: pages gone meanwhile are not evicted for twice."""
+    client = _Targeted(1000, target=600)
+    pager = Pager(client, _Store(), batch=16, poll_interval=30)  # type: ignore[arg-type]
+    task = asyncio.create_task(pager.evict_loop())
+    try:
+        async with asyncio.timeout(5):
+            while client.resident() > 600:
+                await asyncio.sleep(0.002)
+        await asyncio.sleep(0.05)  # waiting now: on target, the next poll 30 s away
+        client.retype(P2MType.ram_rw, P2MType.mmio_dm, 30)  # ballooned out while it waits
+        paged = client.gfns_of_type(P2MType.ram_paged)[:40]
+        await pager.handle_batch(RequestBatch([_req(g) for g in paged]))  # 40 faults: 610 resident
+        assert client.resident() == 610
+        async with asyncio.timeout(2):
+            while client.resident() > 600:
+                await asyncio.sleep(0.002)
+        await asyncio.sleep(0.05)
+        assert 600 - 16 < client.resident() <= 600, "a stale estimate (640) would have evicted 40 and more"
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
 def test_default_victims_are_a_random_subset() -> None:
     pager = Pager(_FakeClient(b""), _Store(), seed=1)  # type: ignore[arg-type]
     picked = pager.choose_victims(gfns_in(list(range(100))), 10)
