@@ -23,8 +23,13 @@ Environment of PROGRAM (numbers in decimal)
     ``HVEMU_CTL_FD``       the command channel (below)
     ``HVEMU_DOMID``, ``HVEMU_RING`` (kind), ``HVEMU_GFNS``, ``HVEMU_MAX_VCPUS``, ``HVEMU_PAGE_SIZE``,
     ``HVEMU_REATTACHED`` (1 if the ring was orphaned: start at ``rsp_prod``, every request after it
-    is unanswered), ``HVEMU_RUN_DIR`` and ``HVEMU_SOCKET`` (the control socket, for programs that
-    speak the msgpack protocol themselves).
+    is unanswered), ``HVEMU_DOMAIN_HANDLE`` (the domain's handle, 32 hex digits: record it with the
+    pages you store, and refuse a store of another handle on a re-attach), ``HVEMU_RUN_DIR`` and
+    ``HVEMU_SOCKET`` (the control socket, for programs that speak the msgpack protocol themselves).
+
+At the end a paging ring with pages still out is kept (not disabled) unless
+``--force-disable``: disabled, a guest touching one of those pages would crash
+its domain; kept, it waits for the pager that holds them.
 
 Command channel (``HVEMU_CTL_FD``, a stream socket)
     One command per line, words separated by blanks, numbers decimal or
@@ -318,6 +323,7 @@ def child_env(base: dict[str, str], reply: protocol.MemEventEnabled, fds: dict[s
         "HVEMU_MAX_VCPUS": str(reply.max_vcpus),
         "HVEMU_PAGE_SIZE": str(abi.PAGE_SIZE),
         "HVEMU_REATTACHED": "1" if reply.reattached else "0",
+        "HVEMU_DOMAIN_HANDLE": reply.domain_handle,
         protocol.RUN_DIR_ENV: run_dir,
         "HVEMU_SOCKET": socket_path,
     })
@@ -405,6 +411,11 @@ class Attach:
         if left:
             log.warning("disabling dom%d %s ring with %d requests unanswered: their vCPUs stay paused",
                         self.args.domid, self.ring, left)
+        out = await self._pages_out(domctl)
+        if out and not self.args.force_disable:
+            log.warning("dom%d: %d pages are still out; the paging ring is kept for the pager that holds "
+                        "them (--force-disable to disable it anyway)", self.args.domid, out)
+            return
         try:
             await domctl.call(protocol.MemEventDisable(domid=self.args.domid, ring=self.ring))
             log.info("dom%d %s ring disabled", self.args.domid, self.ring)
@@ -412,6 +423,17 @@ class Attach:
             pass
         except SdkError as exc:
             log.warning("disable of dom%d %s ring failed: %s", self.args.domid, self.ring, exc)
+
+    async def _pages_out(self, domctl: Domctl) -> int:
+        """Paged gfns (and ones on their way back) if this is the paging ring, else 0."""
+        if self.ring != RingKind.paging:
+            return 0
+        try:
+            st = await domctl.stats()
+        except SdkError:
+            return 0
+        paged, paging_in = st.get("paged", 0), st.get("paging_in", 0)
+        return (paged if isinstance(paged, int) else 0) + (paging_in if isinstance(paging_in, int) else 0)
 
     async def _close(self) -> None:
         if self.ring_view is not None:

@@ -65,16 +65,17 @@ class Pagefile:
         """The pagefile for a pager attaching to the domain ``handle``.
 
         A file whose owner record names this domain (and size) is kept as it
-        is: its pages are this domain's.  Otherwise it may be started afresh
-        only when no page of the domain is out and the ring is new; a
-        re-attached ring, or pages out (``paged_out``: paged or on their way
-        back in), mean the pages are in some other store, and serving this
-        one would give the guest the wrong bytes: :class:`PagefileMismatch`.
+        is: its pages are this domain's.  Otherwise it is started afresh,
+        unless pages of the domain are out whose bytes some pager stored
+        (``paged_out``; see :meth:`pager.sdk.MemEventClient.stored_pages_out`):
+        they are in another store, and serving this one would give the guest
+        the wrong bytes: :class:`PagefileMismatch`.  ``reattached`` only
+        shapes the message.
         """
         recorded = read_owner(path, gfns)
         if recorded == handle:
             return cls(path, gfns, owner=handle)
-        if reattached or paged_out:
+        if paged_out:
             if recorded is None:
                 what = "has no record of the domain it belongs to" if os.path.exists(path) else "does not exist"
             else:

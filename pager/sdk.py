@@ -364,7 +364,7 @@ class MemEventClient(Domctl):
         log.info("attached dom%d %s ring (port %d, %s)", self.domid, self.ring_kind, reply.port,
                  "re-attached" if reply.reattached else "new")
 
-    async def detach(self, *, disable: bool = True) -> None:
+    async def detach(self, *, disable: bool = True, force: bool = False) -> None:
         """Leave the ring: disable it (a clean stop) or just let go (as a crash would).
 
         A clean stop first publishes responses still queued and has the
@@ -373,12 +373,20 @@ class MemEventClient(Domctl):
         that point are logged: their vCPUs stay paused until the domain dies
         (Xen's rule, DESIGN section 5), so a daemon answers everything before
         it stops.  ``disable=False`` leaves the ring, and its requests, to the
-        next daemon that attaches.
+        next daemon that attaches.  A paging ring with pages still out is left
+        too, with a warning, unless ``force``: once it is disabled, a guest
+        touching one of those pages crashes its domain, whereas a ring left
+        orphaned waits for the pager that holds them.
         """
         if self.state in (RunState.DETACHED, RunState.IDLE):
             return
         self.state = RunState.DETACHING
         try:
+            out = self._pages_out()
+            if disable and out and not force:
+                log.warning("dom%d: %d pages are still out: the paging ring is left for the pager that holds "
+                            "them", self.domid, out)
+                disable = False
             if disable and self._conn is not None:
                 await self._drain_before_disable()
                 try:
@@ -391,6 +399,12 @@ class MemEventClient(Domctl):
         finally:
             await self._teardown()
             self.state = RunState.DETACHED
+
+    def _pages_out(self) -> int:
+        """Paged gfns (and ones on their way back) if this is a paging ring, else 0."""
+        if self.ring_kind != RingKind.paging or self.p2m is None:
+            return 0
+        return self.count_type(abi.P2MType.ram_paged) + self.count_type(abi.P2MType.ram_paging_in)
 
     async def _drain_before_disable(self) -> None:
         """Publish queued responses, have them consumed, and report what stays unanswered."""
@@ -577,6 +591,17 @@ class MemEventClient(Domctl):
     def gfns_of_type(self, p2mt: abi.P2MType) -> list[int]:
         """Every gfn whose p2m type is ``p2mt``, ascending."""
         return self.gfns_view(p2mt).as_list()
+
+    async def stored_pages_out(self) -> int:
+        """Pages out (paged, or on their way back) whose bytes a pager stored; 0 if none was ever evicted.
+
+        What a pager attaching must find in its store.  A domain created
+        larger than the host budget starts with gfns paged out that were
+        never written anywhere (they read as zeros): those need no store.
+        """
+        out = self.count_type(abi.P2MType.ram_paged) + self.count_type(abi.P2MType.ram_paging_in)
+        evicted = (await self.stats()).get("evicted", 0) if out else 0
+        return out if isinstance(evicted, int) and evicted > 0 else 0
 
     def count_type(self, p2mt: abi.P2MType) -> int:
         return self.p2m_types().count(int(p2mt))

@@ -16,7 +16,7 @@ import signal
 import sys
 
 from hvemu import logs
-from hvemu.abi import P2MType, RingKind
+from hvemu.abi import RingKind
 from hvemu.transport import ControlError, root_cause
 from pager.base import Pager as BasePager
 from pager.base import PageStore
@@ -83,7 +83,7 @@ async def _main(args: argparse.Namespace) -> dict[str, int]:
         # The pagefile must hold this domain's pages whenever some are out
         # (a re-attach after a crash, pages left out by another daemon):
         # otherwise the guest would be served zeros or stale pages.
-        paged_out = client.count_type(P2MType.ram_paged) + client.count_type(P2MType.ram_paging_in)
+        paged_out = await client.stored_pages_out()
         try:
             pagefile = Pagefile.open_for(args.pagefile, client.gfns, handle=client.info.domain_handle,
                                          reattached=client.info.reattached, paged_out=paged_out)

@@ -15,7 +15,7 @@ import signal
 
 import uvloop
 
-from hvemu.abi import P2MType, RingKind
+from hvemu.abi import RingKind
 from pager.base import Pager
 from pager.gfns import GfnsOfType
 from pager.pagefile import Pagefile, PagefileMismatch
@@ -42,7 +42,7 @@ async def main(domid: int, path: str, run_dir: str | None) -> None:
         # The pagefile records the domain it belongs to: kept when it is this
         # domain's, started afresh when nothing is out, refused (PagefileMismatch)
         # when pages are out and it does not hold them.
-        out = client.count_type(P2MType.ram_paged) + client.count_type(P2MType.ram_paging_in)
+        out = await client.stored_pages_out()  # pages out whose bytes a pager stored
         try:
             pagefile = Pagefile.open_for(path, client.gfns, handle=client.info.domain_handle,
                                          reattached=client.info.reattached, paged_out=out)

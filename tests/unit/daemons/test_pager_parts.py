@@ -44,15 +44,15 @@ def test_pagefile_records_its_domain_and_open_for_keeps_or_refuses(tmp_path: obj
         kept = Pagefile.open_for(path, 16, handle=A, reattached=reattached, paged_out=paged_out)
         assert kept.read(3) == b"\x03" * PAGE_SIZE
         kept.close()
-    # Another domain instance with pages out, or a re-attach: refused, the file untouched.
-    for reattached, paged_out in ((True, 0), (False, 7)):
+    # Another domain instance with stored pages out (re-attached ring or new): refused, the file untouched.
+    for reattached in (True, False):
         with pytest.raises(PagefileMismatch, match=f"handle {A}"):
-            Pagefile.open_for(path, 16, handle=B, reattached=reattached, paged_out=paged_out)
+            Pagefile.open_for(path, 16, handle=B, reattached=reattached, paged_out=7)
     with pytest.raises(PagefileMismatch, match="does not exist"):
         Pagefile.open_for(os.path.join(str(tmp_path), "none"), 16, handle=B, reattached=True, paged_out=1)
     assert read_owner(path, 16) == A
-    # A new ring and nothing out: the stale file is started afresh for the new owner.
-    fresh = Pagefile.open_for(path, 16, handle=B, reattached=False, paged_out=0)
+    # Nothing stored out (even on a re-attached ring): the stale file is started afresh for the new owner.
+    fresh = Pagefile.open_for(path, 16, handle=B, reattached=True, paged_out=0)
     assert fresh.read(3) == bytes(PAGE_SIZE)
     fresh.close()
     assert read_owner(path, 16) == B

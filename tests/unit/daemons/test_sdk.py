@@ -491,7 +491,7 @@ async def test_command_server_over_a_stream_keeps_in_step() -> None:
 
 def test_child_env_names_every_fact() -> None:
     reply = protocol.MemEventEnabled(domid=3, ring=RingKind.access, port=9, ring_size=8, max_vcpus=2, gfns=100,
-                                     reattached=True, fds=["ring", "evtchn", "memory", "p2m"])
+                                     reattached=True, domain_handle="ab" * 16, fds=["ring", "evtchn", "memory", "p2m"])
     env = attach.child_env({"PATH": "/bin"}, reply, {"ring": 10, "evtchn": 11, "memory": 12, "p2m": 13}, 14,
                            "/run/hv", "/run/hv/control.sock")
     assert env["PATH"] == "/bin"
@@ -499,7 +499,8 @@ def test_child_env_names_every_fact() -> None:
         "HVEMU_DOMID": "3", "HVEMU_RING": "access", "HVEMU_RING_FD": "10", "HVEMU_RING_SIZE": "8",
         "HVEMU_EVTCHN_FD": "11", "HVEMU_PORT": "9", "HVEMU_MEMORY_FD": "12", "HVEMU_P2M_FD": "13",
         "HVEMU_CTL_FD": "14", "HVEMU_GFNS": "100", "HVEMU_MAX_VCPUS": "2", "HVEMU_PAGE_SIZE": str(abi.PAGE_SIZE),
-        "HVEMU_REATTACHED": "1", "HVEMU_RUN_DIR": "/run/hv", "HVEMU_SOCKET": "/run/hv/control.sock",
+        "HVEMU_REATTACHED": "1", "HVEMU_DOMAIN_HANDLE": "ab" * 16, "HVEMU_RUN_DIR": "/run/hv",
+        "HVEMU_SOCKET": "/run/hv/control.sock",
     }
 
 
