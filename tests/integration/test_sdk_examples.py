@@ -97,6 +97,31 @@ async def test_context_manager_disables_the_ring_even_on_error(hypervisor: Hyper
         await conn.close()
 
 
+async def test_detach_keeps_a_paging_ring_with_pages_out_unless_forced(hypervisor: Hypervisor) -> None:
+    """Disabled, the ring would crash the domain at the next touch of a page out; kept, it waits for a pager."""
+    domid = await _domain(hypervisor, gfns=64)
+    conn = await hypervisor.tool()
+    try:
+        async with MemEventClient(domid, RingKind.paging, run_dir=hypervisor.run_dir) as client:
+            assert await client.stored_pages_out() == 0
+            assert await client.nominate([1, 2]) == [None, None]
+            assert await client.evict([1, 2]) == [None, None]
+            assert await client.stored_pages_out() == 2
+        assert await ring_enabled(conn, domid, "paging"), "the ring was disabled with pages out"
+
+        async def orphaned() -> bool:
+            return bool((await stats(conn, domid))["rings_orphaned"] == ["paging"])
+
+        await wait_until(orphaned, timeout=5)
+        client = MemEventClient(domid, RingKind.paging, run_dir=hypervisor.run_dir)
+        await client.attach()
+        assert client.info is not None and client.info.reattached
+        await client.detach(force=True)
+        assert not await ring_enabled(conn, domid, "paging")
+    finally:
+        await conn.close()
+
+
 async def test_clean_detach_publishes_queued_responses(hypervisor: Hypervisor) -> None:
     """A daemon that queued answers but never pushed them does not strand its vCPUs on detach."""
     domid = await _domain(hypervisor, gfns=64)
