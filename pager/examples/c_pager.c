@@ -430,10 +430,33 @@ int main(int argc, char **argv)
         die("mmap");
     if (!(ctl_in = fdopen(dup(ctl), "r")))
         die("fdopen");
-    /* A re-attached ring's pages are in the pagefile already: keep it then. */
-    int flags = O_RDWR | O_CREAT | O_CLOEXEC | (env("HVEMU_REATTACHED") ? 0 : O_TRUNC);
+    /* A re-attached ring's pages are in the pagefile already: keep it then,
+     * but only if it is this domain's (PATH.owner names the domain handle);
+     * serving another domain's file would hand the guest the wrong bytes. */
+    const char *handle = getenv("HVEMU_DOMAIN_HANDLE");
+    char owner_path[4096], owner[64] = "";
+    snprintf(owner_path, sizeof owner_path, "%s.owner", argv[1]);
+    FILE *of = fopen(owner_path, "r");
+    if (of) {
+        if (!fgets(owner, sizeof owner, of))
+            owner[0] = 0;
+        fclose(of);
+        owner[strcspn(owner, "\n")] = 0;
+    }
+    int mine = handle && *handle && strcmp(owner, handle) == 0;
+    if (env("HVEMU_REATTACHED") && !mine) {
+        fprintf(stderr, "c_pager: %s does not hold this domain's pages (%s names %s, not %s): "
+                "re-attach with the pagefile of the pager that paged them out\n",
+                argv[1], owner_path, owner[0] ? owner : "nothing", handle ? handle : "?");
+        return 1;
+    }
+    int flags = O_RDWR | O_CREAT | O_CLOEXEC | (mine ? 0 : O_TRUNC);
     if ((pagefile = open(argv[1], flags, 0600)) < 0 || ftruncate(pagefile, (off_t)(gfns * PAGE)))
         die(argv[1]);
+    if (!mine && handle && (of = fopen(owner_path, "w"))) {
+        fprintf(of, "%s\n", handle);
+        fclose(of);
+    }
 
     /* SA_RESTART: a read of the command channel (fgets) interrupted by the
      * signal resumes instead of failing half-way through a reply; poll()
