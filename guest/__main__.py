@@ -41,7 +41,9 @@ class GuestReport(msgspec.Struct):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hvemu-guest", description="Run a domain's vCPUs.")
     p.add_argument("--domid", type=int, required=True)
-    p.add_argument("--run-dir", default=None, help="hypervisor run directory (default: %(default)s)")
+    p.add_argument("--run-dir", default=None,
+                   help="hypervisor run directory (default: the one hvemu uses: $HVEMU_RUN_DIR, "
+                        "else $XDG_RUNTIME_DIR/hvemu-UID, else /tmp/hvemu-UID)")
     p.add_argument("--vcpus", type=int, default=0, help="vCPUs to run (default: the domain's max_vcpus)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds to run")
     p.add_argument("--max-accesses", type=int, default=0, help="stop each vCPU after this many accesses")

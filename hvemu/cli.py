@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import errno as errno_mod
 import json
+import math
 import os
 import re
 import signal
@@ -91,8 +92,8 @@ async def map_foreign(conn: Connection, domid: int, gfns: list[int], *, timeout:
                 pages[g] = page
             elif r == Errno.ENOENT:
                 again.append(g)
-            else:
-                raise ControlError(r or Errno.EINVAL, f"gfn {g}: {r}")
+            else:  # not RAM with a frame (or the guest shrank its memory): nothing to map
+                raise ControlError(r or Errno.EINVAL, f"gfn {g} of domain {domid} cannot be mapped")
         pending = again
         if pending:
             retries += 1
@@ -120,66 +121,110 @@ async def domain_list(conn: Connection) -> list[protocol.DomainSummary]:
 
 
 def _run_dir(args: argparse.Namespace) -> str:
-    return str(args.run_dir or protocol.default_run_dir())
+    # Absolute: the daemons are given it, and a pidfile is checked against their command line.
+    return os.path.abspath(args.run_dir or protocol.default_run_dir())
 
 
 def _pidfile(run_dir: str, name: str) -> str:
     return os.path.join(run_dir, f"{name}.pid")
 
 
-def _read_pid(path: str) -> int | None:
+#: The module each kind of background daemon runs (``hypervisor``, ``pager-N``, ``listener-N``).
+_MODULES = {"hypervisor": "hvemu.daemon", "pager": "pager.xenpaging", "listener": "pager.examples.access_listener"}
+#: A pidfile of a daemon a domain has (``pager-3.pid``).
+_DOMAIN_PIDFILE = re.compile(r"(pager|listener)-\d+\.pid")
+
+
+def _is_ours(pid: int, run_dir: str, name: str) -> bool:
+    """Whether ``pid`` is still the daemon ``name`` that :func:`_spawn` started for ``run_dir``.
+
+    Its ``/proc/PID/cmdline`` must run the daemon's module for this run
+    directory (and, for ``pager-N``/``listener-N``, domain N): a pid the
+    kernel has since given to another process is not ours to signal.  A
+    zombie has no command line, so it counts as gone.
+    """
+    kind, _, domid = name.partition("-")
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:  # gone (or not readable: not ours either)
+        return False
+    pairs = set(zip(argv, argv[1:], strict=False))
+    run_dirs = [os.path.realpath(v) for k, v in pairs if k == "--run-dir"]
+    return (("-m", _MODULES[kind]) in pairs and os.path.realpath(run_dir) in run_dirs
+            and (not domid or ("--domid", domid) in pairs))
+
+
+def _read_pid(run_dir: str, name: str) -> int | None:
+    """The pid of the running daemon ``name``, or None; a pidfile naming anything else is removed (stale)."""
+    path = _pidfile(run_dir, name)
     try:
         with open(path) as f:
             pid = int(f.read().strip())
     except (FileNotFoundError, ValueError):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if pid > 0 and _is_ours(pid, run_dir, name):
+        return pid
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-        return None
-    return pid
+    return None
 
 
 def _spawn(run_dir: str, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
     """Start a detached background process logging to ``<run_dir>/<name>.log``."""
-    if _read_pid(_pidfile(run_dir, name)) is not None:
+    if _read_pid(run_dir, name) is not None:
         raise CliError(f"{name} is already running", "EBUSY")
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     log_path = os.path.join(run_dir, f"{name}.log")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True)
+    # Popen can return while the exec is still under way (an empty /proc/PID/cmdline, which
+    # _is_ours takes for "gone"): the pidfile is written once the command line is the daemon's.
+    deadline = time.monotonic() + 5
+    while proc.poll() is None and not _is_ours(proc.pid, run_dir, name) and time.monotonic() < deadline:
+        time.sleep(0.002)
     with open(_pidfile(run_dir, name), "w") as f:
         f.write(f"{proc.pid}\n")
     return proc
 
 
+def _wait_gone(pid: int, run_dir: str, name: str, timeout: float) -> bool:
+    """Wait up to ``timeout`` for the daemon to exit; whether it did."""
+    deadline = time.monotonic() + timeout
+    while _is_ours(pid, run_dir, name):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # our own child (main() called in-process): reap it
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _stop(run_dir: str, name: str, timeout: float) -> int:
-    path = _pidfile(run_dir, name)
-    pid = _read_pid(path)
+    pid = _read_pid(run_dir, name)
     if pid is None:
         raise CliError(f"{name} is not running", "ESRCH")
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
+    if not _wait_gone(pid, run_dir, name, timeout):
         raise CliError(f"{name} (pid {pid}) did not stop within {timeout:.0f}s", "ETIMEDOUT")
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_pidfile(run_dir, name))
     return pid
+
+
+def _domain_daemons(run_dir: str) -> list[str]:
+    """Names of the pagers and listeners with a pidfile in ``run_dir`` (``pager-1``...)."""
+    try:
+        names = os.listdir(run_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(n[:-len(".pid")] for n in names if _DOMAIN_PIDFILE.fullmatch(n))
 
 
 def cmd_start(args: argparse.Namespace) -> Any:
     run_dir = _run_dir(args)
-    argv = ["-m", "hvemu.daemon", "--run-dir", run_dir, "--memory", str(args.memory), "--policy", args.policy]
+    argv = ["-m", _MODULES["hypervisor"], "--run-dir", run_dir, "--memory", str(args.memory), "--policy", args.policy]
     if args.trace:
         argv += ["--trace", os.path.abspath(args.trace)]
     argv += ["-v"] * args.verbose
@@ -189,19 +234,40 @@ def cmd_start(args: argparse.Namespace) -> Any:
     sock = protocol.socket_path(run_dir)
     deadline = time.monotonic() + 10
     while not os.path.exists(sock):
-        if time.monotonic() > deadline or _read_pid(_pidfile(run_dir, "hypervisor")) is None:
+        if time.monotonic() > deadline or _read_pid(run_dir, "hypervisor") is None:
             raise CliError(f"the hypervisor did not start; see {os.path.join(run_dir, 'hypervisor.log')}")
         time.sleep(0.05)
     return {"started": "hypervisor", "pid": pid, "socket": sock}
 
 
+#: How long ``stop`` waits for pagers and listeners to exit once their hypervisor is gone.
+DAEMON_EXIT_TIMEOUT = 10.0
+
+
 def cmd_stop(args: argparse.Namespace) -> Any:
-    return {"stopped": "hypervisor", "pid": _stop(_run_dir(args), "hypervisor", args.timeout)}
+    """Stop the hypervisor; its pagers and listeners exit with it, and their pidfiles go too."""
+    run_dir = _run_dir(args)
+    for name in _domain_daemons(run_dir):
+        _read_pid(run_dir, name)  # removes a stale pidfile
+    pid = _stop(run_dir, "hypervisor", args.timeout)
+    running = []
+    deadline = time.monotonic() + DAEMON_EXIT_TIMEOUT
+    for name in _domain_daemons(run_dir):
+        daemon = _read_pid(run_dir, name)
+        if daemon is not None and not _wait_gone(daemon, run_dir, name, max(0.0, deadline - time.monotonic())):
+            running.append(name)
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_pidfile(run_dir, name))
+    result: dict[str, Any] = {"stopped": "hypervisor", "pid": pid}
+    if running:  # they lost their hypervisor and should exit; say which did not (yet)
+        result["still_running"] = running
+    return result
 
 
 def cmd_pager_attach(args: argparse.Namespace) -> Any:
     run_dir = _run_dir(args)
-    argv = ["-m", "pager.xenpaging", "--run-dir", run_dir, "--domid", str(args.domid),
+    argv = ["-m", _MODULES["pager"], "--run-dir", run_dir, "--domid", str(args.domid),
             "--pagefile", os.path.abspath(args.pagefile or os.path.join(run_dir, f"dom{args.domid}.pagefile")),
             "--policy", args.policy, "--batch", str(args.batch)]
     if args.target is not None:
@@ -257,7 +323,7 @@ def cmd_pager_detach(args: argparse.Namespace) -> Any:
 
 def cmd_listener_attach(args: argparse.Namespace) -> Any:
     run_dir = _run_dir(args)
-    argv = ["-m", "pager.examples.access_listener", "--run-dir", run_dir, "--domid", str(args.domid), *args.extra]
+    argv = ["-m", _MODULES["listener"], "--run-dir", run_dir, "--domid", str(args.domid), *args.extra]
     name = f"listener-{args.domid}"
     proc = _spawn(run_dir, name, argv)
     _wait_attached(proc, run_dir, name, args.domid, "access")
@@ -284,9 +350,14 @@ async def cmd_create(args: argparse.Namespace) -> Any:
         assert isinstance(reply, protocol.DomainCreated)
         if args.target is not None:
             await conn.call(protocol.SetTarget(domid=reply.domid, pages=int(args.target * MiB) // abi.PAGE_SIZE))
-        return {"domid": reply.domid, "vcpus": args.vcpus, "gfns": gfns}
+        resident = int((await domain_info(conn, reply.domid)).get("resident", gfns))
     finally:
         await conn.close()
+    if resident < gfns:  # the host budget is spent: the domain is created, but a guest would fault at once
+        _warn(args, f"domain {reply.domid} starts with {resident} of its {gfns} pages resident (the host memory "
+                    f"budget is spent); attach a pager (hvemu pager-attach {reply.domid}) before a guest runs, "
+                    "or its first fault crashes the domain")
+    return {"domid": reply.domid, "vcpus": args.vcpus, "gfns": gfns}
 
 
 async def cmd_destroy(args: argparse.Namespace) -> Any:
@@ -338,14 +409,28 @@ async def cmd_info(args: argparse.Namespace) -> Any:
 
 
 async def cmd_mem_set(args: argparse.Namespace) -> Any:
-    pages = int(args.memory * MiB) // abi.PAGE_SIZE
-    await _call(args.run_dir, protocol.SetTarget(domid=args.domid, pages=pages))
+    conn = await _tool(args.run_dir)
+    try:
+        gfns = int((await domain_info(conn, args.domid)).get("gfns", 0))
+        memory = gfns * abi.PAGE_SIZE / MiB
+        if not 0 <= args.memory <= memory:  # in MiB, as given (the hypervisor would say pages)
+            raise CliError(f"target {args.memory} MiB must be within 0..{memory} MiB (domain {args.domid}'s memory)",
+                           "EINVAL")
+        pages = int(args.memory * MiB) // abi.PAGE_SIZE
+        await conn.call(protocol.SetTarget(domid=args.domid, pages=pages))
+    finally:
+        await conn.close()
     return {"domid": args.domid, "target_pages": pages}
 
 
 async def cmd_map(args: argparse.Namespace) -> Any:
     conn = await _tool(args.run_dir)
     try:
+        gfns = int((await domain_info(conn, args.domid)).get("gfns", 0))
+        outside = [g for g in args.gfns if not 0 <= g < gfns]
+        if outside:
+            which = f"gfn {outside[0]} is" if len(outside) == 1 else f"gfns {', '.join(map(str, outside))} are"
+            raise CliError(f"{which} outside domain {args.domid}'s {gfns} gfns (0..{gfns - 1})", "EINVAL")
         pages, retries = await map_foreign(conn, args.domid, args.gfns, timeout=args.timeout)
     finally:
         await conn.close()
@@ -383,13 +468,38 @@ async def cmd_top(args: argparse.Namespace) -> Any:
     from hvemu.top import run_top
 
     await (await _tool(args.run_dir)).close()  # no hypervisor: the same one-line error as every command
-    await run_top(args.run_dir, interval=args.interval, iterations=args.iterations)
+    await run_top(args.run_dir, interval=args.interval, iterations=args.iterations, as_json=args.json)
     return None
 
 
 # --------------------------------------------------------------------------
 # output and entry point
 # --------------------------------------------------------------------------
+
+
+def _warn(args: argparse.Namespace, message: str) -> None:
+    """A warning on one line of stderr (with ``--json``, one object: ``{"warning": ..., "command": ...}``)."""
+    if args.json:
+        print(json.dumps({"warning": message, "command": args.cmd}), file=sys.stderr)
+    else:
+        print(f"hvemu {args.cmd}: warning: {message}", file=sys.stderr)
+
+
+#: The exit status when stdout's reader went away (``hvemu info 1 | head``): a shell's status for SIGPIPE.
+EXIT_PIPE_CLOSED = 128 + signal.SIGPIPE
+
+
+def _stdout_closed() -> int:
+    """stdout's reader is gone: no traceback, and nothing more to write (exit at once, quietly).
+
+    What is still buffered goes to /dev/null, so the interpreter's final
+    flush cannot fail again.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_PIPE_CLOSED
 
 
 def _human(result: Any, indent: int = 0) -> str:
@@ -437,7 +547,7 @@ def error_object(exc: BaseException | str, command: str | None, errno: str | Non
 
 _EPILOG = """output: text by default; with --json, results are JSON on stdout and a failure is one JSON
 object on one line of stderr, {"error": "...", "errno": "ESRCH" or null, "command": "info"}.
-exit status: 0 done, 1 failed, 2 usage error, 130 interrupted."""
+exit status: 0 done, 1 failed, 2 usage error, 130 interrupted, 141 stdout closed early (| head)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -454,6 +564,17 @@ class _Parser(argparse.ArgumentParser):
         command = self.prog.partition(" ")[2] or next((a for a in self.argv if a in _SYNC or a in _ASYNC), None)
         print(json.dumps(error_object(message, command, "EINVAL")), file=sys.stderr)
         self.exit(2)
+
+
+def _finite(text: str) -> float:
+    """argparse type: a finite number (``nan`` and ``inf`` are no size or time)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
 
 
 def _parser(json_errors: bool = False, argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -474,17 +595,17 @@ def _parser(json_errors: bool = False, argv: list[str] | None = None) -> argpars
         return sub.add_parser(name, help=help, description=help, parents=[common])
 
     s = add("start", "start the hypervisor in the background")
-    s.add_argument("--memory", type=float, default=256, help="host memory budget, MiB")
+    s.add_argument("--memory", type=_finite, default=256, help="host memory budget, MiB")
     s.add_argument("--policy", choices=["seed", "claim"], default="seed")
     s.add_argument("--trace", default=None, help="record ring events to this file from the start")
     s.add_argument("--foreground", action="store_true", help="run in this terminal instead")
     s.add_argument("-v", "--verbose", action="count", default=0)
     s = add("stop", "stop the hypervisor (SIGTERM: domains destroyed, nothing left behind)")
-    s.add_argument("--timeout", type=float, default=30)
+    s.add_argument("--timeout", type=_finite, default=30)
     s = add("create", "create a domain")
     s.add_argument("--vcpus", type=int, default=1)
-    s.add_argument("--memory", type=float, default=16, help="MiB")
-    s.add_argument("--target", type=float, default=None, help="paging target, MiB")
+    s.add_argument("--memory", type=_finite, default=16, help="MiB")
+    s.add_argument("--target", type=_finite, default=None, help="paging target, MiB")
     s.add_argument("--name", default="")
     s = add("destroy", "destroy a domain")
     s.add_argument("domid", type=int)
@@ -494,30 +615,31 @@ def _parser(json_errors: bool = False, argv: list[str] | None = None) -> argpars
     s.add_argument("--raw", action="store_true", help="every counter the hypervisor keeps")
     s = add("mem-set", "set a domain's paging target (xl mem-set)")
     s.add_argument("domid", type=int)
-    s.add_argument("memory", type=float, help="MiB")
+    s.add_argument("memory", type=_finite, help="MiB")
     s = add("map", "foreign-map guest pages (retrying paged-out ones) and checksum them")
     s.add_argument("domid", type=int)
     s.add_argument("gfns", type=int, nargs="+")
-    s.add_argument("--timeout", type=float, default=10.0)
+    s.add_argument("--timeout", type=_finite, default=10.0)
     s = add("pager-attach", "start a xenpaging-like pager for a domain in the background")
     s.add_argument("domid", type=int)
     s.add_argument("--pagefile", default=None)
-    s.add_argument("--target", type=float, default=None, help="MiB")
+    s.add_argument("--target", type=_finite, default=None, help="MiB")
     s.add_argument("--policy", choices=["clock", "random"], default=EVICT_POLICY,
                    help="victim policy: clock (xenpaging's sweeping hand) or random")
     s.add_argument("--batch", type=int, default=EVICT_BATCH, help=f"pages per eviction batch (default {EVICT_BATCH})")
     s = add("pager-detach", "stop a domain's pager cleanly (pages everything back in)")
     s.add_argument("domid", type=int)
-    s.add_argument("--timeout", type=float, default=60)
+    s.add_argument("--timeout", type=_finite, default=60)
     s = add("listener-attach", "start an access listener (xen-access style) for a domain")
     s.add_argument("domid", type=int)
     s.add_argument("extra", nargs=argparse.REMAINDER, help="options for the listener")
     s = add("listener-detach", "stop a domain's access listener")
     s.add_argument("domid", type=int)
-    s.add_argument("--timeout", type=float, default=30)
+    s.add_argument("--timeout", type=_finite, default=30)
     s = add("top", "live view of every domain and ring")
-    s.add_argument("--interval", type=float, default=1.0)
+    s.add_argument("--interval", type=_finite, default=1.0)
     s.add_argument("--iterations", type=int, default=0, help="stop after N refreshes (0: until Ctrl-C)")
+    s.epilog = "with --json: one JSON object per refresh, on one line (the tables' figures)"
     s = add("trace", "record ring events (xentrace-like), summarise and plot them")
     tsub = s.add_subparsers(dest="trace_cmd", required=True, metavar="ACTION")
     t = tsub.add_parser("start", help="record every ring event to FILE", parents=[common])
@@ -556,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BaseException as exc:  # noqa: BLE001 - one line, never a traceback
         root = root_cause(exc)
+        top = sys.modules.get("hvemu.top")
+        if top is not None and isinstance(root, top.OutputClosed):  # top into a pipe whose reader left
+            return _stdout_closed()
         if isinstance(root, CliError | ControlError | OSError | ValueError):
             if args.json:
                 command = " ".join(filter(None, (args.cmd, getattr(args, "trace_cmd", None))))
@@ -566,8 +691,12 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(root, KeyboardInterrupt):
             return 130
         raise
-    if result is not None:
-        print(json.dumps(result, indent=2) if args.json else _human(result))
+    try:
+        if result is not None:
+            print(json.dumps(result, indent=2) if args.json else _human(result))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _stdout_closed()
     return 0
 
 

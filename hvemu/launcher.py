@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -25,8 +28,10 @@ from typing import Any
 
 import uvloop
 
+import hvemu
 from hvemu import abi, protocol
 from hvemu.bench.common import parse_cpus
+from hvemu.core.domain import MAX_VCPUS
 from hvemu.procs import die_with_parent, stop_process
 from hvemu.transport import Connection, ControlError
 from pager.defaults import EVICT_BATCH
@@ -140,8 +145,7 @@ async def scenario_with_signals(args: argparse.Namespace) -> dict[str, Any]:
 async def scenario(args: argparse.Namespace) -> dict[str, Any]:
     run_dir = tempfile.mkdtemp(prefix="hvemu-run-")
     os.chmod(run_dir, 0o700)
-    print(f"run.sh: run directory {run_dir} (watch with: hvemu --run-dir {run_dir} top)", file=sys.stderr,
-          flush=True)
+    _say(f"run.sh: run directory {run_dir} (watch with: {hvemu_command()} --run-dir {shlex.quote(run_dir)} top)")
     children: list[Child] = []
     try:
         hv = await start_hypervisor(run_dir, args.host_memory, args.policy, cpus=args.cpus)
@@ -218,6 +222,40 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def hvemu_command(python: str | None = None) -> str:
+    """``hvemu`` as a shell can run it from anywhere, outside the venv too.
+
+    The ``hvemu`` script beside this interpreter (``.venv/bin/hvemu``, which
+    ``scripts/run.sh`` uses) by its full path; else this interpreter running
+    ``hvemu.cli``, told where the package is.
+    """
+    python = python or sys.executable
+    script = os.path.join(os.path.dirname(python), "hvemu")
+    if os.path.isfile(script) and os.access(script, os.X_OK):
+        return shlex.quote(script)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(hvemu.__file__)))
+    return f"PYTHONPATH={shlex.quote(root)} {shlex.quote(python)} -m hvemu.cli"
+
+
+def _say(line: str) -> None:
+    """One line on stderr; a reader that went away is no reason to stop (or to print a traceback)."""
+    with contextlib.suppress(BrokenPipeError):
+        print(line, file=sys.stderr, flush=True)
+
+
+#: The exit status when stdout's reader went away (``run.sh | head -1``): a shell's status for SIGPIPE.
+EXIT_PIPE_CLOSED = 128 + signal.SIGPIPE
+
+
+def _stdout_closed() -> int:
+    """Send what is still buffered for stdout to /dev/null (the final flush cannot fail) and say so by status."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_PIPE_CLOSED
+
+
 def _print_table(summary: dict[str, Any]) -> None:
     cols = ["domid", "vcpus", "faults", "fault_p50_us", "fault_p99_us", "pages_out", "pages_in",
             "events_lost", "integrity_failures"]
@@ -228,22 +266,45 @@ def _print_table(summary: dict[str, Any]) -> None:
           f"{summary['policy']} policy, {summary['duration_s']} s)")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, except where there is none (None: the help says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="run.sh", description="Run an overcommitted host: hypervisor, guests, pagers.")
-    p.add_argument("--domains", type=int, default=2)
-    p.add_argument("--vcpus", type=int, default=4)
-    p.add_argument("--memory", type=float, default=64, help="MiB per domain")
-    p.add_argument("--host-memory", type=float, default=96, help="host budget in MiB (below the total)")
-    p.add_argument("--target", type=float, default=40, help="pager target per domain, MiB (0 to --memory)")
-    p.add_argument("--duration", type=float, default=10)
-    p.add_argument("--pattern", choices=["sequential", "uniform", "hotcold", "phases"], default="hotcold")
-    p.add_argument("--write-ratio", type=float, default=0.3)
-    p.add_argument("--policy", choices=["seed", "claim"], default="seed")
-    p.add_argument("--batch", type=int, default=EVICT_BATCH, help=f"pager eviction batch (default {EVICT_BATCH})")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--cpus", default=None,
-                   help="pin every process to these CPUs (taskset -c list: 0, 0,2 or 0-3; CPUs this shell may use)")
-    p.add_argument("--json", default=None, help="also write the summary as JSON to this file")
+    p = argparse.ArgumentParser(prog="run.sh", formatter_class=_HelpFormatter,
+                                description="Run an overcommitted host: hypervisor, guests, pagers.",
+                                epilog=f"sizes are MiB (1 MiB = {MiB // abi.PAGE_SIZE} pages of "
+                                       f"{abi.PAGE_SIZE // 1024} KiB), times seconds; "
+                                       "exit status: 0 ok, 1 failed, 2 an option refused, 130 interrupted, "
+                                       "141 stdout closed early")
+    p.add_argument("--domains", type=int, default=2, metavar="N",
+                   help="number of domains, each with a guest and a pager")
+    p.add_argument("--vcpus", type=int, default=4, metavar="N", help=f"vCPUs per domain, 1 to {MAX_VCPUS}")
+    p.add_argument("--memory", type=float, default=64, metavar="MIB", help="memory per domain, MiB")
+    p.add_argument("--host-memory", type=float, default=96, metavar="MIB",
+                   help="host memory budget, MiB; below the domains' total, so paging happens")
+    p.add_argument("--target", type=float, default=40, metavar="MIB",
+                   help="paging target per domain, MiB (what its pager keeps resident), 0 to --memory")
+    p.add_argument("--duration", type=float, default=10, metavar="SECONDS",
+                   help="how long each guest runs its workload, seconds")
+    p.add_argument("--pattern", choices=["sequential", "uniform", "hotcold", "phases"], default="hotcold",
+                   help="the guests' access pattern")
+    p.add_argument("--write-ratio", type=float, default=0.3, metavar="R",
+                   help="fraction of the guests' accesses that write, 0 to 1")
+    p.add_argument("--policy", choices=["seed", "claim"], default="seed",
+                   help="mem_event admission policy of the hypervisor")
+    p.add_argument("--batch", type=int, default=EVICT_BATCH, metavar="PAGES", help="pages per pager eviction batch")
+    p.add_argument("--seed", type=int, default=1, help="workload seed (domain N's guest uses seed + N)")
+    p.add_argument("--cpus", default=None, metavar="LIST",
+                   help="pin every process to these CPUs (taskset -c list: 0, 0,2 or 0-3; CPUs this shell may "
+                        "use; default: not pinned)")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="also write the summary as JSON to this file (default: none)")
     return p
 
 
@@ -265,16 +326,25 @@ def option_problems(args: argparse.Namespace) -> list[str]:
     """
     problems = [f"--{name} {getattr(args, name)} is below 1" for name in ("domains", "vcpus", "batch")
                 if getattr(args, name) < 1]
+    if args.vcpus > MAX_VCPUS:
+        problems.append(f"--vcpus {args.vcpus} is above {MAX_VCPUS} (the hypervisor's limit)")
+    # nan and inf pass every comparison below (or make no size at all): refused first, once each.
+    finite = {name: math.isfinite(getattr(args, name))
+              for name in ("memory", "host_memory", "target", "duration", "write_ratio")}
+    problems += [f"--{name.replace('_', '-')} {getattr(args, name)} is not a finite number"
+                 for name, ok in finite.items() if not ok]
     for name in ("memory", "host_memory"):
-        if getattr(args, name) <= 0:
+        if finite[name] and getattr(args, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} {_num(getattr(args, name))} MiB is not above 0")
-    if args.target < 0:
+    if finite["memory"] and 0 < args.memory and int(args.memory * MiB) < abi.PAGE_SIZE:
+        problems.append(f"--memory {_num(args.memory)} MiB is less than one page ({abi.PAGE_SIZE // 1024} KiB)")
+    if finite["target"] and args.target < 0:
         problems.append(f"--target {_num(args.target)} MiB is below 0")
-    elif args.memory > 0 and args.target > args.memory:
+    elif finite["target"] and finite["memory"] and args.memory > 0 and args.target > args.memory:
         problems.append(f"--target {_num(args.target)} MiB is above --memory {_num(args.memory)} MiB")
-    if args.duration <= 0:
+    if finite["duration"] and args.duration <= 0:
         problems.append(f"--duration {_num(args.duration)} s is not above 0")
-    if not 0 <= args.write_ratio <= 1:
+    if finite["write_ratio"] and not 0 <= args.write_ratio <= 1:
         problems.append(f"--write-ratio {_num(args.write_ratio)} is outside 0..1")
     if args.json is not None:
         parent = os.path.dirname(os.path.abspath(args.json))
@@ -296,25 +366,32 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     problems = option_problems(args)
     for problem in problems:
-        print(f"run.sh: {problem}", file=sys.stderr)
+        _say(f"run.sh: {problem}")
     if problems:
         return 2
     try:
         summary = uvloop.run(scenario_with_signals(args))
     except (KeyboardInterrupt, Interrupted) as exc:
-        print(f"run.sh: interrupted ({exc or 'SIGINT'}), everything stopped", file=sys.stderr)
+        _say(f"run.sh: interrupted ({exc or 'SIGINT'}), everything stopped")
         return 130
     except (RuntimeError, OSError, TimeoutError, ControlError) as exc:
-        print(f"run.sh: {exc}", file=sys.stderr)
+        _say(f"run.sh: {exc}")
         return 1
-    _print_table(summary)
+    try:
+        _print_table(summary)
+        sys.stdout.flush()
+        printed = True
+    except BrokenPipeError:  # run.sh | head: the --json file is still written
+        printed = False
     if args.json:
         try:
             with open(args.json, "w") as f:
                 json.dump(summary, f, indent=2)
         except OSError as exc:
-            print(f"run.sh: could not write --json {args.json}: {exc.strerror or exc}", file=sys.stderr)
+            _say(f"run.sh: could not write --json {args.json}: {exc.strerror or exc}")
             return 1
+    if not printed:
+        return _stdout_closed()
     return 0 if summary["ok"] else 1
 
 

@@ -303,7 +303,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--domains", type=int, default=3)
     p.add_argument("--vcpus", type=int, default=8)
     p.add_argument("--memory", type=float, default=8, help="MiB per domain")
-    p.add_argument("--target", type=int, default=64, help="pages each pager keeps resident (tiny: heavy paging)")
+    p.add_argument("--target", type=int, default=64, metavar="PAGES",
+                   help="paging target in PAGES of 4 KiB (not MiB, unlike run.sh and hvemu): what each "
+                        "pager keeps resident; tiny, for heavy paging (default 64 pages)")
     p.add_argument("--host-memory", type=float, default=16, help="host budget in MiB")
     p.add_argument("--mappers", type=int, default=1, help="foreign mappers per domain")
     p.add_argument("--balloon", type=int, default=32, help="pages each guest gives back half way (drops)")

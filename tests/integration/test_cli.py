@@ -27,6 +27,16 @@ def hv_json(run_dir: str, *args: str) -> object:
     return json.loads(hvemu(run_dir, *args, "--json").stdout)
 
 
+def into_closed_pipe(run_dir: str, *args: str) -> tuple[int, str]:
+    """Run ``hvemu`` with stdout a pipe whose reader is already gone (``| head`` after head exited)."""
+    proc = subprocess.Popen([sys.executable, "-m", "hvemu.cli", "--run-dir", run_dir, *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the child has written anything: its every write is EPIPE
+    err = proc.stderr.read()
+    return proc.wait(timeout=90), err
+
+
 @pytest.fixture
 def started(tmp_path: object) -> Iterator[str]:
     run_dir = os.path.join(str(tmp_path), "run")
@@ -55,11 +65,25 @@ def test_domain_lifecycle_and_reads(started: str) -> None:
     assert info["vcpus"] == {"total": 2, "paused": 0, "blocked": 0, "running": 2}
     assert info["pages"]["total"] == 1024 and info["pages"]["resident"] == 1024
     assert hv_json(run_dir, "mem-set", "1", "1") == {"domid": 1, "target_pages": 256}
+    assert hv_json(run_dir, "mem-set", "1", "4") == {"domid": 1, "target_pages": 1024}, "all of it is allowed"
+    for where in ((), ("--json",)):
+        res = hvemu(run_dir, *where, "mem-set", "1", "64", check=False)  # MiB in, MiB out: not pages
+        assert res.returncode == 1 and "within 0..4.0 MiB" in res.stderr and "8192" not in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    hvemu(run_dir, "mem-set", "1", "1")
     assert hv_json(run_dir, "info", "1")["pages"]["target"] == 256  # type: ignore[index]
     mapped = hv_json(run_dir, "map", "1", "0", "5")
     assert isinstance(mapped, dict) and set(mapped["pages"]) == {"0", "5"}
+    res = hvemu(run_dir, "--json", "map", "1", "0", "99999", check=False)
+    err = json.loads(res.stderr)
+    assert res.returncode == 1 and err["errno"] == "EINVAL", res.stderr
+    assert err["error"] == "gfn 99999 is outside domain 1's 1024 gfns (0..1023)", err
+    res = hvemu(run_dir, "map", "1", "-1", "1024", check=False)
+    assert res.returncode == 1 and "gfns -1, 1024 are outside domain 1's 1024 gfns" in res.stderr, res.stderr
     text = hvemu(run_dir, "list").stdout
     assert "domid" in text and "web" in text, "the text output is a table"
+    _check_top_json(run_dir)
+    _check_closed_pipes(run_dir)
     hvemu(run_dir, "destroy", "1")
     assert hv_json(run_dir, "list") == []
 
@@ -114,6 +138,36 @@ def test_json_errors_are_one_json_object_on_stderr(started: str, tmp_path: objec
     assert plain.returncode == 1 and plain.stderr.startswith("hvemu info: ") and "ESRCH" in plain.stderr
 
 
+def _check_top_json(run_dir: str, ring: str | None = None) -> None:
+    """``--json`` on top (before or after it): one JSON object per refresh, one line each, the tables' figures."""
+    for argv in (("--json", "top", "--iterations", "2", "--interval", "0.05"),
+                 ("top", "--iterations", "1", "--json")):
+        out = hvemu(run_dir, *argv).stdout
+        lines = out.splitlines()
+        assert len(lines) == int(argv[argv.index("--iterations") + 1]), out
+        for line in lines:
+            snap = json.loads(line)
+            assert set(snap) == {"time", "timestamp", "domains", "rings"}, snap
+            dom = snap["domains"][0]
+            assert dom["dom"] == 1 and set(dom) == {
+                "dom", "name", "vcpus_running", "vcpus_paused", "vcpus_blocked", "resident", "paged",
+                "in_flight", "target", "faults", "fault_p50_us", "fault_p99_us", "put", "lost"}, dom
+            assert dom["vcpus_running"] + dom["vcpus_paused"] >= 1 and isinstance(dom["resident"], int)
+            if ring is not None:
+                r = next(r for r in snap["rings"] if r["dom"] == 1 and r["ring"] == ring)
+                assert r["size"] > 0 and set(r) == {"dom", "ring", "occupancy", "size", "max", "put", "lost",
+                                                    "refused", "blocked_now", "blocked_ever", "responses",
+                                                    "rejected"}, r
+
+
+def _check_closed_pipes(run_dir: str) -> None:
+    """``hvemu info 1 | head`` once head has exited: no traceback, nothing on stderr, status 141 (SIGPIPE's)."""
+    for args in (("info", "1"), ("--json", "info", "1", "--raw"), ("list",),
+                 ("top", "--iterations", "3", "--interval", "0.05"), ("--json", "top", "--iterations", "3")):
+        status, err = into_closed_pipe(run_dir, *args)
+        assert (status, err) == (141, ""), (args, status, err)
+
+
 def _check_piped_top(run_dir: str) -> None:
     """``top`` into a pipe: as wide as its tables without $COLUMNS (nothing cut or wrapped), else $COLUMNS."""
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
@@ -146,6 +200,7 @@ def test_pager_trace_top_and_plots(started: str, tmp_path: object) -> None:
         top = hvemu(run_dir, "top", "--iterations", "1").stdout
         assert "domains" in top and "rings" in top and "paging" in top
         _check_piped_top(run_dir)
+        _check_top_json(run_dir, ring="paging")
         info = hv_json(run_dir, "info", "1")
         assert info["fault_latency_us"]["n"] > 0  # type: ignore[index]
         assert hv_json(run_dir, "pager-detach", "1")["detached"] == "pager"  # type: ignore[index]
@@ -162,3 +217,73 @@ def test_pager_trace_top_and_plots(started: str, tmp_path: object) -> None:
     for path in plots:
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_create_warns_when_the_domain_starts_short_of_memory(started: str) -> None:
+    """The budget (32 MiB) is spent by the first domain: the next starts with no page and must get a pager."""
+    full = hvemu(started, "create", "--memory", "32")
+    assert full.stderr == "", "a domain with all its memory resident needs no warning"
+    short = hvemu(started, "create", "--memory", "8")
+    lines = short.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hvemu create: warning: "), short.stderr
+    assert "0 of its 2048 pages resident" in lines[0] and "hvemu pager-attach 2" in lines[0], lines[0]
+    assert "domid: 2" in short.stdout
+    res = hvemu(started, "--json", "create", "--memory", "4")
+    assert json.loads(res.stdout)["domid"] == 3
+    warning = json.loads(res.stderr)  # one JSON object, as --json errors are
+    assert set(warning) == {"warning", "command"} and warning["command"] == "create", warning
+    assert "0 of its 1024 pages resident" in warning["warning"]
+    listing = hv_json(started, "list")
+    assert isinstance(listing, list) and [d["resident_mib"] for d in listing] == [32, 0, 0], listing
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return ""
+
+
+def test_a_pidfile_naming_another_process_is_stale(started: str) -> None:
+    """A pid reused by an unrelated process (or a pager of another domain) is never signalled."""
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        for name in ("pager-7", "listener-7"):
+            path = os.path.join(started, f"{name}.pid")
+            with open(path, "w") as f:
+                f.write(f"{sleeper.pid}\n")
+            res = hvemu(started, name.replace("-7", "-detach"), "7", check=False)
+            assert res.returncode == 1 and "not running" in res.stderr, res.stderr
+            assert sleeper.poll() is None, f"{name}-detach signalled a process that is not its daemon"
+            assert not os.path.exists(path), "a stale pidfile stays"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_stop_leaves_only_logs_and_pagefiles(tmp_path: object) -> None:
+    run_dir = os.path.join(str(tmp_path), "run")
+    hv_pid = int(hv_json(run_dir, "start", "--memory", "32")["pid"])  # type: ignore[index]
+    try:
+        hvemu(run_dir, "create", "--memory", "8", "--target", "1")
+        pager_pid = int(hv_json(run_dir, "pager-attach", "1")["pid"])  # type: ignore[index]
+        assert "pager.xenpaging" in _cmdline(pager_pid)
+        failed = hvemu(run_dir, "pager-attach", "99", check=False)
+        assert failed.returncode == 1 and "pager-99.log" in failed.stderr, "its log says why: it is kept"
+        with open(os.path.join(run_dir, "pager-1.pid")) as f, open(os.path.join(run_dir, "pager-5.pid"), "w") as g:
+            g.write(f.read())  # a live pager, but not domain 5's
+        res = hvemu(run_dir, "pager-detach", "5", check=False)
+        assert res.returncode == 1 and "not running" in res.stderr, res.stderr
+        assert "pager.xenpaging" in _cmdline(pager_pid), "pager-detach 5 stopped domain 1's pager"
+        assert not os.path.exists(os.path.join(run_dir, "pager-5.pid"))
+        stopped = hv_json(run_dir, "stop")
+        assert stopped == {"stopped": "hypervisor", "pid": hv_pid}, stopped
+        assert "pager.xenpaging" not in _cmdline(pager_pid), "the pager exits with its hypervisor"
+        left = sorted(os.listdir(run_dir))
+        assert left == ["dom1.pagefile", "hypervisor.log", "pager-1.log", "pager-99.log"], left
+        again = hvemu(run_dir, "stop", check=False)
+        assert again.returncode == 1 and "not running" in again.stderr
+    finally:
+        if "hvemu.daemon" in _cmdline(hv_pid):
+            os.kill(hv_pid, 9)
