@@ -3,7 +3,8 @@
 Usage: ``python -m guest --domid N [--duration S] [--pattern hotcold] ...``.
 It prints a JSON report (per vCPU: accesses, faults, fault latency p50/p99/max,
 integrity failures) and exits 1 if any page failed verification, 2 on a usage
-error, 3 if the hypervisor went away or crashed the domain.
+error, 3 if the hypervisor went away or the domain ended under it (destroyed or
+crashed; the last line says which).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from guest.memory import open_guest
 from guest.vcpu import Vcpu, VcpuReport
 from guest.workload import WorkloadConfig, accesses
 from hvemu import logs, protocol
+from hvemu.abi import Errno
 from hvemu.histogram import Histogram
-from hvemu.transport import Connection, ControlError, root_cause
+from hvemu.transport import Connection, ControlError, SyncConnection, root_cause
 
 
 class GuestReport(msgspec.Struct):
@@ -173,6 +175,28 @@ def _write_report(dest: str, report: GuestReport) -> None:
             f.write(text + "\n")
 
 
+def _why_gone(args: argparse.Namespace, root: BaseException) -> str:
+    """Why the guest's connection ended: its domain destroyed or crashed, or the hypervisor gone."""
+    try:
+        conn = SyncConnection.connect(protocol.socket_path(args.run_dir), timeout=2)
+    except OSError:
+        return f"lost the hypervisor ({root})"
+    try:
+        conn.call(protocol.ToolHello(client="guest:probe"))
+        reply, _ = conn.call(protocol.Stats(domid=args.domid))
+        if isinstance(reply, protocol.StatsReply) and reply.stats.get("crashed"):
+            return "the domain crashed (see the hypervisor's log)"
+        return f"the hypervisor closed the domain's connection ({root})"
+    except ControlError as exc:
+        if exc.errno == Errno.ESRCH:
+            return "the domain was destroyed (or crashed and was reaped)"
+        return f"lost the hypervisor ({root})"
+    except OSError:
+        return f"lost the hypervisor ({root})"
+    finally:
+        conn.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.setup("guest", args.verbose)
@@ -197,12 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(root, ValueError):
             print(f"hvemu-guest: {root}", file=sys.stderr)
             return 2
-        if isinstance(root, ControlError | HypervisorGone):
+        if isinstance(root, ControlError):
             print(f"hvemu-guest: domain {args.domid}: {root}", file=sys.stderr)
             return 3
-        if isinstance(root, ConnectionError | OSError | EOFError):
-            # A vCPU's exit found the connection dead before the lifeline did.
-            print(f"hvemu-guest: domain {args.domid}: lost the hypervisor ({root})", file=sys.stderr)
+        if isinstance(root, HypervisorGone | ConnectionError | OSError | EOFError):
+            # The connection ended (the lifeline saw it, or a vCPU's exit did):
+            # ask the hypervisor, if it still answers, what became of the domain.
+            print(f"hvemu-guest: domain {args.domid}: {_why_gone(args, root)}", file=sys.stderr)
             return 3
         raise
     if not report.ok:

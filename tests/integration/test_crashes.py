@@ -197,6 +197,8 @@ async def test_hypervisor_killed_everyone_exits_and_nothing_is_left(tmp_path: ob
             assert err.strip(), f"{p.argv[:2]} exited {status} without a word"
         for p in procs:
             assert "hypervisor" in p.stderr(), (p.argv[:2], p.stderr())
+        for g in guests:
+            assert "lost the hypervisor" in g.stderr(), g.stderr()
         # Nothing of the dead hypervisor in /dev/shm, nothing in the run directory: its
         # janitor removed the socket file.
         assert not shm_segments(hv.proc.pid)
