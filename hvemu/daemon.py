@@ -292,6 +292,9 @@ class HypervisorDaemon:
     async def _stats(self, ctx: ConnCtx, msg: protocol.Stats | protocol.DomainInfo) -> Reply:
         be = self._backend(msg.domid)
         stats: dict[str, Any] = dict(be.dom.stats())
+        # When these counters were read (CLOCK_MONOTONIC, shared by every process on the host):
+        # a poller on a busy CPU may see the reply much later.
+        stats.update(monotonic_ns=time.monotonic_ns())
         stats.update(handle=be.handle, target=be.target, guest_connected=be.guest is not None,
                      fault_latency_us=be.fault_latency.summary(scale=1000.0),
                      rings_orphaned=[str(k) for k, r in be.rings.items() if r.owner is None],

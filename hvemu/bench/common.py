@@ -366,11 +366,14 @@ class Host:
                                  f"resident={st.get('resident')} paged={st.get('paged')})")
             await asyncio.sleep(interval)
 
+    def pagefile(self, domid: int) -> str:
+        return os.path.join(self.run_dir, f"dom{domid}.pagefile")
+
     async def pager(self, domid: int, *extra: str, name: str = "pager") -> Proc:
         """The real pager (``pager.xenpaging``) on ``domid``; returns once its ring is enabled."""
         proc = await self.start(name, "daemon", [
             "-m", "pager.xenpaging", "--run-dir", self.run_dir, "--domid", str(domid),
-            "--pagefile", os.path.join(self.run_dir, f"dom{domid}.pagefile"), *extra])
+            "--pagefile", self.pagefile(domid), *extra])
         await self.wait_for(domid, ring_enabled, "pager attach", timeout=20, watch=proc)
         return proc
 

@@ -158,6 +158,7 @@ def _copy(pages: int, batch: int, directory: str, repeat: int) -> dict[str, obje
         for _ in range(max(1, repeat)):
             pagefile = Pagefile(path, pages, fresh=True)
             try:
+                os.sync()  # no writeback of an earlier copy during this one (each page-out does the same)
                 t0 = time.perf_counter()
                 for start in range(0, pages, batch):
                     copy_out(pagefile, mem, range(start, min(start + batch, pages)))
