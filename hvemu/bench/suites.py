@@ -12,6 +12,7 @@ import asyncio
 import os
 import random
 import signal
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ class Config:
     pagein_vcpus: tuple[int, ...] = (1, 4, 16)
     ring_duration: float = 2.0
     evict_pages: int = 16384
-    evict_rounds: int = 3
+    evict_rounds: int = 5
     fairness_vcpus: int = 32
     fairness_gfns: int = 4096
     fairness_target: int = 512
@@ -278,9 +279,10 @@ async def evict(cfg: Config, placement: Placement, totals: Totals) -> dict[str, 
     xenpaging's policy, one hole punched per batch) is the figure; the random
     policy's (one hole punched per page) is reported beside it.  Rounds
     alternate a copy of the floor and a page-out by each policy, so that both
-    sides sample the same stretches of a noisy machine; each figure is the
-    best of its ``evict_rounds`` (noise only ever slows a run down).  The
-    guest then reads every page back and checks its stamp.
+    sides of a round sample the same stretch of a noisy machine.  The ratio
+    (``over_floor``) is the median over the rounds of page-out / floor; the
+    rates reported are each side's best (noise only ever slows a run down).
+    The guest then reads every page back and checks its stamp.
     """
     pages = cfg.evict_pages
     floors: list[float] = []
@@ -300,8 +302,11 @@ async def evict(cfg: Config, placement: Placement, totals: Totals) -> dict[str, 
         pager = await host.pager(domid)
         await _read_back(host, domid, guest, totals, timeout=600)
         await _finish_guest(host, guest, pager)
+    ratios = sorted(r / f for r, f in zip(rates, floors, strict=True))
     return {"evict": {"pages_per_s": round(max(rates), 1), "pages": pages, "batch": EVICT_BATCH,
                       "policy": EVICT_POLICY, "rounds": [round(r, 1) for r in rates],
+                      "over_floor": round(statistics.median(ratios), 3),
+                      "round_ratios": [round(r / f, 3) for r, f in zip(rates, floors, strict=True)],
                       "pages_per_s_from_target": round(max(from_target), 1),
                       "random_pages_per_s": round(max(random_rates), 1)},
             "evict_floor": {"pages_per_s": round(max(floors), 1), "pages": pages,
