@@ -55,8 +55,14 @@ def test_sigint_stops_everything(tmp_path: object) -> None:
         while len(_children_of(proc.pid)) < 5:  # hypervisor, 2 pagers, 2 guests
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
             time.sleep(0.1)
-        children = _children_of(proc.pid)
-        assert [_allowed_cpus(pid) for pid in children] == [cpu] * len(children), "--cpus pins every process"
+        # A child just forked is pinned by its pre-exec hook a moment later: look again until it is.
+        while True:
+            children = _children_of(proc.pid)
+            pinned = [_allowed_cpus(pid) for pid in children]
+            if pinned == [cpu] * len(children) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert pinned == [cpu] * len(children), f"--cpus pins every process: {pinned}"
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 130, err
