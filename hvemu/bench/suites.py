@@ -220,15 +220,16 @@ async def _evict_once(host: Host, domid: int, pages: int, pager: Proc) -> tuple[
     """
     base = int((await host.stats(domid))["evicted"])
     # About 20 polls over the expected run, 2-20 ms apart: a Stats call costs
-    # the hypervisor ~0.1 ms, so polling takes ~1-2% of its time.  The rate is
-    # taken between the first and the last poll that saw eviction under way
-    # (evicted > 0, not all paged yet): the poll that sees the end comes up
-    # to an interval after it, which would bias the rate down.
+    # the hypervisor ~0.1 ms, so polling takes ~1-2% of its time.  The rate
+    # runs from the first poll that sees eviction under way to the poll that
+    # sees it finished, counting the pages evicted in between: the whole
+    # page-out but its first batches, as the floor times its whole copy.  The
+    # last poll comes up to an interval after the end, which only ever counts
+    # against the system.
     interval = min(0.02, max(0.002, pages / 150000 / 20))
     t_set = time.monotonic()
     await host.set_target(domid, 0)
     first: tuple[float, int] | None = None
-    running: tuple[float, int] | None = None
     deadline = time.monotonic() + 300
     while True:
         st = await host.stats(domid)
@@ -238,17 +239,15 @@ async def _evict_once(host: Host, domid: int, pages: int, pager: Proc) -> tuple[
         evicted = int(st["evicted"]) - base
         if st["paged"] >= pages:
             break
-        if evicted > 0:
-            running = (now, evicted)
-            if first is None:
-                first = running
+        if evicted > 0 and first is None:
+            first = (now, evicted)
         if pager.proc.returncode is not None or time.monotonic() > deadline:
             raise BenchError(f"eviction stalled at {st['paged']} of {pages}: {pager.stderr_tail()}")
         await asyncio.sleep(interval)
     from_target = evicted / max(now - t_set, 1e-9)
-    if first is not None and running is not None and running[1] > first[1]:
-        return (running[1] - first[1]) / max(running[0] - first[0], 1e-9), from_target
-    return from_target, from_target  # too quick for two polls under way
+    if first is not None and evicted > first[1]:
+        return (evicted - first[1]) / max(now - first[0], 1e-9), from_target
+    return from_target, from_target  # done before a poll saw it under way
 
 
 async def _evict_round(host: Host, domid: int, pages: int, policy: str | None) -> tuple[float, float]:
