@@ -342,6 +342,7 @@ class Errno(enum.StrEnum):
     ENOENT = "ENOENT"
     EPERM = "EPERM"
     ESRCH = "ESRCH"
+    EEXIST = "EEXIST"
 
 
 class RingKind(enum.StrEnum):

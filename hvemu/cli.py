@@ -292,7 +292,9 @@ def _wait_attached(proc: subprocess.Popen[bytes], run_dir: str, name: str, domid
         finally:
             await conn.close()
         info = st.get(ring, {})
-        return isinstance(info, dict) and bool(info.get("enabled"))
+        # An orphaned ring (its last daemon died) is enabled too: attached means owned.
+        orphaned = st.get("rings_orphaned", [])
+        return isinstance(info, dict) and bool(info.get("enabled")) and ring not in orphaned
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import logging
 import os
-import re
 import signal
 import stat
 import sys
@@ -45,7 +44,6 @@ Reply = tuple[protocol.Msg, list[FdLike]]
 # Role checks of every request, as tuples built once (an ``A | B`` union is
 # built anew at each evaluation).
 _HELLOS = (protocol.ToolHello, protocol.GuestHello)
-_HANDLE = re.compile(r"[0-9a-f]{32}")
 _GUEST_EXITS = (protocol.GuestAccess, protocol.GuestBalloonOut, protocol.GuestTrap)
 _GUEST_OPS = (*_GUEST_EXITS, protocol.GuestHello)
 
@@ -239,9 +237,12 @@ class HypervisorDaemon:
             raise _err(Errno.EINVAL, "max_vcpus must be within 1..128")
         if not 1 <= msg.gfns <= (1 << 22):
             raise _err(Errno.EINVAL, "gfns must be within 1..4194304 (16 GiB)")
-        handle = msg.handle.lower() or uuid.uuid4().hex
-        if not _HANDLE.fullmatch(handle):
-            raise _err(Errno.EINVAL, f"a domain handle is 32 hex digits (a UUID), not {msg.handle!r}")
+        try:
+            handle = uuid.UUID(msg.handle).hex if msg.handle else uuid.uuid4().hex
+        except ValueError:
+            raise _err(Errno.EINVAL, f"a domain handle is a UUID (32 hex digits), not {msg.handle!r}") from None
+        if any(be.handle == handle for be in self.backends.values()):
+            raise _err(Errno.EEXIST, f"a domain with handle {handle} exists")
         memory = PosixSegment(msg.gfns * abi.PAGE_SIZE, tag="mem")
         p2m = Segment(abi.p2m_table_size(msg.gfns), tag="p2m", read_only_twin=True)
         inflight = Segment(abi.inflight_table_size(msg.max_vcpus), tag="inflight")
@@ -284,7 +285,7 @@ class HypervisorDaemon:
         out = []
         for be in self.backends.values():
             st = be.dom.stats()
-            out.append(protocol.DomainSummary(domid=be.domid, name=getattr(be.dom, "name", ""),
+            out.append(protocol.DomainSummary(domid=be.domid, name=getattr(be.dom, "name", ""), handle=be.handle,
                                               max_vcpus=be.dom.max_vcpus, gfns=be.dom.gfns,
                                               resident=int(st.get("resident", 0)), crashed=be.dom.crashed))
         return protocol.DomainListReply(domains=out), []

@@ -136,6 +136,7 @@ class DomainSummary(msgspec.Struct):
     gfns: int
     resident: int
     crashed: bool = False
+    handle: str = ""
 
 
 class DomainListReply(Msg):

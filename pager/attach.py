@@ -413,8 +413,9 @@ class Attach:
                         self.args.domid, self.ring, left)
         out = await self._pages_out(domctl)
         if out and not self.args.force_disable:
-            log.warning("dom%d: %d pages are still out; the paging ring is kept for the pager that holds "
-                        "them (--force-disable to disable it anyway)", self.args.domid, out)
+            what = f"{out} pages are still out" if out > 0 else "whether pages are out is unknown"
+            log.warning("dom%d: %s; the paging ring is kept for the pager that holds them (--force-disable "
+                        "to disable it anyway)", self.args.domid, what)
             return
         try:
             await domctl.call(protocol.MemEventDisable(domid=self.args.domid, ring=self.ring))
@@ -430,8 +431,10 @@ class Attach:
             return 0
         try:
             st = await domctl.stats()
-        except SdkError:
+        except DomainGone:
             return 0
+        except SdkError:
+            return -1  # unknown: keep the ring rather than risk disabling it with pages out
         paged, paging_in = st.get("paged", 0), st.get("paging_in", 0)
         return (paged if isinstance(paged, int) else 0) + (paging_in if isinstance(paging_in, int) else 0)
 

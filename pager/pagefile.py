@@ -21,11 +21,12 @@ would hand the guest zeros or stale pages without a word.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import mmap
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from typing import Protocol
 
 from hvemu.abi import PAGE_SIZE
@@ -61,37 +62,60 @@ class PagefileMismatch(Exception):
 
 class Pagefile:
     @classmethod
-    def open_for(cls, path: str, gfns: int, *, handle: str, reattached: bool, paged_out: int) -> Pagefile:
-        """The pagefile for a pager attaching to the domain ``handle``.
+    def open_for(cls, path: str, gfns: int, *, handle: str, reattached: bool, paged_out: int,
+                 live_handles: Container[str] = ()) -> Pagefile:
+        """The pagefile for a pager attaching to the domain ``handle``, locked for this pager.
 
         A file whose owner record names this domain (and size) is kept as it
-        is: its pages are this domain's.  Otherwise it is started afresh,
-        unless pages of the domain are out whose bytes some pager stored
-        (``paged_out``; see :meth:`pager.sdk.MemEventClient.stored_pages_out`):
-        they are in another store, and serving this one would give the guest
-        the wrong bytes: :class:`PagefileMismatch`.  ``reattached`` only
-        shapes the message.
+        is: its pages are this domain's (a pager's clean stop discards the
+        record, so a record means pages may be out).  Otherwise the file is
+        started afresh, unless
+
+        * pages of the domain are out whose bytes some pager stored
+          (``paged_out``; see :meth:`pager.sdk.MemEventClient.stored_pages_out`):
+          they are in another store, and serving this one would give the
+          guest the wrong bytes;
+        * the file records another domain that is still alive
+          (``live_handles``): its pages may be out, and only this file has them;
+        * another pager holds the file.
+
+        Each refusal is a :class:`PagefileMismatch` saying why.  ``reattached``
+        only shapes the message.
         """
-        recorded = read_owner(path, gfns)
-        if recorded == handle:
-            return cls(path, gfns, owner=handle)
-        if paged_out:
-            if recorded is None:
-                what = "has no record of the domain it belongs to" if os.path.exists(path) else "does not exist"
-            else:
-                what = f"holds the pages of another domain instance (handle {recorded})"
-            why = "the ring was handed over from a daemon that died" if reattached else "the ring is new"
-            raise PagefileMismatch(
-                f"{paged_out} pages are out, {why}, and pagefile {path} {what}: they are in the store of "
-                f"the pager that paged them out; attach a pager that reads that store")
-        return cls(path, gfns, fresh=True, owner=handle)
+        existed = os.path.lexists(path)
+        pagefile = cls(path, gfns)
+        try:
+            recorded = pagefile.owner()
+            if recorded == handle:
+                return pagefile
+            if paged_out:
+                if recorded is None:
+                    what = "has no record of the domain it belongs to" if existed else "does not exist"
+                else:
+                    what = f"holds the pages of another domain instance (handle {recorded})"
+                why = "the ring was handed over from a daemon that died" if reattached else "the ring is new"
+                raise PagefileMismatch(
+                    f"{paged_out} pages are out, {why}, and pagefile {path} {what}: they are in the store of "
+                    f"the pager that paged them out; attach a pager that reads that store")
+            if recorded is not None and recorded in live_handles:
+                raise PagefileMismatch(f"pagefile {path} holds pages of another live domain (handle {recorded}): "
+                                       "give this pager a pagefile of its own")
+            pagefile.restart(handle)
+            return pagefile
+        except BaseException:
+            pagefile.close()
+            if not existed:
+                os.unlink(path)
+            raise
 
     def __init__(self, path: str, gfns: int, *, fresh: bool = False, owner: str | None = None) -> None:
-        """Open (or create) the pagefile; ``fresh`` empties it (a new domain has nothing in it).
+        """Open (or create) the pagefile and lock it for this pager; ``fresh`` empties it.
 
         With ``owner`` (a domain handle) the file carries an owner record
         after its last slot: written when ``fresh``, else it must match
-        (:class:`PagefileMismatch` otherwise).
+        (:class:`PagefileMismatch` otherwise).  A file another pager holds is
+        refused (:class:`PagefileMismatch`): two pagers writing one file
+        would overwrite each other's pages.
         """
         self.path = path
         self.gfns = gfns
@@ -106,19 +130,40 @@ class Pagefile:
                 raise PermissionError(f"pagefile {path} belongs to uid {st.st_uid}, not to us")
             if stat.S_IMODE(st.st_mode) & 0o077:
                 os.fchmod(self.fd, 0o600)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise PagefileMismatch(f"pagefile {path} is in use by another pager") from None
+            if owner is not None and not fresh and self.owner() != owner:
+                raise PagefileMismatch(f"pagefile {path} does not belong to domain {owner}")
         except BaseException:
             os.close(self.fd)
             raise
         if fresh:
             os.ftruncate(self.fd, 0)
-        if owner is not None and not fresh and _owner_at(self.fd, gfns) != owner:
-            os.close(self.fd)
-            raise PagefileMismatch(f"pagefile {path} does not belong to domain {owner}")
         if os.fstat(self.fd).st_size < gfns * PAGE_SIZE:
             os.ftruncate(self.fd, gfns * PAGE_SIZE)
         if owner is not None and fresh:
-            record = _OWNER_MAGIC + json.dumps({"domain_handle": owner, "gfns": gfns}).encode() + b"\n"
-            os.pwrite(self.fd, record.ljust(PAGE_SIZE, b"\0"), gfns * PAGE_SIZE)
+            self.restart(owner)
+
+    def owner(self) -> str | None:
+        """The domain handle this file records, or None (no record, or a file of another size)."""
+        return _owner_at(self.fd, self.gfns)
+
+    def restart(self, owner: str) -> None:
+        """Empty the file and record ``owner`` as the domain whose pages it will hold."""
+        os.ftruncate(self.fd, 0)
+        os.ftruncate(self.fd, (self.gfns + 1) * PAGE_SIZE)
+        record = _OWNER_MAGIC + json.dumps({"domain_handle": owner, "gfns": self.gfns}).encode() + b"\n"
+        os.pwrite(self.fd, record.ljust(PAGE_SIZE, b"\0"), self.gfns * PAGE_SIZE)
+
+    def discard(self) -> None:
+        """Nothing of the domain is out any more: drop the pages and the owner record.
+
+        Without its record, the file can no longer pass for the store of pages
+        that a later pager (with another file) pages out.
+        """
+        os.ftruncate(self.fd, 0)
 
     def _check(self, gfn: int) -> int:
         if not 0 <= gfn < self.gfns:
@@ -157,6 +202,10 @@ def read_owner(path: str, gfns: int) -> str | None:
 
 
 def _owner_at(fd: int, gfns: int) -> str | None:
+    # The record is the page after the last slot, and the last page: in a file of
+    # more slots that page would be guest data, which could forge a record.
+    if os.fstat(fd).st_size != (gfns + 1) * PAGE_SIZE:
+        return None
     raw = os.pread(fd, PAGE_SIZE, gfns * PAGE_SIZE)
     if not raw.startswith(_OWNER_MAGIC):
         return None

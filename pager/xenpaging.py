@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 
-from hvemu import logs
+from hvemu import logs, protocol
 from hvemu.abi import RingKind
 from hvemu.transport import ControlError, root_cause
 from pager.base import Pager as BasePager
@@ -75,10 +75,6 @@ async def _main(args: argparse.Namespace) -> dict[str, int]:
         loop.add_signal_handler(sig, stop.set)
     policy_name: PolicyName = args.policy
     async with MemEventClient(args.domid, RingKind.paging, run_dir=args.run_dir) as client:
-        if args.target is not None:
-            from hvemu import protocol
-
-            await client.call(protocol.SetTarget(domid=args.domid, pages=args.target))
         assert client.info is not None
         # The pagefile must hold this domain's pages whenever some are out
         # (a re-attach after a crash, pages left out by another daemon):
@@ -86,15 +82,20 @@ async def _main(args: argparse.Namespace) -> dict[str, int]:
         paged_out = await client.stored_pages_out()
         try:
             pagefile = Pagefile.open_for(args.pagefile, client.gfns, handle=client.info.domain_handle,
-                                         reattached=client.info.reattached, paged_out=paged_out)
+                                         reattached=client.info.reattached, paged_out=paged_out,
+                                         live_handles=await _live_handles(client))
         except PagefileMismatch as exc:
             client.disable_on_exit = False  # keep the ring, and its requests, for the right pager
             raise SdkError(f"dom{args.domid}: {exc}; the ring is left as it is") from exc
+        if args.target is not None:
+            await client.call(protocol.SetTarget(domid=args.domid, pages=args.target))
         progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
         pager = Pager(client, pagefile, make_policy(policy_name, seed=args.seed), batch=args.batch,
                       unbatched=args.unbatched, progress=progress)
         try:
             await pager.run(stop)
+            if not await client.stored_pages_out():
+                pagefile.discard()  # all in: the file can no longer pass for a store of pages out
         except BaseException as exc:
             root = root_cause(exc)
             if not isinstance(root, DomainGone):
@@ -104,14 +105,20 @@ async def _main(args: argparse.Namespace) -> dict[str, int]:
                 raise SdkError(f"lost the hypervisor ({root}); ring and pagefile {args.pagefile} "
                                "left as they are") from exc
             log.info("dom%d: %s; exiting", args.domid, root)
+            pagefile.discard()  # the domain is gone, and its handle with it
         finally:
             pagefile.close()
     return pager.summary()
 
 
+async def _live_handles(client: MemEventClient) -> set[str]:
+    """The handles of the domains alive now (a pagefile of one of them must not be taken over)."""
+    reply = await client.call(protocol.DomainList())
+    return {d.handle for d in reply.domains} if isinstance(reply, protocol.DomainListReply) else set()
+
+
 async def _hypervisor_alive(socket_path: str) -> bool:
     """Does anything still answer on the control socket?"""
-    from hvemu import protocol
     from hvemu.transport import Connection
 
     try:

@@ -364,7 +364,8 @@ static void serve(void)
 }
 
 /* Before exiting on a signal: bring every page back (the ring goes away after us). */
-static void page_in_all(void)
+/* Returns 1 when nothing is out any more (or the domain is gone), 0 when pages stay out. */
+static int page_in_all(void)
 {
     for (int round = 0; round < 1000; round++) {
         uint64_t batch[BATCH];
@@ -386,13 +387,14 @@ static void page_in_all(void)
             }
         }
         if (!out)
-            return;
+            return 1;
         if (n)
             load(batch, n);
         if (!drain_evtchn())
-            return;             /* the domain is gone: nothing to page in */
+            return 1;           /* the domain is gone: nothing to page in */
     }
     fprintf(stderr, "c_pager: pages still out after paging in\n");
+    return 0;
 }
 
 static void on_signal(int sig)
@@ -436,7 +438,8 @@ int main(int argc, char **argv)
     const char *handle = getenv("HVEMU_DOMAIN_HANDLE");
     char owner_path[4096], owner[64] = "";
     snprintf(owner_path, sizeof owner_path, "%s.owner", argv[1]);
-    FILE *of = fopen(owner_path, "r");
+    int ofd = open(owner_path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    FILE *of = ofd >= 0 ? fdopen(ofd, "r") : NULL;
     if (of) {
         if (!fgets(owner, sizeof owner, of))
             owner[0] = 0;
@@ -484,8 +487,13 @@ int main(int argc, char **argv)
             break;
         }
     }
-    if (!gone)
-        page_in_all();
+    if (gone || page_in_all()) {
+        /* Everything is in (or the domain is gone): the file must not pass for
+         * the store of pages a later pager, with another file, pages out. */
+        unlink(owner_path);
+        if (ftruncate(pagefile, 0))
+            die(argv[1]);
+    }
     printf("{\"c_pager\": true, \"pages_out\": %lu, \"pages_in\": %lu, \"requests\": %lu, "
            "\"notifies\": %lu, \"evict_busy\": %lu, \"domain_gone\": %s}\n",
            pages_out, pages_in, requests, notifies, evict_busy, gone ? "true" : "false");

@@ -52,6 +52,8 @@ async def main(domid: int, path: str, run_dir: str | None) -> None:
         pager = RandomPager(client, pagefile)
         try:
             await pager.run(stop)  # serve + evict until stop, then page everything in
+            if not await client.stored_pages_out():
+                pagefile.discard()  # all in: the file must not pass for a store of later pages
         except* DomainGone:
             pass  # the guest went away: nothing left to page
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -287,3 +288,25 @@ def test_stop_leaves_only_logs_and_pagefiles(tmp_path: object) -> None:
     finally:
         if "hvemu.daemon" in _cmdline(hv_pid):
             os.kill(hv_pid, 9)
+
+
+def test_pager_attach_reports_a_pager_that_refuses_an_orphaned_ring(started: str, tmp_path: object) -> None:
+    """An orphaned ring counts as enabled: attached means the new pager owns it, else its refusal is reported."""
+    run_dir = started
+    hvemu(run_dir, "create", "--vcpus", "1", "--memory", "8", "--target", "1")
+    pager_pid = int(hv_json(run_dir, "pager-attach", "1", "--pagefile",  # type: ignore[index]
+                            os.path.join(str(tmp_path), "right"))["pid"])
+    deadline = time.monotonic() + 15
+    while hv_json(run_dir, "info", "1")["pages"]["paged"] < 1000:  # type: ignore[index]
+        assert time.monotonic() < deadline, "the pager did not page out to its target"
+        time.sleep(0.1)
+    os.kill(pager_pid, signal.SIGKILL)
+    while "pager.xenpaging" in _cmdline(pager_pid):
+        assert time.monotonic() < deadline + 10
+        time.sleep(0.05)
+    refused = hvemu(run_dir, "pager-attach", "1", "--pagefile", os.path.join(str(tmp_path), "wrong"), check=False)
+    assert refused.returncode == 1 and "pages are out" in refused.stderr, refused.stderr
+    assert "attached" not in refused.stdout, refused.stdout
+    hvemu(run_dir, "pager-attach", "1", "--pagefile", os.path.join(str(tmp_path), "right"))
+    hvemu(run_dir, "pager-detach", "1")
+    assert hv_json(run_dir, "info", "1")["pages"]["paged"] == 0  # type: ignore[index]

@@ -167,6 +167,10 @@ async def test_guest_killed_while_paging_returns_everything(tmp_path: object) ->
         assert hv.stop() == 0
 
 
+async def _paged_out_at_all(conn: object, domid: int) -> bool:
+    return int((await stats(conn, domid))["paged"]) > 100  # type: ignore[arg-type]
+
+
 async def _paged_out(conn: object, domid: int) -> bool:
     st = await stats(conn, domid)  # type: ignore[arg-type]
     return int(st["evicted"]) > 200 and int(st["populates"]) > 20
@@ -246,6 +250,7 @@ async def test_a_pager_without_the_pages_refuses_the_orphaned_ring(hypervisor: H
     hv = hypervisor
     right = os.path.join(str(tmp_path), "right.pages")
     wrong = os.path.join(str(tmp_path), "wrong.pages")
+    same = os.path.join(str(tmp_path), "same-domain-earlier.pages")
     conn = await hv.tool()
     procs: list[Proc] = []
     try:
@@ -257,6 +262,12 @@ async def test_a_pager_without_the_pages_refuses_the_orphaned_ring(hypervisor: H
         await wait_until(lambda: ring_enabled(conn, other))
         stale.signal(signal.SIGTERM)
         assert await wait_proc(stale, 20) == 0, stale.stderr()[-2000:]
+        # A pagefile of this very domain, from an earlier pager that paged out and stopped cleanly.
+        earlier = hv.pager(domid, same, "--batch", "32")
+        procs.append(earlier)
+        await wait_until(lambda: _paged_out_at_all(conn, domid), timeout=20)
+        earlier.signal(signal.SIGTERM)
+        assert await wait_proc(earlier, 20) == 0, earlier.stderr()[-2000:]
         pager = hv.pager(domid, right, "--batch", "32")
         procs.append(pager)
         await wait_until(lambda: ring_enabled(conn, domid))
@@ -265,7 +276,7 @@ async def test_a_pager_without_the_pages_refuses_the_orphaned_ring(hypervisor: H
         await wait_until(lambda: _paged_out(conn, domid), timeout=20)
         pager.signal(signal.SIGKILL)
         assert await wait_proc(pager, 10) == -signal.SIGKILL
-        for path in (wrong, os.path.join(str(tmp_path), "missing.pages")):
+        for path in (wrong, same, os.path.join(str(tmp_path), "missing.pages")):
             refused = hv.pager(domid, path)
             procs.append(refused)
             assert await wait_proc(refused, 20) == 1
@@ -297,12 +308,23 @@ async def test_domain_handles_name_instances(hypervisor: Hypervisor) -> None:
         assert (await stats(conn, reply.domid))["handle"] == given
         reply, _ = await conn.call(protocol.DomainCreate(max_vcpus=1, gfns=8))
         assert isinstance(reply, protocol.DomainCreated)
+        picked_domid = reply.domid
         picked = (await stats(conn, reply.domid))["handle"]
         assert len(picked) == 32 and picked != given
         with pytest.raises(ControlError) as bad:
             await conn.call(protocol.DomainCreate(max_vcpus=1, gfns=8, handle="not-a-uuid"))
         assert bad.value.errno == "EINVAL"
-        enabled, fds = await conn.call(protocol.MemEventEnable(domid=reply.domid, ring=RingKind.paging))
+        with pytest.raises(ControlError) as twice:
+            await conn.call(protocol.DomainCreate(max_vcpus=1, gfns=8, handle=given))
+        assert twice.value.errno == "EEXIST"
+        dashed = "12345678-1234-5678-1234-567812345678"
+        reply, _ = await conn.call(protocol.DomainCreate(max_vcpus=1, gfns=8, handle=dashed))
+        assert isinstance(reply, protocol.DomainCreated)
+        assert (await stats(conn, reply.domid))["handle"] == dashed.replace("-", "")
+        listed, _ = await conn.call(protocol.DomainList())
+        assert isinstance(listed, protocol.DomainListReply)
+        assert dashed.replace("-", "") in {d.handle for d in listed.domains}
+        enabled, fds = await conn.call(protocol.MemEventEnable(domid=picked_domid, ring=RingKind.paging))
         for fd in fds:
             os.close(fd)
         assert isinstance(enabled, protocol.MemEventEnabled) and enabled.domain_handle == picked

@@ -78,3 +78,40 @@ def test_clock_hand_moves_on() -> None:
 def test_unknown_policy_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown victim policy"):
         make_policy("lru")  # type: ignore[arg-type]
+
+
+def test_pagefile_is_locked_discarded_and_guarded(tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "pf")
+    mine = Pagefile.open_for(path, 16, handle=A, reattached=False, paged_out=0)
+    with pytest.raises(PagefileMismatch, match="in use by another pager"):
+        Pagefile.open_for(path, 16, handle=A, reattached=True, paged_out=3)
+    mine.close()
+    # A record of another domain that is still alive: its pages may be out, this file is theirs.
+    with pytest.raises(PagefileMismatch, match="another live domain"):
+        Pagefile.open_for(path, 16, handle=B, reattached=False, paged_out=0, live_handles={A, B})
+    assert read_owner(path, 16) == A, "refused: the file is untouched"
+    # A clean stop with everything in discards pages and record: the file no longer passes for a store.
+    again = Pagefile.open_for(path, 16, handle=A, reattached=False, paged_out=0)
+    again.write(1, b"\x01" * PAGE_SIZE)
+    again.discard()
+    again.close()
+    assert read_owner(path, 16) is None and os.path.getsize(path) == 0
+    with pytest.raises(PagefileMismatch, match="no record"):
+        Pagefile.open_for(path, 16, handle=A, reattached=True, paged_out=2)
+    # A refused open of a file that did not exist leaves none behind.
+    missing = os.path.join(str(tmp_path), "missing")
+    with pytest.raises(PagefileMismatch, match="does not exist"):
+        Pagefile.open_for(missing, 16, handle=A, reattached=True, paged_out=2)
+    assert not os.path.exists(missing)
+
+
+def test_owner_record_is_only_read_where_a_record_can_be(tmp_path: object) -> None:
+    """In a file of more slots, the page after slot 16 is guest data: it cannot pass for a record."""
+    path = os.path.join(str(tmp_path), "pf")
+    big = Pagefile(path, 32, fresh=True)
+    small = Pagefile(os.path.join(str(tmp_path), "small"), 16, fresh=True, owner=A)
+    forged = os.pread(small.fd, PAGE_SIZE, 16 * PAGE_SIZE)
+    small.close()
+    big.write(16, forged)  # a guest page that looks like a record for a 16-slot domain
+    big.close()
+    assert read_owner(path, 16) is None
