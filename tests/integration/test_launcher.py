@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,9 +71,23 @@ def test_sigint_stops_everything(tmp_path: object) -> None:
         for pid in children:
             assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
     finally:
-        if proc.poll() is None:
+        _stop_and_clean(proc)
+
+
+def _stop_and_clean(proc: subprocess.Popen[str]) -> None:
+    """Even when the test failed: stop run.sh cleanly (its children and run dir go with it), else kill it
+    and remove the run directory it announced."""
+    err = ""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            _, err = proc.communicate()
+    announced = re.search(r"run directory (\S+)", err or "")
+    if announced is not None:
+        shutil.rmtree(announced.group(1), ignore_errors=True)
 
 
 def test_values_the_hypervisor_refuses_are_one_line() -> None:
