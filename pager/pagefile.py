@@ -83,11 +83,12 @@ class Pagefile:
         only shapes the message.
         """
         existed = os.path.lexists(path)
-        pagefile = cls(path, gfns)
+        pagefile = cls(path, gfns, resize=False)  # another domain's file must not change before it is judged
         try:
-            recorded = pagefile.owner()
-            if recorded == handle:
+            if pagefile.owner() == handle:
                 return pagefile
+            record = _record_at(pagefile.fd)
+            recorded = record[0] if record is not None else None
             if paged_out:
                 if recorded is None:
                     what = "has no record of the domain it belongs to" if existed else "does not exist"
@@ -108,7 +109,8 @@ class Pagefile:
                 os.unlink(path)
             raise
 
-    def __init__(self, path: str, gfns: int, *, fresh: bool = False, owner: str | None = None) -> None:
+    def __init__(self, path: str, gfns: int, *, fresh: bool = False, owner: str | None = None,
+                 resize: bool = True) -> None:
         """Open (or create) the pagefile and lock it for this pager; ``fresh`` empties it.
 
         With ``owner`` (a domain handle) the file carries an owner record
@@ -141,7 +143,7 @@ class Pagefile:
             raise
         if fresh:
             os.ftruncate(self.fd, 0)
-        if os.fstat(self.fd).st_size < gfns * PAGE_SIZE:
+        if resize and os.fstat(self.fd).st_size < gfns * PAGE_SIZE:
             os.ftruncate(self.fd, gfns * PAGE_SIZE)
         if owner is not None and fresh:
             self.restart(owner)
@@ -202,10 +204,21 @@ def read_owner(path: str, gfns: int) -> str | None:
 
 
 def _owner_at(fd: int, gfns: int) -> str | None:
-    # The record is the page after the last slot, and the last page: in a file of
-    # more slots that page would be guest data, which could forge a record.
-    if os.fstat(fd).st_size != (gfns + 1) * PAGE_SIZE:
+    record = _record_at(fd)
+    return record[0] if record is not None and record[1] == gfns else None
+
+
+def _record_at(fd: int) -> tuple[str, int] | None:
+    """The (domain handle, slots) a file records in its last page, or None.
+
+    The record is the page after the last slot, and the last page: a file
+    whose size does not fit the record's slot count has none (in a file of
+    more slots, that page would be guest data, which could forge a record).
+    """
+    size = os.fstat(fd).st_size
+    if size < PAGE_SIZE or size % PAGE_SIZE:
         return None
+    gfns = size // PAGE_SIZE - 1
     raw = os.pread(fd, PAGE_SIZE, gfns * PAGE_SIZE)
     if not raw.startswith(_OWNER_MAGIC):
         return None
@@ -216,4 +229,4 @@ def _owner_at(fd: int, gfns: int) -> str | None:
     if not isinstance(record, dict) or record.get("gfns") != gfns:
         return None
     handle = record.get("domain_handle")
-    return handle if isinstance(handle, str) else None
+    return (handle, gfns) if isinstance(handle, str) else None

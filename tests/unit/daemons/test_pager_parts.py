@@ -115,3 +115,17 @@ def test_owner_record_is_only_read_where_a_record_can_be(tmp_path: object) -> No
     big.write(16, forged)  # a guest page that looks like a record for a 16-slot domain
     big.close()
     assert read_owner(path, 16) is None
+
+
+def test_a_refused_pagefile_is_left_exactly_as_it_was(tmp_path: object) -> None:
+    """A smaller domain's file, judged by a pager of a bigger one: not even its size may change."""
+    path = os.path.join(str(tmp_path), "pf")
+    small = Pagefile.open_for(path, 8, handle=A, reattached=False, paged_out=0)
+    small.write(2, b"\x02" * PAGE_SIZE)
+    small.close()
+    size = os.path.getsize(path)
+    with pytest.raises(PagefileMismatch):
+        Pagefile.open_for(path, 16, handle=B, reattached=True, paged_out=4)
+    with pytest.raises(PagefileMismatch):
+        Pagefile.open_for(path, 16, handle=B, reattached=False, paged_out=0, live_handles={A})
+    assert os.path.getsize(path) == size and read_owner(path, 8) == A
