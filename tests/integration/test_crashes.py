@@ -137,12 +137,8 @@ async def test_guest_killed_while_paging_returns_everything(tmp_path: object) ->
         baseline = open_fds(hv.proc.pid)
         conn = await hv.tool()
         domid = await _domain(hv, vcpus=4, gfns=2048, target=128)
-        pager = hv.pager(domid, os.path.join(str(tmp_path), "d.pages"), "--batch", "32")
-        procs.append(pager)
-        await wait_until(lambda: ring_enabled(conn, domid))
-        guest = hv.guest(domid, "--duration", "30", "--pattern", "uniform", "--write-ratio", "0.5")
-        procs.append(guest)
-        await wait_until(lambda: _paged_out(conn, domid), timeout=20)
+        pager, guest = await _paging_under_guest(hv, conn, domid, os.path.join(str(tmp_path), "d.pages"), 30,
+                                                 procs)
         guest.signal(signal.SIGKILL)
         assert await wait_proc(guest, 10) == -signal.SIGKILL
         # The domain goes with its guest; its pager sees that and exits cleanly.
@@ -165,6 +161,18 @@ async def test_guest_killed_while_paging_returns_everything(tmp_path: object) ->
         for p in procs:
             p.stop()
         assert hv.stop() == 0
+
+
+async def _paging_under_guest(hv: Hypervisor, conn: object, domid: int, pagefile: str, duration: float,
+                              procs: list[Proc]) -> tuple[Proc, Proc]:
+    """A pager (batches of 32) and a guest writing uniformly, once pages go out and come back in."""
+    pager = hv.pager(domid, pagefile, "--batch", "32")
+    procs.append(pager)
+    await wait_until(lambda: ring_enabled(conn, domid))  # type: ignore[arg-type]
+    guest = hv.guest(domid, "--duration", str(duration), "--pattern", "uniform", "--write-ratio", "0.5")
+    procs.append(guest)
+    await wait_until(lambda: _paged_out(conn, domid), timeout=20)
+    return pager, guest
 
 
 async def _paged_out_at_all(conn: object, domid: int) -> bool:
@@ -268,12 +276,7 @@ async def test_a_pager_without_the_pages_refuses_the_orphaned_ring(hypervisor: H
         await wait_until(lambda: _paged_out_at_all(conn, domid), timeout=20)
         earlier.signal(signal.SIGTERM)
         assert await wait_proc(earlier, 20) == 0, earlier.stderr()[-2000:]
-        pager = hv.pager(domid, right, "--batch", "32")
-        procs.append(pager)
-        await wait_until(lambda: ring_enabled(conn, domid))
-        guest = hv.guest(domid, "--duration", "4", "--pattern", "uniform", "--write-ratio", "0.5")
-        procs.append(guest)
-        await wait_until(lambda: _paged_out(conn, domid), timeout=20)
+        pager, guest = await _paging_under_guest(hv, conn, domid, right, 4, procs)
         pager.signal(signal.SIGKILL)
         assert await wait_proc(pager, 10) == -signal.SIGKILL
         for path in (wrong, same, os.path.join(str(tmp_path), "missing.pages")):
