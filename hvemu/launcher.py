@@ -23,7 +23,6 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Callable
 from typing import Any
 
 import uvloop
@@ -32,21 +31,11 @@ import hvemu
 from hvemu import abi, protocol
 from hvemu.bench.common import parse_cpus
 from hvemu.core.domain import MAX_VCPUS
-from hvemu.procs import die_with_parent, stop_process
+from hvemu.procs import child_setup, stop_process
 from hvemu.transport import Connection, ControlError
 from pager.defaults import EVICT_BATCH
 
 MiB = 1 << 20
-
-
-def _preexec(cpus: set[int] | None) -> Callable[[], None]:
-    """``preexec_fn``: die with this process and, if asked, run only on ``cpus`` (``taskset -c`` without taskset)."""
-    def run() -> None:
-        die_with_parent()
-        if cpus is not None:
-            os.sched_setaffinity(0, cpus)
-
-    return run
 
 
 class Child:
@@ -59,7 +48,7 @@ class Child:
     @classmethod
     async def start(cls, name: str, *argv: str, cpus: set[int] | None = None) -> Child:
         proc = await asyncio.create_subprocess_exec(sys.executable, *argv, stdout=asyncio.subprocess.PIPE,
-                                                    start_new_session=True, preexec_fn=_preexec(cpus))
+                                                    start_new_session=True, preexec_fn=child_setup(cpus))
         return cls(name, proc)
 
     async def readline(self, timeout: float) -> str:

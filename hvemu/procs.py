@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import os
 import signal
+from collections.abc import Callable
 
 _PR_SET_PDEATHSIG = 1
 
@@ -23,6 +25,34 @@ def die_with_parent() -> None:
     """
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def child_setup(cpus: set[int] | None = None) -> Callable[[], None]:
+    """A ``preexec_fn``: die with the parent and, if ``cpus``, run only on them (``taskset -c`` without taskset)."""
+    def setup() -> None:
+        die_with_parent()
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+
+    return setup
+
+
+def status_field(pid: int, name: str) -> str | None:
+    """A field of ``/proc/PID/status`` (``VmRSS``, ``Cpus_allowed_list``...) as printed; None if absent."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key == name:
+                return value.strip()
+    return None
+
+
+def status_bytes(pid: int, name: str) -> int:
+    """A ``kB`` field of ``/proc/PID/status`` in bytes (``LookupError`` if absent)."""
+    value = status_field(pid, name)
+    if value is None:
+        raise LookupError(f"no {name} in /proc/{pid}/status")
+    return int(value.split()[0]) * 1024
 
 
 async def stop_process(proc: asyncio.subprocess.Process, *, sig: int = signal.SIGTERM,

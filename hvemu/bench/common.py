@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from hvemu import abi, protocol
-from hvemu.procs import die_with_parent, stop_process
+from hvemu.procs import child_setup, status_bytes, status_field, stop_process
 from hvemu.transport import Connection
 
 #: Process roles a placement names.
@@ -108,22 +108,17 @@ class Placement:
 def observed_affinity(pid: int) -> str:
     """``Cpus_allowed_list`` of a live process (what the kernel enforces)."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Cpus_allowed_list:"):
-                    return line.split(":", 1)[1].strip()
+        return status_field(pid, "Cpus_allowed_list") or "?"
     except OSError:
-        pass
-    return "?"
+        return "?"
 
 
 def rss_bytes(pid: int) -> int:
     """Resident set size of ``pid`` (anonymous, file and shared memory it touched), in bytes."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise BenchError(f"no VmRSS for pid {pid}")
+    try:
+        return status_bytes(pid, "VmRSS")
+    except LookupError as exc:
+        raise BenchError(str(exc)) from exc
 
 
 def percentile(sorted_values: Sequence[float], pct: float) -> float:
@@ -151,15 +146,6 @@ def latency_summary(samples_ns: list[int]) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 
 
-def _preexec(cpus: set[int] | None) -> Any:
-    def run() -> None:
-        die_with_parent()
-        if cpus is not None:
-            os.sched_setaffinity(0, cpus)
-
-    return run
-
-
 class Proc:
     """A child Python process: stdout read by lines, stdin written by lines, stderr kept aside."""
 
@@ -178,7 +164,7 @@ class Proc:
             proc = await asyncio.create_subprocess_exec(
                 *cmd, stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=err, start_new_session=True,
-                preexec_fn=_preexec(cpus), pass_fds=tuple(pass_fds),
+                preexec_fn=child_setup(cpus), pass_fds=tuple(pass_fds),
                 limit=1 << 22)
         except BaseException:
             err.close()

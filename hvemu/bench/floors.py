@@ -34,7 +34,7 @@ import uvloop
 from hvemu import abi
 from hvemu.abi import MemEvent, MemEventFlag, MemEventType
 from hvemu.evtchn import ChannelClosed, EventChannel
-from hvemu.procs import die_with_parent
+from hvemu.procs import child_setup
 from hvemu.ring import BackRing, FrontRing, SharedRing
 from hvemu.shm import Segment
 from pager.defaults import EVICT_BATCH
@@ -83,15 +83,10 @@ async def _ring_front(duration: float, back_cpus: str | None) -> dict[str, objec
     remote_fd = remote.detach()
     cpus = {int(c) for c in back_cpus.split(",")} if back_cpus else None
 
-    def preexec() -> None:
-        die_with_parent()
-        if cpus is not None:
-            os.sched_setaffinity(0, cpus)
-
     child = subprocess.Popen(
         [sys.executable, "-m", "hvemu.bench.floors", "ring-back", "--ring-fd", str(seg.fd),
          "--evtchn-fd", str(remote_fd)],
-        pass_fds=(seg.fd, remote_fd), preexec_fn=preexec, start_new_session=True)
+        pass_fds=(seg.fd, remote_fd), preexec_fn=child_setup(cpus), start_new_session=True)
     os.close(remote_fd)
     req = MemEvent(type=MemEventType.PAGING, flags=MemEventFlag.VCPU_PAUSED, gfn=1)
     done = 0

@@ -12,6 +12,7 @@ import sys
 import time
 
 from hvemu.core.domain import MAX_VCPUS
+from hvemu.procs import status_field
 from tests.integration.system import ROOT
 
 SMALL = ["--domains", "2", "--vcpus", "2", "--memory", "8", "--host-memory", "12", "--target", "5"]
@@ -42,9 +43,8 @@ def test_overcommitted_run_prints_a_summary_and_json(tmp_path: object) -> None:
         assert dom["pages_out"] > 0 and dom["faults"] > 0, "memory was overcommitted: paging must happen"
 
 
-def _allowed_cpus(pid: int) -> str:
-    with open(f"/proc/{pid}/status") as f:
-        return next(line.split()[1] for line in f if line.startswith("Cpus_allowed_list:"))
+def _allowed_cpus(pid: int) -> str | None:
+    return status_field(pid, "Cpus_allowed_list")
 
 
 def test_sigint_stops_everything(tmp_path: object) -> None:

@@ -7,6 +7,7 @@ import signal
 import time
 
 from hvemu import protocol
+from hvemu.procs import status_bytes
 from tests.integration.system import Hypervisor, ring_enabled, stats, wait_until
 
 MiB = 1 << 20
@@ -21,11 +22,7 @@ def _meminfo_shmem() -> int:
 
 
 def _rss_shmem(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("RssShmem:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no RssShmem for pid {pid}")
+    return status_bytes(pid, "RssShmem")
 
 
 def _on_tmpfs(path: str) -> bool:
