@@ -30,6 +30,7 @@ import uvloop
 from hvemu import abi, logs, protocol
 from hvemu.abi import Errno, RingKind
 from hvemu.backend import DomainBackend, RingBackend, apply_effects
+from hvemu.core.domain import MAX_GFNS, MAX_VCPUS
 from hvemu.core.errors import HypervisorError
 from hvemu.core.hypervisor import Hypervisor
 from hvemu.janitor import Janitor
@@ -233,10 +234,11 @@ class HypervisorDaemon:
 
     # ------------------------------------------------------------ domains
     async def _domain_create(self, ctx: ConnCtx, msg: protocol.DomainCreate) -> Reply:
-        if not 1 <= msg.max_vcpus <= 128:
-            raise _err(Errno.EINVAL, "max_vcpus must be within 1..128")
-        if not 1 <= msg.gfns <= (1 << 22):
-            raise _err(Errno.EINVAL, "gfns must be within 1..4194304 (16 GiB)")
+        # Checked before any segment is made (the core checks the same limits again).
+        if not 1 <= msg.max_vcpus <= MAX_VCPUS:
+            raise _err(Errno.EINVAL, f"max_vcpus must be within 1..{MAX_VCPUS}")
+        if not 1 <= msg.gfns <= MAX_GFNS:
+            raise _err(Errno.EINVAL, f"gfns must be within 1..{MAX_GFNS} ({MAX_GFNS * abi.PAGE_SIZE >> 30} GiB)")
         try:
             handle = uuid.UUID(msg.handle).hex if msg.handle else uuid.uuid4().hex
         except ValueError:

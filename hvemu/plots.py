@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from hvemu.trace import NO_RING, RING_NAMES, TraceEvent, TraceRecord, fault_latencies
 
@@ -27,16 +28,8 @@ def plot_trace(records: list[TraceRecord], out_dir: str) -> list[str]:
         ys = [us for _, d, us in lat if d == domid]
         ax.scatter(xs, ys, s=4, label=f"dom{domid}")
     ax.set_yscale("log")
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("fault latency (us): request put to vCPU runnable")
-    ax.set_title("fault latency")
-    if lat:
-        ax.legend()
-    path = os.path.join(out_dir, "fault_latency.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(_save(plt, fig, ax, os.path.join(out_dir, "fault_latency.png"), "fault latency",
+                       "fault latency (us): request put to vCPU runnable", legend=bool(lat)))
 
     fig, ax = plt.subplots(figsize=(10, 4))
     series: dict[tuple[int, int], tuple[list[float], list[int]]] = {}
@@ -49,14 +42,19 @@ def plot_trace(records: list[TraceRecord], out_dir: str) -> list[str]:
         occupancy.append(arg)
     for (domid, ring), (times, occupancy) in sorted(series.items()):
         ax.step(times, occupancy, where="post", label=f"dom{domid} {RING_NAMES.get(ring, '?')}")
+    paths.append(_save(plt, fig, ax, os.path.join(out_dir, "ring_occupancy.png"), "ring occupancy",
+                       "unanswered requests on the ring", legend=bool(series)))
+    return paths
+
+
+def _save(plt: Any, fig: Any, ax: Any, path: str, title: str, ylabel: str, *, legend: bool) -> str:
+    """Label a time plot, write it as a PNG and close it; its path."""
     ax.set_xlabel("time (s)")
-    ax.set_ylabel("unanswered requests on the ring")
-    ax.set_title("ring occupancy")
-    if series:
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if legend:
         ax.legend()
-    path = os.path.join(out_dir, "ring_occupancy.png")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    paths.append(path)
-    return paths
+    return path

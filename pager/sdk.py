@@ -382,7 +382,7 @@ class MemEventClient(Domctl):
             return
         self.state = RunState.DETACHING
         try:
-            out = self._pages_out()
+            out = self.pages_out() if self.ring_kind == RingKind.paging and self.p2m is not None else 0
             if disable and out and not force:
                 log.warning("dom%d: %d pages are still out: the paging ring is left for the pager that holds "
                             "them", self.domid, out)
@@ -399,12 +399,6 @@ class MemEventClient(Domctl):
         finally:
             await self._teardown()
             self.state = RunState.DETACHED
-
-    def _pages_out(self) -> int:
-        """Paged gfns (and ones on their way back) if this is a paging ring, else 0."""
-        if self.ring_kind != RingKind.paging or self.p2m is None:
-            return 0
-        return self.count_type(abi.P2MType.ram_paged) + self.count_type(abi.P2MType.ram_paging_in)
 
     async def _drain_before_disable(self) -> None:
         """Publish queued responses, have them consumed, and report what stays unanswered."""
@@ -592,6 +586,11 @@ class MemEventClient(Domctl):
         """Every gfn whose p2m type is ``p2mt``, ascending."""
         return self.gfns_view(p2mt).as_list()
 
+    def pages_out(self) -> int:
+        """Gfns paged out or on their way back in (their bytes are not in guest memory)."""
+        types = self.p2m_types()
+        return types.count(abi.P2MType.ram_paged) + types.count(abi.P2MType.ram_paging_in)
+
     async def stored_pages_out(self) -> int:
         """Pages out (paged, or on their way back) whose bytes a pager stored; 0 if none was ever evicted.
 
@@ -599,7 +598,7 @@ class MemEventClient(Domctl):
         larger than the host budget starts with gfns paged out that were
         never written anywhere (they read as zeros): those need no store.
         """
-        out = self.count_type(abi.P2MType.ram_paged) + self.count_type(abi.P2MType.ram_paging_in)
+        out = self.pages_out()
         evicted = (await self.stats()).get("evicted", 0) if out else 0
         return out if isinstance(evicted, int) and evicted > 0 else 0
 

@@ -152,6 +152,7 @@ class DomainCounters:
 #: Reasons ``hvm_memory_event_traps`` knows, each with its own HVM param.
 TRAP_REASONS = frozenset({MemEventReason.CR0, MemEventReason.CR3, MemEventReason.CR4, MemEventReason.INT3})
 MAX_VCPUS = 128  # HVM_MAX_VCPUS of the era
+MAX_GFNS = 1 << 22  # 16 GiB of guest memory: a p2m of 12 MiB, a guest segment the host can still map
 
 
 class Domain:

@@ -14,7 +14,7 @@ from typing import Any
 from hvemu import abi
 from hvemu.abi import Errno
 from hvemu.core.budget import FrameBudget
-from hvemu.core.domain import MAX_VCPUS, Domain, PauseFlag, Vcpu
+from hvemu.core.domain import MAX_GFNS, MAX_VCPUS, Domain, PauseFlag, Vcpu
 from hvemu.core.effects import Effect
 from hvemu.core.errors import HypervisorError
 from hvemu.core.mem_event import POLICIES, Policy
@@ -77,8 +77,8 @@ class Hypervisor:
         """
         if not isinstance(max_vcpus, int) or not 1 <= max_vcpus <= MAX_VCPUS:
             raise HypervisorError(Errno.EINVAL, f"max_vcpus must be in 1..{MAX_VCPUS}, not {max_vcpus!r}")
-        if not isinstance(gfns, int) or gfns < 1:
-            raise HypervisorError(Errno.EINVAL, f"a domain needs at least one gfn, not {gfns!r}")
+        if not isinstance(gfns, int) or not 1 <= gfns <= MAX_GFNS:
+            raise HypervisorError(Errno.EINVAL, f"gfns must be within 1..{MAX_GFNS}, not {gfns!r}")
         if resident is None:
             resident = gfns
         if not isinstance(resident, int) or resident < 0:
