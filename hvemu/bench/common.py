@@ -121,6 +121,38 @@ def rss_bytes(pid: int) -> int:
         raise BenchError(str(exc)) from exc
 
 
+#: Clock ticks per second of ``/proc/PID/stat``'s CPU times.
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ticks(pid: int) -> int:
+    """``utime + stime`` of ``pid`` from ``/proc/PID/stat`` (fields 14 and 15), in clock ticks.
+
+    The kernel scales the two to the task's exact run time, so their sum is
+    exact to a tick (10 ms here): windows must hold enough work to make a
+    tick small beside it.  The command name may hold spaces and parentheses,
+    so fields are counted from the last ``)``.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError as exc:
+        raise BenchError(f"cannot read the CPU time of process {pid}: {exc}") from exc
+    return int(fields[11]) + int(fields[12])
+
+
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, int]:
+    """CPU ticks of each named process, read back to back."""
+    return {role: cpu_ticks(pid) for role, pid in pids.items()}
+
+
+def cpu_per_op_us(before: dict[str, int], after: dict[str, int], ops: int) -> dict[str, float]:
+    """CPU microseconds per operation of each process between two snapshots, and their ``total``."""
+    out = {role: round((after[role] - before[role]) * 1e6 / CLK_TCK / max(ops, 1), 1) for role in before}
+    out["total"] = round(sum((after[r] - before[r]) for r in before) * 1e6 / CLK_TCK / max(ops, 1), 1)
+    return out
+
+
 def percentile(sorted_values: Sequence[float], pct: float) -> float:
     """Nearest-rank percentile of already sorted values (0.0 when empty)."""
     if not sorted_values:
