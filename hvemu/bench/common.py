@@ -20,9 +20,10 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from hvemu import abi, protocol
+from hvemu.bench import profile
 from hvemu.procs import child_setup, status_bytes, status_field, stop_process
 from hvemu.transport import Connection
 
@@ -125,8 +126,21 @@ def rss_bytes(pid: int) -> int:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_ticks(pid: int) -> int:
-    """``utime + stime`` of ``pid`` from ``/proc/PID/stat`` (fields 14 and 15), in clock ticks.
+class ProcTimes(NamedTuple):
+    """What a process has used so far: CPU ticks in user and kernel mode, and times it slept."""
+
+    user: int
+    system: int
+    #: ``voluntary_ctxt_switches``: each is a wait (for an fd, a futex) that blocked, so one wake-up.
+    sleeps: int
+
+    @property
+    def cpu(self) -> int:
+        return self.user + self.system
+
+
+def proc_times(pid: int) -> ProcTimes:
+    """``utime``/``stime`` of ``pid`` from ``/proc/PID/stat`` (fields 14, 15) and its voluntary switches.
 
     The kernel scales the two to the task's exact run time, so their sum is
     exact to a tick (10 ms here): windows must hold enough work to make a
@@ -136,21 +150,32 @@ def cpu_ticks(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rpartition(")")[2].split()
+        sleeps = status_field(pid, "voluntary_ctxt_switches")
     except OSError as exc:
         raise BenchError(f"cannot read the CPU time of process {pid}: {exc}") from exc
-    return int(fields[11]) + int(fields[12])
+    return ProcTimes(int(fields[11]), int(fields[12]), int(sleeps or 0))
 
 
-def cpu_snapshot(pids: dict[str, int]) -> dict[str, int]:
-    """CPU ticks of each named process, read back to back."""
-    return {role: cpu_ticks(pid) for role, pid in pids.items()}
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, ProcTimes]:
+    """:func:`proc_times` of each named process, read back to back."""
+    return {role: proc_times(pid) for role, pid in pids.items()}
 
 
-def cpu_per_op_us(before: dict[str, int], after: dict[str, int], ops: int) -> dict[str, float]:
+def _per_op_us(ticks: int, ops: int) -> float:
+    return round(ticks * 1e6 / CLK_TCK / max(ops, 1), 1)
+
+
+def cpu_per_op_us(before: dict[str, ProcTimes], after: dict[str, ProcTimes], ops: int) -> dict[str, float]:
     """CPU microseconds per operation of each process between two snapshots, and their ``total``."""
-    out = {role: round((after[role] - before[role]) * 1e6 / CLK_TCK / max(ops, 1), 1) for role in before}
-    out["total"] = round(sum((after[r] - before[r]) for r in before) * 1e6 / CLK_TCK / max(ops, 1), 1)
+    out = {role: _per_op_us(after[role].cpu - before[role].cpu, ops) for role in before}
+    out["total"] = _per_op_us(sum(after[r].cpu - before[r].cpu for r in before), ops)
     return out
+
+
+def cpu_detail(before: dict[str, ProcTimes], after: dict[str, ProcTimes], ops: int) -> dict[str, dict[str, float]]:
+    """Per operation and process: the kernel's share of the CPU (``sys_us``) and the sleeps (wake-ups)."""
+    return {"sys_us": {r: _per_op_us(after[r].system - before[r].system, ops) for r in before},
+            "sleeps": {r: round((after[r].sleeps - before[r].sleeps) / max(ops, 1), 2) for r in before}}
 
 
 def percentile(sorted_values: Sequence[float], pct: float) -> float:
@@ -190,7 +215,7 @@ class Proc:
     async def start(cls, name: str, argv: Sequence[str], *, cpus: set[int] | None = None,
                     stdin: bool = False, pass_fds: Sequence[int] = (), executable: str | None = None) -> Proc:
         cmd = [executable] if executable else [sys.executable]
-        cmd += list(argv)
+        cmd += list(argv) if executable else profile.wrap_argv(name, list(argv))
         err = tempfile.TemporaryFile()
         try:
             proc = await asyncio.create_subprocess_exec(

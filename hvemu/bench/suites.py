@@ -20,12 +20,14 @@ from typing import Any
 
 from hvemu import protocol
 from hvemu.abi import Errno
-from hvemu.bench import relay, uffd
+from hvemu.bench import profile, relay, uffd
 from hvemu.bench.common import (
     BenchError,
     Host,
     Placement,
     Proc,
+    ProcTimes,
+    cpu_detail,
     cpu_per_op_us,
     cpu_snapshot,
     format_cpus,
@@ -134,8 +136,8 @@ async def _relay_run(cfg: Config, placement: Placement, mode: str) -> dict[str, 
     if len(samples) != cfg.relay_iterations or rep["failed_checks"]:
         raise BenchError(f"relay ({mode}): {len(samples)} of {cfg.relay_iterations} faults relayed, "
                          f"{rep['failed_checks']} failed checks (first: {rep['first_error']})")
-    return {"samples_ns": samples, "cpu_ticks": {r: after[r] - before[r] for r in pids},
-            "cpu_per_roundtrip_us": cpu_per_op_us(before, after, len(samples))}
+    used = {r: ProcTimes(*(a - b for a, b in zip(after[r], before[r], strict=True))) for r in pids}
+    return {"samples_ns": samples, "used": used, "cpu_per_roundtrip_us": cpu_per_op_us(before, after, len(samples))}
 
 
 def pool_relay(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -146,13 +148,14 @@ def pool_relay(runs: list[dict[str, Any]]) -> dict[str, Any]:
     CPU per round trip is all the runs' ticks over all their faults.
     """
     samples = [s for run in runs for s in run["samples_ns"]]
-    ticks: dict[str, int] = {}
+    used: dict[str, ProcTimes] = {}
     for run in runs:
-        for role, t in run["cpu_ticks"].items():
-            ticks[role] = ticks.get(role, 0) + t
-    zero = dict.fromkeys(ticks, 0)
+        for role, t in run["used"].items():
+            used[role] = ProcTimes(*(a + b for a, b in zip(used.get(role, ProcTimes(0, 0, 0)), t, strict=True)))
+    zero = dict.fromkeys(used, ProcTimes(0, 0, 0))
     out = latency_summary(samples)
-    out["cpu_per_roundtrip_us"] = cpu_per_op_us(zero, ticks, len(samples))
+    out["cpu_per_roundtrip_us"] = cpu_per_op_us(zero, used, len(samples))
+    out.update(cpu_detail(zero, used, len(samples)))
     out["checked_faults"] = len(samples)
     out["failed_checks"] = 0  # a run with any is an error (BenchError), never pooled
     out["pages"] = relay.PAGES
@@ -205,10 +208,12 @@ async def system_exit_overhead(cfg: Config, placement: Placement, totals: Totals
         await _finish_guest(host, guest, nulld)
     out = {k: rep[k] for k in ("p50_us", "p99_us", "n", "max_us", "mean_us")}
     out["cpu_per_exit_us"] = cpu_per_op_us(before, after, int(rep["n"]))
+    out.update(cpu_detail(before, after, int(rep["n"])))
     return out
 
 
-async def _first_faults(host: Host, domid: int, guest: Proc, pids: dict[str, int]) -> tuple[int, dict[str, int]]:
+async def _first_faults(host: Host, domid: int, guest: Proc,
+                        pids: dict[str, int]) -> tuple[int, dict[str, ProcTimes]]:
     """Wait for the guest's first faults; the hypervisor's fault count and every process's CPU then.
 
     So the guest's interpreter start-up and the pager's initial eviction stay
@@ -219,6 +224,7 @@ async def _first_faults(host: Host, domid: int, guest: Proc, pids: dict[str, int
     while True:
         st = await host.stats(domid)
         if int(st["faults"]) > base:
+            profile.window(pids.values(), on=True)
             return int(st["faults"]), cpu_snapshot(pids)
         if guest.proc.returncode is not None or time.monotonic() > deadline:
             raise BenchError(f"{guest.name} did not fault within 60 s: {guest.stderr_tail()}")
@@ -246,6 +252,7 @@ async def fault_roundtrip(cfg: Config, placement: Placement, totals: Totals) -> 
         faults0, before = await _first_faults(host, domid, guest, pids)
         rep = await guest.json_line(cfg.fault_duration + 120)
         after = cpu_snapshot(pids)
+        profile.window(pids.values(), on=False)
         st = await host.stats(domid)
         totals.lost_guest_events += lost_guest(st)
         totals.integrity_failures += int(rep["integrity_failures"])
@@ -256,7 +263,8 @@ async def fault_roundtrip(cfg: Config, placement: Placement, totals: Totals) -> 
            "target": cfg.fault_target, "integrity_failures": rep["integrity_failures"],
            "evict_fails": st.get("evict_fails", 0), "evicted": st.get("evicted", 0),
            "cpu_per_fault_us": cpu_per_op_us(before, after, int(st["faults"]) - faults0),
-           "cpu_faults": int(st["faults"]) - faults0}
+           "cpu_faults": int(st["faults"]) - faults0,
+           **cpu_detail(before, after, int(st["faults"]) - faults0)}
     hv_lat = st.get("fault_latency_us")
     if isinstance(hv_lat, dict) and hv_lat.get("n"):
         out["hypervisor_p50_us"] = hv_lat.get("p50")
