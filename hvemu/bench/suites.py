@@ -107,6 +107,27 @@ async def _finish_guest(host: Host, guest: Proc, pager: Proc | None) -> None:
 # --------------------------------------------------------------------------
 
 
+async def _line_unless_one_dies(guest: Proc, procs: list[Proc], timeout: float) -> dict[str, Any]:
+    """The guest's next JSON line; a :class:`BenchError` at once if any relay process exits first.
+
+    A relay whose hypervisor or daemon died would otherwise leave the guest
+    blocked until the timeout, on a fault that nobody will answer.
+    """
+    line = asyncio.ensure_future(guest.json_line(timeout))
+    deaths = {asyncio.ensure_future(p.proc.wait()): p for p in procs}
+    try:
+        await asyncio.wait([line, *deaths], return_when=asyncio.FIRST_COMPLETED)
+        if line.done():
+            return line.result()
+        dead = next(p for fut, p in deaths.items() if fut.done())
+        raise BenchError(f"{dead.name} exited (status {dead.proc.returncode}) during the relay; stderr:\n"
+                         f"{dead.stderr_tail()}")
+    finally:
+        for fut in (line, *deaths):
+            fut.cancel()
+        await asyncio.gather(line, *deaths, return_exceptions=True)
+
+
 async def _relay_run(cfg: Config, placement: Placement, mode: str) -> dict[str, Any]:
     """One run of :mod:`hvemu.bench.relay`: the guest's samples (ns) and each process's CPU per fault."""
     ch = relay.make_channels(mode)
@@ -123,10 +144,11 @@ async def _relay_run(cfg: Config, placement: Placement, mode: str) -> dict[str, 
             ch.close()  # the three processes hold their own copies
         guest = procs[-1]
         pids = {role: p.pid for role, p in zip(("hypervisor", "daemon", "guest"), procs, strict=True)}
-        await guest.json_line(60)  # warm: every process is idle, blocked on its eventfd or stdin
+        # warm: every process is idle, blocked on its eventfd or stdin
+        await _line_unless_one_dies(guest, procs, 60)
         before = cpu_snapshot(pids)
         await guest.send("go")
-        rep = await guest.json_line(60 + cfg.relay_iterations / 1000)
+        rep = await _line_unless_one_dies(guest, procs, 60 + cfg.relay_iterations / 1000)
         after = cpu_snapshot(pids)  # the guest waits for EOF, the others for a kick: all idle again
     finally:
         for p in reversed(procs):
