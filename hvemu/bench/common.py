@@ -161,6 +161,19 @@ def cpu_snapshot(pids: dict[str, int]) -> dict[str, ProcTimes]:
     return {role: proc_times(pid) for role, pid in pids.items()}
 
 
+def open_window(pids: dict[str, int]) -> dict[str, ProcTimes]:
+    """Start measuring the named processes: their times now, and their profilers on if profiling."""
+    profile.window(pids.values(), on=True)
+    return cpu_snapshot(pids)
+
+
+def close_window(pids: dict[str, int]) -> dict[str, ProcTimes]:
+    """Stop measuring: the processes' times now, and their profilers off if profiling."""
+    after = cpu_snapshot(pids)
+    profile.window(pids.values(), on=False)
+    return after
+
+
 def _per_op_us(ticks: int, ops: int) -> float:
     return round(ticks * 1e6 / CLK_TCK / max(ops, 1), 1)
 

@@ -2,12 +2,15 @@
 
 ``HVEMU_BENCH_PROFILE=DIR scripts/bench.sh --only fault_roundtrip``
     Every Python child the benchmark starts (:meth:`hvemu.bench.common.Proc.start`)
-    runs under ``python -m hvemu.bench.profile wrap --out DIR/NAME.prof``, NAME
-    being its role in the benchmark (``hypervisor``, ``pager``, ``guest``...).
+    runs under ``python -m hvemu.bench.profile wrap --out DIR/NAME`` and writes
+    ``DIR/NAME-PID.prof``, NAME being its name in the benchmark
+    (``hypervisor``, ``pager``, ``guest``, ``relay-uvloop-daemon``...).
     The profiler is off until the benchmark's measuring window opens
-    (:func:`window`: ``SIGUSR1`` on, ``SIGUSR2`` off, the same instants at
-    which it reads each process's CPU time), so that interpreter start-up,
-    imports and the pager's initial eviction stay out of the profile.
+    (:func:`window`: ``SIGUSR1`` on, ``SIGUSR2`` off, called by
+    :func:`~hvemu.bench.common.open_window` and ``close_window`` at the
+    instants the benchmark reads each process's CPU time), so that
+    interpreter start-up, imports, warm-ups and the pager's initial eviction
+    stay out of the profile.
 ``python -m hvemu.bench.profile top DIR [--limit N]``
     Prints each profile's functions by own time (and by cumulative time), per
     fault if given ``--per N`` operations.
@@ -41,7 +44,7 @@ def wrap_argv(name: str, argv: list[str]) -> list[str]:
     out_dir = os.environ.get(ENV)
     if not out_dir or argv[:1] != ["-m"]:
         return argv
-    return ["-m", "hvemu.bench.profile", "wrap", "--out", os.path.join(out_dir, f"{name}.prof"), "--", *argv]
+    return ["-m", "hvemu.bench.profile", "wrap", "--out", os.path.join(out_dir, name), "--", *argv]
 
 
 def window(pids: Iterable[int], *, on: bool) -> None:
@@ -58,17 +61,35 @@ def _wrap(out: str, argv: list[str]) -> int:
     module = argv[1]
     sys.argv = [module, *argv[2:]]
     prof = cProfile.Profile(time.process_time)
+    path = f"{out}-{os.getpid()}.prof"  # a benchmark may start a role more than once
+
+    def dump() -> None:
+        prof.disable()
+        prof.dump_stats(path)
+
+    def terminated(signum: int, frame: object) -> None:
+        dump()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)  # die of it, as without the profiler (the bench checks the status)
+
     # Enabled from a signal handler, cProfile profiles the main thread (the event loop) from there on.
+    # SA_RESTART: a blocking read(2) (the blocking relay's) goes on rather than failing with EINTR
+    # (os.eventfd_read does not retry); the handler then runs when the read returns.
     signal.signal(signal.SIGUSR1, lambda *_: prof.enable())
     signal.signal(signal.SIGUSR2, lambda *_: prof.disable())
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.siginterrupt(sig, False)
+    # A process that leaves SIGTERM to its default (the relay's, the bench guest's) would die without
+    # writing its profile; one that handles SIGTERM itself (the hypervisor, the pager) replaces this.
+    # It must interrupt a blocking read: an idle relay process is stopped in one.
+    signal.signal(signal.SIGTERM, terminated)
     status: int = 0
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
-        prof.disable()
-        prof.dump_stats(out)
+        dump()
     return status
 
 

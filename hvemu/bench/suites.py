@@ -20,19 +20,20 @@ from typing import Any
 
 from hvemu import protocol
 from hvemu.abi import Errno
-from hvemu.bench import profile, relay, uffd
+from hvemu.bench import relay, uffd
 from hvemu.bench.common import (
     BenchError,
     Host,
     Placement,
     Proc,
     ProcTimes,
+    close_window,
     cpu_detail,
     cpu_per_op_us,
-    cpu_snapshot,
     format_cpus,
     latency_summary,
     lost_guest,
+    open_window,
     rss_bytes,
 )
 from pager.defaults import EVICT_BATCH, EVICT_POLICY
@@ -146,10 +147,10 @@ async def _relay_run(cfg: Config, placement: Placement, mode: str) -> dict[str, 
         pids = {role: p.pid for role, p in zip(("hypervisor", "daemon", "guest"), procs, strict=True)}
         # warm: every process is idle, blocked on its eventfd or stdin
         await _line_unless_one_dies(guest, procs, 60)
-        before = cpu_snapshot(pids)
+        before = open_window(pids)
         await guest.send("go")
         rep = await _line_unless_one_dies(guest, procs, 60 + cfg.relay_iterations / 1000)
-        after = cpu_snapshot(pids)  # the guest waits for EOF, the others for a kick: all idle again
+        after = close_window(pids)  # the guest waits for EOF, the others for a kick: all idle again
     finally:
         for p in reversed(procs):
             await p.stop(timeout=5)
@@ -220,10 +221,10 @@ async def system_exit_overhead(cfg: Config, placement: Placement, totals: Totals
             "--warmup", str(max(50, cfg.floor_iterations // 10))), stdin=True)
         pids = {"hypervisor": host.hv.pid, "daemon": nulld.pid, "guest": guest.pid}
         await guest.json_line(120)  # warm
-        before = cpu_snapshot(pids)
+        before = open_window(pids)
         await guest.send("go")
         rep = await guest.json_line(120)
-        after = cpu_snapshot(pids)
+        after = close_window(pids)
         st = await host.stats(domid)
         totals.lost_guest_events += lost_guest(st)
         await guest.send("exit")
@@ -246,8 +247,7 @@ async def _first_faults(host: Host, domid: int, guest: Proc,
     while True:
         st = await host.stats(domid)
         if int(st["faults"]) > base:
-            profile.window(pids.values(), on=True)
-            return int(st["faults"]), cpu_snapshot(pids)
+            return int(st["faults"]), open_window(pids)
         if guest.proc.returncode is not None or time.monotonic() > deadline:
             raise BenchError(f"{guest.name} did not fault within 60 s: {guest.stderr_tail()}")
         await asyncio.sleep(0.005)
@@ -273,8 +273,7 @@ async def fault_roundtrip(cfg: Config, placement: Placement, totals: Totals) -> 
         pids = {"hypervisor": host.hv.pid, "daemon": pager.pid, "guest": guest.pid}
         faults0, before = await _first_faults(host, domid, guest, pids)
         rep = await guest.json_line(cfg.fault_duration + 120)
-        after = cpu_snapshot(pids)
-        profile.window(pids.values(), on=False)
+        after = close_window(pids)
         st = await host.stats(domid)
         totals.lost_guest_events += lost_guest(st)
         totals.integrity_failures += int(rep["integrity_failures"])
