@@ -140,7 +140,8 @@ def table(result: dict[str, Any]) -> str:
     row("system exit overhead CPU us per exit", _get(xo, "cpu_per_exit_us.total"),
         _get(rf, "cpu_per_roundtrip_us.total"),
         _ratio(_get(xo, "cpu_per_exit_us.total"), _get(rf, "cpu_per_roundtrip_us.total")))
-    row("native userfaultfd p50 us (C)", uf.get("p50_us"), None, result.get("fault_vs_uffd_p50"))
+    row("fault p50 us / native userfaultfd p50 (C)", fr.get("p50_us"), uf.get("p50_us"),
+        result.get("fault_vs_uffd_p50"))
     ring = _get(result, "ring_floor.entries_per_s")
     for v in ("1", "4", "16"):
         pi = _get(result, f"pagein.{v}") or {}
