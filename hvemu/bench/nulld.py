@@ -1,4 +1,4 @@
-"""A paging daemon that does no work: the floor of the fault path.
+"""A paging daemon that does no work: the system's own exit overhead (not a floor: see :mod:`.relay`).
 
 It attaches to a domain's paging ring with the SDK, like the real pager,
 pages out ``--evict`` gfns once (nominate and evict, so that touching them
@@ -6,7 +6,7 @@ exits), says ``ready``, then answers every request at once: one response per
 request echoing its flags, all responses of a drain pushed with one notify,
 exactly as :mod:`pager.xenpaging` does, but without reading a pagefile or
 loading a page.  The gfns therefore stay paged, and a vCPU touching one exits
-every time, which is what the transport floor measures.
+every time, which is what ``system_exit_overhead`` measures.
 """
 
 from __future__ import annotations
