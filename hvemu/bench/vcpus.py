@@ -5,9 +5,9 @@ over one control connection per vCPU as ``python -m guest``, but runs the
 access pattern a benchmark needs instead of a workload:
 
 ``floor``
-    vCPU 0 exits on one paged gfn again and again (the daemon is
-    :mod:`hvemu.bench.nulld`, which answers without loading anything, so the
-    gfn stays paged and every access exits).  One sample is one exit's round
+    vCPU 0 exits on one gfn again and again (the daemon is
+    :mod:`hvemu.bench.nulld`, which took every right from it and answers each
+    violation without giving one back, so every access exits).  One sample is one exit's round
     trip plus the failed direct access after it: exactly what a real fault
     costs minus the paging work.  After the warm-up it says ``warm`` and waits
     for ``go``, so that the benchmark reads every process's CPU time around
@@ -104,7 +104,7 @@ async def _floor(guest: BenchGuest, gfn: int, iterations: int, warmup: int,
             t0 = clock()
             await conn.call(msg)
             if mem.try_read(0, gfn) is not None:
-                raise RuntimeError(f"gfn {gfn} became readable: the floor's daemon must not load it")
+                raise RuntimeError(f"gfn {gfn} became readable: the floor's daemon must not restore its rights")
             samples.append(clock() - t0)
         return samples
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", required=True)
     p.add_argument("--domid", type=int, required=True)
     p.add_argument("--vcpus", type=int, default=1)
-    p.add_argument("--gfn", type=int, default=0, help="floor: the paged gfn to exit on")
+    p.add_argument("--gfn", type=int, default=0, help="floor: the gfn (no rights) to exit on")
     p.add_argument("--iterations", type=int, default=2000)
     p.add_argument("--warmup", type=int, default=200)
     args = p.parse_args(argv)
