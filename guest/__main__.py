@@ -19,6 +19,7 @@ import time
 import msgspec
 import uvloop
 
+from guest.exits import connect_vcpu
 from guest.memory import open_guest
 from guest.vcpu import Vcpu, VcpuReport
 from guest.workload import WorkloadConfig, accesses
@@ -109,12 +110,14 @@ async def run_guest(args: argparse.Namespace) -> GuestReport:
     balloon = list(range(welcome.gfns - args.balloon, welcome.gfns))
     usable = list(range(welcome.gfns - args.balloon))
     versions = [0] * welcome.gfns
-    conns = [await Connection.connect(path) for _ in range(nvcpus)]
+    conns: list[Connection] = []
     vcpus: list[Vcpu] = []
+    assert memory.ioreq is not None
     try:
-        for i, c in enumerate(conns):
-            await c.call(protocol.GuestHello(domid=args.domid, vcpu=i))
-            vcpus.append(Vcpu(i, memory, versions, c))
+        for i in range(nvcpus):
+            conn, port = await connect_vcpu(path, args.domid, i, memory.ioreq)
+            conns.append(conn)
+            vcpus.append(Vcpu(i, memory, versions, conn, port))
         deadline = time.monotonic() + args.duration
         ballooned = 0
         async with asyncio.TaskGroup() as tg:
@@ -144,6 +147,8 @@ async def run_guest(args: argparse.Namespace) -> GuestReport:
     except* _Done:
         pass
     finally:
+        for v in vcpus:
+            v.port.close()
         for c in conns:
             await c.close()
         await main_conn.close()

@@ -39,7 +39,8 @@ _RIGHTS = bytes(abi.ACCESS_RIGHTS.get(a, 0) for a in range(256))
 class GuestMemory:
     """One domain's memory as its guest process sees it."""
 
-    def __init__(self, memory: mmap.mmap, p2m: mmap.mmap, inflight: mmap.mmap, gfns: int, max_vcpus: int) -> None:
+    def __init__(self, memory: mmap.mmap, p2m: mmap.mmap, inflight: mmap.mmap, gfns: int, max_vcpus: int,
+                 ioreq: mmap.mmap | None = None) -> None:
         self.gfns = gfns
         self.max_vcpus = max_vcpus
         self._mem = memoryview(memory)
@@ -49,7 +50,9 @@ class GuestMemory:
         d0 = abi.p2m_vcpu_debug_index(gfns, 0)
         self._debug = p2m_view[d0:d0 + max_vcpus]
         self._inflight = memoryview(inflight)[: abi.INFLIGHT_WORD_SIZE * max_vcpus].cast("Q")
-        self._maps = (memory, p2m, inflight)
+        #: The exit page (one ioreq slot per vCPU, see :mod:`guest.exits`), if the hypervisor handed one.
+        self.ioreq = ioreq
+        self._maps = (memory, p2m, inflight) if ioreq is None else (memory, p2m, inflight, ioreq)
 
     def p2m_type(self, gfn: int) -> int:
         return self._types[gfn]
@@ -95,7 +98,8 @@ class GuestMemory:
 
 
 async def open_guest(path: str, domid: int) -> tuple[Connection, GuestMemory, protocol.Welcome]:
-    """Connect as ``domid``'s guest and map what the hypervisor hands over (memory, p2m, in-flight table).
+    """Connect as ``domid``'s guest and map what the hypervisor hands over (memory, p2m, in-flight table,
+    the exit page).
 
     The returned connection is the domain's lifeline: the domain lives as long as it stays open.
     """
@@ -107,7 +111,8 @@ async def open_guest(path: str, domid: int) -> tuple[Connection, GuestMemory, pr
         mem = mmap.mmap(named["memory"], reply.gfns * abi.PAGE_SIZE, mmap.MAP_SHARED)
         p2m = mmap.mmap(named["p2m"], abi.p2m_table_size(reply.gfns), mmap.MAP_SHARED, mmap.PROT_READ)
         inflight = mmap.mmap(named["inflight"], abi.inflight_table_size(reply.max_vcpus), mmap.MAP_SHARED)
+        ioreq = mmap.mmap(named["ioreq"], abi.ioreq_page_size(reply.max_vcpus), mmap.MAP_SHARED)
     finally:
         for fd in fds:
             os.close(fd)
-    return conn, GuestMemory(mem, p2m, inflight, reply.gfns, reply.max_vcpus), reply
+    return conn, GuestMemory(mem, p2m, inflight, reply.gfns, reply.max_vcpus, ioreq), reply

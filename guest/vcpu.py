@@ -1,10 +1,10 @@
 """A guest vCPU: runs its workload, touching memory directly or exiting.
 
-Each vCPU is an asyncio task with its own control connection, so a vCPU
-blocked in an exit (waiting for the pager) blocks alone while the others run.
-The reply to an exit comes only once the hypervisor has unpaused the vCPU;
-the vCPU then retries the access, exactly as a real vCPU re-executes the
-faulting instruction.
+Each vCPU is an asyncio task with its own slot of the ioreq page and its own
+event channel (:mod:`guest.exits`), so a vCPU blocked in an exit (waiting
+for the pager) blocks alone while the others run.  The answer to an exit
+comes only once the hypervisor has unpaused the vCPU; the vCPU then retries
+the access, exactly as a real vCPU re-executes the faulting instruction.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from collections.abc import Iterator
 
 import msgspec
 
+from guest.exits import ExitPort
 from guest.memory import GuestMemory
 from guest.stamp import StampError, make_page, verify_page
-from hvemu import abi, protocol
+from hvemu import abi
 from hvemu.histogram import Histogram
 from hvemu.transport import Connection
 
@@ -43,12 +44,16 @@ class VcpuReport(msgspec.Struct):
 
 
 class Vcpu:
-    def __init__(self, vcpu_id: int, memory: GuestMemory, versions: list[int], conn: Connection) -> None:
+    def __init__(self, vcpu_id: int, memory: GuestMemory, versions: list[int], conn: Connection,
+                 port: ExitPort) -> None:
         self.vcpu_id = vcpu_id
         self.mem = memory
         #: Expected version of every page, shared by the domain's vCPUs (one thread).
         self.versions = versions
+        #: The vCPU's control connection (its hello, and hypercalls such as a balloon).
         self.conn = conn
+        #: Where its exits go.
+        self.port = port
         self.hist = Histogram()
         self.report = VcpuReport(vcpu=vcpu_id)
 
@@ -56,25 +61,21 @@ class Vcpu:
         # The guest runs identity-mapped and copies whole pages from their first
         # byte, so the faulting address is the page's guest-physical address
         # (what a listener sees as gla, at offset 0).
-        await self._call(protocol.GuestAccess(vcpu=self.vcpu_id, gfn=gfn, access=access,
-                                              gla=gfn * abi.PAGE_SIZE, offset=0))
+        self._resumed(await self.port.access(gfn, access, gfn * abi.PAGE_SIZE, 0))
 
-    async def _call(self, exit_msg: protocol.Msg) -> None:
-        """Exit to the hypervisor; on the way back, take any trap a tool injected meanwhile."""
-        reply, _ = await self.conn.call(exit_msg)
-        if isinstance(reply, protocol.TrapInjected):
-            self.report.traps_delivered += 1  # the guest's own handler for reply.vector runs here
+    def _resumed(self, vector: int | None) -> None:
+        """Back from an exit: take any trap a tool injected meanwhile."""
+        if vector is not None:
+            self.report.traps_delivered += 1  # the guest's own handler for the vector runs here
 
     async def step(self, gfn: int) -> None:
         """After an instruction (an access) of a vCPU a tool single-steps: report the step."""
-        await self._call(protocol.GuestTrap(vcpu=self.vcpu_id, reason=int(abi.MemEventReason.SINGLESTEP),
-                                            value=gfn, gla=gfn * abi.PAGE_SIZE))
+        self._resumed(await self.port.trap(int(abi.MemEventReason.SINGLESTEP), gfn, 0, gfn * abi.PAGE_SIZE))
         self.report.steps += 1
 
     async def breakpoint(self, gfn: int) -> None:
         """An INT3 at the start of ``gfn`` (a listener may re-inject it into the guest)."""
-        await self._call(protocol.GuestTrap(vcpu=self.vcpu_id, reason=int(abi.MemEventReason.INT3),
-                                            value=gfn, gla=gfn * abi.PAGE_SIZE))
+        self._resumed(await self.port.trap(int(abi.MemEventReason.INT3), gfn, 0, gfn * abi.PAGE_SIZE))
         self.report.traps += 1
 
     async def read(self, gfn: int) -> None:
@@ -110,7 +111,7 @@ class Vcpu:
 
     async def trap(self, reason: abi.MemEventReason, value: int, old: int) -> None:
         """A CR write or INT3: the hypervisor may pause us until a listener answers."""
-        await self._call(protocol.GuestTrap(vcpu=self.vcpu_id, reason=int(reason), value=value, old=old))
+        self._resumed(await self.port.trap(int(reason), value, old))
         self.report.traps += 1
 
     def _fault_done(self, start: int) -> None:

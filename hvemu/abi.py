@@ -12,6 +12,7 @@ third-party daemon may import it freely.
 from __future__ import annotations
 
 import enum
+import errno as _errno
 import struct
 from typing import Protocol, TypeVar
 
@@ -422,3 +423,114 @@ def ring_bytes(entries: int, entry_size: int = MEM_EVENT_SIZE) -> int:
     if size > PAGE_SIZE:
         raise ValueError(f"{entries} slots of {entry_size} bytes do not fit a {PAGE_SIZE}-byte page")
     return size
+
+
+# --------------------------------------------------------------------------
+# The vCPU exit page: Xen's shared ioreq page (``public/hvm/ioreq.h``,
+# ``shared_iopage_t``: one ``ioreq_t`` per vCPU, each with its own event
+# channel, ``vp_eport``).  Here the roles are those of an EPT violation
+# handled in user space: the vCPU (the guest process) writes its exit into
+# its slot and kicks its event channel; the hypervisor handles it and
+# answers by writing the slot's response and kicking back.  One 64-byte slot
+# per vCPU (a cache line), slot i at ``i * IOREQ_SLOT_SIZE``, little-endian:
+#
+# | offset | size | field |
+# |---|---|---|
+# | 0  | 4 | ``state``: IoreqState (Xen's STATE_IOREQ_* numbers) |
+# | 4  | 4 | ``type``: ExitType |
+# | 8  | 8 | ACCESS: ``gfn``; TRAP: ``value`` (new register value, or the gfn of an INT3/step) |
+# | 16 | 8 | ``gla`` (valid if EXIT_GLA_VALID) |
+# | 24 | 8 | ACCESS: ``offset`` within the page; TRAP: ``old`` register value |
+# | 32 | 4 | ACCESS: ``access`` bits (ACCESS_R/W/X); TRAP: ``reason`` (MemEventReason) |
+# | 36 | 4 | ``flags``: EXIT_GLA_VALID, rest 0 |
+# | 40 | 4 | response ``result``: ExitResult |
+# | 44 | 4 | response ``value``: the vector (TRAP_INJECTED) or a Linux errno number (ERROR) |
+# | 48 | 16 | zero |
+#
+# The state word is an aligned u32 loaded and stored through a memoryview
+# cast to ``'I'``; the fields around it change hands with it: the vCPU writes
+# the exit, then ``state = READY``, then notifies (a syscall: the full
+# barrier); the hypervisor copies the slot once, validates the copy, sets
+# ``INPROCESS``, and when the vCPU may run writes the response, then
+# ``state = RESP_READY``, then notifies.  The hypervisor never trusts the
+# page for its own bookkeeping (which vCPU has an exit in process is kept
+# privately), so a guest scribbling on its page can only confuse its own vCPUs.
+# --------------------------------------------------------------------------
+
+
+class IoreqState(enum.IntEnum):
+    """``STATE_IOREQ_NONE`` ... ``STATE_IORESP_READY`` of Xen's ``ioreq.h``."""
+
+    NONE = 0
+    READY = 1
+    INPROCESS = 2
+    RESP_READY = 3
+
+
+class ExitType(enum.IntEnum):
+    #: An EPT violation: the p2m type or access right refused a direct access (``hvm_hap_nested_page_fault``).
+    ACCESS = 1
+    #: A CR0/CR3/CR4 write, an INT3 or a single step (``hvm_memory_event_traps``).
+    TRAP = 2
+
+
+class ExitResult(enum.IntEnum):
+    #: The vCPU may go on (retry its access).
+    OK = 0
+    #: It goes on and first takes the trap a tool injected (``HVMOP_inject_trap``); the vector is in ``value``.
+    TRAP_INJECTED = 1
+    #: The exit was refused; ``value`` is the Linux errno number of an :class:`Errno` name.
+    ERROR = 2
+
+
+IOREQ_SLOT_SIZE = 64
+IOREQ_STATE_OFFSET = 0
+#: Everything the vCPU writes after the state word: type, three u64 operands, access/reason, flags.
+IOREQ_EXIT_OFFSET = 4
+IOREQ_RESPONSE_OFFSET = 40
+EXIT_GLA_VALID = 1 << 0
+_IOREQ_EXIT = struct.Struct("<IQQQII")
+_IOREQ_SLOT = struct.Struct("<IIQQQII")  # the state word too: what the hypervisor copies and reads
+_IOREQ_RESPONSE = struct.Struct("<II")
+assert IOREQ_EXIT_OFFSET + _IOREQ_EXIT.size == IOREQ_RESPONSE_OFFSET == _IOREQ_SLOT.size
+assert IOREQ_RESPONSE_OFFSET + _IOREQ_RESPONSE.size <= IOREQ_SLOT_SIZE
+
+#: The errno names' Linux numbers (what an ERROR response carries), and back.
+ERRNO_NUMBERS: dict[Errno, int] = {e: getattr(_errno, e.value) for e in Errno}
+ERRNO_NAMES: dict[int, Errno] = {n: e for e, n in ERRNO_NUMBERS.items()}
+
+
+def ioreq_page_size(max_vcpus: int) -> int:
+    """Bytes of a domain's exit page(s): one slot per vCPU, at least a page."""
+    return max(IOREQ_SLOT_SIZE * max_vcpus, PAGE_SIZE)
+
+
+def ioreq_slot_offset(vcpu: int) -> int:
+    return vcpu * IOREQ_SLOT_SIZE
+
+
+def ioreq_state_word(vcpu: int) -> int:
+    """Index of a slot's state word in the page as a memoryview cast to ``'I'``."""
+    return (vcpu * IOREQ_SLOT_SIZE + IOREQ_STATE_OFFSET) // 4
+
+
+def ioreq_pack_exit(buf: memoryview | bytearray, vcpu: int, kind: int, a: int, gla: int | None, c: int,
+                    d: int) -> None:
+    """The vCPU's half: write its exit's fields (not the state word: store READY after this)."""
+    _IOREQ_EXIT.pack_into(buf, vcpu * IOREQ_SLOT_SIZE + IOREQ_EXIT_OFFSET, kind, a,
+                          0 if gla is None else gla, c, d, 0 if gla is None else EXIT_GLA_VALID)
+
+
+def ioreq_unpack_slot(slot: bytes) -> tuple[int, int, int, int, int, int, int]:
+    """``(state, type, a, gla, c, d, flags)`` of a slot's private copy (the hypervisor validates it)."""
+    return _IOREQ_SLOT.unpack_from(slot, 0)
+
+
+def ioreq_pack_response(buf: memoryview | bytearray, vcpu: int, result: int, value: int = 0) -> None:
+    """The hypervisor's half: write the response (store RESP_READY after this)."""
+    _IOREQ_RESPONSE.pack_into(buf, vcpu * IOREQ_SLOT_SIZE + IOREQ_RESPONSE_OFFSET, result, value)
+
+
+def ioreq_unpack_response(buf: memoryview | bytes | bytearray, vcpu: int) -> tuple[int, int]:
+    """``(result, value)`` of a slot whose state is RESP_READY."""
+    return _IOREQ_RESPONSE.unpack_from(buf, vcpu * IOREQ_SLOT_SIZE + IOREQ_RESPONSE_OFFSET)

@@ -6,6 +6,13 @@ event channels, and the vCPUs' blocked exits, and it carries out the core's
 effects: punch holes for released frames, kick event channels, resume blocked
 vCPUs, fail the exits of a crashed domain.  It also performs the access
 guarantee's shootdown (see :mod:`guest.memory` for the guest half).
+
+vCPU exits arrive on the domain's exit page (Xen's ioreq page, laid out in
+:mod:`hvemu.abi`) with one event channel per vCPU: :class:`VcpuExits` takes an
+exit out of its slot and answers it there.  Which vCPU has an exit in process
+is kept here, never read back from the page, so whatever a guest writes on it
+only ever reaches the core as the validated arguments of one of its own
+vCPUs' exits.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from hvemu import abi
 from hvemu.core.effects import DomainCrashed, Effect, FramesReleased, RingNotify, VcpuRunnable
@@ -65,6 +73,117 @@ class RingBackend:
         self.page.close()
 
 
+class Exit(NamedTuple):
+    """One vCPU exit, copied out of its slot (operands as :mod:`hvemu.abi` lays them out)."""
+
+    kind: int
+    a: int
+    gla: int | None
+    c: int
+    d: int
+
+
+_READY = int(abi.IoreqState.READY)
+_INPROCESS = int(abi.IoreqState.INPROCESS)
+_RESP_READY = int(abi.IoreqState.RESP_READY)
+_RESULT_OK = int(abi.ExitResult.OK)
+_RESULT_TRAP = int(abi.ExitResult.TRAP_INJECTED)
+_RESULT_ERROR = int(abi.ExitResult.ERROR)
+_NO_EXIT = 0
+_ACCESS = int(abi.ExitType.ACCESS)
+
+
+class VcpuExits:
+    """A domain's exit page and its vCPUs' event channels (the hypervisor's end).
+
+    ``take(vcpu)`` copies a READY slot out (once: the guest may go on
+    scribbling on the page, the copy is what is handled) and marks the exit
+    in process; ``answer(vcpu, ...)`` writes the response, stores RESP_READY
+    and kicks the vCPU.  Both are plain calls from the hypervisor's reader
+    callback and from the effect that makes a vCPU runnable: no task, no
+    future per exit.
+    """
+
+    def __init__(self, domid: int, max_vcpus: int) -> None:
+        self.page = Segment(abi.ioreq_page_size(max_vcpus), tag=f"d{domid}-ioreq")
+        self._view = memoryview(self.page.map)
+        self._states = self._view.cast("I")
+        #: Per vCPU: the ExitType of the exit in process (0: none), private to the hypervisor.
+        self.in_process = [_NO_EXIT] * max_vcpus
+        #: When each exit in process was taken (perf_counter_ns), for the fault latency.
+        self.started = [0] * max_vcpus
+        self.channels: dict[int, EventChannel] = {}
+
+    def bind(self, vcpu: int, port: int, on_kick: Callable[[int], None]) -> int:
+        """A fresh event channel for ``vcpu``, watched by ``on_kick(vcpu)``; returns the guest's end."""
+        self.unbind(vcpu)
+        local, remote = EventChannel.pair(port)
+        try:
+            local.watch(lambda _ports: on_kick(vcpu))
+        except BaseException:
+            local.close()
+            remote.close()
+            raise
+        self.channels[vcpu] = local
+        return remote.detach()
+
+    def unbind(self, vcpu: int) -> None:
+        """Close ``vcpu``'s channel (its reader goes with it); an exit in process stays in process."""
+        chan = self.channels.pop(vcpu, None)
+        if chan is not None:
+            chan.close()
+
+    def take(self, vcpu: int) -> Exit | None:
+        """The exit in ``vcpu``'s slot, now in process; None if there is none to take.
+
+        A kick while an exit of that vCPU is already in process, or with a
+        slot that is not READY, is spurious (or a guest breaking the
+        protocol): nothing happens, the vCPU only delays itself.
+        """
+        if self.in_process[vcpu]:
+            return None
+        off = abi.ioreq_slot_offset(vcpu)
+        state, kind, a, gla, c, d, flags = abi.ioreq_unpack_slot(bytes(self._view[off:off + abi.IOREQ_RESPONSE_OFFSET]))
+        if state != _READY:
+            return None
+        self._states[abi.ioreq_state_word(vcpu)] = _INPROCESS
+        self.in_process[vcpu] = kind or -1  # a type of 0 is still an exit in process (refused as EINVAL)
+        self.started[vcpu] = time.perf_counter_ns()
+        return Exit(kind, a, gla if flags & abi.EXIT_GLA_VALID else None, c, d)
+
+    def answer(self, vcpu: int, result: int = _RESULT_OK, value: int = 0) -> None:
+        """Write the response of ``vcpu``'s exit in process, store RESP_READY and kick the vCPU."""
+        self.in_process[vcpu] = _NO_EXIT
+        abi.ioreq_pack_response(self._view, vcpu, result, value)
+        self._states[abi.ioreq_state_word(vcpu)] = _RESP_READY
+        chan = self.channels.get(vcpu)
+        if chan is not None and not chan.closed:
+            chan.notify()
+
+    def resumed(self, vcpu: int, trap: int | None) -> None:
+        """The vCPU may run: answer Ok, or with the trap a tool injected meanwhile."""
+        if trap is None:
+            self.answer(vcpu)
+        else:
+            self.answer(vcpu, _RESULT_TRAP, trap)
+
+    def refuse(self, vcpu: int, errno: abi.Errno) -> None:
+        self.answer(vcpu, _RESULT_ERROR, abi.ERRNO_NUMBERS[errno])
+
+    def fail_all(self, errno: abi.Errno) -> None:
+        """Refuse every exit in process (the domain crashed or is going)."""
+        for vcpu, kind in enumerate(self.in_process):
+            if kind:
+                self.refuse(vcpu, errno)
+
+    def close(self) -> None:
+        for vcpu in list(self.channels):
+            self.unbind(vcpu)
+        self._states.release()
+        self._view.release()
+        self.page.close()
+
+
 class DomainBackend:
     """Segments, rings, guest connections and blocked exits of one domain."""
 
@@ -80,8 +199,10 @@ class DomainBackend:
         self.rings: dict[abi.RingKind, RingBackend] = {}
         self.guest: object | None = None
         self.vcpu_conns: dict[int, object] = {}
-        #: Blocked exits: the future resolves when the vCPU may run again.
+        #: Blocked exits of the control socket: the future resolves when the vCPU may run again.
         self.waiters: dict[int, asyncio.Future[None]] = {}
+        #: The exit page and the vCPUs' event channels (exits without the control socket).
+        self.exits = VcpuExits(dom.domid, dom.max_vcpus)
         self.target = dom.gfns
         self.faults = 0
         #: Hypervisor-observed time a faulting vCPU stayed paused (exit to resume), ns.
@@ -109,7 +230,20 @@ class DomainBackend:
             mb()
         return True
 
+    def vcpu_runnable(self, vcpu: int) -> None:
+        """The core made ``vcpu`` runnable: resume its blocked exit, whichever path it came by."""
+        fut = self.waiters.pop(vcpu, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+        exits = self.exits
+        if exits.in_process[vcpu]:
+            if exits.in_process[vcpu] == _ACCESS:
+                self.fault_latency.record(time.perf_counter_ns() - exits.started[vcpu])
+            exits.resumed(vcpu, self.dom.take_pending_trap(vcpu))
+
     def fail_waiters(self, exc: BaseException) -> None:
+        if isinstance(exc, HypervisorError):
+            self.exits.fail_all(exc.errno)
         for fut in self.waiters.values():
             if not fut.done():
                 fut.set_exception(exc)
@@ -120,6 +254,7 @@ class DomainBackend:
         for ring in self.rings.values():
             ring.close()
         self.rings.clear()
+        self.exits.close()
         self._inflight_words.release()
         for seg in (self.memory, self.inflight, self.p2m):
             seg.close()
@@ -134,9 +269,7 @@ def apply_effects(hv: Hypervisor, backends: dict[int, DomainBackend]) -> list[Do
         if be is None:
             continue
         if isinstance(eff, VcpuRunnable):
-            fut = be.waiters.pop(eff.vcpu_id, None)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+            be.vcpu_runnable(eff.vcpu_id)
         elif isinstance(eff, RingNotify):
             ring = be.rings.get(eff.ring)
             if ring is not None and ring.evtchn is not None:

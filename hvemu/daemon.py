@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import functools
 import logging
 import os
 import signal
@@ -49,6 +50,8 @@ Reply = tuple[protocol.Msg, list[FdLike]]
 _HELLOS = (protocol.ToolHello, protocol.GuestHello)
 _GUEST_EXITS = (protocol.GuestAccess, protocol.GuestBalloonOut, protocol.GuestTrap)
 _GUEST_OPS = (*_GUEST_EXITS, protocol.GuestHello)
+_EXIT_ACCESS = int(abi.ExitType.ACCESS)
+_EXIT_TRAP = int(abi.ExitType.TRAP)
 
 
 class ConnCtx:
@@ -186,6 +189,7 @@ class HypervisorDaemon:
                 self._destroy(ctx.domid)
             elif ctx.vcpu is not None and be.vcpu_conns.get(ctx.vcpu) is ctx:
                 del be.vcpu_conns[ctx.vcpu]
+                be.exits.unbind(ctx.vcpu)
         for be in self.backends.values():
             for ring in be.rings.values():
                 if ring.owner is ctx:
@@ -231,17 +235,25 @@ class HypervisorDaemon:
                 raise _err(Errno.EBUSY, f"domain {msg.domid} already has a guest")
             be.guest = ctx
             ctx.main_guest = True
-            fds: list[FdLike] = [be.memory.fd, be.p2m.ro_fd, be.inflight.fd]
-            welcome.fds = ["memory", "p2m", "inflight"]
+            fds: list[FdLike] = [be.memory.fd, be.p2m.ro_fd, be.inflight.fd, be.exits.page.fd]
+            welcome.fds = ["memory", "p2m", "inflight", "ioreq"]
         else:
             if be.guest is None:
                 raise _err(Errno.EPERM, f"domain {msg.domid}: connect the guest before its vCPUs")
             self._vcpu(be, msg.vcpu)
             if msg.vcpu in be.vcpu_conns:
                 raise _err(Errno.EBUSY, f"vCPU {msg.vcpu} of domain {msg.domid} is already connected")
+            # The vCPU's event channel: its exits go through its slot of the
+            # ioreq page and this channel, not through this connection (which
+            # still takes control-socket exits, and whose end unbinds the channel).
+            port = self._next_port
+            remote = be.exits.bind(msg.vcpu, port, functools.partial(self._on_vcpu_exit, be))
+            self._next_port += 1
             be.vcpu_conns[msg.vcpu] = ctx
             ctx.vcpu = msg.vcpu
-            fds = []
+            welcome.port = port
+            welcome.fds = ["evtchn"]
+            fds = [OwnedFd(remote)]
         ctx.role, ctx.domid = "guest", msg.domid
         return welcome, fds
 
@@ -565,6 +577,36 @@ class HypervisorDaemon:
         return stopped, []
 
     # ------------------------------------------------------------ guest exits
+    def _on_vcpu_exit(self, be: DomainBackend, vcpu: int) -> None:
+        """A vCPU kicked its event channel: handle the exit in its ioreq slot, in this callback.
+
+        The core runs at once; the vCPU is answered now if it may run, else
+        by the :class:`~hvemu.core.effects.VcpuRunnable` effect that names it
+        (:meth:`DomainBackend.vcpu_runnable`).  A bad exit (a garbage type,
+        a gfn outside the domain, a paused or crashed vCPU...) is refused
+        with its errno in the slot, like a control-socket exit's error reply.
+        """
+        if self.backends.get(be.domid) is not be:
+            return
+        ex = be.exits.take(vcpu)
+        if ex is None:
+            return
+        dom = be.dom
+        try:
+            if ex.kind == _EXIT_ACCESS:
+                be.faults += 1
+                dom.guest_access(vcpu, ex.a, ex.d, ex.gla, ex.c)
+            elif ex.kind == _EXIT_TRAP:
+                dom.hvm_trap(vcpu, ex.d, ex.a, ex.c, ex.gla)
+            else:
+                raise _err(Errno.EINVAL, f"no exit type {ex.kind}")
+        except HypervisorError as exc:
+            be.exits.refuse(vcpu, exc.errno)
+        else:
+            if dom.vcpus[vcpu].runnable:
+                be.exits.resumed(vcpu, dom.take_pending_trap(vcpu))
+        self._after_op()
+
     async def _wait_runnable(self, be: DomainBackend, vcpu: int) -> None:
         if be.dom.vcpus[vcpu].runnable:
             return

@@ -97,6 +97,9 @@ class Welcome(Msg):
     domid: int | None = None
     max_vcpus: int = 0
     gfns: int = 0
+    #: A vCPU's hello: the port of its event channel (the fd named ``evtchn``), for exits through
+    #: its slot of the ioreq page (the fd named ``ioreq`` of the domain's hello).
+    port: int | None = None
     #: Names of the fds passed with this reply, in order.
     fds: list[str] = []
 

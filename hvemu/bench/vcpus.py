@@ -1,8 +1,9 @@
 """A bench-only guest: the guest's own memory access and exit path, driven by the benchmark.
 
-It uses :class:`guest.memory.GuestMemory` and the same ``GuestAccess`` exit
-over one control connection per vCPU as ``python -m guest``, but runs the
-access pattern a benchmark needs instead of a workload:
+It uses :class:`guest.memory.GuestMemory` and the same exit path as
+``python -m guest`` (each vCPU's slot of the ioreq page and its event
+channel, :mod:`guest.exits`), but runs the access pattern a benchmark needs
+instead of a workload:
 
 ``floor``
     vCPU 0 exits on one gfn again and again (the daemon is
@@ -36,6 +37,7 @@ from typing import Any
 
 import uvloop
 
+from guest.exits import ExitPort, connect_vcpu
 from guest.memory import GuestMemory, open_guest
 from guest.stamp import StampError, make_page, verify_page
 from hvemu import abi, protocol
@@ -44,10 +46,11 @@ from hvemu.transport import Connection
 
 
 class BenchGuest:
-    def __init__(self, main: Connection, mem: GuestMemory, conns: list[Connection]) -> None:
+    def __init__(self, main: Connection, mem: GuestMemory, conns: list[Connection], ports: list[ExitPort]) -> None:
         self.main = main
         self.mem = mem
         self.conns = conns
+        self.ports = ports
         self.faults = 0
         self.integrity_failures = 0
         self.errors: list[str] = []
@@ -56,14 +59,21 @@ class BenchGuest:
     @classmethod
     async def open(cls, path: str, domid: int, vcpus: int) -> BenchGuest:
         main, mem, reply = await open_guest(path, domid)
-        conns = []
-        for i in range(vcpus):
-            c = await Connection.connect(path)
-            await c.call(protocol.GuestHello(domid=domid, vcpu=i))
-            conns.append(c)
-        return cls(main, mem, conns)
+        guest = cls(main, mem, [], [])
+        assert mem.ioreq is not None
+        try:
+            for i in range(vcpus):
+                conn, port = await connect_vcpu(path, domid, i, mem.ioreq)
+                guest.conns.append(conn)
+                guest.ports.append(port)
+        except BaseException:
+            await guest.close()
+            raise
+        return guest
 
     async def close(self) -> None:
+        for p in self.ports:
+            p.close()
         for c in self.conns:
             await c.close()
         await self.main.close()
@@ -72,14 +82,14 @@ class BenchGuest:
     async def write(self, vcpu: int, gfn: int, version: int) -> None:
         page = make_page(gfn, version)
         while not self.mem.try_write(vcpu, gfn, page):
-            await self.conns[vcpu].call(protocol.GuestAccess(vcpu=vcpu, gfn=gfn, access=abi.ACCESS_W))
+            await self.ports[vcpu].access(gfn, abi.ACCESS_W)
 
     async def read(self, vcpu: int, gfn: int, version: int) -> None:
         start = 0
         while (data := self.mem.try_read(vcpu, gfn)) is None:
             if not start:
                 start = time.perf_counter_ns()
-            await self.conns[vcpu].call(protocol.GuestAccess(vcpu=vcpu, gfn=gfn, access=abi.ACCESS_R))
+            await self.ports[vcpu].access(gfn, abi.ACCESS_R)
         if start:
             self.faults += 1
             self.latencies.append(time.perf_counter_ns() - start)
@@ -93,16 +103,15 @@ class BenchGuest:
 
 async def _floor(guest: BenchGuest, gfn: int, iterations: int, warmup: int,
                  stdin: asyncio.StreamReader) -> dict[str, Any]:
-    conn = guest.conns[0]
+    port = guest.ports[0]
     mem = guest.mem
-    msg = protocol.GuestAccess(vcpu=0, gfn=gfn, access=abi.ACCESS_R)
     clock = time.perf_counter_ns
 
     async def exits(n: int) -> list[int]:
         samples: list[int] = []
         for _ in range(n):
             t0 = clock()
-            await conn.call(msg)
+            await port.access(gfn, abi.ACCESS_R)
             if mem.try_read(0, gfn) is not None:
                 raise RuntimeError(f"gfn {gfn} became readable: the floor's daemon must not restore its rights")
             samples.append(clock() - t0)

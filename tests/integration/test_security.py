@@ -77,7 +77,7 @@ async def test_run_dir_socket_and_every_segment_are_owner_only(hypervisor: Hyper
     guest, gfds = await _guest(hypervisor, domid)
     daemon, info, dfds = await _enable(hypervisor, domid)
     try:
-        assert set(gfds) == {"memory", "p2m", "inflight"}
+        assert set(gfds) == {"memory", "p2m", "inflight", "ioreq"}
         assert set(dfds) == {"ring", "evtchn", "memory", "p2m"}
         for name, fd in [*gfds.items(), *dfds.items()]:
             st = os.fstat(fd)
@@ -116,7 +116,7 @@ async def test_no_peer_can_resize_a_segment_under_the_hypervisor(hypervisor: Hyp
     guest, gfds = await _guest(hypervisor, domid)
     daemon, _info, dfds = await _enable(hypervisor, domid)
     try:
-        for name, fd in [("inflight", gfds["inflight"]), ("ring", dfds["ring"])]:
+        for name, fd in [("inflight", gfds["inflight"]), ("ioreq", gfds["ioreq"]), ("ring", dfds["ring"])]:
             for size in (0, 1, 1 << 30):
                 with pytest.raises(PermissionError):
                     os.ftruncate(fd, size)
