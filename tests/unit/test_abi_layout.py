@@ -381,3 +381,57 @@ def test_c_decode_matches_codec(c_layout: Path) -> None:
         values = [int(x) for x in row]
         expected = [int(getattr(e, n)) for n in FIELD_NAMES] + [e.reserved_bits]
         assert values == expected
+
+
+# --------------------------------------------------------------------------
+# The vCPU exit page (Xen's ioreq page), transcribed from the table in
+# hvemu/abi.py's comment block by hand: name -> (offset, size).
+# --------------------------------------------------------------------------
+
+IOREQ_SLOT = {
+    "state": (0, 4),
+    "type": (4, 4),
+    "gfn_or_value": (8, 8),
+    "gla": (16, 8),
+    "offset_or_old": (24, 8),
+    "access_or_reason": (32, 4),
+    "flags": (36, 4),
+    "result": (40, 4),
+    "value": (44, 4),
+}
+
+
+def _field(buf: bytes, slot: int, name: str) -> int:
+    off, size = IOREQ_SLOT[name]
+    return int.from_bytes(buf[slot * 64 + off: slot * 64 + off + size], "little")
+
+
+def test_ioreq_slot_bytes_match_the_table() -> None:
+    page = bytearray(abi.ioreq_page_size(3))
+    assert len(page) == abi.PAGE_SIZE and abi.ioreq_page_size(128) == 128 * 64 == abi.IOREQ_SLOT_SIZE * 128
+    abi.ioreq_pack_exit(page, 2, abi.ExitType.ACCESS, 0x1122334455, 0xFFFF_0000_1234_5678, 0x7FF, abi.ACCESS_W)
+    words = memoryview(page).cast("I")
+    words[abi.ioreq_state_word(2)] = abi.IoreqState.READY
+    assert bytes(page[:128]) == bytes(128), "slots 0 and 1 were touched"
+    assert _field(page, 2, "state") == 1 == abi.IoreqState.READY
+    assert _field(page, 2, "type") == 1
+    assert _field(page, 2, "gfn_or_value") == 0x1122334455
+    assert _field(page, 2, "gla") == 0xFFFF_0000_1234_5678
+    assert _field(page, 2, "offset_or_old") == 0x7FF
+    assert _field(page, 2, "access_or_reason") == 2
+    assert _field(page, 2, "flags") == 1  # gla valid
+    slot = bytes(page[128:128 + abi.IOREQ_RESPONSE_OFFSET])
+    assert abi.ioreq_unpack_slot(slot) == (1, 1, 0x1122334455, 0xFFFF_0000_1234_5678, 0x7FF, 2, 1)
+    abi.ioreq_pack_exit(page, 2, abi.ExitType.TRAP, 5, None, 0, abi.MemEventReason.INT3)
+    assert _field(page, 2, "gla") == 0 and _field(page, 2, "flags") == 0 and _field(page, 2, "type") == 2
+    abi.ioreq_pack_response(page, 2, abi.ExitResult.ERROR, abi.ERRNO_NUMBERS[abi.Errno.EINVAL])
+    assert _field(page, 2, "result") == 2 and _field(page, 2, "value") == 22  # Linux EINVAL
+    assert abi.ioreq_unpack_response(page, 2) == (2, 22)
+    assert bytes(page[2 * 64 + 48:3 * 64]) == bytes(16) and bytes(page[3 * 64:]) == bytes(len(page) - 192)
+    words.release()
+
+
+def test_ioreq_states_are_xens_numbers() -> None:
+    # xen/include/public/hvm/ioreq.h: STATE_IOREQ_NONE 0, _READY 1, _INPROCESS 2, STATE_IORESP_READY 3
+    assert [int(s) for s in abi.IoreqState] == [0, 1, 2, 3]
+    assert {abi.ERRNO_NAMES[n] for n in abi.ERRNO_NUMBERS.values()} == set(abi.Errno)
