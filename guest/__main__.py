@@ -228,11 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(root, ValueError):
             print(f"hvemu-guest: {root}", file=sys.stderr)
             return 2
-        if isinstance(root, ControlError):
+        if isinstance(root, ControlError) and root.errno != Errno.ESRCH:
             print(f"hvemu-guest: domain {args.domid}: {root}", file=sys.stderr)
             return 3
-        if isinstance(root, HypervisorGone | ConnectionError | OSError | EOFError):
-            # The connection ended (the lifeline saw it, or a vCPU's exit did):
+        if isinstance(root, HypervisorGone | ConnectionError | OSError | EOFError | ControlError):
+            # The connection ended (the lifeline saw it, or a vCPU's exit did),
+            # or the domain was gone when asked (ESRCH, e.g. to a vCPU's hello):
             # ask the hypervisor, if it still answers, what became of the domain.
             print(f"hvemu-guest: domain {args.domid}: {_why_gone(args, root)}", file=sys.stderr)
             return 3

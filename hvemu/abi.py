@@ -534,3 +534,42 @@ def ioreq_pack_response(buf: memoryview | bytearray, vcpu: int, result: int, val
 def ioreq_unpack_response(buf: memoryview | bytes | bytearray, vcpu: int) -> tuple[int, int]:
     """``(result, value)`` of a slot whose state is RESP_READY."""
     return _IOREQ_RESPONSE.unpack_from(buf, vcpu * IOREQ_SLOT_SIZE + IOREQ_RESPONSE_OFFSET)
+
+
+# --------------------------------------------------------------------------
+# The paging ring's load area: where a pager puts the page a response brings
+# in, so that no page travels in a message.  Xen 4.2's
+# ``p2m_mem_paging_load`` takes the page from a buffer the pager names; here
+# the buffer is one page per ring slot in a segment the hypervisor hands out
+# with the paging ring (the fd named ``load``).  Layout:
+#
+#   [0, PAGE_SIZE)                  one u64 word per ring slot (aligned, via a memoryview cast to 'Q')
+#   [PAGE_SIZE * (1 + s), +PAGE)    the page staged for the response in ring slot s
+#
+# The pager writes the page, then ``word[s] = gfn + 1``, then the response
+# into ring slot s, and pushes it (ring.h's barrier, then the kick).  The
+# hypervisor, as it consumes that response (on the kick), loads the page
+# with ``p2m_mem_paging_load`` (allocate, copy, retype: a failure changes
+# nothing) and sets ``word[s] = 0``; if the host had no memory (``ENOMEM``)
+# it sets ``LOAD_ENOMEM | (gfn + 1)`` instead and kicks the pager, which
+# makes room and loads that gfn with a ``PagingLoad`` domctl (its vCPU waits
+# on the gfn meanwhile).  A word that does not match its response's gfn, or
+# a response that is not a paging one, is ignored.
+# --------------------------------------------------------------------------
+
+LOAD_WORD_SIZE = 8
+#: Set in a load word by the hypervisor: this staged page found no host memory.
+LOAD_ENOMEM = 1 << 63
+
+
+def load_area_size(ring_slots: int) -> int:
+    return PAGE_SIZE * (1 + ring_slots)
+
+
+def load_page_offset(slot: int) -> int:
+    return PAGE_SIZE * (1 + slot)
+
+
+def load_word(gfn: int) -> int:
+    """What a staged page's word holds: ``gfn + 1`` (0 is "nothing staged")."""
+    return gfn + 1

@@ -18,6 +18,7 @@ vCPUs' exits.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -42,8 +43,13 @@ SHOOTDOWN_SPINS = 64
 SHOOTDOWN_POLL = 0.001
 
 
+_RING_MASK = abi.RING_IDX_MASK
+_PAGING = int(abi.MemEventType.PAGING)
+_DROP_PAGE = int(abi.MemEventFlag.DROP_PAGE)
+
+
 class RingBackend:
-    """One enabled mem_event ring: its page, its event channel, its daemon."""
+    """One enabled mem_event ring: its page, its event channel, its daemon (and a paging ring's load area)."""
 
     def __init__(self, domid: int, kind: abi.RingKind, port: int) -> None:
         self.domid = domid
@@ -53,6 +59,63 @@ class RingBackend:
         self.evtchn: EventChannel | None = None
         #: The control connection of the daemon that owns the ring (None: orphaned).
         self.owner: object | None = None
+        #: A paging ring's load area (:mod:`hvemu.abi`: one staged page per ring slot), and its views.
+        self.load: Segment | None = None
+        self._load_view: memoryview | None = None
+        self._load_words: memoryview | None = None
+
+    def open_load_area(self, slots: int) -> None:
+        self.load = Segment(abi.load_area_size(slots), tag=f"d{self.domid}-load")
+        self._load_view = memoryview(self.load.map)
+        self._load_words = self._load_view[:abi.LOAD_WORD_SIZE * slots].cast("Q")
+
+    def load_staged(self, dom: Domain, memory: Segment) -> bool:
+        """Load the pages staged for the responses about to be consumed; True if one found no memory.
+
+        Called just before the core resumes the paging ring, so that it is
+        the response that makes its vCPU run, after its page is in: each
+        staged page goes through ``p2m_mem_paging_load`` (allocate, copy
+        from the load area, retype; a failed copy or no memory changes
+        nothing) and its word is cleared, or marked ``LOAD_ENOMEM`` for the
+        pager (the caller then kicks it).  Nothing here trusts the daemon:
+        an index range the core would call corrupt loads nothing (the
+        resume then crashes the domain), and a word that does not name its
+        response's gfn is dropped.
+        """
+        words, view = self._load_words, self._load_view
+        med = dom.rings[self.kind]
+        front = med.front
+        if words is None or view is None or front is None or dom.crashed:
+            return False
+        size = front.size
+        idx = front.rsp_cons
+        avail = (front.sring.rsp_prod - idx) & _RING_MASK
+        if not avail or avail > (front.req_prod_published - idx) & _RING_MASK:
+            return False
+        mb()  # ring.h's rmb(): the responses (and their pages) after rsp_prod
+        enomem = False
+        read_entry = front.sring.read_entry
+        for _ in range(avail):
+            slot = idx & (size - 1)
+            word = words[slot]
+            if word:
+                words[slot] = 0
+                rsp = read_entry(idx)
+                if rsp.type == _PAGING and not rsp.flags & _DROP_PAGE and word == rsp.gfn + 1:
+                    off = abi.load_page_offset(slot)
+                    page = view[off:off + abi.PAGE_SIZE]
+                    try:
+                        result = dom.paging_load([rsp.gfn], functools.partial(_fill_from, memory, page))
+                    except HypervisorError as exc:
+                        log.warning("domain %d: staged load of gfn %#x: %s", self.domid, rsp.gfn, exc)
+                        result = [exc.errno]
+                    finally:
+                        page.release()
+                    if result[0] == abi.Errno.ENOMEM:
+                        words[slot] = abi.LOAD_ENOMEM | word
+                        enomem = True
+            idx = (idx + 1) & _RING_MASK
+        return enomem
 
     def new_channel(self) -> int:
         """A fresh event channel pair; returns the remote fd to hand to the daemon."""
@@ -71,6 +134,12 @@ class RingBackend:
     def close(self) -> None:
         self.close_channel()
         self.page.close()
+        if self.load is not None:
+            assert self._load_words is not None and self._load_view is not None
+            self._load_words.release()
+            self._load_view.release()
+            self.load.close()
+            self.load = None
 
 
 class Exit(NamedTuple):
@@ -282,6 +351,11 @@ def apply_effects(hv: Hypervisor, backends: dict[int, DomainBackend]) -> list[Do
             be.fail_waiters(HypervisorError(abi.Errno.ESRCH, f"domain {eff.domid} crashed: {eff.reason}"))
             crashed.append(eff)
     return crashed
+
+
+def _fill_from(memory: Segment, page: memoryview, gfn: int) -> None:
+    """Copy a staged page into ``gfn``'s new frame, through the fd (see :class:`hvemu.shm.PosixSegment`)."""
+    memory.pwrite(gfn * abi.PAGE_SIZE, page)
 
 
 def _runs(gfns: Iterable[int]) -> list[tuple[int, int]]:

@@ -361,6 +361,8 @@ class HypervisorDaemon:
                 raise
             self._next_port += 1
             be.rings[msg.ring] = ring
+            if msg.ring == RingKind.paging:
+                ring.open_load_area(be.dom.rings_size(msg.ring))
         remote = ring.new_channel()
         assert ring.evtchn is not None
         loop = asyncio.get_running_loop()
@@ -380,7 +382,11 @@ class HypervisorDaemon:
             fds=["ring", "evtchn", "memory", "p2m"])
         log.info("domain %d %s ring %s (port %d)", be.domid, msg.ring,
                  "re-attached" if reattached else "enabled", ring.port)
-        return reply, [ring.page.fd, OwnedFd(remote), be.memory.fd, be.p2m.ro_fd]
+        fds: list[FdLike] = [ring.page.fd, OwnedFd(remote), be.memory.fd, be.p2m.ro_fd]
+        if ring.load is not None:
+            reply.fds.append("load")
+            fds.append(ring.load.fd)
+        return reply, fds
 
     def _on_kick(self, domid: int, kind: RingKind) -> None:
         """A daemon notified the ring's event channel: resume (drain every response)."""
@@ -396,10 +402,24 @@ class HypervisorDaemon:
         elif not pending:
             return
         try:
-            be.dom.mem_event_resume(kind)
+            self._resume(be, kind)
         except HypervisorError as exc:
             log.warning("resume of domain %d %s ring: %s", domid, kind, exc)
         self._after_op()
+
+    @staticmethod
+    def _resume(be: DomainBackend, kind: RingKind) -> None:
+        """``mem_event_resume``, after loading the pages staged for the responses it will consume.
+
+        A staged page that found no host memory is left marked for the pager,
+        which is kicked to make room and load it (its vCPU, resumed by the
+        response, waits on the gfn meanwhile).
+        """
+        ring = be.rings.get(kind)
+        enomem = ring is not None and ring.load is not None and ring.load_staged(be.dom, be.memory)
+        be.dom.mem_event_resume(kind)
+        if enomem and ring is not None and ring.evtchn is not None:
+            ring.evtchn.notify()
 
     async def _mem_event_disable(self, ctx: ConnCtx, msg: protocol.MemEventDisable) -> Reply:
         be = self._backend(msg.domid)
@@ -416,7 +436,7 @@ class HypervisorDaemon:
 
     async def _mem_event_resume(self, ctx: ConnCtx, msg: protocol.MemEventResume) -> Reply:
         be = self._backend(msg.domid)
-        be.dom.mem_event_resume(msg.ring)
+        self._resume(be, msg.ring)
         return protocol.Ok(), []
 
     # ------------------------------------------------------------ paging
@@ -455,7 +475,7 @@ class HypervisorDaemon:
 
         results = be.dom.paging_load(msg.gfns, fill)
         if msg.resume and Errno.ENOMEM not in results:
-            be.dom.mem_event_resume(RingKind.paging)
+            self._resume(be, RingKind.paging)
             self._after_op()  # the resumed vCPUs' exits answer now
             await self._hold_load_reply(be)
         return protocol.BatchResult(results=results), []

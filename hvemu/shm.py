@@ -65,7 +65,7 @@ class Segment:
         """Read through the fd, never the mapping (see :class:`PosixSegment`)."""
         return os.pread(self.fd, length, offset)
 
-    def pwrite(self, offset: int, data: bytes) -> None:
+    def pwrite(self, offset: int, data: bytes | memoryview) -> None:
         done = 0
         while done < len(data):
             done += os.pwrite(self.fd, data[done:], offset + done)

@@ -8,9 +8,10 @@ victim policy from :mod:`pager.policy`.  It uses the public SDK
 (:mod:`pager.sdk`) only.
 
 How it works, like ``xenpaging``: a serving task drains the ring and answers
-each drain at once (one load domctl for every page of the drain, all
-responses published with one index update, the ring resumed by that same
-domctl); an eviction task keeps the resident size at the target (read from
+each drain at once (one prep domctl for every page of the drain, each page
+read from the pagefile straight into its guest frame, all responses
+published with one index update and one kick, on which the hypervisor
+resumes the ring); an eviction task keeps the resident size at the target (read from
 the hypervisor, so a changed target is followed at run time), evicting in
 batches (nominate, copy to the pagefile, evict: a page touched in between
 fails its evict and stays).  On a clean stop it pages everything back in
@@ -102,6 +103,12 @@ class Pager:
         self._target = 1 << 62
         self._resident = 0
         self._paging_in_seen: set[int] = set()
+        #: Gfns the serving task is paging in (prepped, maybe not filled yet): no sweep may load them.
+        self._in_flight: set[int] = set()
+        #: Requests of gfns whose fill failed, by gfn: prepared frames nobody may make ``ram_rw`` yet.
+        self._unfilled: dict[int, list[MemEvent]] = {}
+        #: Whether the last push notified the hypervisor.
+        self._notified = False
 
     # ------------------------------------------------------------- hooks
     def choose_victims(self, candidates: GfnsOfType, count: int) -> list[int]:
@@ -130,82 +137,177 @@ class Pager:
     async def handle_batch(self, batch: list[MemEvent]) -> None:
         if self.unbatched:
             for req in batch:
-                if not await self._handle([req], merged=False):
+                await self._handle([req])
+                if not self._notified:
                     self.client.kick()  # one notify per response, even when ring.h would skip it
             return
         await self._handle(batch)
 
-    async def _handle(self, batch: list[MemEvent], *, merged: bool = True) -> bool:
-        """Answer one drain: every response with one push, every page with one load domctl.
+    async def _handle(self, batch: list[MemEvent]) -> None:
+        if self.client.can_stage_pages:
+            await self._handle_staged(batch)
+        else:
+            await self._handle_prepped(batch)
 
-        The responses are published first and the load resumes the ring in
-        the same domctl (``resume=True``): one round trip and no event-channel
-        kick per drain.  The hypervisor looks at responses only when it
-        resumes, which it does after loading, so no vCPU runs before its page
-        is in (a pager killed in between leaves published, unconsumed
-        responses, which a re-attach rolls back).  ``merged=False`` is the
-        classic order (load, push, notify), kept for the unbatched mode.
-        Returns whether the hypervisor was resumed or notified.
+    async def _handle_staged(self, batch: list[MemEvent]) -> None:
+        """Answer one drain with no domctl: each page staged with its response, one push and kick.
+
+        Each page is read from the pagefile straight into the ring's load
+        area (:meth:`~pager.sdk.MemEventClient.respond_with_page`); the
+        hypervisor, on the kick, loads every staged page as it consumes its
+        response, so the vCPU runs with its page in.  A page whose read
+        failed gets no response (its request waits in :attr:`_unfilled`); a
+        page that found no host memory comes back marked, and is loaded
+        with a ``PagingLoad`` after making room (its vCPU waits on the gfn).
+        """
+        client = self.client
+        self.requests += len(batch)
+        failed = client.take_load_failures()
+        if failed:
+            self.pages_in -= len(failed)
+            loaded = await self._load(failed)
+            if loaded:
+                self._loaded(loaded)
+        staged: list[int] = []
+        for req in batch:
+            flags = req.flags
+            gfn = req.gfn
+            if flags & _NO_LOAD or gfn in staged:
+                if flags & _DROP_PAGE:
+                    self.drops += 1
+                    self.on_drop(gfn)
+                elif flags & _EVICT_FAIL:
+                    self.evict_failed += 1
+                client.respond(response_for(req))
+                continue
+            try:
+                client.respond_with_page(response_for(req), gfn, self.pagefile)
+            except OSError as exc:
+                log.warning("dom%d: reading gfn %#x failed (%s): its request waits", client.domid, gfn, exc)
+                self._unfilled.setdefault(gfn, []).append(req)
+                continue
+            staged.append(gfn)
+        self._notified = await client.push()
+        if staged:
+            self._loaded(staged)
+
+    async def _handle_prepped(self, batch: list[MemEvent]) -> None:
+        """Answer one drain: one prep domctl for its pages, each filled in place, one push and kick.
+
+        No page travels in a message: after the prep the pager reads each
+        page from its pagefile straight into the guest's frame (through its
+        mapping of guest memory), and the responses published with one index
+        update plus one kick make the hypervisor resume the ring, which turns
+        the prepared gfns ``ram_rw`` and unpauses their vCPUs.  A gfn whose
+        fill failed gets no response (it would expose a frame the pager did
+        not fill): its requests wait in :attr:`_unfilled` for
+        :meth:`retry_unfilled`, and their vCPUs stay paused meanwhile.
         """
         self.requests += len(batch)
         to_load: dict[int, None] = {}
         for req in batch:
-            if req.flags & _NO_LOAD:
-                continue
-            to_load[req.gfn] = None
-        merge = merged and bool(to_load)
-        loaded: list[int] = [] if merge else await self._load(list(to_load))
-        for req in batch:
-            if req.flags & _DROP_PAGE:
-                self.drops += 1
-                self.on_drop(req.gfn)
-            elif req.flags & _EVICT_FAIL:
-                self.evict_failed += 1
-            self.client.respond(response_for(req))
-        if merge:
-            await self.client.push(notify=False)
-            loaded = await self._load(list(to_load), resume=True)
-            notified = True
-        else:
-            notified = await self.client.push()
+            if not req.flags & _NO_LOAD:
+                to_load[req.gfn] = None
+        in_flight = self._in_flight
+        in_flight.update(to_load)
+        try:
+            loaded, failed = await self._prep_and_fill(list(to_load)) if to_load else ([], set())
+            client = self.client
+            for req in batch:
+                flags = req.flags
+                if flags & _DROP_PAGE:
+                    self.drops += 1
+                    self.on_drop(req.gfn)
+                elif flags & _EVICT_FAIL:
+                    self.evict_failed += 1
+                elif req.gfn in failed:
+                    self._unfilled.setdefault(req.gfn, []).append(req)
+                    continue
+                client.respond(response_for(req))
+            self._notified = await client.push()
+        finally:
+            in_flight.difference_update(to_load)
         if loaded:
-            self.pages_in += len(loaded)
-            self.on_populate(loaded)
-            self._resident += len(loaded)
-            if self._resident > self._target:
-                self._paged_in_event.set()
-        return notified
+            self._loaded(loaded)
 
-    async def _load(self, gfns: list[int], *, resume: bool = False) -> list[int]:
-        """Read the pagefile and load; on ENOMEM make room by evicting, then retry.
+    def _loaded(self, gfns: list[int]) -> None:
+        self.pages_in += len(gfns)
+        self.on_populate(gfns)
+        self._resident += len(gfns)
+        if self._resident > self._target:
+            self._paged_in_event.set()
 
-        ``resume``: the paging ring is resumed by the time this returns, by
-        the load that finds memory for every gfn, or else by a kick at the end.
+    async def _prep_and_fill(self, gfns: list[int]) -> tuple[list[int], set[int]]:
+        """Prep (on ENOMEM make room by evicting, then retry) and fill each gfn; ``(filled, fill failed)``.
+
+        A gfn prep answers ``ENOENT`` for is no longer paged (a duplicate
+        request): its response suffices.  One still without memory after the
+        retries is answered all the same, as Xen's pager would: its vCPU
+        re-executes, waits on the gfn, and the stranded sweep loads it later.
+        """
+        client = self.client
+        filled: list[int] = []
+        failed: set[int] = set()
+        pending = gfns
+        for _attempt in range(8):
+            results = await client.prep(pending)
+            retry = []
+            for g, r in zip(pending, results, strict=True):
+                if r is None:
+                    try:
+                        client.fill(g, self.pagefile)
+                    except OSError as exc:
+                        log.warning("dom%d: filling gfn %#x failed (%s): it stays out, its request waits",
+                                    client.domid, g, exc)
+                        failed.add(g)
+                    else:
+                        filled.append(g)
+                elif r == abi.Errno.ENOMEM:
+                    retry.append(g)
+            pending = retry
+            if not pending:
+                break
+            await self.evict_batch(len(pending))
+        if pending:
+            log.warning("dom%d: host memory exhausted, %d page-ins deferred to the guest's retry",
+                        client.domid, len(pending))
+        return filled, failed
+
+    async def retry_unfilled(self) -> int:
+        """Fill again the gfns whose fill failed, and answer their requests; how many were answered."""
+        if not self._unfilled:
+            return 0
+        waiting, self._unfilled = self._unfilled, {}
+        batch = [req for reqs in waiting.values() for req in reqs]
+        self.requests -= len(batch)  # counted when they first came
+        await self._handle(batch)
+        if not self._notified:
+            self.client.kick()
+        return len(batch) - sum(len(r) for r in self._unfilled.values())
+
+    async def _load(self, gfns: list[int]) -> list[int]:
+        """Load gfns with no request to answer (``PagingLoad``: allocate, fill, retype in one domctl).
+
+        On ENOMEM make room by evicting, then retry.
         """
         loaded: list[int] = []
         pending = gfns
-        resumed = not resume
         for _attempt in range(8):
             if not pending:
                 break
-            results = await self.client.load(pending, [self.pagefile.read(g) for g in pending], resume=not resumed)
+            results = await self.client.load(pending, [self.pagefile.read(g) for g in pending])
             retry = []
             for g, r in zip(pending, results, strict=True):
                 if r is None:
                     loaded.append(g)
                 elif r == abi.Errno.ENOMEM:
                     retry.append(g)
-                # EINVAL etc: the gfn is no longer paged (a duplicate request); the response suffices.
-            if not retry:
-                resumed = True  # the hypervisor resumed after this load (see PagingLoad.resume)
+                # EINVAL etc: the gfn is no longer paged; nothing to do.
             pending = retry
             if pending:
                 await self.evict_batch(len(pending))
         if pending:
-            log.warning("dom%d: host memory exhausted, %d page-ins deferred to the guest's retry",
-                        self.client.domid, len(pending))
-        if not resumed:
-            self.client.kick()
+            log.warning("dom%d: host memory exhausted, %d loads deferred", self.client.domid, len(pending))
         return loaded
 
     # ------------------------------------------------------------- eviction
@@ -242,7 +344,9 @@ class Pager:
         sweeps is loaded directly (a request that does turn up later is then
         answered as usual; its response finds ``ram_rw`` and only unpauses).
         """
-        now = set(self.client.gfns_of_type(P2MType.ram_paging_in))
+        # A gfn being paged in by the serving task, or whose fill failed, has
+        # a prepared frame that only its fill may make valid: never load it.
+        now = set(self.client.gfns_of_type(P2MType.ram_paging_in)) - self._in_flight - self._unfilled.keys()
         stranded = sorted(now & self._paging_in_seen)
         self._paging_in_seen = now - set(stranded)
         if not stranded:
@@ -278,6 +382,7 @@ class Pager:
         while True:
             now = loop.time()
             if now >= next_poll:
+                await self.retry_unfilled()
                 await self.load_stranded()
                 target = self._target = await self.evictor.get_target()
                 next_poll = now + self.poll_interval
@@ -329,14 +434,17 @@ class Pager:
         bar: Progressbar | None = None
         total = 0
         while True:
-            out = client.gfns_of_type(P2MType.ram_paged) + client.gfns_of_type(P2MType.ram_paging_in)
+            await self.retry_unfilled()
+            busy = self._in_flight | self._unfilled.keys()  # prepared frames only their fill may complete
+            out = [g for g in client.gfns_of_type(P2MType.ram_paged) + client.gfns_of_type(P2MType.ram_paging_in)
+                   if g not in busy]
             nominated = client.gfns_of_type(P2MType.ram_paging_out)
             if self.progress:
                 if bar is None:
                     total = len(out) + len(nominated)
                     bar = Progressbar(f"dom{client.domid}: paging everything in", total).__enter__()
                 bar.update(total - len(out) - len(nominated))
-            if not out and not nominated:
+            if not out and not nominated and not busy:
                 if bar is not None:
                     bar.__exit__(None, None, None)
                 return

@@ -185,6 +185,18 @@ class Pagefile:
             raise OSError(f"short read from pagefile slot {gfn}: {len(data)} bytes")
         return data
 
+    def read_into(self, gfn: int, buf: memoryview) -> None:
+        """Read slot ``gfn`` straight into ``buf`` (a guest frame: the kernel's one copy of a page-in).
+
+        ``OSError`` if the read is short or fails, ``EFAULT`` included (the
+        frame's memory could not be had): ``buf`` is then only partly written.
+        """
+        if len(buf) != PAGE_SIZE:
+            raise ValueError(f"a page is {PAGE_SIZE} bytes, got {len(buf)}")
+        n = os.preadv(self.fd, [buf], self._check(gfn))
+        if n != PAGE_SIZE:
+            raise OSError(f"short read from pagefile slot {gfn}: {n} bytes")
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

@@ -23,6 +23,7 @@ explains the protocol and the pitfalls.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import mmap
@@ -32,10 +33,11 @@ from types import TracebackType
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno, MemEvent, MemEventFlag, MemEventReason, MemEventType, RingKind
-from hvemu.evtchn import ChannelClosed, EventChannel
+from hvemu.evtchn import EventChannel
 from hvemu.ring import BackRing, RingCorruptError, SharedRing
 from hvemu.transport import Connection, ControlError, TransportError
 from pager.gfns import GfnsOfType
+from pager.pagefile import PageStore
 
 log = logging.getLogger("pager.sdk")
 
@@ -215,8 +217,10 @@ class Domctl:
     async def prep(self, gfns: Sequence[int]) -> list[Errno | None]:
         """Give paged gfns a zeroed frame (``ENOMEM``: host budget spent; ``ENOENT``: not paged).
 
-        Fill the frame through :attr:`MemEventClient.memory`, then respond: the
-        response makes the gfn ``ram_rw``.  Never fill a gfn whose prep failed.
+        Fill the frame through :attr:`MemEventClient.memory` (:meth:`MemEventClient.fill`),
+        then respond and push: the hypervisor's resume, on the kick, makes the
+        gfn ``ram_rw``.  No page travels in a message.  Never fill a gfn whose
+        prep failed, and never respond for one whose fill failed.
         """
         return await self._batch(protocol.PagingPrep(domid=self.domid, gfns=list(gfns)))
 
@@ -336,6 +340,15 @@ class MemEventClient(Domctl):
         self.gfns = 0
         self.max_vcpus = 0
         self._queued = 0
+        #: The event channel's persistent reader (installed at attach): it sets
+        #: ``_kicked`` and wakes the one :meth:`requests` sleeping, if any.
+        self._kicked = False
+        self._wakeup: asyncio.Future[None] | None = None
+        self._channel_gone = False
+        self._watching = False
+        #: A paging ring's load area (see :meth:`respond_with_page`): the whole map, and its words.
+        self._load_view: memoryview | None = None
+        self._load_words: memoryview | None = None
 
     # ------------------------------------------------------------------ life
     async def __aenter__(self) -> MemEventClient:
@@ -364,6 +377,11 @@ class MemEventClient(Domctl):
             self.memory = mmap.mmap(named["memory"], reply.gfns * abi.PAGE_SIZE, mmap.MAP_SHARED)
             p2m_map = mmap.mmap(named["p2m"], abi.p2m_table_size(reply.gfns), mmap.MAP_SHARED, mmap.PROT_READ)
             self._maps = [ring_map, self.memory, p2m_map]
+            if "load" in named:  # a paging ring's load area: pages come in without a message
+                load_map = mmap.mmap(named["load"], abi.load_area_size(reply.ring_size), mmap.MAP_SHARED)
+                self._maps.append(load_map)
+                self._load_view = memoryview(load_map)
+                self._load_words = self._load_view[:abi.LOAD_WORD_SIZE * reply.ring_size].cast("Q")
             self.p2m = memoryview(p2m_map)
             self.sring = SharedRing(ring_map, abi.MemEventCodec, page_size=abi.ring_bytes(reply.ring_size))
             # A fresh ring has every index at 0; a re-attached one resumes at
@@ -371,6 +389,7 @@ class MemEventClient(Domctl):
             self.back = BackRing.attach(self.sring)
             self._evtchn = EventChannel(named.pop("evtchn"), reply.port)
             fds = list(named.values())  # mapped now: the fds themselves are not needed
+
         except ControlError as exc:
             await self._teardown()
             self.state = RunState.IDLE
@@ -443,8 +462,9 @@ class MemEventClient(Domctl):
 
     async def _teardown(self) -> None:
         if self._evtchn is not None:
-            self._evtchn.close()
+            self._evtchn.close()  # and its reader
             self._evtchn = None
+        self._watching = self._kicked = self._channel_gone = False
         if self.sring is not None:
             self.sring.release()
             self.sring = None
@@ -452,6 +472,10 @@ class MemEventClient(Domctl):
         if self.p2m is not None:
             self.p2m.release()
             self.p2m = None
+        if self._load_view is not None and self._load_words is not None:
+            self._load_words.release()
+            self._load_view.release()
+            self._load_view = self._load_words = None
         for m in self._maps:
             m.close()
         self._maps = []
@@ -459,6 +483,39 @@ class MemEventClient(Domctl):
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
+
+    def _on_kick(self, _ports: set[int]) -> None:
+        """The channel's reader: the hypervisor notified (it put requests, or woke us to look)."""
+        self._kicked = True
+        fut = self._wakeup
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _on_channel_gone(self) -> None:
+        """The hypervisor closed the channel (domain gone) or we closed it: wake a sleeper to notice."""
+        self._channel_gone = True
+        self._on_kick(set())
+
+    async def _wait_kick(self) -> None:
+        """Sleep until the hypervisor notifies (at once if it did since the last sleep).
+
+        One reader for the channel's life, installed at the first sleep and
+        removed with the channel: a sleep is a future on it, not a reader
+        added to and removed from the loop each time.
+        """
+        if not self._watching:
+            _, evtchn, _ = self._running()
+            evtchn.watch(self._on_kick, on_close=self._on_channel_gone)
+            self._watching = True
+        if not self._kicked and not self._channel_gone:
+            fut = self._wakeup = asyncio.get_running_loop().create_future()
+            try:
+                await fut
+            finally:
+                self._wakeup = None
+        self._kicked = False
+        if self._channel_gone:
+            raise DomainGone(f"dom{self.domid} {self.ring_kind} ring: the hypervisor closed it", Errno.ESRCH)
 
     def _running(self) -> tuple[BackRing[MemEvent], EventChannel, Connection]:
         if self.state is not RunState.RUNNING or self.back is None or self._evtchn is None or self._conn is None:
@@ -509,20 +566,18 @@ class MemEventClient(Domctl):
         hold ring slots until they are answered, and a full ring pauses vCPUs.
         Raises :class:`DomainGone` when the hypervisor closes the ring's event
         channel (the domain was destroyed or crashed, or the hypervisor stopped).
+        A daemon that stages pages (:meth:`respond_with_page`) may get an
+        empty batch: a staged page found no host memory, see :meth:`take_load_failures`.
         """
         while True:
-            back, evtchn, _ = self._running()
+            back, _, _ = self._running()
             batch = self.take_requests()
-            if batch:
-                yield batch
+            if batch or self._load_failed():
+                yield batch  # empty: only pages staged with responses came back (take_load_failures)
                 continue
             if back.final_check_for_requests():
                 continue
-            try:
-                await evtchn.wait()
-            except ChannelClosed as exc:
-                raise DomainGone(f"dom{self.domid} {self.ring_kind} ring: the hypervisor closed it",
-                                 Errno.ESRCH) from exc
+            await self._wait_kick()
 
     def respond(self, rsp: MemEvent) -> None:
         """Queue one response (it is not visible to the hypervisor until :meth:`push`).
@@ -531,8 +586,69 @@ class MemEventClient(Domctl):
         There can be at most one per consumed request (``OverflowError`` else).
         """
         back, _, _ = self._running()
+        words = self._load_words
+        if words is not None:
+            words[back.rsp_prod_pvt & (back.size - 1)] = 0  # no page staged with this one
         back.put_response(rsp)
         self._queued += 1
+
+    def respond_with_page(self, rsp: MemEvent, gfn: int, store: PageStore) -> None:
+        """Queue ``rsp`` with ``gfn``'s page from ``store`` staged in the load area: the page-in in one step.
+
+        When the hypervisor consumes the response (after :meth:`push`'s kick)
+        it loads the page (allocate, copy, make ``ram_rw``) before it
+        unpauses the vCPU: no domctl, no page in a message.  A store with
+        ``read_into`` (a :class:`~pager.pagefile.Pagefile`) reads straight
+        into the load area.  If the read fails (``OSError``) nothing is
+        queued: do not answer that request yet (keep it and try again).  A
+        page that found no host memory comes back from :meth:`take_load_failures`.
+        """
+        back, _, _ = self._running()
+        words, view = self._load_words, self._load_view
+        if words is None or view is None:
+            raise StateError(f"the {self.ring_kind} ring has no load area (only a paging ring has one)")
+        if back.free_responses() <= 0:
+            raise OverflowError("more responses than requests consumed")
+        slot = back.rsp_prod_pvt & (back.size - 1)
+        off = abi.load_page_offset(slot)
+        page = view[off:off + abi.PAGE_SIZE]
+        try:
+            read_into = getattr(store, "read_into", None)
+            if read_into is not None:
+                read_into(gfn, page)
+            else:
+                page[:] = store.read(gfn)
+        finally:
+            page.release()
+        words[slot] = abi.load_word(gfn)  # after the page: the push's barrier publishes both with the response
+        back.put_response(rsp)
+        self._queued += 1
+
+    @property
+    def can_stage_pages(self) -> bool:
+        """Has the ring a load area (a paging ring does): may :meth:`respond_with_page` be used?"""
+        return self._load_words is not None
+
+    def _load_failed(self) -> bool:
+        words = self._load_words
+        return words is not None and max(words) >= abi.LOAD_ENOMEM
+
+    def take_load_failures(self) -> list[int]:
+        """Gfns whose staged page found no host memory (the hypervisor marked them): load them yourself.
+
+        Their responses were consumed (their vCPUs wait on the gfn); make
+        room, then load each with :meth:`load` (or :meth:`prep` and
+        :meth:`fill`), which wakes them.  Cheap when there are none.
+        """
+        words = self._load_words
+        if words is None or not self._load_failed():
+            return []
+        out = []
+        for slot, word in enumerate(words):
+            if word >= abi.LOAD_ENOMEM:
+                words[slot] = 0
+                out.append((word & ~abi.LOAD_ENOMEM) - 1)
+        return out
 
     def respond_all(self, batch: Sequence[MemEvent]) -> None:
         """Queue :func:`response_for` every request of ``batch``."""
@@ -569,6 +685,34 @@ class MemEventClient(Domctl):
             evtchn.notify()
             return True
         return False
+
+    def fill(self, gfn: int, store: PageStore) -> None:
+        """Copy ``gfn``'s page from ``store`` straight into the guest's frame: the one copy of a page-in.
+
+        Only for a gfn whose :meth:`prep` just succeeded (its frame is there,
+        and the gfn stays ``ram_paging_in`` until a response makes it
+        ``ram_rw``).  A store with ``read_into`` (a :class:`~pager.pagefile.Pagefile`)
+        reads into the mapping itself, so the kernel copies the page once; a
+        failure (``OSError``: a short read, the store's disk, the frame's host
+        memory) leaves the frame invalid: then do *not* respond for that gfn
+        (a response would make the frame ``ram_rw``, bytes and all); keep the
+        request and fill it again later.
+        """
+        if self.memory is None:
+            raise StateError("not attached")
+        off = gfn * abi.PAGE_SIZE
+        if not 0 <= gfn < self.gfns:
+            raise ValueError(f"gfn {gfn} is outside dom{self.domid}")
+        with memoryview(self.memory) as mem:
+            frame = mem[off:off + abi.PAGE_SIZE]
+            try:
+                read_into = getattr(store, "read_into", None)
+                if read_into is not None:
+                    read_into(gfn, frame)
+                else:
+                    frame[:] = store.read(gfn)
+            finally:
+                frame.release()
 
     def kick(self) -> None:
         """Notify the hypervisor unconditionally (e.g. after re-attaching)."""

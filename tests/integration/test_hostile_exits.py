@@ -145,7 +145,7 @@ class HostileGuest:
             except TimeoutError:
                 pass
         assert self.page is not None
-        result = abi.ioreq_unpack_response(self.page, vcpu)
+        result = abi.ioreq_unpack_response(memoryview(self.page), vcpu)
         self.set_state(vcpu, int(abi.IoreqState.NONE))
         return result
 
@@ -294,11 +294,11 @@ async def fuzz(hv: Hypervisor, seed: int, cases: int, workdir: str) -> dict[str,
                 # An event channel message of the wrong size or port is still a kick.
                 guest.write(v, abi.ExitType.ACCESS, rng.randrange(GFNS), None, 0, abi.ACCESS_R)
                 guest.set_state(v, READY)
-                raw = socket.socket(fileno=os.dup(guest.chans[v].fileno()))
+                sock = socket.socket(fileno=os.dup(guest.chans[v].fileno()))
                 try:
-                    raw.send(rng.choice([b"x", b"\0" * 4, struct.pack("<I", 0xDEAD), b"\xff" * 60]))
+                    sock.send(rng.choice([b"x", b"\0" * 4, struct.pack("<I", 0xDEAD), b"\xff" * 60]))
                 finally:
-                    raw.close()
+                    sock.close()
                 assert await guest.answer(v) == OK, ctx
                 handled += 1
             else:  # rebind_in_process
@@ -317,9 +317,9 @@ async def fuzz(hv: Hypervisor, seed: int, cases: int, workdir: str) -> dict[str,
                 got = await guest.answer(v)
                 assert got == OK, (ctx, got)
                 handled += 1
-        st = await stats(tool, domid)
-        assert not st["crashed"], st
-        assert int(st["faults"]) - faults0 == handled, (int(st["faults"]) - faults0, handled, done)
+        after = await stats(tool, domid)
+        assert not after["crashed"], after
+        assert int(after["faults"]) - faults0 == handled, (int(after["faults"]) - faults0, handled, done)
         assert hv.proc.alive()
         await bystander.stop()
     finally:

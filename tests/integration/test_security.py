@@ -78,7 +78,7 @@ async def test_run_dir_socket_and_every_segment_are_owner_only(hypervisor: Hyper
     daemon, info, dfds = await _enable(hypervisor, domid)
     try:
         assert set(gfds) == {"memory", "p2m", "inflight", "ioreq"}
-        assert set(dfds) == {"ring", "evtchn", "memory", "p2m"}
+        assert set(dfds) == {"ring", "evtchn", "memory", "p2m", "load"}  # a paging ring's load area
         for name, fd in [*gfds.items(), *dfds.items()]:
             st = os.fstat(fd)
             assert st.st_uid == os.getuid(), name
@@ -116,7 +116,8 @@ async def test_no_peer_can_resize_a_segment_under_the_hypervisor(hypervisor: Hyp
     guest, gfds = await _guest(hypervisor, domid)
     daemon, _info, dfds = await _enable(hypervisor, domid)
     try:
-        for name, fd in [("inflight", gfds["inflight"]), ("ioreq", gfds["ioreq"]), ("ring", dfds["ring"])]:
+        for name, fd in [("inflight", gfds["inflight"]), ("ioreq", gfds["ioreq"]), ("ring", dfds["ring"]),
+                         ("load", dfds["load"])]:
             for size in (0, 1, 1 << 30):
                 with pytest.raises(PermissionError):
                     os.ftruncate(fd, size)

@@ -401,7 +401,7 @@ IOREQ_SLOT = {
 }
 
 
-def _field(buf: bytes, slot: int, name: str) -> int:
+def _field(buf: bytes | bytearray, slot: int, name: str) -> int:
     off, size = IOREQ_SLOT[name]
     return int.from_bytes(buf[slot * 64 + off: slot * 64 + off + size], "little")
 

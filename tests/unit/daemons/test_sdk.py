@@ -166,22 +166,31 @@ async def test_a_detached_client_refuses_ring_calls() -> None:
 
 
 class _FakeClient:
-    """What Pager uses of a MemEventClient, recorded."""
+    """What Pager uses of a MemEventClient, recorded (``can_stage_pages``: a paging ring's load area)."""
 
     domid = 1
+    can_stage_pages = False
 
     def __init__(self, types: bytes) -> None:
         self.types = bytearray(types)
         self.memory = bytearray(len(types) * abi.PAGE_SIZE)
         self.responses: list[MemEvent] = []
         self.loaded: list[int] = []
+        self.prepped: list[int] = []
+        self._published = 0
+        self.filled: list[int] = []
         self.pushes = 0
 
     def respond(self, rsp: MemEvent) -> None:
         self.responses.append(rsp)
 
     async def push(self, *, notify: bool = True) -> bool:
+        """Publish; the hypervisor's resume makes each prepared gfn answered ``ram_rw``."""
         self.pushes += 1
+        for rsp in self.responses[self._published:]:
+            if self.types[rsp.gfn] == P2MType.ram_paging_in and rsp.gfn in self.filled:
+                self.types[rsp.gfn] = P2MType.ram_rw
+        self._published = len(self.responses)
         return notify
 
     def kick(self) -> None:
@@ -192,6 +201,26 @@ class _FakeClient:
         for g in gfns:
             self.types[g] = P2MType.ram_rw
         return [None] * len(gfns)
+
+    async def prep(self, gfns: Sequence[int]) -> list[Errno | None]:
+        self.prepped += gfns
+        for g in gfns:
+            self.types[g] = P2MType.ram_paging_in
+        return [None] * len(gfns)
+
+    def fill(self, gfn: int, store: _Store) -> None:
+        self.filled.append(gfn)
+        self.memory[gfn * abi.PAGE_SIZE:(gfn + 1) * abi.PAGE_SIZE] = store.read(gfn)
+
+    def respond_with_page(self, rsp: MemEvent, gfn: int, store: _Store) -> None:
+        page = store.read(gfn)  # may raise: then nothing is queued
+        self.memory[gfn * abi.PAGE_SIZE:(gfn + 1) * abi.PAGE_SIZE] = page  # as the hypervisor's load will
+        self.filled.append(gfn)
+        self.types[gfn] = P2MType.ram_paging_in
+        self.responses.append(rsp)
+
+    def take_load_failures(self) -> list[int]:
+        return []
 
     def gfns_of_type(self, t: int) -> list[int]:
         return [g for g, x in enumerate(self.types) if x == t]
@@ -256,7 +285,8 @@ async def test_pager_hooks_are_the_whole_policy() -> None:
     batch = RequestBatch([_req(6), _req(6, vcpu=1), _req(3, MemEventFlag.DROP_PAGE),
                           _req(7, PAUSED | MemEventFlag.EVICT_FAIL)])
     await pager.handle_batch(batch)
-    assert client.loaded == [6], "one load of the distinct gfns that need a page"
+    assert client.prepped == [6] and client.filled == [6], "one prep of the distinct gfns that need a page"
+    assert not client.loaded, "a page-in answering requests carries no page in a message"
     assert pager.populated == [6] and pager.dropped == [3]
     assert [r.gfn for r in client.responses] == [6, 6, 3, 7] and client.pushes == 1
     assert pager.summary()["drops"] == 1 and pager.summary()["evict_failed"] == 1
@@ -518,3 +548,48 @@ def test_listener_gfn_spec_and_lines() -> None:
                                   "(vcpu 0) [-> rwx]")
     assert describe(_req(0x5000, type_=MemEventType.ACCESS, reason=MemEventReason.CR3), None) == \
         "CR3 write: 0x5000 (vcpu 0)"
+
+
+class _FailingStore(_Store):
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing: set[int] = set()
+
+    def read(self, gfn: int) -> bytes:
+        if gfn in self.failing:
+            raise OSError(5, "Input/output error")
+        return super().read(gfn)
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["prep-and-fill", "staged"])
+async def test_a_failed_fill_is_never_answered_until_a_fill_succeeds(staged: bool) -> None:
+    """A page the pager could not read must not become the guest's: no response, no load, a retry.
+
+    (Prep and fill: a response would make the unfilled prepared frame the
+    guest's page, and so would a stranded sweep's ``PagingLoad`` of a gfn
+    that already has its frame.  Staged: the page is staged with its
+    response or not at all.)
+    """
+    types = bytes([P2MType.ram_rw] * 4 + [P2MType.ram_paged] * 2)
+    client = _FakeClient(types)
+    client.can_stage_pages = staged  # type: ignore[misc]
+    store = _FailingStore()
+    store.pages[4] = b"\x44" * abi.PAGE_SIZE
+    store.pages[5] = b"\x55" * abi.PAGE_SIZE
+    store.failing = failing = {4}
+    pager = _Recording(client, store, batch=3)  # type: ignore[arg-type]
+    await pager.handle_batch(RequestBatch([_req(4), _req(5, vcpu=1), _req(4, vcpu=2)]))
+    assert [(r.gfn, r.vcpu_id) for r in client.responses] == [(5, 1)], "no response for the unfilled gfn"
+    assert client.types[4] == (P2MType.ram_paged if staged else P2MType.ram_paging_in)
+    assert client.types[5] == P2MType.ram_rw
+    assert pager.populated == [5]
+    # Two sweeps see gfn 4 ram_paging_in: still it is not loaded (its frame is prepared, not filled).
+    assert await pager.load_stranded() == 0 and await pager.load_stranded() == 0 and not client.loaded
+    assert await pager.retry_unfilled() == 0, "still failing: still unanswered"
+    assert [(r.gfn, r.vcpu_id) for r in client.responses] == [(5, 1)]
+    failing.clear()
+    assert await pager.retry_unfilled() == 2
+    assert [(r.gfn, r.vcpu_id) for r in client.responses] == [(5, 1), (4, 0), (4, 2)]
+    assert client.types[4] == P2MType.ram_rw
+    assert bytes(client.memory[4 * abi.PAGE_SIZE:5 * abi.PAGE_SIZE]) == b"\x44" * abi.PAGE_SIZE
+    assert pager.populated == [5, 4] and pager.summary()["requests"] == 3
