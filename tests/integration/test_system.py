@@ -7,6 +7,7 @@ import signal
 import time
 
 from hvemu import protocol
+from hvemu.transport import Connection
 from tests.integration.system import Hypervisor, Proc, ring_enabled, stats, wait_until
 
 GFNS_8M = 2048
@@ -103,12 +104,20 @@ async def test_clean_pager_stop_pages_everything_in(hypervisor: Hypervisor, tmp_
         pager.stop()
 
 
+async def _guest_running(conn: Connection, domid: int) -> None:
+    """Until the domain's guest has said hello (a fixed sleep is too short on a busy machine)."""
+    async def connected() -> bool:
+        return bool((await stats(conn, domid))["guest_connected"])
+
+    await wait_until(connected, timeout=30)
+
+
 async def test_guest_killed_destroys_domain_and_frees_memory(hypervisor: Hypervisor) -> None:
     domid = await _domain(hypervisor, target=GFNS_8M)
     guest = hypervisor.guest(domid, "--duration", "30")
     conn = await hypervisor.tool()
     try:
-        time.sleep(0.5)
+        await _guest_running(conn, domid)
         guest.signal(signal.SIGKILL)
         guest.wait(5)
 
@@ -156,7 +165,7 @@ async def test_destroying_a_domain_stops_its_guest(hypervisor: Hypervisor) -> No
     guest = hypervisor.guest(domid, "--duration", "60")
     conn = await hypervisor.tool()
     try:
-        time.sleep(0.5)
+        await _guest_running(conn, domid)
         await conn.call(protocol.DomainDestroy(domid=domid))
         assert guest.wait(10) == 3
         err = guest.stderr()
