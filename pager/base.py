@@ -334,6 +334,14 @@ class Pager:
         self._resident -= evicted  # the eviction loop's estimate, whoever evicted (e.g. room for a load)
         return evicted
 
+    def _busy(self) -> set[int]:
+        """Gfns on their way in by a path no load may cross: being prepared and filled, waiting for a
+        successful fill, or staged with a response the hypervisor has not consumed yet."""
+        busy = self._in_flight | self._unfilled.keys()
+        if self.client.can_stage_pages:
+            busy |= self.client.staged()
+        return busy
+
     async def load_stranded(self) -> int:
         """Load gfns left ``ram_paging_in`` with no request in sight.
 
@@ -345,8 +353,9 @@ class Pager:
         answered as usual; its response finds ``ram_rw`` and only unpauses).
         """
         # A gfn being paged in by the serving task, or whose fill failed, has
-        # a prepared frame that only its fill may make valid: never load it.
-        now = set(self.client.gfns_of_type(P2MType.ram_paging_in)) - self._in_flight - self._unfilled.keys()
+        # a prepared frame that only its fill may make valid, and one staged
+        # with a response is loaded when that is consumed: never load them.
+        now = set(self.client.gfns_of_type(P2MType.ram_paging_in)) - self._busy()
         stranded = sorted(now & self._paging_in_seen)
         self._paging_in_seen = now - set(stranded)
         if not stranded:
@@ -425,9 +434,9 @@ class Pager:
 
         Paged gfns (and ones whose populate is in flight) are loaded directly
         from the pagefile, which makes them ``ram_rw`` at once; nominated ones
-        still hold their frame and are foreign-mapped, which turns them
-        ``ram_paging_in`` so that the next round loads them.  Requests that
-        arrive meanwhile are answered by the serve loop as usual.
+        still hold their frame: they are copied out and evicted, so that the
+        next round loads them (a foreign map would only map them, as on Xen).
+        Requests that arrive meanwhile are answered by the serve loop as usual.
         """
         deadline = time.monotonic() + timeout
         client = self.client
@@ -435,7 +444,7 @@ class Pager:
         total = 0
         while True:
             await self.retry_unfilled()
-            busy = self._in_flight | self._unfilled.keys()  # prepared frames only their fill may complete
+            busy = self._busy()
             out = [g for g in client.gfns_of_type(P2MType.ram_paged) + client.gfns_of_type(P2MType.ram_paging_in)
                    if g not in busy]
             nominated = client.gfns_of_type(P2MType.ram_paging_out)
@@ -457,8 +466,13 @@ class Pager:
                     raise SdkError(f"dom{client.domid}: host memory exhausted while paging everything in",
                                    abi.Errno.ENOMEM)
                 self.pages_in += sum(1 for r in results if r is None)
-            for i in range(0, len(nominated), self.batch):
-                await client.map_foreign(nominated[i:i + self.batch])
+            if nominated:
+                mem = client.memory
+                assert mem is not None
+                for i in range(0, len(nominated), self.batch):
+                    chunk = nominated[i:i + self.batch]
+                    copy_out(self.pagefile, mem, chunk)  # the frames are final: nominated pages cannot be written
+                    await client.evict(chunk)
             await asyncio.sleep(0)
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -633,6 +633,17 @@ class MemEventClient(Domctl):
         words = self._load_words
         return words is not None and max(words) >= abi.LOAD_ENOMEM
 
+    def staged(self) -> set[int]:
+        """Gfns whose staged page the hypervisor has not consumed yet (its response is still on the ring).
+
+        Do not load such a gfn by another path meanwhile: once it was loaded,
+        written and paged out again, the staged copy would be stale.
+        """
+        words = self._load_words
+        if words is None:
+            return set()
+        return {w - 1 for w in words if w and w < abi.LOAD_ENOMEM}
+
     def take_load_failures(self) -> list[int]:
         """Gfns whose staged page found no host memory (the hypervisor marked them): load them yourself.
 

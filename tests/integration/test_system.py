@@ -104,9 +104,8 @@ async def test_clean_pager_stop_pages_everything_in(hypervisor: Hypervisor, tmp_
         pager.stop()
 
 
-async def _guest_connected(conn: Connection, domid: int) -> None:
-    """Wait until the domain's guest has said hello (its interpreter may take a while on a busy host)."""
-
+async def _guest_running(conn: Connection, domid: int) -> None:
+    """Until the domain's guest has said hello (a fixed sleep is too short on a busy machine)."""
     async def connected() -> bool:
         return bool((await stats(conn, domid))["guest_connected"])
 
@@ -118,7 +117,7 @@ async def test_guest_killed_destroys_domain_and_frees_memory(hypervisor: Hypervi
     guest = hypervisor.guest(domid, "--duration", "30")
     conn = await hypervisor.tool()
     try:
-        await _guest_connected(conn, domid)
+        await _guest_running(conn, domid)
         guest.signal(signal.SIGKILL)
         guest.wait(5)
 
@@ -166,7 +165,7 @@ async def test_destroying_a_domain_stops_its_guest(hypervisor: Hypervisor) -> No
     guest = hypervisor.guest(domid, "--duration", "60")
     conn = await hypervisor.tool()
     try:
-        await _guest_connected(conn, domid)
+        await _guest_running(conn, domid)
         await conn.call(protocol.DomainDestroy(domid=domid))
         assert guest.wait(10) == 3
         err = guest.stderr()

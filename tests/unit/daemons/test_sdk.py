@@ -222,6 +222,9 @@ class _FakeClient:
     def take_load_failures(self) -> list[int]:
         return []
 
+    def staged(self) -> set[int]:
+        return set()
+
     def gfns_of_type(self, t: int) -> list[int]:
         return [g for g, x in enumerate(self.types) if x == t]
 
