@@ -135,7 +135,7 @@ class Pager:
             await self.handle_batch(batch)
 
     async def handle_batch(self, batch: list[MemEvent]) -> None:
-        if self.unbatched:
+        if self.unbatched and batch:  # (an empty batch: only staged pages that found no memory came back)
             for req in batch:
                 await self._handle([req])
                 if not self._notified:

@@ -569,15 +569,21 @@ class MemEventClient(Domctl):
         A daemon that stages pages (:meth:`respond_with_page`) may get an
         empty batch: a staged page found no host memory, see :meth:`take_load_failures`.
         """
+        told = False  # an empty batch was yielded for the load failures there are now
         while True:
             back, _, _ = self._running()
             batch = self.take_requests()
-            if batch or self._load_failed():
+            if batch:
+                yield batch
+                continue
+            if not told and self._load_failed():
+                told = True
                 yield batch  # empty: only pages staged with responses came back (take_load_failures)
                 continue
             if back.final_check_for_requests():
                 continue
             await self._wait_kick()
+            told = False
 
     def respond(self, rsp: MemEvent) -> None:
         """Queue one response (it is not visible to the hypervisor until :meth:`push`).
