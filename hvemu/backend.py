@@ -30,7 +30,7 @@ from hvemu.core.errors import HypervisorError
 from hvemu.core.hypervisor import Domain, Hypervisor
 from hvemu.evtchn import EventChannel
 from hvemu.histogram import Histogram
-from hvemu.ring import mb
+from hvemu.ring import FrontRing, mb
 from hvemu.shm import Segment
 
 log = logging.getLogger("hvemu.backend")
@@ -69,36 +69,56 @@ class RingBackend:
         self._load_view = memoryview(self.load.map)
         self._load_words = self._load_view[:abi.LOAD_WORD_SIZE * slots].cast("Q")
 
-    def load_staged(self, dom: Domain, memory: Segment) -> bool:
-        """Load the pages staged for the responses about to be consumed; True if one found no memory.
+    def resume(self, dom: Domain, memory: Segment) -> bool:
+        """``mem_event_resume`` of this ring, loading the pages staged with the responses it consumes.
 
-        Called just before the core resumes the paging ring, so that it is
-        the response that makes its vCPU run, after its page is in: each
-        staged page goes through ``p2m_mem_paging_load`` (allocate, copy
-        from the load area, retype; a failed copy or no memory changes
-        nothing) and its word is cleared, or marked ``LOAD_ENOMEM`` for the
-        pager (the caller then kicks it).  Nothing here trusts the daemon:
-        an index range the core would call corrupt loads nothing (the
-        resume then crashes the domain), and a word that does not name its
-        response's gfn is dropped.
+        Returns True if a staged page found no host memory (the caller kicks
+        the daemon).  The pages of the responses published by now are loaded
+        first, so that it is the response that makes its vCPU run, after its
+        page is in.  The resume's final check may consume responses the
+        daemon pushed meanwhile: their pages are loaded right after, before
+        any vCPU runs again (one resumed by such a response finds its gfn
+        still on its way in and waits on it, as Xen's vCPU re-executes).
         """
-        words, view = self._load_words, self._load_view
         med = dom.rings[self.kind]
         front = med.front
-        if words is None or view is None or front is None or dom.crashed:
+        if self._load_words is None or front is None or dom.crashed:
+            dom.mem_event_resume(self.kind)
             return False
+        first = front.rsp_cons
+        avail = (front.sring.rsp_prod - first) & _RING_MASK
+        enomem = False
+        if avail and avail <= (front.req_prod_published - first) & _RING_MASK:
+            # (More than was asked for: the core's resume calls the ring corrupt; nothing is loaded.)
+            mb()  # ring.h's rmb(): the responses (and their staged pages) after rsp_prod
+            enomem = self._load_slots(dom, memory, front, first, avail)
+        dom.mem_event_resume(self.kind)
+        if med.front is front and not dom.crashed:
+            consumed = (front.rsp_cons - first) & _RING_MASK
+            if consumed > avail:
+                enomem |= self._load_slots(dom, memory, front, first, consumed)
+        return enomem
+
+    def _load_slots(self, dom: Domain, memory: Segment, front: FrontRing[abi.MemEvent], idx: int,
+                    count: int) -> bool:
+        """Load the page staged in each of ``count`` response slots from ``idx``; True if one found no memory.
+
+        Each staged page goes through ``p2m_mem_paging_load`` (allocate, copy
+        from the load area, retype; a failed copy or no memory changes
+        nothing) and its word is cleared, or marked ``LOAD_ENOMEM`` for the
+        daemon.  Nothing here trusts the daemon: a word that does not name
+        its response's gfn is dropped, and the load refuses any gfn that is
+        not on its way in.
+        """
+        words, view = self._load_words, self._load_view
+        assert words is not None and view is not None
         size = front.size
-        idx = front.rsp_cons
-        avail = (front.sring.rsp_prod - idx) & _RING_MASK
-        if not avail or avail > (front.req_prod_published - idx) & _RING_MASK:
-            return False
-        mb()  # ring.h's rmb(): the responses (and their pages) after rsp_prod
         enomem = False
         read_entry = front.sring.read_entry
-        for _ in range(avail):
+        for _ in range(count):
             slot = idx & (size - 1)
             word = words[slot]
-            if word:
+            if word and word < abi.LOAD_ENOMEM:
                 words[slot] = 0
                 rsp = read_entry(idx)
                 if rsp.type == _PAGING and not rsp.flags & _DROP_PAGE and word == rsp.gfn + 1:

@@ -416,9 +416,9 @@ class HypervisorDaemon:
         response, waits on the gfn meanwhile).
         """
         ring = be.rings.get(kind)
-        enomem = ring is not None and ring.load is not None and ring.load_staged(be.dom, be.memory)
-        be.dom.mem_event_resume(kind)
-        if enomem and ring is not None and ring.evtchn is not None:
+        if ring is None:
+            be.dom.mem_event_resume(kind)  # (the core answers for a ring that is not there)
+        elif ring.resume(be.dom, be.memory) and ring.evtchn is not None:
             ring.evtchn.notify()
 
     async def _mem_event_disable(self, ctx: ConnCtx, msg: protocol.MemEventDisable) -> Reply:
