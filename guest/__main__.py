@@ -3,8 +3,9 @@
 Usage: ``python -m guest --domid N [--duration S] [--pattern hotcold] ...``.
 It prints a JSON report (per vCPU: accesses, faults, fault latency p50/p99/max,
 integrity failures) and exits 1 if any page failed verification, 2 on a usage
-error, 3 if the hypervisor went away or the domain ended under it (destroyed or
-crashed; the last line says which).
+error, 3 if the hypervisor went away or the domain crashed under it (the last
+line says which).  A domain destroyed by the toolstack (``hvemu destroy``,
+``hvemu stop``) is a normal end: the guest says so and exits 0.
 """
 
 from __future__ import annotations
@@ -175,24 +176,35 @@ def _write_report(dest: str, report: GuestReport) -> None:
             f.write(text + "\n")
 
 
-def _why_gone(args: argparse.Namespace, root: BaseException) -> str:
-    """Why the guest's connection ended: its domain destroyed or crashed, or the hypervisor gone."""
+#: Exit status when the domain was destroyed by the toolstack: a normal end.
+EXIT_DESTROYED = 0
+#: Exit status when the domain crashed or the hypervisor went away.
+EXIT_LOST = 3
+
+
+def _why_gone(args: argparse.Namespace, root: BaseException) -> tuple[str, int]:
+    """Why the guest's connection ended, and the exit status that says it.
+
+    The hypervisor is asked, if it still answers: a stopping hypervisor
+    destroys its domains and keeps answering a moment for that reason.
+    """
+    lost = (f"lost the hypervisor ({root})", EXIT_LOST)
     try:
         conn = SyncConnection.connect(protocol.socket_path(args.run_dir), timeout=2)
     except OSError:
-        return f"lost the hypervisor ({root})"
+        return lost
     try:
         conn.call(protocol.ToolHello(client="guest:probe"))
         reply, _ = conn.call(protocol.Stats(domid=args.domid))
         if isinstance(reply, protocol.StatsReply) and reply.stats.get("crashed"):
-            return "the domain crashed (see the hypervisor's log)"
-        return f"the hypervisor closed the domain's connection ({root})"
+            return "the domain crashed (see the hypervisor's log)", EXIT_LOST
+        return f"the hypervisor closed the domain's connection ({root})", EXIT_LOST
     except ControlError as exc:
         if exc.errno == Errno.ESRCH:
-            return "the domain was destroyed (or crashed and was reaped)"
-        return f"lost the hypervisor ({root})"
+            return "the domain was destroyed", EXIT_DESTROYED
+        return lost
     except OSError:
-        return f"lost the hypervisor ({root})"
+        return lost
     finally:
         conn.close()
 
@@ -227,8 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(root, HypervisorGone | ConnectionError | OSError | EOFError):
             # The connection ended (the lifeline saw it, or a vCPU's exit did):
             # ask the hypervisor, if it still answers, what became of the domain.
-            print(f"hvemu-guest: domain {args.domid}: {_why_gone(args, root)}", file=sys.stderr)
-            return 3
+            why, status = _why_gone(args, root)
+            print(f"hvemu-guest: domain {args.domid}: {why}", file=sys.stderr)
+            return status
         raise
     if not report.ok:
         for v in report.vcpus:

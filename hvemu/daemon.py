@@ -560,6 +560,23 @@ class HypervisorDaemon:
         return await self._restricting(be, msg.gfns, results)
 
     # ------------------------------------------------------------ life
+    #: How long a stopping hypervisor keeps answering after destroying its domains, so that their guests and
+    #: daemons learn the domain was destroyed (and exit 0) rather than that the hypervisor vanished.
+    STOP_GRACE = 3.0
+
+    async def _stop_domains(self, server: ControlServer) -> None:
+        """A clean stop: destroy every domain, then serve until their guests and daemons have gone."""
+        owners = {id(r.owner.state) for be in self.backends.values() for r in be.rings.values()
+                  if isinstance(r.owner, ConnCtx)}
+        for domid in list(self.backends):
+            self._destroy(domid)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.STOP_GRACE
+        while loop.time() < deadline and any(
+                id(conn) in owners or (isinstance(c := conn.data.get("ctx"), ConnCtx) and c.role == "guest")
+                for conn in server.connections):
+            await asyncio.sleep(0.05)
+
     async def serve(self, ready: Callable[[], None] | None = None) -> None:
         prepare_run_dir(self.run_dir)
         stop = asyncio.Event()
@@ -576,6 +593,7 @@ class HypervisorDaemon:
                     ready()
                 await stop.wait()
                 log.info("stopping")
+                await self._stop_domains(server)
         finally:
             for domid in list(self.backends):
                 self._destroy(domid)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import sys
 
@@ -51,7 +53,9 @@ class Pager(BasePager):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hvemu-pager", description="A xenpaging-like pager for one domain.")
     p.add_argument("--domid", type=int, required=True)
-    p.add_argument("--pagefile", required=True, help="backing file (kept across restarts)")
+    p.add_argument("--pagefile", required=True, help="backing file (kept across restarts; removed once its "
+                                                     "domain is destroyed, unless --keep)")
+    p.add_argument("--keep", action="store_true", help="keep the pagefile when the domain is destroyed")
     p.add_argument("--target", type=int, default=None, help="resident pages to keep (default: the hypervisor's)")
     p.add_argument("--policy", choices=["clock", "random"], default=EVICT_POLICY,
                    help="victim policy: clock (xenpaging's sweeping hand, the default) or random")
@@ -105,7 +109,11 @@ async def _main(args: argparse.Namespace) -> dict[str, int]:
                 raise SdkError(f"lost the hypervisor ({root}); ring and pagefile {args.pagefile} "
                                "left as they are") from exc
             log.info("dom%d: %s; exiting", args.domid, root)
+            client.disable_on_exit = False  # no ring left to disable, nor pages out to warn about
             pagefile.discard()  # the domain is gone, and its handle with it
+            if not args.keep:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(args.pagefile)
         finally:
             pagefile.close()
     return pager.summary()

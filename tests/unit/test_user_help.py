@@ -22,8 +22,9 @@ def _help(text: str) -> str:
 
 def test_run_sh_help_gives_defaults_and_units() -> None:
     text = _help(launcher._parser().format_help())
-    for needle in ("--duration SECONDS", "seconds (default: 10)", "--memory MIB",
-                   "memory per domain, MiB (default: 64)", "--host-memory MIB", "(default: 96)", "--target MIB",
+    for needle in ("--duration SECONDS", "seconds (default: 10)", "--memory SIZE",
+                   "memory per domain, MiB (default: 64)", "--host-memory SIZE", "(default: 96)", "--target SIZE",
+                   "a bare number is MiB", "512m, 1g",
                    "(default: 40)",
                    f"1 to {MAX_VCPUS} (default: 4)", "--batch PAGES", "(default: 0.3)", "(default: hotcold)"):
         assert needle in text, needle
