@@ -21,9 +21,9 @@ import uuid
 from pathlib import Path
 
 import posix_ipc
-import hvemu
 import pytest
 
+import hvemu
 from hvemu import abi
 from hvemu.abi import MemEvent, MemEventCodec, MemEventFlag
 from hvemu.ring import FrontRing, SharedRing

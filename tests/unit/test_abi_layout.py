@@ -20,9 +20,9 @@ import struct
 import subprocess
 from pathlib import Path
 
-import hvemu
 import pytest
 
+import hvemu
 from hvemu import abi
 from hvemu.abi import MemEvent, MemEventCodec, MemEventFlag, VmEvent, VmEventCodec
 from hvemu.ring import SharedRing
