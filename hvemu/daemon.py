@@ -35,7 +35,7 @@ from hvemu.core.errors import HypervisorError
 from hvemu.core.hypervisor import Hypervisor
 from hvemu.janitor import Janitor
 from hvemu.shm import PosixSegment, Segment
-from hvemu.trace import TraceWriter
+from hvemu.trace import ALL_EVENTS, NO_RING, NO_VCPU, RING_CODES, TraceEvent, TraceWriter
 from hvemu.transport import ConnState, ControlServer, FdLike, OwnedFd
 
 log = logging.getLogger("hvemu.daemon")
@@ -93,6 +93,7 @@ class HypervisorDaemon:
             protocol.DomainList: self._domain_list,
             protocol.DomainInfo: self._stats,
             protocol.Stats: self._stats,
+            protocol.HostInfo: self._host_info,
             protocol.MemEventEnable: self._mem_event_enable,
             protocol.MemEventDisable: self._mem_event_disable,
             protocol.MemEventResume: self._mem_event_resume,
@@ -301,14 +302,25 @@ class HypervisorDaemon:
         stats.update(handle=be.handle, target=be.target, guest_connected=be.guest is not None,
                      fault_latency_us=be.fault_latency.summary(scale=1000.0),
                      rings_orphaned=[str(k) for k, r in be.rings.items() if r.owner is None],
-                     host_frames_total=self.hv.budget.total, host_frames_used=self.hv.budget.used)
+                     host_frames_total=self.hv.budget.total, host_frames_used=self.hv.budget.used,
+                     vcpus=[{"vcpu": v.vcpu_id, "runnable": v.runnable, "pauses": v.pause_count,
+                             "congested": bool(v.pause_flags), "connected": v.vcpu_id in be.vcpu_conns}
+                            for v in be.dom.vcpus])
         return protocol.StatsReply(domid=msg.domid, stats=stats), []
+
+    async def _host_info(self, ctx: ConnCtx, msg: protocol.HostInfo) -> Reply:
+        return protocol.HostInfoReply(total_frames=self.hv.budget.total, used_frames=self.hv.budget.used,
+                                      policy=self.hv.policy, ring_size=self.hv.ring_size,
+                                      domains=len(self.backends),
+                                      tracing=self.trace.path if self.trace is not None else ""), []
 
     async def _set_target(self, ctx: ConnCtx, msg: protocol.SetTarget) -> Reply:
         be = self._backend(msg.domid)
         if not 0 <= msg.pages <= be.dom.gfns:
             raise _err(Errno.EINVAL, f"target must be within 0..{be.dom.gfns}")
         be.target = msg.pages
+        if self.trace is not None:
+            self.trace(TraceEvent.TARGET, be.domid, NO_RING, NO_VCPU, 0, msg.pages)
         return protocol.Ok(), []
 
     async def _get_target(self, ctx: ConnCtx, msg: protocol.GetTarget) -> Reply:
@@ -336,6 +348,7 @@ class HypervisorDaemon:
                 raise
             self._next_port += 1
             be.rings[msg.ring] = ring
+            self._trace_state(be, msg.ring)
         remote = ring.new_channel()
         assert ring.evtchn is not None
         loop = asyncio.get_running_loop()
@@ -480,12 +493,24 @@ class HypervisorDaemon:
         return protocol.ForeignPages(results=results, pages=pages), []
 
     # ------------------------------------------------------------ tracing
-    def start_trace(self, path: str, *, exclusive: bool = False) -> None:
-        trace = TraceWriter(path, exclusive=exclusive)
+    def start_trace(self, path: str, *, exclusive: bool = False, mask: int = ALL_EVENTS) -> None:
+        trace = TraceWriter(path, exclusive=exclusive, mask=mask & ALL_EVENTS)
         self.stop_trace()
         self.trace = trace
         self.hv.tracer = self.trace
+        # What a reader needs to draw the events that follow: every ring's size and every target now.
+        for be in self.backends.values():
+            self._trace_state(be)
         log.info("tracing ring events to %s", path)
+
+    def _trace_state(self, be: DomainBackend, ring: RingKind | None = None) -> None:
+        """Trace a domain's paging target and its rings' sizes (or only ``ring``'s), if tracing."""
+        if self.trace is None:
+            return
+        if ring is None:
+            self.trace(TraceEvent.TARGET, be.domid, NO_RING, NO_VCPU, 0, be.target)
+        for kind in be.rings if ring is None else [ring]:
+            self.trace(TraceEvent.RING, be.domid, RING_CODES[kind], NO_VCPU, 0, be.dom.rings_size(kind))
 
     def stop_trace(self) -> protocol.TraceStopped | None:
         trace, self.trace = self.trace, None
@@ -499,10 +524,12 @@ class HypervisorDaemon:
     async def _trace_start(self, ctx: ConnCtx, msg: protocol.TraceStart) -> Reply:
         if not os.path.isabs(msg.path):
             raise _err(Errno.EINVAL, "the trace path must be absolute (the hypervisor has its own cwd)")
+        if self.trace is not None:
+            raise _err(Errno.EBUSY, f"a trace is already being recorded to {self.trace.path} (stop it first)")
         try:
             # A caller names the file, the hypervisor writes it: a new file only, so
             # that no request can make it clobber an existing one (or follow a link).
-            self.start_trace(msg.path, exclusive=True)
+            self.start_trace(msg.path, exclusive=True, mask=msg.mask)
         except FileExistsError as exc:
             raise _err(Errno.EBUSY, f"{msg.path} exists: a trace is only written to a new file") from exc
         except OSError as exc:

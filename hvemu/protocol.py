@@ -263,6 +263,21 @@ class DomainInfo(Msg):
     domid: int
 
 
+class HostInfo(Msg):
+    """The host as a whole, as ``xl info`` shows it."""
+
+
+class HostInfoReply(Msg):
+    total_frames: int
+    used_frames: int
+    policy: str
+    #: Slots of every ring this hypervisor makes.
+    ring_size: int
+    domains: int
+    #: The trace file being recorded ("" if none).
+    tracing: str = ""
+
+
 # --------------------------------------------------------------------------
 # Guest exits (guest role, own domain only).  The reply to an exit that
 # paused the vCPU comes when the vCPU runs again: the guest then retries.
@@ -304,9 +319,11 @@ class SetHvmParam(Msg):
 
 
 class TraceStart(Msg):
-    """Record every ring event to ``path`` (format: :mod:`hvemu.trace`)."""
+    """Record ring events to ``path`` (format: :mod:`hvemu.trace`); ``EBUSY`` while a trace is recorded."""
 
     path: str
+    #: Events recorded, bit ``1 << TraceEvent`` each (``hvemu.trace.event_mask``); -1: every event.
+    mask: int = -1
 
 
 class TraceStop(Msg):
@@ -322,14 +339,14 @@ TOOL_REQUESTS = (
     ToolHello | GuestHello | DomainCreate | DomainDestroy | DomainList
     | MemEventEnable | MemEventDisable | MemEventResume
     | PagingNominate | PagingEvict | PagingPrep | PagingLoad
-    | AccessSet | AccessRequired | MapForeign | SetTarget | GetTarget | Stats | DomainInfo
+    | AccessSet | AccessRequired | MapForeign | SetTarget | GetTarget | Stats | DomainInfo | HostInfo
     | GuestAccess | GuestBalloonOut | GuestTrap | SetHvmParam | TraceStart | TraceStop
 )
 
 Request = TOOL_REQUESTS
 Reply = (
     Ok | Error | BatchResult | Welcome | DomainCreated | DomainListReply
-    | MemEventEnabled | ForeignPages | StatsReply | TargetReply | TraceStopped
+    | MemEventEnabled | ForeignPages | StatsReply | TargetReply | TraceStopped | HostInfoReply
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -37,7 +37,7 @@ from hvemu.core.effects import DomainCrashed, Effect, FramesReleased, VcpuRunnab
 from hvemu.core.errors import HypervisorError
 from hvemu.core.mem_event import MemEventDomain, Policy, ResponseFixup
 from hvemu.core.p2m import P2M, REMOVED_TYPE
-from hvemu.trace import NO_RING, TraceEvent, Tracer
+from hvemu.trace import NO_RING, NO_VCPU, RING_CODES, TraceEvent, Tracer
 
 log = logging.getLogger("hvemu.core.domain")
 
@@ -152,6 +152,7 @@ class DomainCounters:
 #: Reasons ``hvm_memory_event_traps`` knows, each with its own HVM param.
 TRAP_REASONS = frozenset({MemEventReason.CR0, MemEventReason.CR3, MemEventReason.CR4, MemEventReason.INT3})
 MAX_VCPUS = 128  # HVM_MAX_VCPUS of the era
+_PAGING_RING = RING_CODES[RingKind.paging]  # evict and load batches are traced as the paging ring's
 MAX_GFNS = 1 << 22  # 16 GiB of guest memory: a p2m of 12 MiB, a guest segment the host can still map
 
 
@@ -396,6 +397,8 @@ class Domain:
         released: list[int] = []
         out = self._batch_valid(gfns, lambda valid: _paging.p2m_mem_paging_evict(self, valid, released))
         self.release_frames(released)
+        if self.tracer is not None and released:
+            self.tracer(TraceEvent.EVICT, self.domid, _PAGING_RING, NO_VCPU, released[0], len(released))
         return out
 
     def paging_prep(self, gfns: Sequence[int]) -> list[Errno | None]:
@@ -408,7 +411,11 @@ class Domain:
         ``fill`` is called only for a frame allocated by this call: an existing
         frame holds the guest's data and is never overwritten.
         """
-        return self._batch(gfns, lambda g: _paging.p2m_mem_paging_load(self, g, fill))
+        out = self._batch(gfns, lambda g: _paging.p2m_mem_paging_load(self, g, fill))
+        if self.tracer is not None and None in out:
+            first = next(g for g, r in zip(gfns, out, strict=True) if r is None)
+            self.tracer(TraceEvent.LOAD, self.domid, _PAGING_RING, NO_VCPU, first, out.count(None))
+        return out
 
     def access_set(self, gfns: Sequence[int], access: int) -> list[Errno | None]:
         """``p2m_set_mem_access`` on each gfn (any type: the right applies once it has a frame)."""
