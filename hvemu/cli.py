@@ -405,15 +405,7 @@ def cmd_stop(args: argparse.Namespace) -> Any:
     for name in _domain_daemons(run_dir):
         _read_pid(run_dir, name)  # removes a stale pidfile
     pid = _stop(run_dir, "hypervisor", args.timeout)
-    running = []
-    deadline = time.monotonic() + DAEMON_EXIT_TIMEOUT
-    for name in _domain_daemons(run_dir):
-        daemon = _read_pid(run_dir, name)
-        if daemon is not None and not _wait_gone(daemon, run_dir, name, max(0.0, deadline - time.monotonic())):
-            running.append(name)
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(_pidfile(run_dir, name))
+    running = _wait_daemons_gone(run_dir, _domain_daemons(run_dir))
     result: dict[str, Any] = {"stopped": "hypervisor", "pid": pid}
     if running:  # they lost their hypervisor and should exit; say which did not (yet)
         result["still_running"] = running
@@ -575,7 +567,25 @@ async def cmd_destroy(args: argparse.Namespace) -> Any:
         await conn.call(protocol.DomainDestroy(domid=domid))
     finally:
         await conn.close()
-    return {"destroyed": domid}
+    result: dict[str, Any] = {"destroyed": domid}
+    running = await asyncio.to_thread(_wait_daemons_gone, _run_dir(args), [f"pager-{domid}", f"listener-{domid}"])
+    if running:
+        result["still_running"] = running
+    return result
+
+
+def _wait_daemons_gone(run_dir: str, names: list[str]) -> list[str]:
+    """Wait for these daemons (their domain or hypervisor gone) to exit and drop their pidfiles; who did not."""
+    running = []
+    deadline = time.monotonic() + DAEMON_EXIT_TIMEOUT
+    for name in names:
+        daemon = _read_pid(run_dir, name)
+        if daemon is not None and not _wait_gone(daemon, run_dir, name, max(0.0, deadline - time.monotonic())):
+            running.append(name)
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_pidfile(run_dir, name))
+    return running
 
 
 def _state(st: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import random
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -109,7 +110,7 @@ def test_truncated_last_record_is_ignored_and_unknown_events_counted() -> None:
     assert tracetools.summarise(records)["domains"]["1"]["events"] == {"paging.event77": 1}
 
 
-def _latencies_one_by_one(records: list[tuple[int, ...]]) -> list[tuple[int, int, int, float]]:
+def _latencies_one_by_one(records: Sequence[tuple[int, ...]]) -> list[tuple[int, int, int, float]]:
     """The oracle: the pairing rule walked record by record, as the docstring states it."""
     pending: dict[tuple[int, int], int] = {}
     out = []

@@ -1,0 +1,128 @@
+"""``hvemu`` as an xl user types it (sizes, hex gfns, names, list, info, vcpu-list, help), and clean stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import hvemu
+from tests.integration.system import Proc, shm_segments
+from tests.integration.test_cli import hv_json
+from tests.integration.test_cli import hvemu as run
+
+
+def test_help_version_and_usage(tmp_path: object) -> None:
+    run_dir = os.path.join(str(tmp_path), "none")
+    bare = run(run_dir)
+    assert bare.returncode == 0 and "COMMAND" in bare.stdout and "vcpu-list" in bare.stdout, bare.stdout
+    assert run(run_dir, "--version").stdout.strip() == f"hvemu {hvemu.__version__}"
+    start = " ".join(run(run_dir, "start", "--help").stdout.split())
+    assert "(default: 256 MiB)" in start and "512m, 1g" in start and "--ring-size SLOTS" in start, start
+    assert "(default: seed)" in start and "None" not in start, start
+    listener = run(run_dir, "listener-attach", "--help").stdout
+    assert "--gfns" in listener and "--access" in listener, listener
+    bad = run(run_dir, "start", "--ring-size", "3", check=False)
+    assert bad.returncode == 2 and "3 is not a power of two from 1 to 64" in bad.stderr, bad.stderr
+    size = run(run_dir, "create", "--memory", "12q", check=False)
+    assert size.returncode == 2 and "12q is not a size" in size.stderr, size.stderr
+
+
+def test_xl_habits(tmp_path: object) -> None:
+    run_dir = os.path.join(str(tmp_path), "run")
+    pid = int(hv_json(run_dir, "start", "--memory", "64m", "--ring-size", "8")["pid"])  # type: ignore[index]
+    try:
+        host: Any = hv_json(run_dir, "info")
+        assert host["total_memory_mib"] == 64 and host["ring_size"] == 8 and host["nr_domains"] == 0, host
+        assert run(run_dir, "list").stdout.split() == ["Name", "ID", "Mem", "VCPUs", "State", "Resident",
+                                                       "Target"], "a header when empty"
+        created = hv_json(run_dir, "create", "--memory", "4096k", "--vcpus", "2", "--name", "web")
+        assert created == {"domid": 1, "vcpus": 2, "gfns": 1024}, created
+        assert hv_json(run_dir, "mem-set", "web", "512k") == {"domid": 1, "target_pages": 128}
+        too_big = run(run_dir, "mem-set", "web", "1g", check=False)
+        assert too_big.returncode == 1 and "target 1g is above domain web's memory (4 MiB)" in too_big.stderr
+        assert set(hv_json(run_dir, "map", "web", "0x10", "17")["pages"]) == {"16", "17"}  # type: ignore[index]
+        assert hv_json(run_dir, "info", "web")["domid"] == 1  # type: ignore[index]
+        vcpus: Any = hv_json(run_dir, "vcpu-list", "web")
+        assert [v["vcpu"] for v in vcpus] == [0, 1], vcpus
+        assert run(run_dir, "vcpu-list").stdout.split()[:6] == ["Name", "ID", "VCPU", "State", "Pauses",
+                                                              "Congested"]
+        name_clash = run(run_dir, "create", "--name", "7", check=False)
+        assert name_clash.returncode == 1 and "would read as a domain id" in name_clash.stderr
+        run(run_dir, "destroy", "web")
+        assert hv_json(run_dir, "list") == []
+    finally:
+        res = run(run_dir, "stop", check=False)
+        if res.returncode != 0:
+            os.kill(pid, 9)
+        assert not shm_segments(pid)
+
+
+def _guest(run_dir: str, domid: int) -> Proc:
+    return Proc("-m", "guest", "--run-dir", run_dir, "--domid", str(domid), "--duration", "60")
+
+
+def _wait_paged(run_dir: str, domain: str) -> None:
+    deadline = time.monotonic() + 20
+    while hv_json(run_dir, "info", domain)["pages"]["paged"] < 100:  # type: ignore[index]
+        assert time.monotonic() < deadline, "the pager did not page out"
+        time.sleep(0.1)
+
+
+def test_destroy_and_stop_are_clean_ends(tmp_path: object) -> None:
+    """The guest says its domain was destroyed and exits 0; the pager exits 0 quietly; its pagefile goes."""
+    run_dir = os.path.join(str(tmp_path), "run")
+    pid = int(hv_json(run_dir, "start", "--memory", "32")["pid"])  # type: ignore[index]
+    guests: list[Proc] = []
+    try:
+        for name in ("one", "two"):
+            run(run_dir, "create", "--memory", "8", "--target", "2", "--name", name)
+            run(run_dir, "pager-attach", name)
+        pagefiles = [os.path.join(run_dir, f"dom{d}.pagefile") for d in (1, 2)]
+        assert all(os.path.exists(p) for p in pagefiles)
+        _wait_paged(run_dir, "one")
+        guests = [_guest(run_dir, 1), _guest(run_dir, 2)]
+        time.sleep(1.0)
+        run(run_dir, "destroy", "one")
+        assert guests[0].wait(20) == 0, guests[0].stderr()
+        assert "domain 1: the domain was destroyed" in guests[0].stderr()
+        # destroy waited for the domain's pager: it removed its pagefile and exited.
+        assert not os.path.exists(pagefiles[0]) and not os.path.exists(os.path.join(run_dir, "pager-1.pid"))
+        stopped = hv_json(run_dir, "stop")
+        assert "still_running" not in stopped, stopped  # type: ignore[operator]
+        assert guests[1].wait(20) == 0, guests[1].stderr()
+        assert "domain 2: the domain was destroyed" in guests[1].stderr()
+        for log in ("pager-1.log", "pager-2.log"):
+            with open(os.path.join(run_dir, log)) as f:
+                text = f.read()
+            assert "lost the hypervisor" not in text and "hvemu-pager:" not in text, (log, text)
+        assert sorted(os.listdir(run_dir)) == ["hypervisor.log", "pager-1.log", "pager-2.log"]
+    finally:
+        for g in guests:
+            g.stop()
+        if run(run_dir, "stop", check=False).returncode != 0 and os.path.exists(f"/proc/{pid}"):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"hvemu.daemon" in f.read():
+                    os.kill(pid, 9)
+
+
+def test_trace_plot_without_matplotlib_says_how_to_get_it(tmp_path: object) -> None:
+    """``hvemu[plot]`` not installed: one line naming the extra (matplotlib hidden by a package that fails)."""
+    from hvemu import trace
+
+    hidden = os.path.join(str(tmp_path), "hide")
+    os.makedirs(os.path.join(hidden, "matplotlib"))
+    with open(os.path.join(hidden, "matplotlib", "__init__.py"), "w") as f:
+        f.write("raise ImportError('No module named matplotlib')\n")
+    path = os.path.join(str(tmp_path), "t.trace")
+    with open(path, "wb") as f:
+        f.write(trace.HEADER.pack(trace.MAGIC, trace.VERSION, trace.RECORD.size))
+        f.write(trace.RECORD.pack(1, 1, 0, int(trace.TraceEvent.PUT), 0, 3, 1))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([hidden, *sys.path])}
+    res = run(os.path.join(str(tmp_path), "none"), "--json", "trace", "plot", path, check=False, env=env)
+    assert res.returncode == 1, res.stderr
+    err = json.loads(res.stderr)
+    assert "pip install 'hvemu[plot]'" in err["error"] and err["errno"] == "ENOPKG", err
+    assert not [n for n in os.listdir(str(tmp_path)) if n.endswith(".png")]
