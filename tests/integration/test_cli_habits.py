@@ -126,3 +126,47 @@ def test_trace_plot_without_matplotlib_says_how_to_get_it(tmp_path: object) -> N
     err = json.loads(res.stderr)
     assert "pip install 'hvemu[plot]'" in err["error"] and err["errno"] == "ENOPKG", err
     assert not [n for n in os.listdir(str(tmp_path)) if n.endswith(".png")]
+
+
+def test_top_quits_on_q_and_says_when_the_hypervisor_goes(tmp_path: object) -> None:
+    import pty
+    import subprocess
+
+    from tests.integration.system import ROOT
+
+    run_dir = os.path.join(str(tmp_path), "run")
+    pid = int(hv_json(run_dir, "start", "--memory", "16")["pid"])  # type: ignore[index]
+    try:
+        run(run_dir, "create", "--memory", "4", "--name", "web")
+        leader, follower = pty.openpty()
+        os.set_blocking(leader, False)
+        env = {**os.environ, "COLUMNS": "80", "LINES": "24"}
+        proc = subprocess.Popen([sys.executable, "-m", "hvemu.cli", "--run-dir", run_dir, "top", "-d", "0.2"],
+                                cwd=ROOT, stdin=follower, stdout=follower, stderr=subprocess.PIPE, env=env)
+        os.close(follower)
+        screen = b""
+        deadline = time.monotonic() + 30
+        while b"web" not in screen:  # the first refresh is on the terminal
+            assert proc.poll() is None and time.monotonic() < deadline, screen
+            time.sleep(0.1)
+            try:
+                screen += os.read(leader, 65536)
+            except BlockingIOError:
+                pass
+        os.write(leader, b"q")
+        assert proc.wait(timeout=30) == 0
+        assert proc.stderr is not None and proc.stderr.read() == b""
+        os.close(leader)
+        text = screen.decode(errors="replace")
+        assert all(len(line) <= 80 for line in text.replace("\x1b[H\x1b[2J", "").splitlines()), text
+        batch = subprocess.Popen([sys.executable, "-m", "hvemu.cli", "--run-dir", run_dir, "top", "-b", "-d", "0.2"],
+                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        run(run_dir, "stop")
+        _, err = batch.communicate(timeout=30)
+        assert batch.returncode == 1 and err == "hvemu top: the hypervisor went away (stopped or killed)\n", err
+    finally:
+        if run(run_dir, "stop", check=False).returncode != 0 and os.path.exists(f"/proc/{pid}"):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"hvemu.daemon" in f.read():
+                    os.kill(pid, 9)
