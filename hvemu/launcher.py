@@ -328,9 +328,9 @@ class Run:
 
     async def partial(self) -> Summary | None:
         """The summary of the run so far (after a stop signal), from the hypervisor's counters."""
-        if self.tool is None or not self.created or self.hv is None or self.hv.proc.returncode is not None:
-            return None
-        elapsed = asyncio.get_running_loop().time() - self.started_at if self.started_at else 0.0
+        if not self.started_at or self.tool is None or self.hv is None or self.hv.proc.returncode is not None:
+            return None  # the guests never ran (nothing to summarise), or the hypervisor is gone
+        elapsed = asyncio.get_running_loop().time() - self.started_at
         rows = []
         for domid in self.domids:
             self.elapsed.setdefault(domid, elapsed)
@@ -673,7 +673,9 @@ def _from_file(path: str) -> list[str]:
         return msgspec.convert(data["settings"], Settings).argv()
     except OSError as exc:
         raise ValueError(f"--from {path}: {exc.strerror}") from exc
-    except (msgspec.ValidationError, msgspec.DecodeError, KeyError, TypeError) as exc:
+    except KeyError as exc:
+        raise ValueError(f"--from {path}: not a run.sh --json file (no settings)") from exc
+    except (msgspec.ValidationError, msgspec.DecodeError, TypeError) as exc:
         raise ValueError(f"--from {path}: not a run.sh --json file ({exc})") from exc
 
 

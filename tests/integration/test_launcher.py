@@ -244,3 +244,13 @@ def test_a_killed_hypervisor_is_named_as_the_cause(tmp_path: object) -> None:
         assert not os.path.exists(run_dir)
     finally:
         _stop_and_clean(proc)
+
+
+def test_from_a_file_that_is_not_a_summary_is_one_line(tmp_path: object) -> None:
+    bad = os.path.join(str(tmp_path), "bad.json")
+    with open(bad, "w") as f:
+        f.write('{"x": 1}')
+    for path, why in ((bad, "not a run.sh --json file (no settings)"),
+                      (os.path.join(str(tmp_path), "none.json"), "No such file or directory")):
+        res = _launch("--from", path)
+        assert res.returncode == 2 and res.stderr == f"run.sh: --from {path}: {why}\n", res.stderr
