@@ -196,3 +196,15 @@ def test_summaries_of_a_large_trace_are_array_operations() -> None:
     head = records[:2000]
     _, _, _, lat = tracetools.fault_latencies(head)
     assert sorted(lat.tolist()) == sorted(x[3] for x in _latencies_one_by_one(head.tolist()))
+
+
+def test_a_file_on_disk_reads_the_same_as_bytes(tmp_path: object) -> None:
+    """The fast path (straight from the file) and the in-memory one agree, a truncated last record included."""
+    data = _file([(i, 1, 0, int(TraceEvent.PUT), 0, i, 1) for i in range(100)], b"\x01" * 20).getvalue()
+    path = os.path.join(str(tmp_path), "t.trace")
+    with open(path, "wb") as f:
+        f.write(data)
+    with open(path, "rb") as f:
+        on_disk = tracetools.read(f)
+    assert len(on_disk) == 100 and (on_disk == tracetools.read(io.BytesIO(data))).all()
+    assert on_disk["gfn"].tolist() == list(range(100))
