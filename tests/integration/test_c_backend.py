@@ -1,6 +1,6 @@
 """hvemu's Python FrontRing against a back end written in C from DESIGN.md section 2.
 
-``tests/c/ring_backend.c`` (with ``hvemu/include/mem_event_ring.h``: the struct and
+``tests/c/ring_backend.c`` (with ``tests/c/mem_event_ring.h``: the struct and
 the ``ring.h`` macros written out independently) is compiled here with the
 system ``cc``; the test skips cleanly when there is none.  It maps the same
 POSIX shm page (by inherited fd, or by name, unlinked as soon as it is
@@ -23,7 +23,6 @@ from pathlib import Path
 import posix_ipc
 import pytest
 
-import hvemu
 from hvemu import abi
 from hvemu.abi import MemEvent, MemEventCodec, MemEventFlag
 from hvemu.ring import FrontRing, SharedRing
@@ -44,7 +43,7 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if subprocess.run([cc, "-o", str(out / "probe"), str(probe)], capture_output=True).returncode:
         pytest.skip(f"{cc} cannot build a trivial C program (no libc headers?)")
     exe = out / "ring_backend"
-    cmd = [cc, "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-I", str(C_DIR), "-I", hvemu.INCLUDE_DIR,
+    cmd = [cc, "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-I", str(C_DIR),
            "-o", str(exe), str(C_DIR / "ring_backend.c")]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:  # shm_open lives in librt before glibc 2.34

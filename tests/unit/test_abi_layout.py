@@ -2,7 +2,7 @@
 
 Two descriptions that do not come from :mod:`hvemu.abi`:
 
-* a C struct written from DESIGN section 2 (``hvemu/include/mem_event_ring.h``),
+* a C struct written from DESIGN section 2 (``tests/c/mem_event_ring.h``),
   compiled with the system ``cc``; ``tests/c/abi_layout.c`` prints its
   ``offsetof``/``sizeof``, the bit positions of the bitfield, Xen's
   ``__RING_SIZE`` and the bytes of entries it builds from field values;
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-import hvemu
 from hvemu import abi
 from hvemu.abi import MemEvent, MemEventCodec, MemEventFlag, VmEvent, VmEventCodec
 from hvemu.ring import SharedRing
@@ -287,7 +286,7 @@ def c_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(f"{cc} cannot build a trivial C program (no libc headers?)")
     exe = out / "abi_layout"
     res = subprocess.run(
-        [cc, "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-I", str(C_DIR), "-I", hvemu.INCLUDE_DIR,
+        [cc, "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-I", str(C_DIR),
          "-o", str(exe), str(C_DIR / "abi_layout.c")],
         capture_output=True, text=True,
     )
