@@ -46,6 +46,8 @@ class GuestMemory:
         p2m_view = memoryview(p2m)
         self._types = p2m_view[abi.p2m_type_index(gfns, 0):abi.p2m_type_index(gfns, 0) + gfns]
         self._access = p2m_view[abi.p2m_access_index(gfns, 0):abi.p2m_access_index(gfns, 0) + gfns]
+        d0 = abi.p2m_vcpu_debug_index(gfns, 0)
+        self._debug = p2m_view[d0:d0 + max_vcpus]
         self._inflight = memoryview(inflight)[: abi.INFLIGHT_WORD_SIZE * max_vcpus].cast("Q")
         self._maps = (memory, p2m, inflight)
 
@@ -54,6 +56,10 @@ class GuestMemory:
 
     def p2m_access(self, gfn: int) -> int:
         return self._access[gfn]
+
+    def single_stepping(self, vcpu: int) -> bool:
+        """Has a tool set this vCPU to single-step (it then reports every step)?"""
+        return bool(self._debug[vcpu] & abi.VCPU_DEBUG_SINGLE_STEP)
 
     def try_read(self, vcpu: int, gfn: int) -> bytes | None:
         """The page's bytes, or None if the access must exit to the hypervisor."""
@@ -82,7 +88,7 @@ class GuestMemory:
         return False
 
     def close(self) -> None:
-        for view in (self._inflight, self._types, self._access, self._mem):
+        for view in (self._inflight, self._types, self._access, self._debug, self._mem):
             view.release()
         for m in self._maps:
             m.close()

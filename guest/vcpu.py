@@ -33,6 +33,10 @@ class VcpuReport(msgspec.Struct):
     writes: int = 0
     faults: int = 0
     traps: int = 0
+    #: Steps reported while single-stepping.
+    steps: int = 0
+    #: Traps a tool injected (xen-access re-injecting an INT3), delivered to the guest's own handler.
+    traps_delivered: int = 0
     integrity_failures: int = 0
     errors: list[str] = []
     latency: dict[str, float] = {}
@@ -49,10 +53,29 @@ class Vcpu:
         self.report = VcpuReport(vcpu=vcpu_id)
 
     async def _exit(self, gfn: int, access: int) -> None:
-        # The guest runs identity-mapped, so the linear address of the faulting
-        # access is the page's guest-physical address (what a listener sees as gla).
-        await self.conn.call(protocol.GuestAccess(vcpu=self.vcpu_id, gfn=gfn, access=access,
-                                                  gla=gfn * abi.PAGE_SIZE))
+        # The guest runs identity-mapped and copies whole pages from their first
+        # byte, so the faulting address is the page's guest-physical address
+        # (what a listener sees as gla, at offset 0).
+        await self._call(protocol.GuestAccess(vcpu=self.vcpu_id, gfn=gfn, access=access,
+                                              gla=gfn * abi.PAGE_SIZE, offset=0))
+
+    async def _call(self, exit_msg: protocol.Msg) -> None:
+        """Exit to the hypervisor; on the way back, take any trap a tool injected meanwhile."""
+        reply, _ = await self.conn.call(exit_msg)
+        if isinstance(reply, protocol.TrapInjected):
+            self.report.traps_delivered += 1  # the guest's own handler for reply.vector runs here
+
+    async def step(self, gfn: int) -> None:
+        """After an instruction (an access) of a vCPU a tool single-steps: report the step."""
+        await self._call(protocol.GuestTrap(vcpu=self.vcpu_id, reason=int(abi.MemEventReason.SINGLESTEP),
+                                            value=gfn, gla=gfn * abi.PAGE_SIZE))
+        self.report.steps += 1
+
+    async def breakpoint(self, gfn: int) -> None:
+        """An INT3 at the start of ``gfn`` (a listener may re-inject it into the guest)."""
+        await self._call(protocol.GuestTrap(vcpu=self.vcpu_id, reason=int(abi.MemEventReason.INT3),
+                                            value=gfn, gla=gfn * abi.PAGE_SIZE))
+        self.report.traps += 1
 
     async def read(self, gfn: int) -> None:
         start = 0
@@ -87,7 +110,7 @@ class Vcpu:
 
     async def trap(self, reason: abi.MemEventReason, value: int, old: int) -> None:
         """A CR write or INT3: the hypervisor may pause us until a listener answers."""
-        await self.conn.call(protocol.GuestTrap(vcpu=self.vcpu_id, reason=int(reason), value=value, old=old))
+        await self._call(protocol.GuestTrap(vcpu=self.vcpu_id, reason=int(reason), value=value, old=old))
         self.report.traps += 1
 
     def _fault_done(self, start: int) -> None:
@@ -100,7 +123,7 @@ class Vcpu:
             self.report.errors.append(why)
 
     async def run(self, stream: Iterator[tuple[int, bool]], deadline: float, *,
-                  max_accesses: int = 0, trap_every: int = 0) -> VcpuReport:
+                  max_accesses: int = 0, trap_every: int = 0, int3_every: int = 0) -> VcpuReport:
         n = 0
         cr3 = 0x1000
         while time.monotonic() < deadline and (not max_accesses or n < max_accesses):
@@ -110,6 +133,10 @@ class Vcpu:
             else:
                 await self.read(gfn)
             n += 1
+            if self.mem.single_stepping(self.vcpu_id):
+                await self.step(gfn)
+            if int3_every and n % int3_every == 0:
+                await self.breakpoint(gfn)
             if trap_every and n % trap_every == 0:
                 old, cr3 = cr3, cr3 + 0x1000
                 await self.trap(abi.MemEventReason.CR3, cr3, old)

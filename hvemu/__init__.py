@@ -16,5 +16,5 @@ try:
 except PackageNotFoundError:  # run from a checkout that was never installed
     __version__ = "0+unknown"
 
-#: The directory of ``mem_event_ring.h`` (the ring page and ``ring.h``'s back-end operations, in C).
+#: The directory of ``hvemu_mem_event.h`` (the ring page and ``ring.h``'s macros, in C).
 INCLUDE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")

@@ -73,7 +73,7 @@ class MemEventFlag(enum.IntFlag):
     DUMMY = 1 << 4
 
 
-#: Every flag bit this ABI defines; anything else in a response is rejected.
+#: Every flag bit this ABI defines; other bits in a response are ignored (and counted), as Xen does.
 MEM_EVENT_KNOWN_FLAGS = int(
     MemEventFlag.VCPU_PAUSED
     | MemEventFlag.DROP_PAGE
@@ -94,20 +94,26 @@ class MemEventReason(enum.IntEnum):
 
 
 class P2MType(enum.IntEnum):
-    """Xen's ``p2m_type_t`` numbers (only the kinds hvemu models)."""
+    """Xen's ``p2m_type_t``, number for number (``xen/include/asm-x86/p2m.h`` of RELEASE-4.2.0).
+
+    ABI: daemons read these bytes from the shared p2m table.  ``invalid``
+    (nothing mapped) is what a gfn the guest gave back becomes.
+    """
 
     ram_rw = 0
-    ram_logdirty = 1
-    ram_ro = 2
-    mmio_dm = 3
-    mmio_direct = 4
-    populate_on_demand = 5
-    grant_map_rw = 6
-    grant_map_ro = 7
+    invalid = 1
+    ram_logdirty = 2
+    ram_ro = 3
+    mmio_dm = 4
+    mmio_direct = 5
+    populate_on_demand = 6
+    grant_map_rw = 7
+    grant_map_ro = 8
     ram_paging_out = 9
     ram_paged = 10
     ram_paging_in = 11
     ram_shared = 12
+    ram_broken = 13
 
 
 class P2MAccess(enum.IntEnum):
@@ -128,6 +134,12 @@ class P2MAccess(enum.IntEnum):
 ACCESS_R = 1
 ACCESS_W = 2
 ACCESS_X = 4
+
+#: ``HVMMEM_access_default``: as the access of a set, "the p2m's default access".
+ACCESS_DEFAULT = 10
+#: The gfn (``~0ull``) that makes ``set_mem_access`` / ``get_mem_access`` address the
+#: p2m's default access instead of a page (Xen's convention, used by xen-access).
+DEFAULT_ACCESS_GFN = (1 << 64) - 1
 
 #: Rights each ``p2m_access_t`` grants *without* an event.  ``rx2rw`` grants
 #: r+x and converts to rw on a write (no event); ``n2rwx`` grants nothing and
@@ -153,16 +165,22 @@ PAGING_TYPES = frozenset({P2MType.ram_paging_out, P2MType.ram_paged, P2MType.ram
 
 # --------------------------------------------------------------------------
 # The p2m table as the guest sees it: a shared, read-only (for the guest)
-# segment of two bytes per gfn.  The hypervisor is its only writer.
-#   [0, gfns)          p2m_type of each gfn (u8, P2MType)
-#   [gfns, 2*gfns)     p2m_access of each gfn (u8, P2MAccess)
+# segment.  The hypervisor is its only writer.
+#   [0, gfns)                      p2m_type of each gfn (u8, P2MType)
+#   [gfns, 2*gfns)                 p2m_access of each gfn (u8, P2MAccess)
+#   [2*gfns, 2*gfns+HVM_MAX_VCPUS) debug state of each vCPU (u8, VCPU_DEBUG_*),
+#                                  latched by the guest before each step
 # --------------------------------------------------------------------------
 
+#: HVM_MAX_VCPUS of the era: the most vCPUs a domain may have.
+HVM_MAX_VCPUS = 128
 P2M_BYTES_PER_GFN = 2
+#: The vCPU single-steps (XEN_DOMCTL_DEBUG_OP_SINGLE_STEP_ON): it reports each step.
+VCPU_DEBUG_SINGLE_STEP = 1 << 0
 
 
 def p2m_table_size(gfns: int) -> int:
-    return P2M_BYTES_PER_GFN * gfns
+    return P2M_BYTES_PER_GFN * gfns + HVM_MAX_VCPUS
 
 
 def p2m_type_index(gfns: int, gfn: int) -> int:
@@ -171,6 +189,10 @@ def p2m_type_index(gfns: int, gfn: int) -> int:
 
 def p2m_access_index(gfns: int, gfn: int) -> int:
     return gfns + gfn
+
+
+def p2m_vcpu_debug_index(gfns: int, vcpu: int) -> int:
+    return P2M_BYTES_PER_GFN * gfns + vcpu
 
 
 # --------------------------------------------------------------------------
@@ -343,6 +365,7 @@ class Errno(enum.StrEnum):
     EPERM = "EPERM"
     ESRCH = "ESRCH"
     EEXIST = "EEXIST"
+    ENODEV = "ENODEV"
 
 
 class RingKind(enum.StrEnum):

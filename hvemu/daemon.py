@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ from hvemu.backend import DomainBackend, RingBackend, apply_effects
 from hvemu.core.domain import MAX_GFNS, MAX_VCPUS
 from hvemu.core.errors import HypervisorError
 from hvemu.core.hypervisor import Hypervisor
+from hvemu.core.mem_event import NOTIFY_MODES
 from hvemu.janitor import Janitor
 from hvemu.shm import PosixSegment, Segment
 from hvemu.trace import ALL_EVENTS, NO_RING, NO_VCPU, RING_CODES, TraceEvent, TraceWriter
@@ -59,6 +61,8 @@ class ConnCtx:
         self.domid: int | None = None
         self.vcpu: int | None = None
         self.main_guest = False
+        #: Foreign mappings this connection holds (``MapForeign(keep=True)``): gfns per domain.
+        self.mappings: dict[int, collections.Counter[int]] = {}
 
 
 def _err(errno: Errno, message: str) -> HypervisorError:
@@ -77,10 +81,11 @@ def _release(fut: asyncio.Future[None]) -> None:
 
 class HypervisorDaemon:
     def __init__(self, run_dir: str, total_frames: int, *, policy: str = "seed",
-                 ring_size: int | None = None) -> None:
+                 ring_size: int | None = None, notify: str = "ring.h") -> None:
         self.run_dir = run_dir
         self.socket_path = protocol.socket_path(run_dir)
-        self.hv = Hypervisor(total_frames, policy=policy, ring_size=ring_size)  # type: ignore[arg-type]
+        self.hv = Hypervisor(total_frames, policy=policy, ring_size=ring_size,  # type: ignore[arg-type]
+                             notify=notify)  # type: ignore[arg-type]
         self.backends: dict[int, DomainBackend] = {}
         #: Replies to PagingLoad(resume=True) held until the pager's next wake-up (see _hold_load_reply).
         self._held_load_replies: dict[int, list[asyncio.Future[None]]] = {}
@@ -102,8 +107,12 @@ class HypervisorDaemon:
             protocol.PagingPrep: self._paging_prep,
             protocol.PagingLoad: self._paging_load,
             protocol.AccessSet: self._access_set,
+            protocol.AccessGet: self._access_get,
             protocol.AccessRequired: self._access_required,
             protocol.MapForeign: self._map_foreign,
+            protocol.UnmapForeign: self._unmap_foreign,
+            protocol.InjectTrap: self._inject_trap,
+            protocol.DebugControl: self._debug_control,
             protocol.SetTarget: self._set_target,
             protocol.GetTarget: self._get_target,
             protocol.SetHvmParam: self._set_hvm_param,
@@ -167,6 +176,10 @@ class HypervisorDaemon:
         ctx = state.data.pop("ctx", None)
         if not isinstance(ctx, ConnCtx):
             return
+        for domid, held in ctx.mappings.items():  # a mapper's process is gone: so are its mappings
+            if domid in self.backends and not self.backends[domid].dom.crashed:
+                self.backends[domid].dom.foreign_unmap(list(held.elements()))
+        ctx.mappings.clear()
         if ctx.role == "guest" and ctx.domid in self.backends:
             be = self.backends[ctx.domid]
             if ctx.main_guest:
@@ -488,9 +501,45 @@ class HypervisorDaemon:
         for i, (g, r) in enumerate(zip(msg.gfns, results, strict=True)):
             page = be.memory.pread(g * abi.PAGE_SIZE, abi.PAGE_SIZE) if r is None else None
             if page is not None and len(page) != abi.PAGE_SIZE:  # the guest shrank its own memory
+                be.dom.foreign_unmap([g])
                 results[i], page = Errno.EINVAL, None
             pages.append(page)
+        mapped = [g for g, r in zip(msg.gfns, results, strict=True) if r is None]
+        if msg.keep:
+            ctx.mappings.setdefault(msg.domid, collections.Counter()).update(mapped)
+        else:
+            be.dom.foreign_unmap(mapped)  # copied: unmapped at once
         return protocol.ForeignPages(results=results, pages=pages), []
+
+    async def _unmap_foreign(self, ctx: ConnCtx, msg: protocol.UnmapForeign) -> Reply:
+        be = self._backend(msg.domid)
+        held = ctx.mappings.get(msg.domid, collections.Counter())
+        results: list[Errno | None] = []
+        for g in msg.gfns:
+            if held[g] > 0:  # only what this connection mapped: no one drops another's reference
+                held[g] -= 1
+                results += be.dom.foreign_unmap([g])
+            else:
+                results.append(Errno.ENOENT)
+        return protocol.BatchResult(results=results), []
+
+    async def _access_get(self, ctx: ConnCtx, msg: protocol.AccessGet) -> Reply:
+        be = self._backend(msg.domid)
+        return protocol.AccessReply(domid=msg.domid, gfn=msg.gfn, access=be.dom.access_get(msg.gfn)), []
+
+    async def _inject_trap(self, ctx: ConnCtx, msg: protocol.InjectTrap) -> Reply:
+        self._backend(msg.domid).dom.inject_trap(msg.vcpu, msg.vector)
+        return protocol.Ok(), []
+
+    async def _debug_control(self, ctx: ConnCtx, msg: protocol.DebugControl) -> Reply:
+        self._backend(msg.domid).dom.debug_control(msg.vcpu, msg.single_step)
+        return protocol.Ok(), []
+
+    @staticmethod
+    def _resumed(be: DomainBackend, vcpu: int) -> Reply:
+        """The reply that lets a vCPU go on: it carries a trap a tool injected meanwhile."""
+        vector = be.dom.take_pending_trap(vcpu)
+        return (protocol.Ok() if vector is None else protocol.TrapInjected(vector=vector)), []
 
     # ------------------------------------------------------------ tracing
     def start_trace(self, path: str, *, exclusive: bool = False, mask: int = ALL_EVENTS) -> None:
@@ -558,18 +607,18 @@ class HypervisorDaemon:
         vcpu = self._vcpu(be, msg.vcpu)
         start = time.perf_counter_ns()
         be.faults += 1
-        be.dom.guest_access(vcpu, msg.gfn, msg.access, msg.gla)
+        be.dom.guest_access(vcpu, msg.gfn, msg.access, msg.gla, msg.offset)
         if not be.dom.vcpus[vcpu].runnable:
             await self._wait_runnable(be, vcpu)
             be.fault_latency.record(time.perf_counter_ns() - start)
-        return protocol.Ok(), []
+        return self._resumed(be, vcpu)
 
     async def _guest_trap(self, ctx: ConnCtx, msg: protocol.GuestTrap) -> Reply:
         be = self._own_domain(ctx)
         vcpu = self._vcpu(be, msg.vcpu)
         be.dom.hvm_trap(vcpu, msg.reason, msg.value, msg.old, msg.gla)  # EINVAL for a bad reason
         await self._wait_runnable(be, vcpu)
-        return protocol.Ok(), []
+        return self._resumed(be, vcpu)
 
     async def _guest_balloon_out(self, ctx: ConnCtx, msg: protocol.GuestBalloonOut) -> Reply:
         be = self._own_domain(ctx)
@@ -662,6 +711,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", type=float, default=256.0, help="host memory budget in MiB")
     p.add_argument("--policy", choices=["seed", "claim"], default="seed", help="mem_event admission policy")
     p.add_argument("--ring-size", type=int, default=None, help="ring slots (default: derived, 64)")
+    p.add_argument("--notify", choices=list(NOTIFY_MODES), default="ring.h",
+                   help="when a put kicks the daemon: as ring.h says (default), or after every put as Xen 4.2")
     p.add_argument("--ready-fd", type=int, default=None, help="write a byte to this fd once listening")
     p.add_argument("--trace", default=None, help="record every ring event to this file (hvemu trace ...)")
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -687,7 +738,8 @@ def main(argv: list[str] | None = None) -> int:
             os.close(args.ready_fd)
 
     try:
-        daemon = HypervisorDaemon(run_dir, frames, policy=args.policy, ring_size=args.ring_size)
+        daemon = HypervisorDaemon(run_dir, frames, policy=args.policy, ring_size=args.ring_size,
+                                  notify=args.notify)
         if args.trace:
             daemon.start_trace(os.path.abspath(args.trace))
         uvloop.run(daemon.serve(ready))

@@ -216,13 +216,40 @@ class AccessSet(Msg):
     access: int
 
 
+class AccessGet(Msg):
+    """``p2m_get_mem_access`` of one gfn (``abi.DEFAULT_ACCESS_GFN``: the p2m's default)."""
+
+    domid: int
+    gfn: int
+
+
+class AccessReply(Msg):
+    domid: int
+    gfn: int
+    access: int
+
+
 class AccessRequired(Msg):
     domid: int
     required: bool
 
 
 class MapForeign(Msg):
-    """Map gfns from a tool: paged ones are populated and answer ``ENOENT``."""
+    """Map gfns from a tool: paged ones are populated and answer ``ENOENT``.
+
+    The reply carries a copy of each mapped page.  With ``keep`` the mapping
+    stays, holding a reference on each page (its nominate and evict answer
+    ``EBUSY``, as on Xen) until :class:`UnmapForeign` or the connection ends;
+    without it the pages are unmapped as soon as they are copied.
+    """
+
+    domid: int
+    gfns: list[int]
+    keep: bool = False
+
+
+class UnmapForeign(Msg):
+    """Drop mappings taken with ``MapForeign(keep=True)`` (``ENOENT`` per gfn not mapped here)."""
 
     domid: int
     gfns: list[int]
@@ -285,12 +312,16 @@ class HostInfoReply(Msg):
 
 
 class GuestAccess(Msg):
-    """A vCPU could not access ``gfn`` directly (p2m type or access right)."""
+    """A vCPU could not access ``gfn`` directly (p2m type or access right).
+
+    ``offset`` is where in the page the access went (an access event's ``offset``).
+    """
 
     vcpu: int
     gfn: int
     access: int
     gla: int | None = None
+    offset: int = 0
 
 
 class GuestBalloonOut(Msg):
@@ -301,13 +332,40 @@ class GuestBalloonOut(Msg):
 
 
 class GuestTrap(Msg):
-    """A CR0/CR3/CR4 write or an INT3, for hvm_memory_event_traps."""
+    """A CR0/CR3/CR4 write, an INT3 or a single step, for hvm_memory_event_traps.
+
+    The guest reports a step (``SINGLESTEP``) after each access while its
+    vCPU's single-step flag is set in the p2m segment's vCPU table.
+    """
 
     vcpu: int
     reason: int
     value: int = 0
     old: int = 0
     gla: int | None = None
+
+
+class TrapInjected(Msg):
+    """The reply to a guest exit when a tool injected a trap meanwhile (``HVMOP_inject_trap``):
+    the guest delivers ``vector`` to its own handler as it resumes."""
+
+    vector: int
+
+
+class InjectTrap(Msg):
+    """``HVMOP_inject_trap``: deliver ``vector`` to a vCPU on its next entry (xen-access re-injects INT3)."""
+
+    domid: int
+    vcpu: int
+    vector: int
+
+
+class DebugControl(Msg):
+    """XEN_DOMCTL_DEBUG_OP_SINGLE_STEP_ON/OFF for one vCPU."""
+
+    domid: int
+    vcpu: int
+    single_step: bool
 
 
 class SetHvmParam(Msg):
@@ -339,14 +397,16 @@ TOOL_REQUESTS = (
     ToolHello | GuestHello | DomainCreate | DomainDestroy | DomainList
     | MemEventEnable | MemEventDisable | MemEventResume
     | PagingNominate | PagingEvict | PagingPrep | PagingLoad
-    | AccessSet | AccessRequired | MapForeign | SetTarget | GetTarget | Stats | DomainInfo | HostInfo
+    | AccessSet | AccessGet | AccessRequired | MapForeign | UnmapForeign | SetTarget | GetTarget | Stats
+    | DomainInfo | InjectTrap | DebugControl | HostInfo
     | GuestAccess | GuestBalloonOut | GuestTrap | SetHvmParam | TraceStart | TraceStop
 )
 
 Request = TOOL_REQUESTS
 Reply = (
     Ok | Error | BatchResult | Welcome | DomainCreated | DomainListReply
-    | MemEventEnabled | ForeignPages | StatsReply | TargetReply | TraceStopped | HostInfoReply
+    | MemEventEnabled | ForeignPages | StatsReply | TargetReply | TraceStopped | AccessReply | TrapInjected
+    | HostInfoReply
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -237,6 +237,24 @@ class FrontRing(Generic[E]):
         self.sring.req_prod = self.req_prod_published
         return count
 
+    def check_req_prod(self) -> None:
+        """Refuse a shared ``req_prod`` the back end rewrote (only the front end writes it).
+
+        A ``SHARED_RING_INIT`` by the daemon zeroes it: on an idle ring (no
+        request outstanding, ``rsp_prod`` zeroed too) the front end starts
+        afresh from 0; under outstanding requests it is corrupt, since the
+        daemon can no longer see them.
+        """
+        shared = self.sring.req_prod
+        if shared == self.req_prod_published:
+            return
+        if shared == 0 and self.sring.rsp_prod == 0 and self.outstanding() == 0:
+            self.req_prod_pvt = self.req_prod_published = self.rsp_cons = 0
+            return
+        raise RingCorruptError(
+            f"req_prod is {shared} but {self.req_prod_published} was published, with "
+            f"{self.outstanding()} requests outstanding (SHARED_RING_INIT on a live ring?)")
+
     def unconsumed_responses(self) -> int:
         """``RING_HAS_UNCONSUMED_RESPONSES``, refusing a ``rsp_prod`` that answers unasked requests."""
         avail = (self.sring.rsp_prod - self.rsp_cons) & _MASK

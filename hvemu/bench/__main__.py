@@ -98,9 +98,11 @@ async def run(args: argparse.Namespace, placement: Placement) -> dict[str, Any]:
     result: dict[str, Any] = {"config": cfg.name, "machine": machine()}
     errors: dict[str, str] = {}
     t0 = time.perf_counter()
-    # scale first, on a quiet host; each floor right before the figure it bounds.
-    order = ["scale", "transport_floor", "fault_roundtrip", "native_uffd", "ring_floor", "pagein", "evict",
-             "fairness"]
+    # scale first, on a quiet host; each floor right before the figure it bounds, and the physical
+    # floor (the bare relay) both before and after the system's fault figures, in the same placement.
+    order = ["scale", "relay_floor", "relay_floor_blocking", "system_exit_overhead", "fault_roundtrip",
+             "relay_floor", "relay_floor_blocking", "native_uffd", "ring_floor", "pagein", "evict", "fairness"]
+    bracket_runs: dict[str, list[dict[str, Any]]] = {}
     for name in order:
         if name not in only:
             continue
@@ -116,12 +118,14 @@ async def run(args: argparse.Namespace, placement: Placement) -> dict[str, Any]:
             continue
         if name == "evict":
             result.update(section)
+        elif name in suites.BRACKETING:
+            bracket_runs.setdefault(name, []).append(section)
         else:
             result[name] = section
         print(f"bench: {name} done in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
-    fr, tf = result.get("fault_roundtrip"), result.get("transport_floor")
-    if fr and tf and tf.get("p50_us"):
-        result["fault_vs_floor_p50"] = round(fr["p50_us"] / tf["p50_us"], 3)
+    for name, runs in bracket_runs.items():
+        result[name] = suites.pool_relay(runs)
+    result.update(report.ratios(result))
     result["lost_guest_events"] = totals.lost_guest_events
     result["integrity_failures"] = totals.integrity_failures
     result["placement"] = placement.describe()

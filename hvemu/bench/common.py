@@ -20,9 +20,10 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from hvemu import abi, protocol
+from hvemu.bench import profile
 from hvemu.procs import child_setup, status_bytes, status_field, stop_process
 from hvemu.transport import Connection
 
@@ -121,6 +122,75 @@ def rss_bytes(pid: int) -> int:
         raise BenchError(str(exc)) from exc
 
 
+#: Clock ticks per second of ``/proc/PID/stat``'s CPU times.
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class ProcTimes(NamedTuple):
+    """What a process has used so far: CPU ticks in user and kernel mode, and times it slept."""
+
+    user: int
+    system: int
+    #: ``voluntary_ctxt_switches``: each is a wait (for an fd, a futex) that blocked, so one wake-up.
+    sleeps: int
+
+    @property
+    def cpu(self) -> int:
+        return self.user + self.system
+
+
+def proc_times(pid: int) -> ProcTimes:
+    """``utime``/``stime`` of ``pid`` from ``/proc/PID/stat`` (fields 14, 15) and its voluntary switches.
+
+    The kernel scales the two to the task's exact run time, so their sum is
+    exact to a tick (10 ms here): windows must hold enough work to make a
+    tick small beside it.  The command name may hold spaces and parentheses,
+    so fields are counted from the last ``)``.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        sleeps = status_field(pid, "voluntary_ctxt_switches")
+    except OSError as exc:
+        raise BenchError(f"cannot read the CPU time of process {pid}: {exc}") from exc
+    return ProcTimes(int(fields[11]), int(fields[12]), int(sleeps or 0))
+
+
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, ProcTimes]:
+    """:func:`proc_times` of each named process, read back to back."""
+    return {role: proc_times(pid) for role, pid in pids.items()}
+
+
+def open_window(pids: dict[str, int]) -> dict[str, ProcTimes]:
+    """Start measuring the named processes: their times now, and their profilers on if profiling."""
+    profile.window(pids.values(), on=True)
+    return cpu_snapshot(pids)
+
+
+def close_window(pids: dict[str, int]) -> dict[str, ProcTimes]:
+    """Stop measuring: the processes' times now, and their profilers off if profiling."""
+    after = cpu_snapshot(pids)
+    profile.window(pids.values(), on=False)
+    return after
+
+
+def _per_op_us(ticks: int, ops: int) -> float:
+    return round(ticks * 1e6 / CLK_TCK / max(ops, 1), 1)
+
+
+def cpu_per_op_us(before: dict[str, ProcTimes], after: dict[str, ProcTimes], ops: int) -> dict[str, float]:
+    """CPU microseconds per operation of each process between two snapshots, and their ``total``."""
+    out = {role: _per_op_us(after[role].cpu - before[role].cpu, ops) for role in before}
+    out["total"] = _per_op_us(sum(after[r].cpu - before[r].cpu for r in before), ops)
+    return out
+
+
+def cpu_detail(before: dict[str, ProcTimes], after: dict[str, ProcTimes], ops: int) -> dict[str, dict[str, float]]:
+    """Per operation and process: the kernel's share of the CPU (``sys_us``) and the sleeps (wake-ups)."""
+    return {"sys_us": {r: _per_op_us(after[r].system - before[r].system, ops) for r in before},
+            "sleeps": {r: round((after[r].sleeps - before[r].sleeps) / max(ops, 1), 2) for r in before}}
+
+
 def percentile(sorted_values: Sequence[float], pct: float) -> float:
     """Nearest-rank percentile of already sorted values (0.0 when empty)."""
     if not sorted_values:
@@ -158,7 +228,7 @@ class Proc:
     async def start(cls, name: str, argv: Sequence[str], *, cpus: set[int] | None = None,
                     stdin: bool = False, pass_fds: Sequence[int] = (), executable: str | None = None) -> Proc:
         cmd = [executable] if executable else [sys.executable]
-        cmd += list(argv)
+        cmd += list(argv) if executable else profile.wrap_argv(name, list(argv))
         err = tempfile.TemporaryFile()
         try:
             proc = await asyncio.create_subprocess_exec(

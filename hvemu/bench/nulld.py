@@ -1,12 +1,16 @@
-"""A paging daemon that does no work: the floor of the fault path.
+"""A mem_event daemon that does no work: the system's own exit overhead (not a floor: see :mod:`.relay`).
 
-It attaches to a domain's paging ring with the SDK, like the real pager,
-pages out ``--evict`` gfns once (nominate and evict, so that touching them
-exits), says ``ready``, then answers every request at once: one response per
-request echoing its flags, all responses of a drain pushed with one notify,
-exactly as :mod:`pager.xenpaging` does, but without reading a pagefile or
-loading a page.  The gfns therefore stay paged, and a vCPU touching one exits
-every time, which is what the transport floor measures.
+It attaches to a domain's *access* ring with the SDK, takes every right away
+from ``--evict`` gfns (``p2m_access_n``, so that touching one exits with a
+violation), says ``ready``, then answers every request at once: one response
+per request echoing its flags, all responses of a drain pushed with one
+notify, as :mod:`pager.xenpaging` does, but with no paging work.  The rights
+stay removed, so a vCPU touching one of those gfns exits every time, which
+is what ``system_exit_overhead`` measures.
+
+Not the paging ring: on Xen a vCPU whose paged gfn is answered but never
+loaded re-executes its access without a new request (the gfn is already
+``ram_paging_in``), so a paging daemon that loads nothing would hang it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import sys
 
 import uvloop
 
-from hvemu.abi import MemEvent, MemEventFlag, RingKind
+from hvemu.abi import MemEvent, MemEventFlag, P2MAccess, RingKind
 from pager.sdk import DomainGone, MemEventClient
 
 _ECHO = int(MemEventFlag.VCPU_PAUSED | MemEventFlag.DROP_PAGE | MemEventFlag.EVICT_FAIL | MemEventFlag.FOREIGN)
@@ -29,7 +33,7 @@ async def _serve(client: MemEventClient) -> None:
     async for batch in client.requests():
         for req in batch:
             client.respond(MemEvent(type=req.type, flags=req.flags & _ECHO, vcpu_id=req.vcpu_id,
-                                    gfn=req.gfn, p2mt=req.p2mt))
+                                    gfn=req.gfn, p2mt=req.p2mt, reason=req.reason))
         await client.push()
 
 
@@ -39,13 +43,10 @@ async def _main(args: argparse.Namespace) -> None:
     assert task is not None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
-    async with MemEventClient(args.domid, RingKind.paging, run_dir=args.run_dir) as client:
+    async with MemEventClient(args.domid, RingKind.access, run_dir=args.run_dir) as client:
         gfns = list(range(args.evict))
-        if gfns:
-            nominated = [g for g, r in zip(gfns, await client.nominate(gfns), strict=True) if r is None]
-            evicted = await client.evict(nominated)
-            if len(nominated) != len(gfns) or any(r is not None for r in evicted):
-                raise RuntimeError(f"could not page out gfns 0..{args.evict - 1}")
+        if gfns and any(r is not None for r in await client.access_set(gfns, P2MAccess.n)):
+            raise RuntimeError(f"could not restrict gfns 0..{args.evict - 1}")
         print(json.dumps({"ready": True, "paged": len(gfns)}), flush=True)
         try:
             await _serve(client)
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hvemu.bench.nulld", description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", required=True)
     p.add_argument("--domid", type=int, required=True)
-    p.add_argument("--evict", type=int, default=1, help="gfns 0..N-1 to page out before serving")
+    p.add_argument("--evict", type=int, default=1, help="gfns 0..N-1 to take every right from before serving")
     args = p.parse_args(argv)
     try:
         uvloop.run(_main(args))

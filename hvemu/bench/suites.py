@@ -20,8 +20,22 @@ from typing import Any
 
 from hvemu import protocol
 from hvemu.abi import Errno
-from hvemu.bench import uffd
-from hvemu.bench.common import BenchError, Host, Placement, Proc, format_cpus, lost_guest, rss_bytes
+from hvemu.bench import relay, uffd
+from hvemu.bench.common import (
+    BenchError,
+    Host,
+    Placement,
+    Proc,
+    ProcTimes,
+    close_window,
+    cpu_detail,
+    cpu_per_op_us,
+    format_cpus,
+    latency_summary,
+    lost_guest,
+    open_window,
+    rss_bytes,
+)
 from pager.defaults import EVICT_BATCH, EVICT_POLICY
 
 
@@ -34,6 +48,8 @@ class Config:
     fault_target: int = 256
     fault_duration: float = 10.0
     floor_iterations: int = 5000
+    #: Faults per relay run (each relay floor runs twice: before and after the system's fault figures).
+    relay_iterations: int = 20000
     uffd_iterations: int = 20000
     pagein_pages: int = 4096
     pagein_vcpus: tuple[int, ...] = (1, 4, 16)
@@ -49,10 +65,12 @@ class Config:
 
 
 FULL = Config("full")
-QUICK = Config("quick", fault_duration=3.0, floor_iterations=2000, uffd_iterations=5000, pagein_pages=1024,
+QUICK = Config("quick", fault_duration=3.0, floor_iterations=2000, relay_iterations=10000,
+               uffd_iterations=5000, pagein_pages=1024,
                ring_duration=1.0, evict_pages=16384, fairness_gfns=2048, fairness_target=256,
                fairness_duration=3.0)
 SMOKE = Config("smoke", fault_gfns=512, fault_target=64, fault_duration=0.5, floor_iterations=200,
+               relay_iterations=300,
                uffd_iterations=500, pagein_pages=128, ring_duration=0.2, evict_pages=512, evict_rounds=1,
                fairness_gfns=512, fairness_target=64, fairness_duration=1.0)
 CONFIGS = {c.name: c for c in (FULL, QUICK, SMOKE)}
@@ -86,13 +104,114 @@ async def _finish_guest(host: Host, guest: Proc, pager: Proc | None) -> None:
 
 
 # --------------------------------------------------------------------------
-# Fault round trip and its floors
+# Fault round trip, the physical floor, and the system's own exit overhead
 # --------------------------------------------------------------------------
 
 
-async def transport_floor(cfg: Config, placement: Placement, totals: Totals) -> dict[str, Any]:
-    """Guest exit -> hypervisor -> null daemon -> hypervisor -> guest, no paging work."""
+async def _line_unless_one_dies(guest: Proc, procs: list[Proc], timeout: float) -> dict[str, Any]:
+    """The guest's next JSON line; a :class:`BenchError` at once if any relay process exits first.
+
+    A relay whose hypervisor or daemon died would otherwise leave the guest
+    blocked until the timeout, on a fault that nobody will answer.
+    """
+    line = asyncio.ensure_future(guest.json_line(timeout))
+    deaths = {asyncio.ensure_future(p.proc.wait()): p for p in procs}
+    try:
+        await asyncio.wait([line, *deaths], return_when=asyncio.FIRST_COMPLETED)
+        if line.done():
+            return line.result()
+        dead = next(p for fut, p in deaths.items() if fut.done())
+        raise BenchError(f"{dead.name} exited (status {dead.proc.returncode}) during the relay; stderr:\n"
+                         f"{dead.stderr_tail()}")
+    finally:
+        for fut in (line, *deaths):
+            fut.cancel()
+        await asyncio.gather(line, *deaths, return_exceptions=True)
+
+
+async def _relay_run(cfg: Config, placement: Placement, mode: str) -> dict[str, Any]:
+    """One run of :mod:`hvemu.bench.relay`: the guest's samples (ns) and each process's CPU per fault."""
+    ch = relay.make_channels(mode)
+    procs: list[Proc] = []
+    warmup = max(50, cfg.relay_iterations // 20)
+    try:
+        try:
+            for role in ("hypervisor", "daemon", "guest"):
+                procs.append(await Proc.start(
+                    f"relay-{mode}-{role}",
+                    relay.argv(role, ch, mode, iterations=cfg.relay_iterations, warmup=warmup),
+                    cpus=placement.of(role), stdin=role == "guest", pass_fds=ch.fds()))
+        finally:
+            ch.close()  # the three processes hold their own copies
+        guest = procs[-1]
+        pids = {role: p.pid for role, p in zip(("hypervisor", "daemon", "guest"), procs, strict=True)}
+        # warm: every process is idle, blocked on its eventfd or stdin
+        await _line_unless_one_dies(guest, procs, 60)
+        before = open_window(pids)
+        await guest.send("go")
+        rep = await _line_unless_one_dies(guest, procs, 60 + cfg.relay_iterations / 1000)
+        after = close_window(pids)  # the guest waits for EOF, the others for a kick: all idle again
+    finally:
+        for p in reversed(procs):
+            await p.stop(timeout=5)
+            p.close()
+    samples: list[int] = rep["samples_ns"]
+    if len(samples) != cfg.relay_iterations or rep["failed_checks"]:
+        raise BenchError(f"relay ({mode}): {len(samples)} of {cfg.relay_iterations} faults relayed, "
+                         f"{rep['failed_checks']} failed checks (first: {rep['first_error']})")
+    used = {r: ProcTimes(*(a - b for a, b in zip(after[r], before[r], strict=True))) for r in pids}
+    return {"samples_ns": samples, "used": used, "cpu_per_roundtrip_us": cpu_per_op_us(before, after, len(samples))}
+
+
+def pool_relay(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One relay section from its runs (before and after the system): percentiles of every sample pooled.
+
+    Pooling gives both sides of the system's measurement the same weight,
+    so a slow spell during either counts as it would against the system.
+    CPU per round trip is all the runs' ticks over all their faults.
+    """
+    samples = [s for run in runs for s in run["samples_ns"]]
+    used: dict[str, ProcTimes] = {}
+    for run in runs:
+        for role, t in run["used"].items():
+            used[role] = ProcTimes(*(a + b for a, b in zip(used.get(role, ProcTimes(0, 0, 0)), t, strict=True)))
+    zero = dict.fromkeys(used, ProcTimes(0, 0, 0))
+    out = latency_summary(samples)
+    out["cpu_per_roundtrip_us"] = cpu_per_op_us(zero, used, len(samples))
+    out.update(cpu_detail(zero, used, len(samples)))
+    out["checked_faults"] = len(samples)
+    out["failed_checks"] = 0  # a run with any is an error (BenchError), never pooled
+    out["pages"] = relay.PAGES
+    out["runs"] = [{"when": when, **{k: v for k, v in latency_summary(run["samples_ns"]).items()
+                                     if k in ("n", "p50_us", "p99_us")},
+                    "cpu_per_roundtrip_us": run["cpu_per_roundtrip_us"]}
+                   for when, run in zip(("before", "after", *(f"run{i}" for i in range(2, len(runs)))), runs,
+                                        strict=False)]
+    return out
+
+
+async def relay_floor(cfg: Config, placement: Placement, totals: Totals) -> dict[str, Any]:
+    """The bare relay with uvloop (:mod:`hvemu.bench.relay`): one run; :func:`pool_relay` joins them."""
+    return await _relay_run(cfg, placement, "uvloop")
+
+
+async def relay_floor_blocking(cfg: Config, placement: Placement, totals: Totals) -> dict[str, Any]:
+    """The bare relay with blocking eventfd reads, no event loop: one run."""
+    return await _relay_run(cfg, placement, "blocking")
+
+
+#: Benchmarks run before and after the system's fault figures, their runs joined by :func:`pool_relay`.
+BRACKETING = ("relay_floor", "relay_floor_blocking")
+
+
+async def system_exit_overhead(cfg: Config, placement: Placement, totals: Totals) -> dict[str, Any]:
+    """Guest exit -> hypervisor -> null daemon -> hypervisor -> guest, no paging work: hvemu's own plumbing.
+
+    Not a floor: it is the system's exit path, so the system can never be
+    measured below it whatever it wastes (the floor is :func:`relay_floor`).
+    """
     async with Host(placement, memory_mib=64) as host:
+        assert host.hv is not None
         domid = await host.create(64, vcpus=1)
         nulld = await host.start("nulld", "daemon", ["-m", "hvemu.bench.nulld", "--run-dir", host.run_dir,
                                                      "--domid", str(domid), "--evict", "1"])
@@ -100,17 +219,50 @@ async def transport_floor(cfg: Config, placement: Placement, totals: Totals) -> 
         guest = await host.start("bench-guest", "guest", _bench_guest_args(
             host, "floor", domid, "--gfn", "0", "--iterations", str(cfg.floor_iterations),
             "--warmup", str(max(50, cfg.floor_iterations // 10))), stdin=True)
+        pids = {"hypervisor": host.hv.pid, "daemon": nulld.pid, "guest": guest.pid}
+        await guest.json_line(120)  # warm
+        before = open_window(pids)
+        await guest.send("go")
         rep = await guest.json_line(120)
+        after = close_window(pids)
         st = await host.stats(domid)
         totals.lost_guest_events += lost_guest(st)
         await guest.send("exit")
         await _finish_guest(host, guest, nulld)
-    return {k: rep[k] for k in ("p50_us", "p99_us", "n", "max_us", "mean_us")}
+    out = {k: rep[k] for k in ("p50_us", "p99_us", "n", "max_us", "mean_us")}
+    out["cpu_per_exit_us"] = cpu_per_op_us(before, after, int(rep["n"]))
+    out.update(cpu_detail(before, after, int(rep["n"])))
+    return out
+
+
+async def _first_faults(host: Host, domid: int, guest: Proc,
+                        pids: dict[str, int]) -> tuple[int, dict[str, ProcTimes]]:
+    """Wait for the guest's first faults; the hypervisor's fault count and every process's CPU then.
+
+    So the guest's interpreter start-up and the pager's initial eviction stay
+    out of the CPU per fault.
+    """
+    base = int((await host.stats(domid))["faults"])
+    deadline = time.monotonic() + 60
+    while True:
+        st = await host.stats(domid)
+        if int(st["faults"]) > base:
+            return int(st["faults"]), open_window(pids)
+        if guest.proc.returncode is not None or time.monotonic() > deadline:
+            raise BenchError(f"{guest.name} did not fault within 60 s: {guest.stderr_tail()}")
+        await asyncio.sleep(0.005)
 
 
 async def fault_roundtrip(cfg: Config, placement: Placement, totals: Totals) -> dict[str, Any]:
-    """One vCPU, uniform random access, real pager: the guest's own fault latency histogram."""
+    """One vCPU, uniform random access, real pager: the guest's own fault latency histogram.
+
+    CPU per fault of each process (hypervisor, pager as ``daemon``, guest)
+    runs from the first faults to the guest's report, over the faults the
+    hypervisor counted in between: the guest's hits, the pager's evictions
+    and polls included, as they are part of what a fault costs here.
+    """
     async with Host(placement, memory_mib=256) as host:
+        assert host.hv is not None
         domid = await host.create(cfg.fault_gfns, vcpus=1, target=cfg.fault_target)
         pager = await host.pager(domid)
         await host.wait_for(domid, lambda st: st["resident"] <= cfg.fault_target, "initial eviction",
@@ -118,7 +270,10 @@ async def fault_roundtrip(cfg: Config, placement: Placement, totals: Totals) -> 
         guest = await host.start("guest", "guest", _guest_args(
             host, domid, "--vcpus", "1", "--duration", str(cfg.fault_duration), "--pattern", "uniform",
             "--write-ratio", "0.3", "--seed", "1", "--no-verify-all", "--linger"))
+        pids = {"hypervisor": host.hv.pid, "daemon": pager.pid, "guest": guest.pid}
+        faults0, before = await _first_faults(host, domid, guest, pids)
         rep = await guest.json_line(cfg.fault_duration + 120)
+        after = close_window(pids)
         st = await host.stats(domid)
         totals.lost_guest_events += lost_guest(st)
         totals.integrity_failures += int(rep["integrity_failures"])
@@ -127,7 +282,10 @@ async def fault_roundtrip(cfg: Config, placement: Placement, totals: Totals) -> 
     out = {"p50_us": lat["p50"], "p99_us": lat["p99"], "n": lat["n"], "max_us": lat["max"],
            "mean_us": lat["mean"], "accesses": rep["accesses"], "pages": cfg.fault_gfns,
            "target": cfg.fault_target, "integrity_failures": rep["integrity_failures"],
-           "evict_fails": st.get("evict_fails", 0), "evicted": st.get("evicted", 0)}
+           "evict_fails": st.get("evict_fails", 0), "evicted": st.get("evicted", 0),
+           "cpu_per_fault_us": cpu_per_op_us(before, after, int(st["faults"]) - faults0),
+           "cpu_faults": int(st["faults"]) - faults0,
+           **cpu_detail(before, after, int(st["faults"]) - faults0)}
     hv_lat = st.get("fault_latency_us")
     if isinstance(hv_lat, dict) and hv_lat.get("n"):
         out["hypervisor_p50_us"] = hv_lat.get("p50")
@@ -414,8 +572,8 @@ async def scale(cfg: Config, placement: Placement, totals: Totals) -> dict[str, 
             "hv_rss_delta_bytes": rss1 - rss0}
 
 
-BENCHMARKS = ("transport_floor", "fault_roundtrip", "native_uffd", "pagein", "ring_floor", "evict",
-              "fairness", "scale")
+BENCHMARKS = ("relay_floor", "relay_floor_blocking", "system_exit_overhead", "fault_roundtrip", "native_uffd",
+              "pagein", "ring_floor", "evict", "fairness", "scale")
 
 
 def placement_label(p: Placement) -> str:

@@ -5,11 +5,13 @@ over one control connection per vCPU as ``python -m guest``, but runs the
 access pattern a benchmark needs instead of a workload:
 
 ``floor``
-    vCPU 0 exits on one paged gfn again and again (the daemon is
-    :mod:`hvemu.bench.nulld`, which answers without loading anything, so the
-    gfn stays paged and every access exits).  One sample is one exit's round
+    vCPU 0 exits on one gfn again and again (the daemon is
+    :mod:`hvemu.bench.nulld`, which took every right from it and answers each
+    violation without giving one back, so every access exits).  One sample is one exit's round
     trip plus the failed direct access after it: exactly what a real fault
-    costs minus the paging work.  Waits for ``exit`` (or EOF) before leaving.
+    costs minus the paging work.  After the warm-up it says ``warm`` and waits
+    for ``go``, so that the benchmark reads every process's CPU time around
+    the timed exits only.  Waits for ``exit`` (or EOF) before leaving.
 ``pages``
     Writes a stamped page to every gfn (all resident), says so, waits for
     ``go`` on stdin, then reads every gfn back with ``--vcpus`` vCPUs
@@ -89,20 +91,28 @@ class BenchGuest:
                 self.errors.append(str(exc))
 
 
-async def _floor(guest: BenchGuest, gfn: int, iterations: int, warmup: int) -> dict[str, Any]:
+async def _floor(guest: BenchGuest, gfn: int, iterations: int, warmup: int,
+                 stdin: asyncio.StreamReader) -> dict[str, Any]:
     conn = guest.conns[0]
     mem = guest.mem
     msg = protocol.GuestAccess(vcpu=0, gfn=gfn, access=abi.ACCESS_R)
-    samples: list[int] = []
     clock = time.perf_counter_ns
-    for i in range(warmup + iterations):
-        t0 = clock()
-        await conn.call(msg)
-        if mem.try_read(0, gfn) is not None:
-            raise RuntimeError(f"gfn {gfn} became readable: the floor's daemon must not load it")
-        if i >= warmup:
+
+    async def exits(n: int) -> list[int]:
+        samples: list[int] = []
+        for _ in range(n):
+            t0 = clock()
+            await conn.call(msg)
+            if mem.try_read(0, gfn) is not None:
+                raise RuntimeError(f"gfn {gfn} became readable: the floor's daemon must not restore its rights")
             samples.append(clock() - t0)
-    return {"phase": "floor", **latency_summary(samples)}
+        return samples
+
+    await exits(warmup)
+    _emit({"phase": "warm"})
+    if (await stdin.readline()).decode().strip() != "go":
+        raise RuntimeError("the benchmark did not say go")
+    return {"phase": "floor", **latency_summary(await exits(iterations))}
 
 
 async def _pages(guest: BenchGuest, vcpus: int, stdin: asyncio.StreamReader) -> None:
@@ -152,7 +162,7 @@ async def _main(args: argparse.Namespace) -> None:
     try:
         if args.mode == "floor":
             stdin = await _stdin()
-            _emit(await _floor(guest, args.gfn, args.iterations, args.warmup))
+            _emit(await _floor(guest, args.gfn, args.iterations, args.warmup, stdin))
             await stdin.readline()  # "exit" or EOF: the domain lives until the benchmark has read its counters
         else:
             await _pages(guest, args.vcpus, await _stdin())
@@ -166,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", required=True)
     p.add_argument("--domid", type=int, required=True)
     p.add_argument("--vcpus", type=int, default=1)
-    p.add_argument("--gfn", type=int, default=0, help="floor: the paged gfn to exit on")
+    p.add_argument("--gfn", type=int, default=0, help="floor: the gfn (no rights) to exit on")
     p.add_argument("--iterations", type=int, default=2000)
     p.add_argument("--warmup", type=int, default=200)
     args = p.parse_args(argv)

@@ -30,8 +30,12 @@ def p2m_set_mem_access(dom: Domain, gfn: int, access: int) -> Errno | None:
     return None
 
 
-def p2m_mem_access_check(dom: Domain, vcpu: Vcpu, gfn: int, access: int, gla: int | None) -> None:
-    """An access violation on ``gfn``: convert automatically, or send a VIOLATION event."""
+def p2m_mem_access_check(dom: Domain, vcpu: Vcpu, gfn: int, offset: int, access: int, gla: int | None) -> None:
+    """An access violation at ``offset`` in ``gfn``: convert automatically, or send a VIOLATION event.
+
+    The event's ``offset`` is the guest-physical address within the page
+    (Xen's ``gpa & 0xfff``), whether or not a linear address is known.
+    """
     p2m = dom.p2m
     p2ma = p2m.get_access(gfn)
     # First, handle rx2rw conversion automatically.
@@ -50,12 +54,12 @@ def p2m_mem_access_check(dom: Domain, vcpu: Vcpu, gfn: int, access: int, gla: in
         else:
             p2m.set_access(gfn, P2MAccess.rwx)  # a listener is not required: clear the restriction
         return
-    req = MemEvent(type=MemEventType.ACCESS, reason=MemEventReason.VIOLATION, gfn=gfn,
+    req = MemEvent(type=MemEventType.ACCESS, reason=MemEventReason.VIOLATION, gfn=gfn, offset=offset,
                    vcpu_id=vcpu.vcpu_id, p2mt=p2m.get_type(gfn),
                    access_r=bool(access & abi.ACCESS_R), access_w=bool(access & abi.ACCESS_W),
                    access_x=bool(access & abi.ACCESS_X))
     if gla is not None:
-        req.gla, req.gla_valid, req.offset = gla, True, gla & _PAGE_OFFSET_MASK
+        req.gla, req.gla_valid = gla, True
     if p2ma != P2MAccess.n2rwx:
         vcpu.event_pause()
         req.flags |= MemEventFlag.VCPU_PAUSED

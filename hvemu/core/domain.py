@@ -35,8 +35,8 @@ from hvemu.core import sharing as _sharing
 from hvemu.core.budget import FrameBudget
 from hvemu.core.effects import DomainCrashed, Effect, FramesReleased, VcpuRunnable
 from hvemu.core.errors import HypervisorError
-from hvemu.core.mem_event import MemEventDomain, Policy, ResponseFixup
-from hvemu.core.p2m import P2M, REMOVED_TYPE
+from hvemu.core.mem_event import MemEventDomain, Notify, Policy, ResponseFixup
+from hvemu.core.p2m import DEFAULT_ACCESS, P2M, REMOVED_TYPE
 from hvemu.trace import NO_RING, NO_VCPU, RING_CODES, TraceEvent, Tracer
 
 log = logging.getLogger("hvemu.core.domain")
@@ -60,7 +60,8 @@ RING_PAUSE_FLAG: dict[RingKind, PauseFlag] = {
 class Vcpu:
     """One vCPU: a counted pause, its pause flags and its event-pause count."""
 
-    __slots__ = ("domain", "vcpu_id", "pause_count", "pause_flags", "event_pause_count", "waits")
+    __slots__ = ("domain", "vcpu_id", "pause_count", "pause_flags", "event_pause_count", "waits",
+                 "spinning_on", "single_step", "pending_trap")
 
     def __init__(self, domain: Domain, vcpu_id: int) -> None:
         self.domain = domain
@@ -72,6 +73,12 @@ class Vcpu:
         self.event_pause_count = 0
         #: Requests of this vCPU asleep on a ring's wait queue (claim policy); one pause each.
         self.waits = 0
+        #: The ``ram_paging_in`` gfn this vCPU re-executes its access on (one pause), or None.
+        self.spinning_on: int | None = None
+        #: ``v->arch.hvm_vcpu.single_step`` (XEN_DOMCTL_DEBUG_OP_SINGLE_STEP_ON/OFF).
+        self.single_step = False
+        #: A trap a tool injected (``HVMOP_inject_trap``), delivered on the next return to the guest.
+        self.pending_trap: int | None = None
 
     @property
     def runnable(self) -> bool:
@@ -123,7 +130,8 @@ class Vcpu:
 
     def __repr__(self) -> str:
         return (f"Vcpu(d{self.domain.domid}v{self.vcpu_id}, pause={self.pause_count}, "
-                f"event={self.event_pause_count}, flags={self.pause_flags}, waits={self.waits})")
+                f"event={self.event_pause_count}, flags={self.pause_flags}, waits={self.waits}, "
+                f"spinning_on={self.spinning_on})")
 
 
 @dataclass
@@ -145,13 +153,20 @@ class DomainCounters:
     dropped: int = 0
     ballooned: int = 0
     traps: int = 0
+    single_steps: int = 0
+    traps_injected: int = 0
+    #: Guest accesses to a ``ram_paging_in`` gfn: re-executed until it settles, no request put.
+    spins: int = 0
     unshare_enomem: int = 0
     finalized_on_disable: int = 0
 
 
 #: Reasons ``hvm_memory_event_traps`` knows, each with its own HVM param.
-TRAP_REASONS = frozenset({MemEventReason.CR0, MemEventReason.CR3, MemEventReason.CR4, MemEventReason.INT3})
-MAX_VCPUS = 128  # HVM_MAX_VCPUS of the era
+TRAP_REASONS = frozenset({MemEventReason.CR0, MemEventReason.CR3, MemEventReason.CR4, MemEventReason.INT3,
+                          MemEventReason.SINGLESTEP})
+#: Params that refuse ``HVMPME_onchangeonly`` (``EINVAL``): an INT3 or a step has no old value.
+NO_ONCHANGEONLY = frozenset({MemEventReason.INT3, MemEventReason.SINGLESTEP})
+MAX_VCPUS = abi.HVM_MAX_VCPUS
 _PAGING_RING = RING_CODES[RingKind.paging]  # evict and load batches are traced as the paging ring's
 MAX_GFNS = 1 << 22  # 16 GiB of guest memory: a p2m of 12 MiB, a guest segment the host can still map
 
@@ -161,7 +176,7 @@ class Domain:
 
     def __init__(self, domid: int, max_vcpus: int, gfns: int, *, budget: FrameBudget,
                  emit: Callable[[Effect], None], policy: Policy, ring_size: int, resident: int,
-                 p2m_buffer: Any = None, name: str = "") -> None:
+                 p2m_buffer: Any = None, name: str = "", notify: Notify = "ring.h") -> None:
         self.domid = domid
         self.name = name
         self.max_vcpus = max_vcpus
@@ -176,6 +191,10 @@ class Domain:
         self.destroyed = False
         #: ``p2m->access_required``: no access listener -> crash instead of relaxing to rwx.
         self.access_required = False
+        #: ``p2m->default_access``: what a gfn gets when it is (re)populated or set to "default".
+        self.default_access = int(DEFAULT_ACCESS)
+        #: vCPUs re-executing an access to a ``ram_paging_in`` gfn, per gfn (see ``spin_on_page``).
+        self.spinners: dict[int, list[Vcpu]] = {}
         #: HVM_PARAM_MEMORY_EVENT_{CR0,CR3,CR4,INT3}.
         self.hvm_params: dict[MemEventReason, int] = {}
         self.counters = DomainCounters()
@@ -183,7 +202,8 @@ class Domain:
         self.p2m = P2M(gfns, p2m_buffer)
         self.p2m.initialise(resident)
         self.rings: dict[RingKind, MemEventDomain] = {
-            kind: MemEventDomain(self, kind, RING_PAUSE_FLAG[kind], policy, ring_size) for kind in RingKind
+            kind: MemEventDomain(self, kind, RING_PAUSE_FLAG[kind], policy, ring_size, notify)
+            for kind in RingKind
         }
         self._current: Vcpu | None = None
 
@@ -289,6 +309,24 @@ class Domain:
         self.p2m.set_frame(gfn, True)
         return True
 
+    def spin_on_page(self, vcpu: Vcpu, gfn: int) -> None:
+        """A vCPU touched a gfn already on its way back: it waits for the page without a ring slot.
+
+        Xen's vCPU re-executes the access (faulting again) until the type
+        settles; a paused vCPU woken by :meth:`page_settled` does the same
+        without burning a CPU in between.
+        """
+        self.counters.spins += 1
+        vcpu.spinning_on = gfn
+        vcpu.pause()
+        self.spinners.setdefault(gfn, []).append(vcpu)
+
+    def page_settled(self, gfn: int) -> None:
+        """``gfn`` left ``ram_paging_in`` (paged in or given back): vCPUs spinning on it retry."""
+        for v in self.spinners.pop(gfn, ()):
+            v.spinning_on = None
+            v.unpause()
+
     def release_frames(self, released: list[int]) -> None:
         if released:
             self.emit(FramesReleased(self.domid, released))
@@ -301,6 +339,7 @@ class Domain:
         log.error("domain %d crashed: %s", self.domid, reason)
         self.crashed = True
         self.crash_reason = reason
+        self.spinners.clear()
         for med in self.rings.values():
             med.teardown()
         released = self._drop_all_frames()
@@ -313,6 +352,7 @@ class Domain:
         if not self.crashed:
             self.crashed = True
             self.crash_reason = "destroyed"
+            self.spinners.clear()
             for med in self.rings.values():
                 med.teardown()
             released = self._drop_all_frames()
@@ -326,17 +366,20 @@ class Domain:
         return released
 
     # ------------------------------------------------------------------ guest exits
-    def guest_access(self, vcpu_id: int, gfn: int, access: int, gla: int | None = None) -> None:
+    def guest_access(self, vcpu_id: int, gfn: int, access: int, gla: int | None = None, offset: int = 0) -> None:
         """``hvm_hap_nested_page_fault``: the vCPU could not access ``gfn`` directly.
 
-        With a frame present, an access the p2m access right forbids goes to
-        ``p2m_mem_access_check``; otherwise a paging type populates (pausing
-        the vCPU); a write to a shared page unshares; anything else was a
-        spurious fault and the guest simply retries.
+        ``offset`` is where in the page the access went (``gpa & 0xfff``, what
+        an access event reports).  With a frame present, an access the p2m
+        access right forbids goes to ``p2m_mem_access_check``; otherwise a
+        paging type populates (pausing the vCPU); a write to a shared page
+        unshares; anything else was a spurious fault and the guest simply retries.
         """
         all_bits = abi.ACCESS_R | abi.ACCESS_W | abi.ACCESS_X
         if not isinstance(access, int) or access <= 0 or access & ~all_bits:
             raise HypervisorError(Errno.EINVAL, f"bad access bits {access!r}")
+        if not isinstance(offset, int) or not 0 <= offset < abi.PAGE_SIZE:
+            raise HypervisorError(Errno.EINVAL, f"offset {offset!r} is not within a page")
         with self._as_guest(vcpu_id) as v:
             self._gfn(gfn)
             self.counters.faults += 1
@@ -344,7 +387,7 @@ class Domain:
             p2mt = p2m.get_type(gfn)
             if p2m.has_frame(gfn) and _access.is_violation(access, p2m.get_access(gfn)):
                 self.counters.access_violations += 1
-                _access.p2m_mem_access_check(self, v, gfn, access, gla)
+                _access.p2m_mem_access_check(self, v, gfn, offset, access, gla)
             elif p2mt in abi.PAGING_TYPES:
                 _paging.p2m_mem_paging_populate(self, gfn, v)
             elif p2mt == P2MType.ram_shared and access & abi.ACCESS_W:
@@ -358,11 +401,16 @@ class Domain:
         """``hvm_memory_event_traps``: a CR0/CR3/CR4 write or an INT3.
 
         ``value``/``old`` are the new and previous register values; for INT3
-        pass the breakpoint's gfn as ``value`` (Xen's ``paging_gva_to_gfn`` of
-        ``gla``; hvemu has no guest page tables) and 0 as ``old``.
+        and SINGLESTEP pass the instruction's gfn as ``value`` (Xen's
+        ``paging_gva_to_gfn`` of ``gla``; hvemu has no guest page tables) and
+        0 as ``old``.  A step is reported only while the vCPU single-steps.
         """
         reason = self._trap_reason(reason)
         with self._as_guest(vcpu_id) as v:
+            if reason == MemEventReason.SINGLESTEP:
+                if not v.single_step:
+                    return  # no monitor trap flag set: the instruction just ran
+                self.counters.single_steps += 1
             self.counters.traps += 1
             _access.hvm_memory_event_traps(self, v, self.hvm_params.get(reason, 0), reason, value, old, gla)
 
@@ -371,11 +419,20 @@ class Domain:
 
         A paged-out gfn has nothing to free but the pager's copy: a
         ``DROP_PAGE`` request tells it (no pause, the seed's "tough bananas"
-        if it is lost).
+        if it is lost).  Like Xen's, the hypercall is preemptible: before each
+        extent it checks whether it must stop, and it stops once a put has
+        paused this vCPU (marked for ring congestion, or asleep for a slot),
+        so one call never eats the slots reserved for other vCPUs.  The
+        result is then shorter than ``gfns``: a continuation, which the guest
+        issues with the rest once its vCPU runs again.
         """
         with self._as_guest(vcpu_id) as v:
             released: list[int] = []
-            out = self._batch(gfns, lambda g: _paging.guest_remove_page(self, g, v, released))
+            out: list[Errno | None] = []
+            for g in gfns:
+                if v.pause_count:  # hypercall_preempt_check(): continue later
+                    break
+                out += self._batch([g], lambda g: _paging.guest_remove_page(self, g, v, released))
             self.release_frames(released)
             return out
 
@@ -387,13 +444,34 @@ class Domain:
 
     # ------------------------------------------------------------------ tool ops
     def foreign_map(self, gfns: Sequence[int]) -> list[Errno | None]:
-        """Map gfns from another domain: paged ones populate (no pause) and answer ``ENOENT``."""
-        return self._batch(gfns, lambda g: _paging.foreign_map_gfn(self, g))
+        """Map gfns from another domain; each gfn mapped holds a page reference until :meth:`foreign_unmap`.
+
+        Paged ones populate (no pause) and answer ``ENOENT``; while a mapping
+        references a page, nominate and evict of it answer ``EBUSY``.
+        """
+        def map_one(g: int) -> Errno | None:
+            rc = _paging.foreign_map_gfn(self, g)
+            if rc is None:
+                self.p2m.get_page(g)
+            return rc
+        return self._batch(gfns, map_one)
+
+    def foreign_unmap(self, gfns: Sequence[int]) -> list[Errno | None]:
+        """Drop one mapping's reference per gfn (``ENOENT`` where none is held)."""
+        return self._batch(gfns, lambda g: None if self.p2m.put_page(g) else Errno.ENOENT)
+
+    def _paging_ring(self) -> None:
+        """Paging domctls need a pager: ``ENODEV`` without a paging ring (Xen 4.2's ``mem_paging_memop``)."""
+        self._live()
+        if not self.mem_paging.enabled:
+            raise HypervisorError(Errno.ENODEV, f"domain {self.domid} has no paging ring")
 
     def paging_nominate(self, gfns: Sequence[int]) -> list[Errno | None]:
+        self._paging_ring()
         return self._batch_valid(gfns, lambda valid: _paging.p2m_mem_paging_nominate(self, valid))
 
     def paging_evict(self, gfns: Sequence[int]) -> list[Errno | None]:
+        self._paging_ring()
         released: list[int] = []
         out = self._batch_valid(gfns, lambda valid: _paging.p2m_mem_paging_evict(self, valid, released))
         self.release_frames(released)
@@ -403,14 +481,17 @@ class Domain:
 
     def paging_prep(self, gfns: Sequence[int]) -> list[Errno | None]:
         """Allocate frames for paged gfns; they stay ``ram_paging_in`` until a response resumes them."""
+        self._paging_ring()
         return self._batch(gfns, lambda g: _paging.p2m_mem_paging_prep(self, g))
 
     def paging_load(self, gfns: Sequence[int], fill: Callable[[int], None]) -> list[Errno | None]:
-        """Prep, let ``fill(gfn)`` write the frame, and make it ``ram_rw`` at once (Xen 4.2 final's load).
+        """Allocate, let ``fill(gfn)`` write the frame, then make it ``ram_rw`` (Xen 4.2's prep with a buffer).
 
         ``fill`` is called only for a frame allocated by this call: an existing
-        frame holds the guest's data and is never overwritten.
+        frame holds the guest's data and is never overwritten.  A fill raising
+        ``OSError`` leaves that gfn as it was (``ENOMEM``).
         """
+        self._paging_ring()
         out = self._batch(gfns, lambda g: _paging.p2m_mem_paging_load(self, g, fill))
         if self.tracer is not None and None in out:
             first = next(g for g, r in zip(gfns, out, strict=True) if r is None)
@@ -418,10 +499,63 @@ class Domain:
         return out
 
     def access_set(self, gfns: Sequence[int], access: int) -> list[Errno | None]:
-        """``p2m_set_mem_access`` on each gfn (any type: the right applies once it has a frame)."""
+        """``p2m_set_mem_access`` on each gfn (any type: the right applies once it has a frame).
+
+        As in Xen, ``access`` may be ``abi.ACCESS_DEFAULT`` (the p2m's default
+        access) and the gfn ``abi.DEFAULT_ACCESS_GFN`` (``~0``) sets the default
+        itself, which a gfn gets when it is given back and populated again.
+        """
+        if access == abi.ACCESS_DEFAULT:
+            access = self.default_access
         if not isinstance(access, int) or not P2M.valid_access(access):
             raise HypervisorError(Errno.EINVAL, f"bad p2m access {access!r}")
-        return self._batch(gfns, lambda g: _access.p2m_set_mem_access(self, g, access))
+        self._live()
+        pages = [g for g in gfns if g != abi.DEFAULT_ACCESS_GFN]
+        if len(pages) < len(gfns):
+            self.default_access = access
+        results = iter(self._batch(pages, lambda g: _access.p2m_set_mem_access(self, g, access)))
+        return [None if g == abi.DEFAULT_ACCESS_GFN else next(results) for g in gfns]
+
+    def access_get(self, gfn: int) -> int:
+        """``p2m_get_mem_access``: the gfn's access (the default for ``abi.DEFAULT_ACCESS_GFN``).
+
+        ``ESRCH`` for a gfn with no frame behind it, as Xen answers for an invalid mfn.
+        """
+        self._live()
+        if gfn == abi.DEFAULT_ACCESS_GFN:
+            return self.default_access
+        self._gfn(gfn)
+        if not self.p2m.has_frame(gfn):
+            raise HypervisorError(Errno.ESRCH, f"gfn {gfn:#x} of domain {self.domid} has no frame")
+        return self.p2m.get_access(gfn)
+
+    def debug_control(self, vcpu_id: int, single_step: bool) -> None:
+        """XEN_DOMCTL_DEBUG_OP_SINGLE_STEP_ON/OFF for one vCPU (the guest latches it on its next step)."""
+        self._live()
+        v = self._vcpu(vcpu_id)
+        v.single_step = bool(single_step)
+        self.p2m.set_vcpu_debug(vcpu_id, abi.VCPU_DEBUG_SINGLE_STEP if single_step else 0)
+
+    def inject_trap(self, vcpu_id: int, vector: int) -> None:
+        """``HVMOP_inject_trap``: deliver ``vector`` to the vCPU when it next enters the guest.
+
+        ``EBUSY`` while one is still pending, as in Xen.  xen-access re-injects
+        the INT3 it was told about, so the guest's own handler still runs.
+        """
+        self._live()
+        v = self._vcpu(vcpu_id)
+        if not isinstance(vector, int) or not 0 <= vector < 256:
+            raise HypervisorError(Errno.EINVAL, f"bad trap vector {vector!r}")
+        if v.pending_trap is not None:
+            raise HypervisorError(Errno.EBUSY, f"vCPU {vcpu_id} of domain {self.domid} has a trap pending")
+        v.pending_trap = vector
+        self.counters.traps_injected += 1
+
+    def take_pending_trap(self, vcpu_id: int) -> int | None:
+        """The trap to deliver as the vCPU returns to the guest (the driver calls it on each exit's reply)."""
+        v = self.vcpus[vcpu_id]
+        vector, v.pending_trap = v.pending_trap, None
+        return vector
 
     def set_hvm_param(self, reason: MemEventReason | int, mode_flags: int) -> None:
         """HVM_PARAM_MEMORY_EVENT_*: ``abi.HVMPME_*`` mode (disabled/async/sync) and onchangeonly."""
@@ -432,6 +566,8 @@ class Domain:
         if mode not in (abi.HVMPME_MODE_DISABLED, abi.HVMPME_MODE_ASYNC, abi.HVMPME_MODE_SYNC) \
                 or mode_flags & ~valid:
             raise HypervisorError(Errno.EINVAL, f"bad HVMPME mode flags {mode_flags!r}")
+        if reason in NO_ONCHANGEONLY and mode_flags & abi.HVMPME_ONCHANGEONLY:
+            raise HypervisorError(Errno.EINVAL, f"{reason.name} does not take onchangeonly")
         self.hvm_params[reason] = mode_flags
 
     def _trap_reason(self, reason: MemEventReason | int) -> MemEventReason:
@@ -440,7 +576,7 @@ class Domain:
         except ValueError:
             r = MemEventReason.UNKNOWN
         if r not in TRAP_REASONS:
-            raise HypervisorError(Errno.EINVAL, f"{reason!r} is not a CR0/CR3/CR4/INT3 trap")
+            raise HypervisorError(Errno.EINVAL, f"{reason!r} is not a CR0/CR3/CR4/INT3/SINGLESTEP trap")
         return r
 
     # ------------------------------------------------------------------ mem_event domctls

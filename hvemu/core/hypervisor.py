@@ -17,7 +17,7 @@ from hvemu.core.budget import FrameBudget
 from hvemu.core.domain import MAX_GFNS, MAX_VCPUS, Domain, PauseFlag, Vcpu
 from hvemu.core.effects import Effect
 from hvemu.core.errors import HypervisorError
-from hvemu.core.mem_event import POLICIES, Policy
+from hvemu.core.mem_event import NOTIFY_MODES, POLICIES, Notify, Policy
 from hvemu.trace import Tracer
 
 __all__ = ["Domain", "Hypervisor", "HypervisorError", "PauseFlag", "Policy", "Vcpu"]
@@ -28,9 +28,14 @@ log = logging.getLogger("hvemu.core.hypervisor")
 class Hypervisor:
     """All domains of one host, sharing one frame budget and one admission policy."""
 
-    def __init__(self, total_frames: int, policy: Policy = "seed", ring_size: int | None = None) -> None:
+    def __init__(self, total_frames: int, policy: Policy = "seed", ring_size: int | None = None,
+                 notify: Notify = "ring.h") -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
+        if notify not in NOTIFY_MODES:
+            raise ValueError(f"notify must be one of {NOTIFY_MODES}, not {notify!r}")
+        #: When a put kicks the daemon: ``ring.h``'s rule, or after every put as Xen 4.2 does.
+        self.notify: Notify = notify
         if ring_size is None:
             ring_size = abi.MEM_EVENT_RING_SIZE
         if ring_size < 1 or ring_size & (ring_size - 1) or ring_size > abi.MEM_EVENT_RING_SIZE:
@@ -88,7 +93,7 @@ class Hypervisor:
         try:
             dom = Domain(domid, max_vcpus, gfns, budget=self.budget, emit=self._effects.append,
                          policy=self.policy, ring_size=self.ring_size, resident=resident,
-                         p2m_buffer=p2m_buffer, name=name)
+                         p2m_buffer=p2m_buffer, name=name, notify=self.notify)
         except (TypeError, ValueError) as exc:
             raise HypervisorError(Errno.EINVAL, str(exc)) from exc
         dom.tracer = self._tracer

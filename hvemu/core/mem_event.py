@@ -42,7 +42,15 @@ Differences from the seed, each on purpose:
   2014 (``vm_event_vcpu_unpause``); see DESIGN section 6 for the seed's
   double unpause this prevents;
 * notifications follow ``RING_PUSH_REQUESTS_AND_CHECK_NOTIFY`` instead of the
-  seed's unconditional ``notify_via_xen_event_channel``.
+  seed's (and Xen 4.2's) unconditional ``notify_via_xen_event_channel``;
+  ``notify="every-put"`` restores Xen's kick after every put.
+
+What a daemon may get wrong and the hypervisor can see crashes the domain
+with the reason logged, rather than leaving vCPUs paused for ever: the
+hypervisor's own ``req_prod`` rewritten under outstanding requests (a
+``SHARED_RING_INIT`` on a live ring; on an idle ring it is taken as a fresh
+start), and bytes written past the last slot of a ring smaller than the page
+(a back ring sized for the whole page, ``BACK_RING_INIT(..., PAGE_SIZE)``).
 """
 
 from __future__ import annotations
@@ -66,6 +74,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("hvemu.core.mem_event")
 
 Policy = Literal["seed", "claim"]
+#: When the hypervisor kicks a daemon after a put: as ``ring.h`` says (default), or every time (Xen 4.2).
+Notify = Literal["ring.h", "every-put"]
+NOTIFY_MODES: tuple[Notify, ...] = ("ring.h", "every-put")
 # Plain ints for the per-response checks (an IntFlag operation costs ~1 us).
 _DUMMY = int(MemEventFlag.DUMMY)
 _VCPU_PAUSED = int(MemEventFlag.VCPU_PAUSED)
@@ -103,9 +114,13 @@ class RingCounters:
     notifies: int = 0
     #: Responses consumed (every kind, valid or not).
     responses: int = 0
-    #: Responses refused as a whole: unknown flags/bits, no such vCPU, gfn out of range.
+    #: Responses refused as a whole: no such vCPU, gfn out of range.
     responses_rejected: int = 0
-    #: Paging responses whose gfn was not ``ram_paging_in`` with a frame: p2m left alone.
+    #: Responses carrying flag or bitfield bits this ABI does not define (ignored, the rest obeyed, as Xen).
+    responses_unknown_bits: int = 0
+    #: Paging responses for a gfn its load had already made ``ram_rw`` (the load-then-respond path).
+    responses_loaded: int = 0
+    #: Paging responses whose gfn was neither prepared nor loaded: p2m left alone.
     responses_stale: int = 0
     #: ``DUMMY`` responses: consumed and otherwise ignored.
     responses_dummy: int = 0
@@ -117,9 +132,12 @@ class MemEventDomain:
     """``struct mem_event_domain``: one ring of one domain, enabled or not."""
 
     def __init__(self, domain: Domain, kind: RingKind, pause_flag: PauseFlag, policy: Policy,
-                 ring_size: int) -> None:
+                 ring_size: int, notify: Notify = "ring.h") -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown mem_event policy {policy!r}")
+        if notify not in NOTIFY_MODES:
+            raise ValueError(f"unknown notify mode {notify!r}")
+        self.notify_every_put = notify == "every-put"
         self.domain = domain
         self.kind = kind
         self.pause_flag = pause_flag
@@ -127,6 +145,9 @@ class MemEventDomain:
         self.ring_size = ring_size
         self.ring_bytes = abi.ring_bytes(ring_size)
         self.front: FrontRing[MemEvent] | None = None
+        #: The page's bytes past the last slot of a ring smaller than the page (None otherwise):
+        #: no correct daemon writes there.
+        self._tail: memoryview | None = None
         #: Number of vCPUs marked (paused) for congestion on this ring.
         self.blocked = 0
         #: Where the next round-robin wake-up scan starts (after this one).
@@ -192,6 +213,11 @@ class MemEventDomain:
         if self.front is None:
             self.counters.no_ring += 1
             return Errno.ENOSYS
+        try:
+            self.front.check_req_prod()
+        except RingCorruptError as exc:
+            self.domain.crash(f"{self.kind} ring corrupt: {exc}")
+            return Errno.ENOSYS
         if self.policy == "claim":
             return self._put_request_claim(req, vcpu)
         return self._put_request_seed(req, vcpu)
@@ -253,7 +279,7 @@ class MemEventDomain:
         self.counters.put += 1
         if self.domain.tracer is not None:
             self._trace(TraceEvent.PUT, NO_VCPU if req.flags & _FOREIGN else req.vcpu_id, req.gfn)
-        if front.push_requests_and_check_notify():
+        if front.push_requests_and_check_notify() or self.notify_every_put:
             self.counters.notifies += 1
             self.domain.emit(RingNotify(self.domain.domid, self.kind))
         occupancy = front.outstanding()
@@ -295,12 +321,26 @@ class MemEventDomain:
         are rejected and counted, never obeyed.
         """
         try:
+            self.check_daemon_writes()
             while (rsp := self.get_response()) is not None:
                 self._handle_response(rsp, fixup)
         except RingCorruptError as exc:
             self.domain.crash(f"{self.kind} ring corrupt: {exc}")
             return
         self.unpause_vcpus()
+
+    def check_daemon_writes(self) -> None:
+        """Raise :class:`RingCorruptError` for a daemon mistake the page shows (see the module doc)."""
+        front = self.front
+        if front is None:
+            return
+        front.check_req_prod()
+        tail = self._tail
+        if tail is not None and tail.tobytes().count(0) != len(tail):
+            raise RingCorruptError(
+                f"bytes written past slot {self.ring_size - 1} of this {self.ring_size}-slot ring: the daemon "
+                f"sized its ring for more slots (BACK_RING_INIT needs abi.ring_bytes({self.ring_size}), "
+                "not PAGE_SIZE)")
 
     def _reject(self, rsp: MemEvent, why: str) -> None:
         self.counters.responses_rejected += 1
@@ -312,8 +352,9 @@ class MemEventDomain:
         if self.domain.tracer is not None:
             self._trace(TraceEvent.RESPONSE, rsp.vcpu_id, rsp.gfn)
         if rsp.flags & ~abi.MEM_EVENT_KNOWN_FLAGS or rsp.reserved_bits:
-            self._reject(rsp, "unknown flags or reserved bits")
-            return
+            # Xen tests the bits it knows and never looks at the others.
+            self.counters.responses_unknown_bits += 1
+            rsp.flags &= abi.MEM_EVENT_KNOWN_FLAGS
         if rsp.flags & _DUMMY:
             self.counters.responses_dummy += 1
             return
@@ -416,6 +457,10 @@ class MemEventDomain:
             raise HypervisorError(Errno.EINVAL, f"unusable ring buffer: {exc}") from exc
         sring.init()
         self.front = FrontRing(sring)
+        page = memoryview(buffer)
+        if self.ring_bytes < abi.PAGE_SIZE and page.nbytes >= abi.PAGE_SIZE:
+            self._tail = page.cast("B")[self.ring_bytes:abi.PAGE_SIZE]
+            self._tail[:] = bytes(len(self._tail))
         self.blocked = sum(1 for v in self.domain.vcpus if v.test_flag(self.pause_flag))
         self.unpause_vcpus()
 
@@ -442,6 +487,9 @@ class MemEventDomain:
         self._release()
 
     def _release(self) -> None:
+        if self._tail is not None:
+            self._tail.release()
+            self._tail = None
         if self.front is not None:
             self.front.sring.release()
             self.front = None

@@ -13,6 +13,10 @@ hundred bytes each and minutes of GC time.  So the table is flat bytes:
   it is Xen 4.2's ``ram_paging_in_start``; hvemu keeps the single type of
   DESIGN section 5 and tells the two apart by this byte.
 
+Page references taken by foreign mappings (Xen's ``get_page`` on the frame)
+are a sparse count per gfn: a referenced page cannot be nominated or evicted
+(``EBUSY``), so a mapper and a pager meet as on Xen.
+
 Per-type counts and the resident count are kept incrementally, so ``stats()``
 never scans; :meth:`P2M.recount` scans (in C, via ``bytes.count``) to check them.
 """
@@ -33,8 +37,8 @@ RAM_TYPES = frozenset({P2MType.ram_rw, P2MType.ram_logdirty, P2MType.ram_ro, P2M
 #: ``p2m_is_pageable``: what nominate accepts.
 PAGEABLE_TYPES = frozenset({P2MType.ram_rw, P2MType.ram_logdirty})
 #: What a gfn given back by the guest (XENMEM_decrease_reservation) becomes:
-#: no memory behind it, accesses would go to the device model.
-REMOVED_TYPE = P2MType.mmio_dm
+#: nothing mapped, as ``guest_physmap_remove_page`` leaves it in Xen.
+REMOVED_TYPE = P2MType.invalid
 
 _TYPE_VALUES = frozenset(int(t) for t in P2MType)
 _ACCESS_VALUES = frozenset(int(a) for a in P2MAccess)
@@ -67,9 +71,14 @@ class P2M:
         self._buffer_view = view
         self.types: memoryview = view[t0:t0 + gfns]
         self.access: memoryview = view[a0:a0 + gfns]
+        d0 = abi.p2m_vcpu_debug_index(gfns, 0)
+        #: Per-vCPU debug state the guest reads (single-step), one byte each.
+        self.vcpu_debug: memoryview = view[d0:d0 + abi.HVM_MAX_VCPUS]
         self.frames = bytearray(gfns)
         self._type_counts = [0] * 256
         self.resident = 0
+        #: Page references held by foreign mappings, per gfn (absent: none).
+        self.refs: dict[int, int] = {}
 
     # ------------------------------------------------------------------ set-up
     def initialise(self, resident: int, default_access: int = DEFAULT_ACCESS) -> None:
@@ -80,6 +89,7 @@ class P2M:
         self.types[:] = bytes([P2MType.ram_rw]) * resident + bytes([P2MType.ram_paged]) * paged
         self.access[:] = bytes([default_access]) * self.gfns
         self.frames[:] = b"\x01" * resident + b"\x00" * paged
+        self.vcpu_debug[:] = bytes(len(self.vcpu_debug))
         self._type_counts = [0] * 256
         self._type_counts[P2MType.ram_rw] = resident
         self._type_counts[P2MType.ram_paged] = paged
@@ -127,11 +137,13 @@ class P2M:
         whole batch: one tight loop instead of a few method calls per gfn,
         and slice operations for a run of consecutive gfns that all qualify
         (a clock pager's batch).  A gfn named twice is judged each time on
-        its type at that point, as the per-gfn form would.
+        its type at that point, as the per-gfn form would.  A page a foreign
+        mapping references never changes (Xen's page count check).
         """
-        types, frames, counts = self.types, self.frames, self._type_counts
+        types, frames, counts, refs = self.types, self.frames, self._type_counts, self.refs
         n = len(gfns)
-        if n > 1 and gfns[n - 1] - gfns[0] == n - 1 and list(gfns) == list(range(gfns[0], gfns[0] + n)):
+        if (n > 1 and gfns[n - 1] - gfns[0] == n - 1 and list(gfns) == list(range(gfns[0], gfns[0] + n))
+                and not any(gfns[0] <= g < gfns[0] + n for g in refs)):
             lo, hi = gfns[0], gfns[0] + n
             before = types[lo:hi].tobytes()
             moved = {t: before.count(t) for t in from_types if t != to}
@@ -144,7 +156,7 @@ class P2M:
         changed: list[bool] = []
         for g in gfns:
             old = types[g]
-            if frames[g] and old in from_types and old != to:
+            if frames[g] and old in from_types and old != to and g not in refs:
                 types[g] = to
                 counts[old] -= 1
                 counts[to] += 1
@@ -167,8 +179,29 @@ class P2M:
         self.resident -= len(gfns)
         return len(gfns)
 
+    def get_page(self, gfn: int) -> None:
+        """Take a reference on ``gfn``'s frame (a foreign mapping of it)."""
+        self.refs[gfn] = self.refs.get(gfn, 0) + 1
+
+    def put_page(self, gfn: int) -> bool:
+        """Drop one reference; False (nothing done) if ``gfn`` holds none."""
+        n = self.refs.get(gfn, 0)
+        if n == 0:
+            return False
+        if n == 1:
+            del self.refs[gfn]
+        else:
+            self.refs[gfn] = n - 1
+        return True
+
+    def referenced(self, gfn: int) -> bool:
+        return gfn in self.refs
+
     def set_access(self, gfn: int, access: int) -> None:
         self.access[gfn] = access
+
+    def set_vcpu_debug(self, vcpu: int, flags: int) -> None:
+        self.vcpu_debug[vcpu] = flags
 
     def set_frame(self, gfn: int, present: bool) -> bool:
         """Mark the frame present or absent; True if that changed anything."""
@@ -184,6 +217,7 @@ class P2M:
         had = list(itertools.compress(range(self.gfns), self.frames))
         self.frames[:] = bytes(self.gfns)
         self.resident = 0
+        self.refs.clear()
         return had
 
     # ------------------------------------------------------------------ checks
@@ -216,4 +250,5 @@ class P2M:
         """Drop the views into the driver's buffer so that its mmap can be closed."""
         self.types.release()
         self.access.release()
+        self.vcpu_debug.release()
         self._buffer_view.release()

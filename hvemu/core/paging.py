@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from hvemu import abi
 from hvemu.abi import Errno, MemEvent, MemEventFlag, MemEventType, P2MType
-from hvemu.core.p2m import DEFAULT_ACCESS, PAGEABLE_TYPES, RAM_TYPES, REMOVED_TYPE
+from hvemu.core.p2m import PAGEABLE_TYPES, RAM_TYPES, REMOVED_TYPE
 
 if TYPE_CHECKING:
     from hvemu.core.domain import Domain, Vcpu
@@ -71,6 +71,10 @@ def _results(changed: list[bool], failed: Errno) -> list[Errno | None]:
     return [None if ok else failed for ok in changed]
 
 
+#: What prep/load accept: a gfn on its way out or back (``ENOENT`` for anything else).
+_PREPARABLE = frozenset({P2MType.ram_paged, P2MType.ram_paging_in})
+
+
 def p2m_mem_paging_prep(dom: Domain, gfn: int) -> Errno | None:
     """Give a paged gfn a frame (``ENOMEM`` if the host budget is spent); it becomes ``ram_paging_in``.
 
@@ -79,8 +83,7 @@ def p2m_mem_paging_prep(dom: Domain, gfn: int) -> Errno | None:
     (e.g. already back to ``ram_rw``): the pager must then *not* fill it.
     """
     p2m = dom.p2m
-    p2mt = p2m.get_type(gfn)
-    if p2mt not in (P2MType.ram_paged, P2MType.ram_paging_in):
+    if p2m.get_type(gfn) not in _PREPARABLE:
         return Errno.ENOENT
     if not p2m.has_frame(gfn):
         if not dom.alloc_frame(gfn):
@@ -91,31 +94,56 @@ def p2m_mem_paging_prep(dom: Domain, gfn: int) -> Errno | None:
 
 
 def p2m_mem_paging_load(dom: Domain, gfn: int, fill: Callable[[int], None]) -> Errno | None:
-    """Prep, ``fill(gfn)`` a frame allocated now, and make the gfn ``ram_rw`` (Xen 4.2 final's load).
+    """Xen 4.2's prep with the pager's buffer: allocate, ``fill(gfn)``, and only then make it ``ram_rw``.
 
-    A populate still outstanding is answered later as usual: its response
-    finds ``ram_rw``, leaves the p2m alone (counted stale) and unpauses.
+    As ``p2m_mem_paging_prep`` copies the buffer before it touches the p2m, a
+    fill that fails (``OSError``: e.g. ``ENOSPC`` writing guest memory under
+    host memory pressure) changes nothing: the frame and its budget go back,
+    the gfn keeps its type and the guest's next touch faults again instead
+    of reading an empty frame.  It answers ``ENOMEM``, which a pager retries.
+    A frame that already exists (nominated, then touched) holds the guest's
+    data and is never filled.  A populate still outstanding is answered
+    later as usual: its response finds ``ram_rw`` and only unpauses.
     """
     p2m = dom.p2m
-    fresh = p2m.needs_frame(gfn)
-    rc = p2m_mem_paging_prep(dom, gfn)
-    if rc is not None:
-        return rc
-    if fresh:
-        fill(gfn)
-    p2m.set_type(gfn, P2MType.ram_rw)
+    if p2m.get_type(gfn) not in _PREPARABLE:
+        return Errno.ENOENT
+    if not p2m.has_frame(gfn):
+        if not dom.budget.alloc():
+            return Errno.ENOMEM
+        try:
+            fill(gfn)
+        except OSError as exc:
+            dom.budget.release()
+            dom.release_frames([gfn])  # give back whatever the partial fill took from the host
+            log.error("domain %d: loading gfn %#x failed (%s); the gfn stays %s",
+                      dom.domid, gfn, exc, P2MType(p2m.get_type(gfn)).name)
+            return Errno.ENOMEM
+        p2m.set_frame(gfn, True)
+        dom.counters.prepped += 1
+    page_in(dom, gfn)
     dom.counters.loaded += 1
-    dom.counters.paged_in += 1
     return None
+
+
+def page_in(dom: Domain, gfn: int) -> None:
+    """A paging gfn with its frame becomes ``ram_rw``; vCPUs spinning on it run again."""
+    dom.p2m.set_type(gfn, P2MType.ram_rw)
+    dom.counters.paged_in += 1
+    dom.page_settled(gfn)
 
 
 def p2m_mem_paging_populate(dom: Domain, gfn: int, vcpu: Vcpu | None) -> None:
     """Ask the pager for ``gfn``; ``vcpu`` is the faulting guest vCPU, None for a foreign mapper.
 
-    A guest vCPU is paused until the response (``VCPU_PAUSED``); a foreign
+    Only a gfn on the page-out path (nominated or evicted) puts a request:
+    a guest vCPU is paused until the response (``VCPU_PAUSED``); a foreign
     mapper is not paused, gets ``ENOENT`` from its caller and retries.  A gfn
-    already ``ram_paging_in`` is on its way back: a guest vCPU still sends a
-    request (so that its response unpauses it), a foreign mapper does not.
+    already ``ram_paging_in`` is on its way back: in Xen the faulting vCPU
+    re-executes its access until the page is there, taking no ring slot
+    (``hvm_hap_nested_page_fault`` populates only ``p2m_is_paged`` and
+    ``ram_paging_out``); hvemu parks it until the gfn settles instead of
+    letting it spin.
     """
     med = dom.mem_paging
     if med.check_ring() is not None:
@@ -123,17 +151,18 @@ def p2m_mem_paging_populate(dom: Domain, gfn: int, vcpu: Vcpu | None) -> None:
         return
     p2m = dom.p2m
     p2mt = p2m.get_type(gfn)
-    if p2mt not in abi.PAGING_TYPES or (vcpu is None and p2mt not in _PAGE_OUT_PATH):
-        return  # not paged, or already on its way back and nobody to pause
+    if p2mt not in _PAGE_OUT_PATH:
+        if p2mt == P2MType.ram_paging_in and vcpu is not None:
+            dom.spin_on_page(vcpu, gfn)
+        return  # not paged, or already on its way back
     if med.admit(vcpu) is not None:
         return  # claim policy, foreign, no slot: nothing changed, the mapper retries
     req = MemEvent(type=MemEventType.PAGING, gfn=gfn, p2mt=p2mt,
                    vcpu_id=vcpu.vcpu_id if vcpu is not None else 0)
-    if p2mt in _PAGE_OUT_PATH:
-        if p2mt == P2MType.ram_paging_out:
-            req.flags |= _EVICT_FAIL  # evict will fail now: tell the pager
-            dom.counters.evict_fails += 1
-        p2m.set_type(gfn, P2MType.ram_paging_in)
+    if p2mt == P2MType.ram_paging_out:
+        req.flags |= _EVICT_FAIL  # evict will fail now: tell the pager
+        dom.counters.evict_fails += 1
+    p2m.set_type(gfn, P2MType.ram_paging_in)
     if vcpu is not None:
         vcpu.event_pause()
         req.flags |= _VCPU_PAUSED
@@ -153,31 +182,39 @@ def p2m_mem_paging_populate(dom: Domain, gfn: int, vcpu: Vcpu | None) -> None:
 def p2m_mem_paging_resume(dom: Domain, rsp: MemEvent) -> bool:
     """The p2m half of ``p2m_mem_paging_resume`` for one response; False rejects the response.
 
-    Only a gfn that was prepared (``ram_paging_in`` with a frame) becomes
-    ``ram_rw``; anything else is left alone and counted stale (a duplicate
-    request already answered, a load that made it ``ram_rw``, a gfn dropped
-    since), but the response's unpause is still honoured.
+    A gfn that was prepared (``ram_paging_in`` with a frame) becomes
+    ``ram_rw``.  A gfn its load already made ``ram_rw`` is the usual case
+    of load-then-respond (counted ``responses_loaded``); anything else is
+    left alone and counted stale (a duplicate request already answered, a
+    gfn dropped or paged out again since).  The unpause is honoured either way.
     """
     if not dom.p2m.in_range(rsp.gfn):
         return False
     if rsp.flags & _DROP_PAGE:
         return True
     p2m = dom.p2m
-    if p2m.get_type(rsp.gfn) == P2MType.ram_paging_in and p2m.has_frame(rsp.gfn):
-        p2m.set_type(rsp.gfn, P2MType.ram_rw)
-        dom.counters.paged_in += 1
+    p2mt = p2m.get_type(rsp.gfn)
+    if p2m.has_frame(rsp.gfn) and p2mt == P2MType.ram_paging_in:
+        page_in(dom, rsp.gfn)
+    elif p2m.has_frame(rsp.gfn) and p2mt == P2MType.ram_rw:
+        dom.mem_paging.counters.responses_loaded += 1
     else:
         dom.mem_paging.counters.responses_stale += 1
     return True
 
 
 def p2m_mem_paging_drop_page(dom: Domain, gfn: int, p2mt: int, vcpu: Vcpu) -> None:
-    """Tell the pager a paged gfn was given back; no pause, and no ring is fine here."""
+    """Tell the pager a paged gfn was given back; no pause, and no ring is fine here.
+
+    A gfn only nominated carries ``EVICT_FAIL`` as well (Xen 4.2 and later; the
+    seed's drop had no such flag): the pager's evict of it will fail.
+    """
     med = dom.mem_paging
     if med.check_ring() is not None:
         return
-    req = MemEvent(type=MemEventType.PAGING, flags=MemEventFlag.DROP_PAGE, gfn=gfn, p2mt=p2mt,
-                   vcpu_id=vcpu.vcpu_id)
+    req = MemEvent(type=MemEventType.PAGING, flags=_DROP_PAGE, gfn=gfn, p2mt=p2mt, vcpu_id=vcpu.vcpu_id)
+    if p2mt == P2MType.ram_paging_out:
+        req.flags |= _EVICT_FAIL  # its evict will fail now (Xen 4.2 tags the drop too)
     dom.counters.dropped += 1
     med.put_request(req, vcpu)  # "If the event is lost, tough bananas"
 
@@ -191,23 +228,34 @@ def guest_remove_page(dom: Domain, gfn: int, vcpu: Vcpu, released: list[int]) ->
     if p2mt not in RAM_TYPES and p2mt not in abi.PAGING_TYPES:
         return Errno.EINVAL
     dom.free_frame(gfn, released)
+    p2m.refs.pop(gfn, None)  # a mapper keeps its copy; the domain no longer has the page
     p2m.set_type(gfn, REMOVED_TYPE)
-    p2m.set_access(gfn, DEFAULT_ACCESS)
+    p2m.set_access(gfn, dom.default_access)
     dom.counters.ballooned += 1
+    dom.page_settled(gfn)
     if p2mt in abi.PAGING_TYPES:
         p2m_mem_paging_drop_page(dom, gfn, p2mt, vcpu)
     return None
 
 
 def foreign_map_gfn(dom: Domain, gfn: int) -> Errno | None:
-    """One gfn of a foreign mapping: RAM maps, paging types populate and answer ``ENOENT``."""
+    """One gfn of a foreign mapping, as Xen 4.2's ``mmu_update`` path takes it; the caller takes the reference.
+
+    ``ram_paged`` populates (no pause) and answers ``ENOENT``; ``ram_paging_in``
+    without a frame is on its way back: ``ENOENT`` without a new request.  A
+    gfn with a frame maps, nominated ones included (its evict then fails with
+    ``EBUSY`` while the mapping holds the page).  Nothing mapped: ``EINVAL``.
+    """
     dom.counters.foreign_maps += 1
-    p2mt = dom.p2m.get_type(gfn)
-    if p2mt in abi.PAGING_TYPES:
+    p2m = dom.p2m
+    p2mt = p2m.get_type(gfn)
+    if p2mt == P2MType.ram_paged:
         p2m_mem_paging_populate(dom, gfn, None)
         return Errno.ENOENT
-    if p2mt in RAM_TYPES and dom.p2m.has_frame(gfn):
+    if p2m.has_frame(gfn) and (p2mt in RAM_TYPES or p2mt in abi.PAGING_TYPES):
         return None
+    if p2mt == P2MType.ram_paging_in:
+        return Errno.ENOENT
     return Errno.EINVAL
 
 
@@ -222,7 +270,7 @@ def finalize_paging_in(dom: Domain) -> int:
     g = raw.find(needle)
     while g >= 0:
         if p2m.has_frame(g):
-            p2m.set_type(g, P2MType.ram_rw)
+            page_in(dom, g)
             n += 1
         g = raw.find(needle, g + 1)
     if n:

@@ -28,6 +28,7 @@ from hvemu.abi import MemEvent, MemEventCodec, MemEventFlag
 from hvemu.ring import FrontRing, SharedRing
 
 C_DIR = Path(__file__).resolve().parents[1] / "c"
+INCLUDE_DIR = Path(__file__).resolve().parents[2] / "hvemu" / "include"
 U32 = 1 << 32
 MASK64 = (1 << 64) - 1
 
@@ -43,7 +44,7 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if subprocess.run([cc, "-o", str(out / "probe"), str(probe)], capture_output=True).returncode:
         pytest.skip(f"{cc} cannot build a trivial C program (no libc headers?)")
     exe = out / "ring_backend"
-    cmd = [cc, "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-I", str(C_DIR),
+    cmd = [cc, "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-I", str(INCLUDE_DIR),
            "-o", str(exe), str(C_DIR / "ring_backend.c")]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:  # shm_open lives in librt before glibc 2.34

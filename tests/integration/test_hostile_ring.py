@@ -8,7 +8,7 @@ foreign mappings and from vCPUs touching paged gfns) or the access ring
 traps).  Each case puts a few requests on the ring, then writes what a buggy or
 hostile daemon might: responses with bad vCPU ids, gfns out of range or not
 being paged in, unknown flags and reserved bits, duplicates, random slots,
-``rsp_prod`` far ahead or behind, garbage in ``req_event``/``req_prod``/the
+``rsp_prod`` far ahead or behind, garbage in ``req_event``/``req_prod`` (a crash: only the hypervisor writes it)/the
 pad, a whole random page, notification floods, odd datagrams and fds on the
 event channel, a re-attach over unpublished responses, a disable with
 requests outstanding.
@@ -55,7 +55,8 @@ MASK = abi.RING_IDX_MASK
 GFNS = 64
 ECHO = int(MemEventFlag.VCPU_PAUSED | MemEventFlag.DROP_PAGE | MemEventFlag.EVICT_FAIL | MemEventFlag.FOREIGN)
 #: Counters the oracle predicts (ring counters, plus the domain's paged_in).
-COUNTED = ("responses", "responses_rejected", "responses_dummy", "responses_stale", "unpause_ignored")
+COUNTED = ("responses", "responses_rejected", "responses_unknown_bits", "responses_dummy", "responses_loaded",
+           "responses_stale", "unpause_ignored")
 KINDS = {
     "valid": 6, "fields": 10, "duplicate": 4, "random_slots": 4, "rsp_ahead": 2, "rsp_back": 2,
     "header": 3, "whole_page": 3, "flood": 2, "evtchn_junk": 2, "reattach": 2, "disable": 1,
@@ -69,6 +70,8 @@ class CaseFailure(AssertionError):
 @dataclass
 class Prediction:
     crash: bool = False
+    #: The daemon re-initialised an idle ring (``SHARED_RING_INIT``): both ends start again at 0.
+    fresh: bool = False
     counts: Counter[str] = field(default_factory=Counter)
     paged_in: int = 0
     runnable: set[int] = field(default_factory=set)
@@ -292,6 +295,10 @@ class Oracle:
     def predict(self) -> Prediction:
         v = self.v
         sring = v.ring()
+        if sring.req_prod != v.req_prod:  # only the hypervisor writes req_prod
+            if sring.req_prod == 0 and sring.rsp_prod == 0 and not v.outstanding():
+                return Prediction(fresh=True)
+            return Prediction(crash=True)
         avail = (sring.rsp_prod - v.rsp_cons) & MASK
         if avail > v.outstanding():
             return Prediction(crash=True)
@@ -303,8 +310,8 @@ class Oracle:
             rsp = MemEventCodec.decode(sring.read_slot((v.rsp_cons + k) & MASK))
             p.counts["responses"] += 1
             if rsp.flags & ~abi.MEM_EVENT_KNOWN_FLAGS or rsp.reserved_bits:
-                p.counts["responses_rejected"] += 1
-                continue
+                p.counts["responses_unknown_bits"] += 1  # ignored, as Xen does; the known bits count
+                rsp.flags &= abi.MEM_EVENT_KNOWN_FLAGS
             if rsp.flags & MemEventFlag.DUMMY:
                 p.counts["responses_dummy"] += 1
                 continue
@@ -317,6 +324,8 @@ class Oracle:
                     types[rsp.gfn] = P2MType.ram_rw
                     prepped.discard(rsp.gfn)
                     p.paged_in += 1
+                elif types[rsp.gfn] == P2MType.ram_rw:
+                    p.counts["responses_loaded"] += 1
                 else:
                     p.counts["responses_stale"] += 1
             if rsp.flags & MemEventFlag.VCPU_PAUSED:
@@ -332,6 +341,8 @@ class Oracle:
         if p.crash:
             v.crashed = True
             return
+        if p.fresh:
+            v.req_prod = 0
         v.rsp_cons = v.ring().rsp_prod
         for g in list(v.prepped):
             if v.ptype(g) == P2MType.ram_rw:

@@ -109,7 +109,9 @@ def check_accounting(dom: Domain) -> None:
     """Every pause is accounted for: events + marks + wait-queue sleeps; ``blocked`` matches the marks."""
     for v in dom.vcpus:
         marks = sum(1 for med in dom.rings.values() if v.test_flag(med.pause_flag))
-        assert v.pause_count == v.event_pause_count + marks + v.waits, v
+        spinning = v.spinning_on is not None
+        assert v.pause_count == v.event_pause_count + marks + v.waits + spinning, v
+        assert v.spinning_on is None or v in dom.spinners[v.spinning_on], v
         assert v.event_pause_count >= 0 and v.waits >= 0
     for med in dom.rings.values():
         assert med.blocked == sum(1 for v in dom.vcpus if v.test_flag(med.pause_flag)), med.kind

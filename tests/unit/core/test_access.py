@@ -26,7 +26,7 @@ def test_violation_pauses_the_vcpu_and_reports_rwx_gla_and_offset() -> None:
     hv, dom = make()
     lis = Listener(dom, RingKind.access)
     dom.access_set([5], P2MAccess.r)
-    dom.guest_access(1, 5, W | X, gla=0x7FFF_1234)
+    dom.guest_access(1, 5, W | X, gla=0x7FFF_1234, offset=0x234)
     assert not dom.vcpus[1].runnable
     (req,) = lis.consume()
     assert (req.type, req.reason) == (MemEventType.ACCESS, MemEventReason.VIOLATION)
@@ -91,7 +91,7 @@ def test_access_set_validates_the_right_and_reports_bad_gfns() -> None:
     _, dom = make(gfns=8)
     assert dom.access_set([1, 8], P2MAccess.rw) == [None, Errno.EINVAL]
     with pytest.raises(HypervisorError) as err:
-        dom.access_set([1], 10)
+        dom.access_set([1], 11)
     assert err.value.errno == Errno.EINVAL
     dom.access_required = True
     assert dom.access_required
@@ -132,7 +132,7 @@ def test_int3_trap_carries_the_gla() -> None:
 
 def test_bad_trap_reasons_and_modes_are_einval() -> None:
     _, dom = make()
-    for reason in (MemEventReason.VIOLATION, MemEventReason.SINGLESTEP, 77):
+    for reason in (MemEventReason.VIOLATION, MemEventReason.UNKNOWN, 77):
         with pytest.raises(HypervisorError):
             dom.set_hvm_param(reason, abi.HVMPME_MODE_SYNC)
         with pytest.raises(HypervisorError):

@@ -34,7 +34,6 @@ from hvemu.core.hypervisor import Hypervisor
 from ._support import Listener, R, W, check_accounting, echo
 
 IDX = st.integers(0, 1 << 16)
-PAGE_OUT_PATH = (P2MType.ram_paging_out, P2MType.ram_paged)
 
 
 class CoreMachine(RuleBasedStateMachine):
@@ -56,6 +55,8 @@ class CoreMachine(RuleBasedStateMachine):
         self.dom.set_hvm_param(MemEventReason.CR3, abi.HVMPME_MODE_SYNC)
         self.want: dict[int, tuple[int, int]] = {}
         self.removed: set[int] = set()
+        #: Foreign mappings held, per gfn.
+        self.mapped: Counter[int] = Counter()
         self.overtaken: dict[RingKind, list[int]] = {k: [0] * n for k in RingKind}
         self.overtaken_wq: dict[RingKind, list[int]] = {k: [0] * n for k in RingKind}
         self.reserve_intruded = False
@@ -109,8 +110,19 @@ class CoreMachine(RuleBasedStateMachine):
             for vid in set(waiting_before[kind]) - set(still):
                 self.overtaken_wq[kind][vid] = 0
 
+    def _stranded(self) -> list[int]:
+        """``ram_paging_in`` gfns that no request in flight names (a lost or rejected foreign event)."""
+        named = {r.gfn for lis in (self.pager,) for r in lis.inflight()}
+        named |= {r.gfn for _, r in self.dom.mem_paging.waiters}
+        return [g for g in range(self.gfns)
+                if self.dom.p2m.get_type(g) == P2MType.ram_paging_in and g not in named]
+
     def _quiesce(self) -> None:
-        """The listener drains everything, runnable vCPUs retry, until nothing moves."""
+        """The listener drains everything, runnable vCPUs retry, until nothing moves.
+
+        Once the rings are quiet, the pager's sweep loads gfns left ``ram_paging_in``
+        with no request (vCPUs touching them re-execute without a request, as on Xen).
+        """
         for _ in range(4 * self.n + 40):
             progress = False
             for v in list(self.want):
@@ -123,6 +135,9 @@ class CoreMachine(RuleBasedStateMachine):
                     lis.answer()
                     self._kick(lis)
                     progress = True
+            if not progress and (stranded := self._stranded()):
+                assert self.dom.paging_load(stranded, lambda g: None) == [None] * len(stranded)
+                progress = True
             if not progress:
                 break
         stuck = [v for v in self.dom.vcpus if not v.runnable]
@@ -183,6 +198,7 @@ class CoreMachine(RuleBasedStateMachine):
             return
         assert self.dom.decrease_reservation(v, [g]) == [None]
         self.removed.add(g)
+        self.mapped.pop(g, None)
 
     # ------------------------------------------------------------------ tools
     @rule(gs=st.lists(IDX, max_size=8), evict=st.booleans())
@@ -197,15 +213,27 @@ class CoreMachine(RuleBasedStateMachine):
         for g in gs:
             self._foreign_map_one(g % self.gfns)
 
+    @rule(gs=st.lists(IDX, min_size=1, max_size=12))
+    def foreign_unmap(self, gs: list[int]) -> None:
+        for g in gs:
+            g %= self.gfns
+            held = self.mapped[g] > 0
+            assert self.dom.foreign_unmap([g]) == [None if held else Errno.ENOENT]
+            self.mapped[g] -= held
+
     def _foreign_map_one(self, g: int) -> None:
         dom, med = self.dom, self.dom.mem_paging
         p2mt = dom.p2m.get_type(g)
+        has_frame = dom.p2m.has_frame(g)
         free, put = med.free_requests(), med.counters.put
         unmarked = sum(1 for v in dom.vcpus if not v.test_flag(med.pause_flag))
         res = dom.foreign_map([g])
         if g in self.removed:
             assert res == [Errno.EINVAL]
-        elif p2mt in PAGE_OUT_PATH:
+        elif has_frame:
+            assert res == [None], "a page with its frame maps, nominated or not (Xen 4.2)"
+            self.mapped[g] += 1
+        elif p2mt == P2MType.ram_paged:
             assert res == [Errno.ENOENT]
             if free == 0:
                 if self.POLICY == "seed":
@@ -217,10 +245,9 @@ class CoreMachine(RuleBasedStateMachine):
                 assert med.counters.put == put + 1
                 if med.free_requests() < unmarked:
                     self.reserve_intruded = True
-        elif p2mt == P2MType.ram_paging_in:
-            assert res == [Errno.ENOENT] and med.counters.put == put
         else:
-            assert res == [None]
+            assert p2mt == P2MType.ram_paging_in
+            assert res == [Errno.ENOENT] and med.counters.put == put
 
     # ------------------------------------------------------------------ listener, at random pace
     @rule(which=st.integers(0, 1), k=st.integers(1, 70))
@@ -260,6 +287,9 @@ class CoreMachine(RuleBasedStateMachine):
     def every_pause_is_accounted_for(self) -> None:
         check_accounting(self.dom)
         assert self.hv.budget.used == self.dom.p2m.resident
+        assert dict(+self.mapped) == self.dom.p2m.refs, "references follow maps and unmaps"
+        assert all(self.dom.p2m.get_type(g) == P2MType.ram_paging_in for g in self.dom.spinners), \
+            "a vCPU spins only on a gfn still on its way back"
 
     @invariant()
     def no_guest_event_is_lost(self) -> None:
