@@ -657,7 +657,7 @@ class HypervisorDaemon:
         prepare_run_dir(self.run_dir)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
         try:
             async with ControlServer(self.socket_path, self.handle, on_disconnect=self.on_disconnect,
@@ -674,7 +674,7 @@ class HypervisorDaemon:
             for domid in list(self.backends):
                 self._destroy(domid)
             self.stop_trace()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             try:
                 os.unlink(self.socket_path)

@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 async def _main(args: argparse.Namespace) -> dict[str, int]:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     policy_name: PolicyName = args.policy
     async with MemEventClient(args.domid, RingKind.paging, run_dir=args.run_dir) as client:

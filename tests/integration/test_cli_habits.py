@@ -170,3 +170,40 @@ def test_top_quits_on_q_and_says_when_the_hypervisor_goes(tmp_path: object) -> N
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 if b"hvemu.daemon" in f.read():
                     os.kill(pid, 9)
+
+
+def test_sighup_stops_the_hypervisor_its_guest_and_pager_cleanly(tmp_path: object) -> None:
+    """The terminal closing (SIGHUP) is a clean stop, as SIGTERM is, for every process."""
+    import signal
+    import subprocess
+
+    from hvemu import protocol
+    from tests.integration.system import ROOT
+
+    run_dir = os.path.join(str(tmp_path), "run")
+    hv = subprocess.Popen([sys.executable, "-m", "hvemu.daemon", "--run-dir", run_dir, "--memory", "16"], cwd=ROOT,
+                          stderr=subprocess.PIPE, text=True)
+    guest: Proc | None = None
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(protocol.socket_path(run_dir)):
+            assert hv.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        run(run_dir, "create", "--memory", "4", "--target", "2")
+        run(run_dir, "pager-attach", "1")
+        guest = Proc("-m", "guest", "--run-dir", run_dir, "--domid", "1", "--duration", "0.5", "--linger")
+        assert guest.json_line(60)["ok"]  # its report: it lingers until stopped
+        guest.signal(signal.SIGHUP)
+        assert guest.wait(20) == 0, guest.stderr()
+        run(run_dir, "create", "--memory", "4")
+        hv.send_signal(signal.SIGHUP)
+        _, err = hv.communicate(timeout=30)
+        assert hv.returncode == 0, err
+        assert not os.path.exists(protocol.socket_path(run_dir))
+        assert not shm_segments(hv.pid)
+    finally:
+        if guest is not None:
+            guest.stop()
+        if hv.poll() is None:
+            hv.kill()
+            hv.wait()
