@@ -163,7 +163,7 @@ async def start_hypervisor(run_dir: str, memory_mib: float, policy: str, *, cpus
     path = protocol.socket_path(run_dir)
     for _ in range(200):
         if hv.proc.returncode is not None:
-            raise RuntimeError(f"hypervisor exited with status {hv.proc.returncode}")
+            raise RuntimeError(f"the hypervisor {_exit_cause(hv.proc.returncode)} while starting")
         if os.path.exists(path):
             try:
                 conn = await Connection.connect(path)
@@ -309,8 +309,8 @@ class Run:
 
     def _hypervisor_died(self) -> str:
         assert self.hv is not None
-        return (f"the hypervisor {_exit_cause(self.hv.proc.returncode)} during the run "
-                "(its guests and pagers lost it)")
+        when = "during the run" if self.started_at else "while the run was starting"
+        return f"the hypervisor {_exit_cause(self.hv.proc.returncode)} {when} (its guests and pagers lost it)"
 
     async def _progress(self) -> None:
         """One line on stderr every ``progress_every`` seconds while the guests run (0: none)."""
@@ -414,6 +414,14 @@ async def run_with_signals(run: Run) -> Summary:
     try:
         try:
             return await run.scenario()
+        except (OSError, ControlError, TimeoutError) as exc:
+            # A lost connection is the hypervisor's death, whichever step noticed it first: say so.
+            if run.hv is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(run.hv.proc.wait()), 1)
+                if run.hv.proc.returncode is not None:
+                    raise RuntimeError(run._hypervisor_died()) from exc
+            raise
         except asyncio.CancelledError:
             if not caught:
                 raise

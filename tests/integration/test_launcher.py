@@ -254,3 +254,18 @@ def test_from_a_file_that_is_not_a_summary_is_one_line(tmp_path: object) -> None
                       (os.path.join(str(tmp_path), "none.json"), "No such file or directory")):
         res = _launch("--from", path)
         assert res.returncode == 2 and res.stderr == f"run.sh: --from {path}: {why}\n", res.stderr
+
+
+def test_a_hypervisor_killed_while_the_run_starts_is_named_too(tmp_path: object) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "hvemu.launcher", *SMALL, "--duration", "30"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        run_dir = _run_dir_of(proc)
+        hypervisor = _wait_children(proc, 1)[0]
+        os.kill(hypervisor, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1, err
+        assert err.strip().splitlines()[-1].startswith("run.sh: the hypervisor was killed by SIGKILL"), err
+        assert "Traceback" not in err and not os.path.exists(run_dir)
+    finally:
+        _stop_and_clean(proc)
