@@ -258,12 +258,35 @@ class Domctl:
         """The paging target (resident pages), as xenstore's ``memory/target``."""
         await self.call(protocol.SetTarget(domid=self.domid, pages=pages))
 
-    async def map_foreign(self, gfns: Sequence[int]) -> protocol.ForeignPages:
-        """Map gfns as a tool: a paged gfn is populated (no vCPU paused) and answers ``ENOENT``; retry it."""
-        reply = await self.call(protocol.MapForeign(domid=self.domid, gfns=list(gfns)))
+    async def map_foreign(self, gfns: Sequence[int], *, keep: bool = False) -> protocol.ForeignPages:
+        """Map gfns as a tool: a paged gfn is populated (no vCPU paused) and answers ``ENOENT``; retry it.
+
+        With ``keep`` each mapped page stays referenced (its nominate and evict
+        answer ``EBUSY``, as on Xen) until :meth:`unmap_foreign` or the connection ends.
+        """
+        reply = await self.call(protocol.MapForeign(domid=self.domid, gfns=list(gfns), keep=keep))
         if not isinstance(reply, protocol.ForeignPages):
             raise DomctlError(f"unexpected reply {type(reply).__name__} to MapForeign")
         return reply
+
+    async def unmap_foreign(self, gfns: Sequence[int]) -> list[Errno | None]:
+        """Drop mappings this connection kept (``ENOENT`` per gfn it did not map)."""
+        return await self._batch(protocol.UnmapForeign(domid=self.domid, gfns=list(gfns)))
+
+    async def access_get(self, gfn: int) -> int:
+        """``xc_hvm_get_mem_access``: a gfn's access (``abi.DEFAULT_ACCESS_GFN``: the default)."""
+        reply = await self.call(protocol.AccessGet(domid=self.domid, gfn=gfn))
+        if not isinstance(reply, protocol.AccessReply):
+            raise DomctlError(f"unexpected reply {type(reply).__name__} to AccessGet")
+        return reply.access
+
+    async def inject_trap(self, vcpu: int, vector: int) -> None:
+        """``xc_hvm_inject_trap``: the vCPU takes ``vector`` on its next entry (re-inject an INT3: 3)."""
+        await self.call(protocol.InjectTrap(domid=self.domid, vcpu=vcpu, vector=vector))
+
+    async def debug_control(self, vcpu: int, single_step: bool) -> None:
+        """``xc_domain_debug_control`` SINGLE_STEP_ON/OFF: the vCPU reports every step (``SINGLESTEP``)."""
+        await self.call(protocol.DebugControl(domid=self.domid, vcpu=vcpu, single_step=single_step))
 
     async def get_target(self) -> int:
         """The paging target in pages (follow it: the toolstack may change it at run time)."""

@@ -27,7 +27,8 @@ rule by rule, plus the admission policy of later Xen beside it:
     as many marked vCPUs as there are free slots (per call: the slots freed
     one response at a time add up).
 
-Differences from the seed, each on purpose:
+Differences from the seed, each on purpose (every difference from Xen, with
+its reason, is listed in ``docs/differences-from-xen.md``):
 
 * the pause flag is per ring (Xen 4.2's ``_VPF_mem_paging/access/sharing``);
   the seed's single ``_VPF_mem_event`` let one ring wake a vCPU marked by

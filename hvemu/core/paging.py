@@ -270,7 +270,8 @@ def finalize_paging_in(dom: Domain) -> int:
     g = raw.find(needle)
     while g >= 0:
         if p2m.has_frame(g):
-            page_in(dom, g)
+            p2m.set_type(g, P2MType.ram_rw)  # counted as finalized_on_disable, not paged_in
+            dom.page_settled(g)
             n += 1
         g = raw.find(needle, g + 1)
     if n:

@@ -3,13 +3,19 @@
     python -m pager.examples.access_listener --domid 1 --gfns 0-63 --access rx --cr3 --int3
 
 It attaches to the domain's *access* ring, restricts the access rights of
-the chosen gfns, asks for CR3 writes and INT3s as events
-(``HVM_PARAM_MEMORY_EVENT_*``), and prints one line per event (on stdout,
-or appended to ``--log FILE``)::
+the chosen gfns (``--gfns all`` as xen-access does: the p2m's default access
+through Xen's ``~0`` gfn, then every page), asks for CR3 writes, INT3s and
+single steps as events (``HVM_PARAM_MEMORY_EVENT_*``), and prints one line
+per event (on stdout, or appended to ``--log FILE``)::
 
     PAGE ACCESS: -w- for GFN 0x1c (offset 0x000123) gla 0x000000000001c123 (vcpu 0) [rx -> rwx]
     CR3 write: 0x5000 (vcpu 0)
     INT3: GFN 0x401 gla 0x0000000000401000 (vcpu 1)
+    SINGLESTEP: GFN 0x402 gla 0x0000000000402000 (vcpu 1)
+
+An INT3 is re-injected into the guest before it is answered (xen-access's
+``xc_hvm_inject_trap``), so the guest's own breakpoint handler still runs;
+``--singlestep`` single-steps every vCPU (``xc_domain_debug_control``).
 
 Every request is answered (the vCPU that raised it waits for that answer).
 A violation is answered after the gfn's access has been changed to
@@ -40,7 +46,11 @@ from hvemu.transport import root_cause
 from pager.sdk import DomainGone, MemEventClient, RequestBatch, SdkError, failures
 
 _TRAPS = {"cr0": MemEventReason.CR0, "cr3": MemEventReason.CR3, "cr4": MemEventReason.CR4,
-          "int3": MemEventReason.INT3}
+          "int3": MemEventReason.INT3, "singlestep": MemEventReason.SINGLESTEP}
+#: Traps without an old value: Xen refuses ``onchangeonly`` for them.
+_NO_ONCHANGEONLY = frozenset({MemEventReason.INT3, MemEventReason.SINGLESTEP})
+#: The x86 breakpoint vector, re-injected after an INT3 event.
+_BREAKPOINT_VECTOR = 3
 
 
 def parse_gfns(spec: str, gfns: int) -> list[int]:
@@ -65,9 +75,9 @@ def describe(req: MemEvent, relaxed_to: str | None) -> str:
         tail = f" [-> {relaxed_to}]" if relaxed_to else ""
         return (f"PAGE ACCESS: {rwx} for GFN {req.gfn:#x} (offset {req.offset:#08x}) gla {gla} "
                 f"(vcpu {req.vcpu_id}){tail}")
-    if req.reason == MemEventReason.INT3:
+    if req.reason in (MemEventReason.INT3, MemEventReason.SINGLESTEP):
         gla = f"{req.gla:#018x}" if req.gla_valid else "-"
-        return f"INT3: GFN {req.gfn:#x} gla {gla} (vcpu {req.vcpu_id})"
+        return f"{MemEventReason(req.reason).name}: GFN {req.gfn:#x} gla {gla} (vcpu {req.vcpu_id})"
     if req.reason in (MemEventReason.CR0, MemEventReason.CR3, MemEventReason.CR4):
         return f"{MemEventReason(req.reason).name} write: {req.gfn:#x} (vcpu {req.vcpu_id})"
     return f"event type {req.type} reason {req.reason} GFN {req.gfn:#x} (vcpu {req.vcpu_id})"
@@ -93,6 +103,9 @@ class Listener:
                 await self.client.access_set(relax, self.relax)
                 relaxed_to = P2MAccess(self.relax).name
             for req in batch:
+                if req.reason == MemEventReason.INT3:
+                    await self.client.inject_trap(req.vcpu_id, _BREAKPOINT_VECTOR)
+                    self.counts["reinjected"] += 1
                 try:
                     name = MemEventReason(req.reason).name
                 except ValueError:
@@ -119,7 +132,7 @@ async def listen(args: argparse.Namespace) -> dict[str, object]:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     relax = None if args.relax == "none" else int(P2MAccess[args.relax])
-    traps = [_TRAPS[t] for t in ("cr0", "cr3", "cr4", "int3") if getattr(args, t)]
+    traps = [reason for name, reason in _TRAPS.items() if getattr(args, name)]
     mode = abi.HVMPME_MODE_ASYNC if args.async_traps else abi.HVMPME_MODE_SYNC
     with contextlib.ExitStack() as files:
         out: TextIO | None = None
@@ -136,13 +149,19 @@ async def _listen(args: argparse.Namespace, stop: asyncio.Event, relax: int | No
         restricted = parse_gfns(args.gfns, client.gfns) if args.gfns else []
         if args.required:
             await client.access_required(True)
+        if args.gfns == "all":  # xen-access: the default access first, so a page given back keeps it
+            await client.access_set([abi.DEFAULT_ACCESS_GFN], int(P2MAccess[args.access]))
         for i in range(0, len(restricted), 1024):
             chunk = restricted[i:i + 1024]
             bad = failures(chunk, await client.access_set(chunk, int(P2MAccess[args.access])))
             if bad:
                 raise SdkError(f"cannot restrict {len(bad)} gfns, e.g. {next(iter(bad.items()))}")
         for reason in traps:
-            await client.set_hvm_param(reason, mode | (abi.HVMPME_ONCHANGEONLY if args.onchangeonly else 0))
+            onchange = args.onchangeonly and reason not in _NO_ONCHANGEONLY
+            await client.set_hvm_param(reason, mode | (abi.HVMPME_ONCHANGEONLY if onchange else 0))
+        if MemEventReason.SINGLESTEP in traps:
+            for vcpu in range(client.max_vcpus):
+                await client.debug_control(vcpu, True)
         print(json.dumps({"ready": True, "domid": args.domid, "restricted": len(restricted),
                           "access": args.access, "traps": [t.name for t in traps]}), flush=True)
         serving = asyncio.create_task(listener.serve(), name="serve")
@@ -156,8 +175,13 @@ async def _listen(args: argparse.Namespace, stop: asyncio.Event, relax: int | No
         else:
             # Stop producing events first (the serve task keeps answering meanwhile)...
             try:
+                if MemEventReason.SINGLESTEP in traps:
+                    for vcpu in range(client.max_vcpus):
+                        await client.debug_control(vcpu, False)
                 for reason in traps:
                     await client.set_hvm_param(reason, abi.HVMPME_MODE_DISABLED)
+                if args.gfns == "all":
+                    await client.access_set([abi.DEFAULT_ACCESS_GFN], int(P2MAccess.rwx))
                 for i in range(0, len(restricted), 1024):
                     await client.access_set(restricted[i:i + 1024], int(P2MAccess.rwx))
                 if args.required:
@@ -185,7 +209,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="access given to those gfns (default rx: writes are violations)")
     p.add_argument("--relax", default="rwx", choices=[*(a.name for a in P2MAccess), "none"],
                    help="access a gfn gets after a violation (none: keep the restriction)")
-    for name in ("cr0", "cr3", "cr4", "int3"):
+    for name in _TRAPS:
         p.add_argument(f"--{name}", action="store_true", help=f"report {name.upper()} events")
     p.add_argument("--async", dest="async_traps", action="store_true",
                    help="CR/INT3 events do not pause the vCPU (default: sync)")

@@ -1,11 +1,11 @@
 /* c_pager.c -- a pager in C for hvemu, on the raw attach (pager/attach.py).
  *
- *   cc -O2 -Wall -o c_pager pager/examples/c_pager.c
+ *   cc -O2 -Wall -I hvemu/include -o c_pager pager/examples/c_pager.c
  *   python -m pager.attach --domid 1 --ring paging -- ./c_pager /tmp/dom1.pages
  *
  * It uses nothing but the documented contract (docs/writing-a-daemon.md):
- * the ring page layout (declared below, with ring.h's back-ring logic written
- * out), the event channel (4-byte little-endian port messages on a SEQPACKET
+ * the ring page layout and ring.h's back-ring macros from the header hvemu
+ * ships (hvemu/include/hvemu_mem_event.h, macros that behave as Xen's), the event channel (4-byte little-endian port messages on a SEQPACKET
  * socket), read-only mappings of guest memory and of the p2m table, and the
  * attach's line-based command channel for domctls.
  *
@@ -32,106 +32,20 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "hvemu_mem_event.h"
+
 /* ------------------------------------------------------------------ layout */
 
-struct mem_event {              /* mem_event_st: 40 bytes */
-    uint16_t type;              /* SHARED=0 PAGING=1 ACCESS=2 */
-    uint16_t flags;
-    uint32_t vcpu_id;
-    uint64_t gfn;
-    uint64_t offset;
-    uint64_t gla;
-    uint32_t p2mt;
-    uint16_t bits;              /* access_r:1 access_w:1 access_x:1 gla_valid:1 */
-    uint16_t reason;
-};
-
-struct sring {                  /* mem_event_sring */
-    uint32_t req_prod, req_event;
-    uint32_t rsp_prod, rsp_event;
-    uint8_t pad[48];
-    struct mem_event ring[];    /* HVEMU_RING_SIZE entries */
-};
-
-_Static_assert(sizeof(struct mem_event) == 40, "mem_event_st is 40 bytes");
-_Static_assert(offsetof(struct mem_event, reason) == 38, "reason at byte 38");
-_Static_assert(offsetof(struct sring, ring) == 64, "ring[] starts at byte 64");
-
-#define FLAG_VCPU_PAUSED (1u << 0)
-#define FLAG_DROP_PAGE   (1u << 1)
-#define FLAG_EVICT_FAIL  (1u << 2)
-#define FLAG_FOREIGN     (1u << 3)
-#define FLAG_DUMMY       (1u << 4)
-#define ECHO_FLAGS (FLAG_VCPU_PAUSED | FLAG_DROP_PAGE | FLAG_EVICT_FAIL | FLAG_FOREIGN)
-#define NO_LOAD    (FLAG_DROP_PAGE | FLAG_EVICT_FAIL | FLAG_DUMMY)
-
-enum { P2M_RAM_RW = 0, P2M_PAGING_OUT = 9, P2M_PAGED = 10, P2M_PAGING_IN = 11 };
-
-/* --------------------------------------------------- ring.h's back ring */
-
-/* mb() is a real full fence (mfence or a locked instruction on x86): it is
- * what keeps "publish rsp_prod, then read rsp_event" in that order. */
-#define mb()  __atomic_thread_fence(__ATOMIC_SEQ_CST)
-#define wmb() __atomic_thread_fence(__ATOMIC_RELEASE)
-#define rmb() __atomic_thread_fence(__ATOMIC_ACQUIRE)
-#define LOAD(x)     __atomic_load_n(&(x), __ATOMIC_RELAXED)
-#define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
-
-struct back_ring {
-    struct sring *sring;
-    uint32_t size;              /* a power of two */
-    uint32_t rsp_prod_pvt;      /* responses written, not yet published */
-    uint32_t req_cons;          /* requests consumed */
-};
-
-#define RING_SLOT(b, idx) (&(b)->sring->ring[(idx) & ((b)->size - 1)])
-
-/* BACK_RING_ATTACH: everything up to rsp_prod was answered (all zero on a new ring). */
-static void back_ring_attach(struct back_ring *b, struct sring *s, uint32_t size)
-{
-    b->sring = s;
-    b->size = size;
-    b->rsp_prod_pvt = b->req_cons = LOAD(s->rsp_prod);
-}
-
-/* RING_HAS_UNCONSUMED_REQUESTS (indices are free-running u32: unsigned wrap is right). */
-static uint32_t unconsumed_requests(struct back_ring *b)
-{
-    uint32_t req = LOAD(b->sring->req_prod) - b->req_cons;
-    uint32_t rsp = b->size - (b->req_cons - b->rsp_prod_pvt);
-    uint32_t n = req < rsp ? req : rsp;
-    if (n)
-        rmb();                  /* read the slots after seeing req_prod */
-    return n;
-}
-
-/* RING_FINAL_CHECK_FOR_REQUESTS: re-arm req_event, then look again, so that a
- * request put just before the re-arm (which sent no notification) is seen. */
-static int final_check_for_requests(struct back_ring *b)
-{
-    if (unconsumed_requests(b))
-        return 1;
-    STORE(b->sring->req_event, b->req_cons + 1);
-    mb();
-    return unconsumed_requests(b) != 0;
-}
-
-/* RING_PUSH_RESPONSES_AND_CHECK_NOTIFY */
-static int push_responses_and_check_notify(struct back_ring *b)
-{
-    uint32_t old = LOAD(b->sring->rsp_prod), new = b->rsp_prod_pvt;
-    wmb();                      /* the responses before the index */
-    STORE(b->sring->rsp_prod, new);
-    mb();                       /* the index before reading rsp_event */
-    return (uint32_t)(new - LOAD(b->sring->rsp_event)) < (uint32_t)(new - old);
-}
+#define ECHO_FLAGS (MEM_EVENT_FLAG_VCPU_PAUSED | MEM_EVENT_FLAG_DROP_PAGE | MEM_EVENT_FLAG_EVICT_FAIL | \
+                    MEM_EVENT_FLAG_FOREIGN)
+#define NO_LOAD    (MEM_EVENT_FLAG_DROP_PAGE | MEM_EVENT_FLAG_EVICT_FAIL | MEM_EVENT_FLAG_DUMMY)
 
 /* ------------------------------------------------------------ the pager */
 
 #define PAGE 4096u
 #define BATCH 64u
 
-static struct back_ring back;
+static mem_event_back_ring_t back;
 static int evtchn, ctl, pagefile;
 static uint32_t port;
 static uint64_t gfns;
@@ -236,7 +150,7 @@ static uint64_t resident(void)
 {
     uint64_t n = 0;
     for (uint64_t g = 0; g < gfns; g++)
-        n += p2m[g] == P2M_RAM_RW || p2m[g] == P2M_PAGING_OUT;
+        n += p2m[g] == p2m_ram_rw || p2m[g] == p2m_ram_paging_out;
     return n;
 }
 
@@ -258,7 +172,7 @@ static unsigned evict(unsigned n)
         n = BATCH;
     for (uint64_t i = 0; i < gfns && count < n; i++) {
         uint64_t g = (hand + i) % gfns;
-        if (p2m[g] == P2M_RAM_RW)
+        if (p2m[g] == p2m_ram_rw)
             victims[count++] = g;
     }
     if (!count)
@@ -324,17 +238,20 @@ static void load(const uint64_t *want, unsigned n)
 /* Drain the ring: answer every request, one load and one push per drain. */
 static void serve(void)
 {
-    struct mem_event reqs[BATCH];
+    mem_event_request_t reqs[BATCH];
     uint64_t to_load[BATCH];
 
     for (;;) {
         unsigned n = 0, nload = 0;
-        while (n < BATCH && unconsumed_requests(&back)) {
-            reqs[n++] = *RING_SLOT(&back, back.req_cons);    /* copy: the slot gets our response */
+        while (n < BATCH && RING_HAS_UNCONSUMED_REQUESTS(&back)) {
+            rmb();              /* read the slot after seeing req_prod */
+            reqs[n++] = *RING_GET_REQUEST(&back, back.req_cons);    /* copy: the slot gets our response */
             back.req_cons++;
         }
         if (!n) {
-            if (final_check_for_requests(&back))
+            int more;
+            RING_FINAL_CHECK_FOR_REQUESTS(&back, more);
+            if (more)
                 continue;
             return;
         }
@@ -351,14 +268,16 @@ static void serve(void)
         if (nload)
             load(to_load, nload);
         for (unsigned i = 0; i < n; i++) {
-            struct mem_event rsp = {
+            mem_event_response_t rsp = {
                 .type = reqs[i].type, .flags = reqs[i].flags & ECHO_FLAGS, .vcpu_id = reqs[i].vcpu_id,
                 .gfn = reqs[i].gfn, .p2mt = reqs[i].p2mt, .reason = reqs[i].reason,
             };
-            *RING_SLOT(&back, back.rsp_prod_pvt) = rsp;
+            *RING_GET_RESPONSE(&back, back.rsp_prod_pvt) = rsp;
             back.rsp_prod_pvt++;
         }
-        if (push_responses_and_check_notify(&back))
+        int kick;
+        RING_PUSH_RESPONSES_AND_CHECK_NOTIFY(&back, kick);
+        if (kick)
             notify();
     }
 }
@@ -375,11 +294,11 @@ static int page_in_all(void)
         serve();
         for (uint64_t g = 0; g < gfns; g++) {
             uint8_t t = p2m[g];
-            if (t == P2M_PAGED || t == P2M_PAGING_IN) {
+            if (t == p2m_ram_paged || t == p2m_ram_paging_in) {
                 out++;
                 if (n < BATCH)
                     batch[n++] = g;
-            } else if (t == P2M_PAGING_OUT) {
+            } else if (t == p2m_ram_paging_out) {
                 /* Only nominated: a foreign map turns it paging_in, the next round loads it. */
                 out++;
                 batch_line(line, sizeof line, "map", &g, 1);
@@ -425,7 +344,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "c_pager: unexpected page or ring size\n");
         return 2;
     }
-    struct sring *s = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, (int)env("HVEMU_RING_FD"), 0);
+    mem_event_sring_t *s = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, (int)env("HVEMU_RING_FD"), 0);
     mem = mmap(NULL, gfns * PAGE, PROT_READ, MAP_SHARED, (int)env("HVEMU_MEMORY_FD"), 0);
     p2m = mmap(NULL, 2 * gfns, PROT_READ, MAP_SHARED, (int)env("HVEMU_P2M_FD"), 0);
     if (s == MAP_FAILED || mem == MAP_FAILED || p2m == MAP_FAILED)
@@ -468,7 +387,9 @@ int main(int argc, char **argv)
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
 
-    back_ring_attach(&back, s, size);
+    /* Not BACK_RING_ATTACH alone (Xen's skips to req_prod, past unanswered requests),
+     * and not a whole page: the domain's ring may have fewer than 64 slots. */
+    HVEMU_BACK_RING_REATTACH(&back, s, HVEMU_RING_BYTES(size));
     int gone = 0;
     long tgt = target();
     double next_target = now() + 0.2;

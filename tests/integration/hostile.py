@@ -54,7 +54,7 @@ async def wait_proc(proc: Proc, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while proc.alive():
         if time.monotonic() > deadline:
-            raise AssertionError(f"{proc.argv[:2]} still running after {timeout}s")
+            raise AssertionError(f"{proc.argv[:2]} still running after {timeout}s: {proc.stderr()[-1500:]}")
         await asyncio.sleep(0.05)
     return proc.p.returncode
 

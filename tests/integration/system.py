@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -29,14 +30,14 @@ def shm_segments(pid: int | None = None) -> list[str]:
 class Proc:
     """A child process started with the project's interpreter, killed on teardown."""
 
-    def __init__(self, *argv: str) -> None:
+    def __init__(self, *argv: str, pass_fds: tuple[int, ...] = ()) -> None:
         self.argv = argv
         # stderr goes to a file: a pipe nobody reads would fill up and block
         # the child on its next log line.
         self._err = tempfile.TemporaryFile(mode="w+")
         self.p = subprocess.Popen(
             [sys.executable, *argv], cwd=ROOT, start_new_session=True, preexec_fn=die_with_parent,
-            stdout=subprocess.PIPE, stderr=self._err, text=True,
+            stdout=subprocess.PIPE, stderr=self._err, text=True, pass_fds=pass_fds,
         )
 
     def stderr(self) -> str:
@@ -107,16 +108,21 @@ class Hypervisor:
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
         self.run_dir = run_dir
         self.socket = protocol.socket_path(run_dir)
-        self.proc = Proc("-m", "hvemu.daemon", "--run-dir", run_dir, "--memory", str(memory_mib),
-                         "--policy", policy)
-        deadline = time.monotonic() + 15
-        while not os.path.exists(self.socket):
-            if not self.proc.alive():
-                raise RuntimeError(f"hypervisor exited: {self.proc.stderr()[-2000:]}")
-            if time.monotonic() > deadline:
+        # A started-handshake, not a poll for the socket file: a stale file from a
+        # dead hypervisor exists before the new one has unlinked it and bound its own.
+        ready_r, ready_w = os.pipe()
+        try:
+            self.proc = Proc("-m", "hvemu.daemon", "--run-dir", run_dir, "--memory", str(memory_mib),
+                             "--policy", policy, "--ready-fd", str(ready_w), pass_fds=(ready_w,))
+            os.close(ready_w)
+            ready_w = -1
+            if not select.select([ready_r], [], [], 30)[0] or os.read(ready_r, 1) != b"R":
                 self.proc.stop()
-                raise RuntimeError("hypervisor did not listen within 15 s")
-            time.sleep(0.02)
+                raise RuntimeError(f"hypervisor did not listen within 30 s: {self.proc.stderr()[-2000:]}")
+        finally:
+            os.close(ready_r)
+            if ready_w >= 0:
+                os.close(ready_w)
 
     def stop(self) -> int:
         return self.proc.stop()
