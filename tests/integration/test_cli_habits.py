@@ -84,7 +84,10 @@ def test_destroy_and_stop_are_clean_ends(tmp_path: object) -> None:
         assert all(os.path.exists(p) for p in pagefiles)
         _wait_paged(run_dir, "one")
         guests = [_guest(run_dir, 1), _guest(run_dir, 2)]
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while not all(hv_json(run_dir, "info", d, "--raw")["guest_connected"] for d in ("1", "2")):  # type: ignore[index]
+            assert time.monotonic() < deadline, "the guests did not connect"
+            time.sleep(0.1)
         run(run_dir, "destroy", "one")
         assert guests[0].wait(20) == 0, guests[0].stderr()
         assert "domain 1: the domain was destroyed" in guests[0].stderr()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import Any
 
 from hvemu import protocol
 from tests.integration.system import Hypervisor, Proc, ring_enabled, stats, wait_until
@@ -103,12 +104,20 @@ async def test_clean_pager_stop_pages_everything_in(hypervisor: Hypervisor, tmp_
         pager.stop()
 
 
+async def _guest_connected(conn: Any, domid: int) -> None:
+    """Wait (long: a busy machine) until the domain's guest has connected."""
+    async def connected() -> bool:
+        return bool((await stats(conn, domid)).get("guest_connected"))
+
+    await wait_until(connected, timeout=60)
+
+
 async def test_guest_killed_destroys_domain_and_frees_memory(hypervisor: Hypervisor) -> None:
     domid = await _domain(hypervisor, target=GFNS_8M)
     guest = hypervisor.guest(domid, "--duration", "30")
     conn = await hypervisor.tool()
     try:
-        time.sleep(0.5)
+        await _guest_connected(conn, domid)  # killed before its hello, it would have had no domain to end
         guest.signal(signal.SIGKILL)
         guest.wait(5)
 
@@ -156,7 +165,7 @@ async def test_destroying_a_domain_stops_its_guest(hypervisor: Hypervisor) -> No
     guest = hypervisor.guest(domid, "--duration", "60")
     conn = await hypervisor.tool()
     try:
-        time.sleep(0.5)
+        await _guest_connected(conn, domid)  # destroyed before the guest's hello, it would be no domain of its
         await conn.call(protocol.DomainDestroy(domid=domid))
         assert guest.wait(10) == 0, "a destroyed domain is a normal end for its guest"
         err = guest.stderr()
