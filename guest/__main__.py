@@ -100,6 +100,7 @@ async def _lifeline(conn: Connection, domid: int) -> None:
 async def run_guest(args: argparse.Namespace) -> GuestReport:
     path = protocol.socket_path(args.run_dir)
     main_conn, memory, welcome = await open_guest(path, args.domid)
+    args.welcomed = True  # the domain was ours: an ESRCH from now on means it ended under us
     nvcpus = args.vcpus or welcome.max_vcpus
     if not 0 < nvcpus <= welcome.max_vcpus:
         raise ValueError(f"--vcpus must be within 1..{welcome.max_vcpus}")
@@ -192,7 +193,7 @@ def _why_gone(args: argparse.Namespace, root: BaseException) -> tuple[str, int]:
     """
     lost = (f"lost the hypervisor ({root})", EXIT_LOST)
     try:
-        conn = SyncConnection.connect(protocol.socket_path(args.run_dir), timeout=2)
+        conn = SyncConnection.connect(protocol.socket_path(args.run_dir), timeout=10)
     except OSError:
         return lost
     try:
@@ -235,10 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(root, ValueError):
             print(f"hvemu-guest: {root}", file=sys.stderr)
             return 2
-        if isinstance(root, ControlError):
+        # ESRCH on a vCPU's exit once the domain was ours: it was destroyed (or crashed) under the guest.
+        ended = isinstance(root, ControlError) and root.errno == Errno.ESRCH and getattr(args, "welcomed", False)
+        if isinstance(root, ControlError) and not ended:
             print(f"hvemu-guest: domain {args.domid}: {root}", file=sys.stderr)
             return 3
-        if isinstance(root, HypervisorGone | ConnectionError | OSError | EOFError):
+        if ended or isinstance(root, HypervisorGone | ConnectionError | OSError | EOFError):
             # The connection ended (the lifeline saw it, or a vCPU's exit did):
             # ask the hypervisor, if it still answers, what became of the domain.
             why, status = _why_gone(args, root)

@@ -637,20 +637,21 @@ class HypervisorDaemon:
 
     # ------------------------------------------------------------ life
     #: How long a stopping hypervisor keeps answering after destroying its domains, so that their guests and
-    #: daemons learn the domain was destroyed (and exit 0) rather than that the hypervisor vanished.
-    STOP_GRACE = 3.0
+    #: daemons learn the domain was destroyed (and exit 0) rather than that the hypervisor vanished: at least
+    #: STOP_LINGER when it had guests (a guest asks on a new connection once it sees its own closed), then
+    #: until every connection has gone, at most STOP_GRACE.
+    STOP_GRACE = 5.0
+    STOP_LINGER = 1.0
 
     async def _stop_domains(self, server: ControlServer) -> None:
-        """A clean stop: destroy every domain, then serve until their guests and daemons have gone."""
-        owners = {id(r.owner.state) for be in self.backends.values() for r in be.rings.values()
-                  if isinstance(r.owner, ConnCtx)}
+        """A clean stop: destroy every domain, then serve until their guests and daemons have asked and gone."""
+        had_guests = any(be.guest is not None for be in self.backends.values())
         for domid in list(self.backends):
             self._destroy(domid)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.STOP_GRACE
-        while loop.time() < deadline and any(
-                id(conn) in owners or (isinstance(c := conn.data.get("ctx"), ConnCtx) and c.role == "guest")
-                for conn in server.connections):
+        start = loop.time()
+        while loop.time() < start + self.STOP_GRACE and (
+                server.connections or (had_guests and loop.time() < start + self.STOP_LINGER)):
             await asyncio.sleep(0.05)
 
     async def serve(self, ready: Callable[[], None] | None = None) -> None:
