@@ -320,9 +320,9 @@ class Pager:
 
         Paged gfns (and ones whose populate is in flight) are loaded directly
         from the pagefile, which makes them ``ram_rw`` at once; nominated ones
-        still hold their frame and are foreign-mapped, which turns them
-        ``ram_paging_in`` so that the next round loads them.  Requests that
-        arrive meanwhile are answered by the serve loop as usual.
+        still hold their frame: they are copied out and evicted, so that the
+        next round loads them (a foreign map would only map them, as on Xen).
+        Requests that arrive meanwhile are answered by the serve loop as usual.
         """
         deadline = time.monotonic() + timeout
         client = self.client
@@ -349,8 +349,13 @@ class Pager:
                     raise SdkError(f"dom{client.domid}: host memory exhausted while paging everything in",
                                    abi.Errno.ENOMEM)
                 self.pages_in += sum(1 for r in results if r is None)
-            for i in range(0, len(nominated), self.batch):
-                await client.map_foreign(nominated[i:i + self.batch])
+            if nominated:
+                mem = client.memory
+                assert mem is not None
+                for i in range(0, len(nominated), self.batch):
+                    chunk = nominated[i:i + self.batch]
+                    copy_out(self.pagefile, mem, chunk)  # the frames are final: nominated pages cannot be written
+                    await client.evict(chunk)
             await asyncio.sleep(0)
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -194,8 +194,9 @@ class P2M:
             self.refs[gfn] = n - 1
         return True
 
-    def referenced(self, gfn: int) -> bool:
-        return gfn in self.refs
+    def drop_refs(self, gfn: int) -> None:
+        """The gfn's page left the domain (given back): its references go with it."""
+        self.refs.pop(gfn, None)
 
     def set_access(self, gfn: int, access: int) -> None:
         self.access[gfn] = access

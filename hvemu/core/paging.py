@@ -228,7 +228,7 @@ def guest_remove_page(dom: Domain, gfn: int, vcpu: Vcpu, released: list[int]) ->
     if p2mt not in RAM_TYPES and p2mt not in abi.PAGING_TYPES:
         return Errno.EINVAL
     dom.free_frame(gfn, released)
-    p2m.refs.pop(gfn, None)  # a mapper keeps its copy; the domain no longer has the page
+    p2m.drop_refs(gfn)  # a mapper keeps its copy; the domain no longer has the page
     p2m.set_type(gfn, REMOVED_TYPE)
     p2m.set_access(gfn, dom.default_access)
     dom.counters.ballooned += 1
@@ -242,9 +242,14 @@ def foreign_map_gfn(dom: Domain, gfn: int) -> Errno | None:
     """One gfn of a foreign mapping, as Xen 4.2's ``mmu_update`` path takes it; the caller takes the reference.
 
     ``ram_paged`` populates (no pause) and answers ``ENOENT``; ``ram_paging_in``
-    without a frame is on its way back: ``ENOENT`` without a new request.  A
-    gfn with a frame maps, nominated ones included (its evict then fails with
-    ``EBUSY`` while the mapping holds the page).  Nothing mapped: ``EINVAL``.
+    is on its way back: ``ENOENT`` without a new request.  A gfn with a frame
+    maps, nominated ones included (its evict then fails with ``EBUSY`` while
+    the mapping holds the page).  Nothing mapped: ``EINVAL``.
+
+    One difference: Xen maps a ``ram_paging_in`` gfn that has a frame, since
+    its only such frame is a nominated page's own.  Here a prep allocates the
+    frame before the pager fills it through its mapping, so a mapper could
+    read it half-filled: it gets ``ENOENT`` and retries, as without a frame.
     """
     dom.counters.foreign_maps += 1
     p2m = dom.p2m
@@ -252,10 +257,10 @@ def foreign_map_gfn(dom: Domain, gfn: int) -> Errno | None:
     if p2mt == P2MType.ram_paged:
         p2m_mem_paging_populate(dom, gfn, None)
         return Errno.ENOENT
-    if p2m.has_frame(gfn) and (p2mt in RAM_TYPES or p2mt in abi.PAGING_TYPES):
-        return None
     if p2mt == P2MType.ram_paging_in:
         return Errno.ENOENT
+    if p2m.has_frame(gfn) and (p2mt in RAM_TYPES or p2mt == P2MType.ram_paging_out):
+        return None
     return Errno.EINVAL
 
 

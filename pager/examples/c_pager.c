@@ -299,9 +299,12 @@ static int page_in_all(void)
                 if (n < BATCH)
                     batch[n++] = g;
             } else if (t == p2m_ram_paging_out) {
-                /* Only nominated: a foreign map turns it paging_in, the next round loads it. */
+                /* Only nominated (its frame still holds the data; a foreign map would just map it):
+                 * copy and evict it, the next round loads it like any paged gfn. */
                 out++;
-                batch_line(line, sizeof line, "map", &g, 1);
+                if (pwrite(pagefile, mem + g * PAGE, PAGE, (off_t)(g * PAGE)) != (ssize_t)PAGE)
+                    die("pagefile write");
+                batch_line(line, sizeof line, "evict", &g, 1);
                 command(line, NULL, 0, reply, sizeof reply, NULL);
             }
         }
