@@ -133,8 +133,11 @@ class Vcpu:
             else:
                 await self.read(gfn)
             n += 1
-            if self.mem.single_stepping(self.vcpu_id):
-                await self.step(gfn)
+            if debug := self.mem.vcpu_debug(self.vcpu_id):
+                if debug & abi.VCPU_DEBUG_PAUSED:  # xl pause: wait in an exit until unpaused
+                    await self._call(protocol.GuestYield(vcpu=self.vcpu_id))
+                if self.mem.single_stepping(self.vcpu_id):
+                    await self.step(gfn)
             if int3_every and n % int3_every == 0:
                 await self.breakpoint(gfn)
             if trap_every and n % trap_every == 0:

@@ -574,6 +574,28 @@ async def cmd_destroy(args: argparse.Namespace) -> Any:
     return result
 
 
+@command("pause", "pause a domain: every vCPU stops at its next step (xl pause)", DOMAIN)
+async def cmd_pause(args: argparse.Namespace) -> Any:
+    conn = await _tool(args.run_dir)
+    try:
+        domid = await resolve_domain(conn, args.domain)
+        await conn.call(protocol.DomainPause(domid=domid))
+    finally:
+        await conn.close()
+    return {"paused": domid}
+
+
+@command("unpause", "let a paused domain run again (xl unpause)", DOMAIN)
+async def cmd_unpause(args: argparse.Namespace) -> Any:
+    conn = await _tool(args.run_dir)
+    try:
+        domid = await resolve_domain(conn, args.domain)
+        await conn.call(protocol.DomainUnpause(domid=domid))
+    finally:
+        await conn.close()
+    return {"unpaused": domid}
+
+
 def _wait_daemons_gone(run_dir: str, names: list[str]) -> list[str]:
     """Wait for these daemons (their domain or hypervisor gone) to exit and drop their pidfiles; who did not."""
     running = []
@@ -589,9 +611,11 @@ def _wait_daemons_gone(run_dir: str, names: list[str]) -> list[str]:
 
 
 def _state(st: dict[str, Any]) -> str:
-    """xl's six state letters ``rbpscd``: running, blocked (no vCPU runs: waiting, or no guest), crashed."""
+    """xl's six state letters ``rbpscd``: running, blocked (no vCPU runs: waiting, or no guest), paused, crashed."""
     if st.get("crashed"):
         return "----c-"
+    if st.get("paused"):
+        return "--p---"
     vcpus = st.get("vcpus") or []
     running = st.get("guest_connected") and any(v.get("runnable") for v in vcpus if isinstance(v, dict))
     return "r-----" if running else "-b----"
@@ -693,7 +717,8 @@ async def cmd_vcpu_list(args: argparse.Namespace) -> Any:
                 rows.append({"name": st.get("name", ""), "domid": domid, "vcpu": v["vcpu"],
                              "state": "r--" if v["runnable"] and v.get("connected") else
                              ("-b-" if not v["runnable"] else "---"),
-                             "pauses": v["pauses"], "congested": v["congested"], "connected": v.get("connected")})
+                             "pauses": v["pauses"], "congested": v["congested"], "connected": v.get("connected"),
+                             "in_exit": v.get("in_exit", False)})
     finally:
         await conn.close()
     return rows

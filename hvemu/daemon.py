@@ -47,7 +47,7 @@ Reply = tuple[protocol.Msg, list[FdLike]]
 # Role checks of every request, as tuples built once (an ``A | B`` union is
 # built anew at each evaluation).
 _HELLOS = (protocol.ToolHello, protocol.GuestHello)
-_GUEST_EXITS = (protocol.GuestAccess, protocol.GuestBalloonOut, protocol.GuestTrap)
+_GUEST_EXITS = (protocol.GuestAccess, protocol.GuestBalloonOut, protocol.GuestTrap, protocol.GuestYield)
 _GUEST_OPS = (*_GUEST_EXITS, protocol.GuestHello)
 
 
@@ -112,6 +112,9 @@ class HypervisorDaemon:
             protocol.MapForeign: self._map_foreign,
             protocol.UnmapForeign: self._unmap_foreign,
             protocol.InjectTrap: self._inject_trap,
+            protocol.DomainPause: self._domain_pause,
+            protocol.DomainUnpause: self._domain_unpause,
+            protocol.GuestYield: self._guest_yield,
             protocol.DebugControl: self._debug_control,
             protocol.SetTarget: self._set_target,
             protocol.GetTarget: self._get_target,
@@ -317,7 +320,8 @@ class HypervisorDaemon:
                      rings_orphaned=[str(k) for k, r in be.rings.items() if r.owner is None],
                      host_frames_total=self.hv.budget.total, host_frames_used=self.hv.budget.used,
                      vcpus=[{"vcpu": v.vcpu_id, "runnable": v.runnable, "pauses": v.pause_count,
-                             "congested": bool(v.pause_flags), "connected": v.vcpu_id in be.vcpu_conns}
+                             "congested": bool(v.pause_flags), "connected": v.vcpu_id in be.vcpu_conns,
+                             "in_exit": v.vcpu_id in be.waiters and not be.waiters[v.vcpu_id].done()}
                             for v in be.dom.vcpus])
         return protocol.StatsReply(domid=msg.domid, stats=stats), []
 
@@ -530,6 +534,20 @@ class HypervisorDaemon:
     async def _inject_trap(self, ctx: ConnCtx, msg: protocol.InjectTrap) -> Reply:
         self._backend(msg.domid).dom.inject_trap(msg.vcpu, msg.vector)
         return protocol.Ok(), []
+
+    async def _domain_pause(self, ctx: ConnCtx, msg: protocol.DomainPause) -> Reply:
+        self._backend(msg.domid).dom.pause_by_controller()
+        return protocol.Ok(), []
+
+    async def _domain_unpause(self, ctx: ConnCtx, msg: protocol.DomainUnpause) -> Reply:
+        self._backend(msg.domid).dom.unpause_by_controller()
+        return protocol.Ok(), []
+
+    async def _guest_yield(self, ctx: ConnCtx, msg: protocol.GuestYield) -> Reply:
+        be = self._own_domain(ctx)
+        vcpu = self._vcpu(be, msg.vcpu)
+        await self._wait_runnable(be, vcpu)
+        return self._resumed(be, vcpu)
 
     async def _debug_control(self, ctx: ConnCtx, msg: protocol.DebugControl) -> Reply:
         self._backend(msg.domid).dom.debug_control(msg.vcpu, msg.single_step)

@@ -352,6 +352,22 @@ class TrapInjected(Msg):
     vector: int
 
 
+class DomainPause(Msg):
+    """``xl pause``: every vCPU stops at its next step until :class:`DomainUnpause` (both idempotent)."""
+
+    domid: int
+
+
+class DomainUnpause(Msg):
+    domid: int
+
+
+class GuestYield(Msg):
+    """A vCPU found its domain paused by the toolstack: the reply comes when it may run again."""
+
+    vcpu: int
+
+
 class InjectTrap(Msg):
     """``HVMOP_inject_trap``: deliver ``vector`` to a vCPU on its next entry (xen-access re-injects INT3)."""
 
@@ -398,7 +414,7 @@ TOOL_REQUESTS = (
     | MemEventEnable | MemEventDisable | MemEventResume
     | PagingNominate | PagingEvict | PagingPrep | PagingLoad
     | AccessSet | AccessGet | AccessRequired | MapForeign | UnmapForeign | SetTarget | GetTarget | Stats
-    | DomainInfo | InjectTrap | DebugControl | HostInfo
+    | DomainInfo | InjectTrap | DebugControl | DomainPause | DomainUnpause | GuestYield | HostInfo
     | GuestAccess | GuestBalloonOut | GuestTrap | SetHvmParam | TraceStart | TraceStop
 )
 

@@ -193,6 +193,8 @@ class Domain:
         self.access_required = False
         #: ``p2m->default_access``: what a gfn gets when it is (re)populated or set to "default".
         self.default_access = int(DEFAULT_ACCESS)
+        #: ``d->is_paused_by_controller``: ``xl pause`` holds one pause on every vCPU.
+        self.paused_by_controller = False
         #: vCPUs re-executing an access to a ``ram_paging_in`` gfn, per gfn (see ``spin_on_page``).
         self.spinners: dict[int, list[Vcpu]] = {}
         #: HVM_PARAM_MEMORY_EVENT_{CR0,CR3,CR4,INT3}.
@@ -529,12 +531,37 @@ class Domain:
             raise HypervisorError(Errno.ESRCH, f"gfn {gfn:#x} of domain {self.domid} has no frame")
         return self.p2m.get_access(gfn)
 
+    def pause_by_controller(self) -> None:
+        """``domain_pause_by_systemcontroller`` (``xl pause``): one counted pause on every vCPU.
+
+        Idempotent, as Xen's.  A guest vCPU running on shared memory latches it
+        at its next step (the p2m segment's vCPU byte) and waits in an exit.
+        """
+        self._live()
+        if self.paused_by_controller:
+            return
+        self.paused_by_controller = True
+        for v in self.vcpus:
+            self.p2m.set_vcpu_debug(v.vcpu_id, self.p2m.vcpu_debug[v.vcpu_id] | abi.VCPU_DEBUG_PAUSED)
+            v.pause()
+
+    def unpause_by_controller(self) -> None:
+        """``domain_unpause_by_systemcontroller`` (``xl unpause``): release that pause (idempotent)."""
+        self._live()
+        if not self.paused_by_controller:
+            return
+        self.paused_by_controller = False
+        for v in self.vcpus:
+            self.p2m.set_vcpu_debug(v.vcpu_id, self.p2m.vcpu_debug[v.vcpu_id] & ~abi.VCPU_DEBUG_PAUSED)
+            v.unpause()
+
     def debug_control(self, vcpu_id: int, single_step: bool) -> None:
         """XEN_DOMCTL_DEBUG_OP_SINGLE_STEP_ON/OFF for one vCPU (the guest latches it on its next step)."""
         self._live()
         v = self._vcpu(vcpu_id)
         v.single_step = bool(single_step)
-        self.p2m.set_vcpu_debug(vcpu_id, abi.VCPU_DEBUG_SINGLE_STEP if single_step else 0)
+        flags = self.p2m.vcpu_debug[vcpu_id] & ~abi.VCPU_DEBUG_SINGLE_STEP
+        self.p2m.set_vcpu_debug(vcpu_id, flags | (abi.VCPU_DEBUG_SINGLE_STEP if single_step else 0))
 
     def inject_trap(self, vcpu_id: int, vector: int) -> None:
         """``HVMOP_inject_trap``: deliver ``vector`` to the vCPU when it next enters the guest.
@@ -629,6 +656,7 @@ class Domain:
             "max_vcpus": self.max_vcpus,
             "gfns": self.gfns,
             "crashed": self.crashed,
+            "paused": self.paused_by_controller,
             "resident": p2m.resident,
             "ram_rw": p2m.type_count(P2MType.ram_rw),
             "paging_out": p2m.type_count(P2MType.ram_paging_out),

@@ -210,3 +210,34 @@ def test_sighup_stops_the_hypervisor_its_guest_and_pager_cleanly(tmp_path: objec
         if hv.poll() is None:
             hv.kill()
             hv.wait()
+
+
+def test_pause_stops_a_running_guest_and_unpause_lets_it_go_on(tmp_path: object) -> None:
+    """xl pause: every vCPU of the real guest ends up waiting in an exit, list says 'p'; unpause: it runs on."""
+    run_dir = os.path.join(str(tmp_path), "run")
+    pid = int(hv_json(run_dir, "start", "--memory", "64m")["pid"])  # type: ignore[index]
+    guest: Proc | None = None
+    try:
+        hv_json(run_dir, "create", "--memory", "4m", "--vcpus", "2", "--name", "web")
+        guest = Proc("-m", "guest", "--run-dir", run_dir, "--domid", "1", "--duration", "3", "--vcpus", "2")
+        deadline = time.monotonic() + 30
+        while not all(v["connected"] for v in hv_json(run_dir, "vcpu-list", "web")):  # type: ignore[index]
+            assert time.monotonic() < deadline, "the guest's vCPUs did not connect"
+            time.sleep(0.05)
+        assert hv_json(run_dir, "pause", "web") == {"paused": 1}
+        while not all(v["in_exit"] for v in hv_json(run_dir, "vcpu-list", "web")):  # type: ignore[index]
+            assert time.monotonic() < deadline, "the paused guest's vCPUs kept running"
+            time.sleep(0.05)
+        row = next(ln.split() for ln in run(run_dir, "list").stdout.splitlines() if ln.startswith("web "))
+        assert row[4] == "--p---", row
+        assert guest.alive(), "a paused guest does not finish"
+        assert hv_json(run_dir, "unpause", "web") == {"unpaused": 1}
+        out, err = guest.communicate(60)
+        assert guest.p.returncode == 0 and json.loads(out.splitlines()[-1])["ok"], err[-2000:]
+    finally:
+        if guest is not None:
+            guest.stop()
+        res = run(run_dir, "stop", check=False)
+        if res.returncode != 0:
+            os.kill(pid, 9)
+        assert not shm_segments(pid)
