@@ -212,6 +212,11 @@ def test_sighup_stops_the_hypervisor_its_guest_and_pager_cleanly(tmp_path: objec
             hv.wait()
 
 
+def _vcpus(run_dir: str, domain: str) -> list[dict[str, Any]]:
+    rows: Any = hv_json(run_dir, "vcpu-list", domain)
+    return list(rows)
+
+
 def test_pause_stops_a_running_guest_and_unpause_lets_it_go_on(tmp_path: object) -> None:
     """xl pause: every vCPU of the real guest ends up waiting in an exit, list says 'p'; unpause: it runs on."""
     run_dir = os.path.join(str(tmp_path), "run")
@@ -221,11 +226,11 @@ def test_pause_stops_a_running_guest_and_unpause_lets_it_go_on(tmp_path: object)
         hv_json(run_dir, "create", "--memory", "4m", "--vcpus", "2", "--name", "web")
         guest = Proc("-m", "guest", "--run-dir", run_dir, "--domid", "1", "--duration", "3", "--vcpus", "2")
         deadline = time.monotonic() + 30
-        while not all(v["connected"] for v in hv_json(run_dir, "vcpu-list", "web")):  # type: ignore[index]
+        while not all(v["connected"] for v in _vcpus(run_dir, "web")):
             assert time.monotonic() < deadline, "the guest's vCPUs did not connect"
             time.sleep(0.05)
         assert hv_json(run_dir, "pause", "web") == {"paused": 1}
-        while not all(v["in_exit"] for v in hv_json(run_dir, "vcpu-list", "web")):  # type: ignore[index]
+        while not all(v["in_exit"] for v in _vcpus(run_dir, "web")):
             assert time.monotonic() < deadline, "the paused guest's vCPUs kept running"
             time.sleep(0.05)
         row = next(ln.split() for ln in run(run_dir, "list").stdout.splitlines() if ln.startswith("web "))
