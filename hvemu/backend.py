@@ -145,7 +145,7 @@ def apply_effects(hv: Hypervisor, backends: dict[int, DomainBackend]) -> list[Do
             for start, length in _runs(eff.gfns):
                 be.memory.release_range(start * abi.PAGE_SIZE, length * abi.PAGE_SIZE)
         elif isinstance(eff, DomainCrashed):
-            log.error("domain %d crashed: %s", eff.domid, eff.reason)
+            # The core logged the crash (at ERROR, with its reason): once is enough.
             be.fail_waiters(HypervisorError(abi.Errno.ESRCH, f"domain {eff.domid} crashed: {eff.reason}"))
             crashed.append(eff)
     return crashed
