@@ -683,6 +683,25 @@ class FramedStream:
                 return
             left -= n
 
+    async def hang_up(self, timeout: float) -> None:
+        """Shut down writing, wait (at most ``timeout`` s) for the peer to close, then close.
+
+        A server closes its end only after it has finished with the
+        connection (a :class:`ControlServer` runs ``on_disconnect`` in the
+        same step), so when this returns on the peer's EOF, whatever the
+        server does on a disconnect is done.  Whatever still arrives is dropped.
+        """
+        sock = self.sock
+        if sock is not None and self.broken is None:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+                async with asyncio.timeout(timeout):
+                    while await self.read_frames():
+                        pass
+            except (OSError, ProtocolError, TimeoutError):
+                pass
+        self.close()
+
     def close(self) -> None:
         sock, self.sock = self.sock, None
         if sock is None:
@@ -791,6 +810,21 @@ class Connection:
     async def close(self) -> None:
         """Close the connection; a call in progress fails with :class:`ConnectionClosed`."""
         self._stream.close()
+
+    async def hang_up(self, timeout: float = 5.0) -> None:
+        """Close, and return once the server has seen the close (or after ``timeout`` s).
+
+        What the server does when a client goes away (a daemon's ring left
+        orphaned for the next one) is done when this returns: a successor
+        that connects at once is not refused ``EBUSY``.  A plain :meth:`close`
+        returns before the server has even noticed.  No call may be in progress.
+        """
+        async with self._lock:
+            frames = self._stale
+            self._stale = 0
+            if frames:
+                log.debug("hanging up with %d replies unread", frames)
+            await self._stream.hang_up(timeout)
 
     async def __aenter__(self) -> Connection:
         return self

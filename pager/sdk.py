@@ -434,7 +434,9 @@ class MemEventClient(Domctl):
         self._maps = []
         self.memory = None
         if self._conn is not None:
-            await self._conn.close()
+            # Returns once the hypervisor has released the ring (a ring not
+            # disabled is then orphaned): a successor may attach at once.
+            await self._conn.hang_up()
             self._conn = None
 
     def _running(self) -> tuple[BackRing[MemEvent], EventChannel, Connection]:
