@@ -26,18 +26,43 @@ import json
 import mmap
 import os
 import stat
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Sequence
 from typing import Protocol
 
 from hvemu.abi import PAGE_SIZE
 
 
 class PageStore(Protocol):
-    """Where evicted pages live: one ``PAGE_SIZE`` slot per gfn."""
+    """Where evicted pages live: one ``PAGE_SIZE`` slot per gfn.
 
-    def write(self, gfn: int, data: bytes | memoryview) -> None: ...
+    :class:`pager.base.Pager` calls, for each gfn, ``write`` when it pages
+    the gfn out (after nominate, before evict), ``read`` when it pages it in,
+    and ``discard`` once the copy is no longer needed.
+    """
 
-    def read(self, gfn: int) -> bytes: ...
+    def write(self, gfn: int, data: bytes | memoryview) -> None:
+        """Keep ``data`` (one page) as the copy of ``gfn``, replacing any older copy."""
+        ...
+
+    def read(self, gfn: int) -> bytes:
+        """The copy of ``gfn``; zeros (``PAGE_SIZE`` of them) for a gfn never written.
+
+        A domain created on an overcommitted host starts with gfns paged out
+        that no pager ever stored: they are pages never written, i.e. zeros.
+        """
+        ...
+
+    def discard(self, gfns: Sequence[int]) -> None:
+        """The copies of ``gfns`` are garbage: free them (or keep them: nothing reads them again).
+
+        The safe point, guaranteed by :class:`pager.base.Pager`: each gfn's
+        page is in the guest's memory (a load of it succeeded: the
+        hypervisor never fills a frame twice), or the guest gave the gfn
+        back, or an evict of it failed (the page kept its frame), and no
+        eviction of the gfn has begun since; the next ``write`` of the gfn
+        comes after this call.
+        """
+        ...
 
 
 def copy_out(store: PageStore, memory: mmap.mmap, gfns: Iterable[int]) -> None:
@@ -159,13 +184,21 @@ class Pagefile:
         record = _OWNER_MAGIC + json.dumps({"domain_handle": owner, "gfns": self.gfns}).encode() + b"\n"
         os.pwrite(self.fd, record.ljust(PAGE_SIZE, b"\0"), self.gfns * PAGE_SIZE)
 
-    def discard(self) -> None:
+    def clear(self) -> None:
         """Nothing of the domain is out any more: drop the pages and the owner record.
 
         Without its record, the file can no longer pass for the store of pages
         that a later pager (with another file) pages out.
         """
         os.ftruncate(self.fd, 0)
+
+    def discard(self, gfns: Sequence[int]) -> None:
+        """Nothing to do: a slot is overwritten when its gfn is next paged out.
+
+        A stale slot costs disk (the file is at most the guest's size), not
+        memory, and punching a hole per page-in would put a syscall per
+        drain on the pager's fault path for no gain.
+        """
 
     def _check(self, gfn: int) -> int:
         if not 0 <= gfn < self.gfns:

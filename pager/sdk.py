@@ -160,6 +160,8 @@ class Domctl:
     def __init__(self, domid: int, conn: Connection | None = None) -> None:
         self.domid = domid
         self._conn = conn
+        #: Set once a call found the domain gone (:class:`DomainGone`): nothing more to do for it.
+        self.gone = False
 
     @classmethod
     async def open(cls, domid: int, socket_path: str) -> Domctl:
@@ -190,6 +192,7 @@ class Domctl:
             reply, fds = await conn.call(msg)
         except ControlError as exc:
             if exc.errno == Errno.ESRCH:
+                self.gone = True
                 raise DomainGone(f"dom{self.domid} is gone ({type(msg).__name__}: {exc})", exc.errno) from exc
             raise DomctlError(f"{type(msg).__name__} on dom{self.domid}: {exc}", exc.errno) from exc
         except TransportError as exc:
@@ -382,6 +385,8 @@ class MemEventClient(Domctl):
             return
         self.state = RunState.DETACHING
         try:
+            if self.gone:
+                disable = False  # a domain that is gone has no ring to disable, nor pages to keep
             out = self.pages_out() if self.ring_kind == RingKind.paging and self.p2m is not None else 0
             if disable and out and not force:
                 log.warning("dom%d: %d pages are still out: the paging ring is left for the pager that holds "
@@ -500,6 +505,7 @@ class MemEventClient(Domctl):
             try:
                 await evtchn.wait()
             except ChannelClosed as exc:
+                self.gone = True
                 raise DomainGone(f"dom{self.domid} {self.ring_kind} ring: the hypervisor closed it",
                                  Errno.ESRCH) from exc
 
