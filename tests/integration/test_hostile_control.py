@@ -37,8 +37,9 @@ import pytest
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno
+from hvemu.procs import status_bytes
 from hvemu.protocol import MAX_FRAME, FrameDecoder
-from hvemu.transport import Connection, ControlError
+from hvemu.transport import MAX_BUFFERED, Connection, ControlError
 from tests.integration.hostile import FUZZ_CASES_ENV, Bystander, env_count, env_seed, open_fds
 from tests.integration.system import Hypervisor
 
@@ -495,4 +496,54 @@ async def test_hostile_control_traffic(tmp_path: object) -> None:
         assert open_fds(hv.proc.pid) <= baseline, "the hypervisor leaked fds"
     finally:
         bystander.kill()
+        assert hv.stop() == 0
+
+
+async def flood_partial_frames(hv: Hypervisor, connections: int, seconds: float) -> dict[str, int]:
+    """``connections`` clients each send a maximal frame but its last byte, for ``seconds``.
+
+    Returns the hypervisor's peak RSS growth (``VmHWM``), and how many of them
+    were answered ``ENOMEM`` and closed.  A legitimate client is answered meanwhile.
+    """
+    base = status_bytes(hv.proc.pid, "VmHWM")
+    payload = memoryview(_LEN.pack(MAX_FRAME) + bytes(MAX_FRAME - 1))
+    raws = [await Raw.open(hv.socket) for _ in range(connections)]
+    try:
+        loop = asyncio.get_running_loop()
+
+        async def push(raw: Raw) -> None:
+            with contextlib.suppress(TimeoutError, OSError):
+                await asyncio.wait_for(loop.sock_sendall(raw.sock, payload), seconds)
+
+        async with asyncio.TaskGroup() as tg:
+            for raw in raws:
+                tg.create_task(push(raw))
+            conn = await hv.tool()
+            await asyncio.wait_for(conn.call(protocol.DomainList()), 30)
+            await conn.close()
+        refused = 0
+        for raw in raws:
+            with contextlib.suppress(AssertionError, OSError):
+                replies, closed = await raw.replies(timeout=0.5)
+                refused += int(closed and any(is_error(r, Errno.ENOMEM) for r in replies))
+        return {"growth": status_bytes(hv.proc.pid, "VmHWM") - base, "refused": refused}
+    finally:
+        for raw in raws:
+            raw.close()
+
+
+@pytest.mark.timeout(120)
+async def test_partial_frames_on_many_connections_stay_within_the_buffer_cap(tmp_path: object) -> None:
+    """Issue 14, defect 3: 50 half-sent 8 MiB frames took the hypervisor from 32 MB to 231 MB."""
+    hv = Hypervisor(os.path.join(str(tmp_path), "run"), memory_mib=16)
+    try:
+        seen = await flood_partial_frames(hv, 50, 8)
+        print(f"partial frames on 50 connections: {seen}")
+        assert seen["growth"] < MAX_BUFFERED + (48 << 20), seen
+        assert seen["refused"] > 0, seen
+        conn = await hv.tool()  # and nothing is stuck afterwards
+        await conn.call(protocol.DomainList())
+        await conn.close()
+        assert hv.proc.alive()
+    finally:
         assert hv.stop() == 0
