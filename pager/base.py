@@ -162,6 +162,7 @@ class Pager:
             await self.handle_batch(batch)
 
     async def handle_batch(self, batch: list[MemEvent]) -> None:
+        """Answer one drain (every request of it), loading its pages first."""
         if self.unbatched:
             for req in batch:
                 if not await self._handle([req], merged=False):

@@ -86,6 +86,8 @@ class PagefileMismatch(Exception):
 
 
 class Pagefile:
+    """A :class:`PageStore` in a sparse file, slot ``g`` at ``g * PAGE_SIZE``, that survives the pager."""
+
     @classmethod
     def open_for(cls, path: str, gfns: int, *, handle: str, reattached: bool, paged_out: int,
                  live_handles: Container[str] = ()) -> Pagefile:
@@ -206,6 +208,7 @@ class Pagefile:
         return gfn * PAGE_SIZE
 
     def write(self, gfn: int, data: bytes | memoryview) -> None:
+        """Write the page into the gfn's slot."""
         if len(data) != PAGE_SIZE:
             raise ValueError(f"a page is {PAGE_SIZE} bytes, got {len(data)}")
         n = os.pwrite(self.fd, data, self._check(gfn))
@@ -213,12 +216,14 @@ class Pagefile:
             raise OSError(f"short write to pagefile slot {gfn}: {n} bytes")
 
     def read(self, gfn: int) -> bytes:
+        """The gfn's slot (zeros if never written: the file is sparse)."""
         data = os.pread(self.fd, PAGE_SIZE, self._check(gfn))
         if len(data) != PAGE_SIZE:
             raise OSError(f"short read from pagefile slot {gfn}: {len(data)} bytes")
         return data
 
     def close(self) -> None:
+        """Close the file (and let go of its lock); the pages stay in it."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -175,6 +175,7 @@ class Domctl:
         return cls(domid, conn)
 
     async def close(self) -> None:
+        """Close the connection (a :class:`MemEventClient` closes its own on :meth:`~MemEventClient.detach`)."""
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
@@ -327,6 +328,11 @@ class MemEventClient(Domctl):
         await self.detach(disable=self.disable_on_exit)
 
     async def attach(self) -> None:
+        """Enable the ring (or re-attach to an orphaned one) and map it; what ``async with`` does on entry.
+
+        Raises :class:`AttachError` (``EBUSY``: another daemon has the ring;
+        ``ESRCH``: no such domain).
+        """
         if self.state is not RunState.IDLE:
             raise StateError(f"attach() in state {self.state.value}")
         self.state = RunState.ATTACHING
@@ -611,4 +617,5 @@ class MemEventClient(Domctl):
         return out if isinstance(evicted, int) and evicted > 0 else 0
 
     def count_type(self, p2mt: abi.P2MType) -> int:
+        """How many gfns have the p2m type ``p2mt`` now."""
         return self.p2m_types().count(int(p2mt))
