@@ -1,7 +1,7 @@
 """A daemon that leaves its ring in the worst state it can, then dies (issue 14, defect 2).
 
 ``python -m tests.integration.hangup_daemon --run-dir DIR --domid N --how HOW``
-enables the paging ring of domain N, then, by ``HOW``:
+enables the paging (or ``--ring``) ring of domain N, then, by ``HOW``:
 
 ``evtchn``  sends an empty datagram on the event channel (read as a hang-up),
             then the fd of its own control connection over the event channel,
@@ -32,10 +32,11 @@ def main() -> None:
     p.add_argument("--run-dir", required=True)
     p.add_argument("--domid", type=int, required=True)
     p.add_argument("--how", choices=["evtchn", "child"], required=True)
+    p.add_argument("--ring", choices=[k.value for k in RingKind], default="paging")
     a = p.parse_args()
     conn = SyncConnection.connect(protocol.socket_path(a.run_dir), timeout=10)
     conn.call(protocol.ToolHello(client="hangup-daemon"))
-    reply, fds = conn.call(protocol.MemEventEnable(domid=a.domid, ring=RingKind.paging))
+    reply, fds = conn.call(protocol.MemEventEnable(domid=a.domid, ring=RingKind(a.ring)))
     assert isinstance(reply, protocol.MemEventEnabled)
     named = dict(zip(reply.fds, fds, strict=True))
     ctl = conn._sock
