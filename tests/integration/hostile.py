@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from hvemu import protocol
-from hvemu.procs import status_bytes
+from hvemu.soak import process_sample, trend
 from tests.integration.system import Hypervisor, Proc, ring_enabled
 
 #: Raise these for long runs (the default suite runs small counts).
@@ -43,12 +43,7 @@ def open_fds(pid: int) -> int:
 
 
 class Trend:
-    """The hypervisor's resident memory and open fds, sampled over a run, and their trend.
-
-    A leak shows as a slope: the summary gives first, last and highest
-    values and the least-squares slope per minute over the run's second
-    half (the first half includes warming up: allocator pools, caches).
-    """
+    """The hypervisor's resident memory and open fds, sampled over a run (see :func:`hvemu.soak.trend`)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -56,32 +51,11 @@ class Trend:
         self.samples: list[tuple[float, int, int]] = []
 
     def sample(self) -> None:
-        rss = status_bytes(self.pid, "VmRSS")
-        self.samples.append((time.monotonic() - self.start, rss, open_fds(self.pid)))
-
-    @staticmethod
-    def _slope(points: list[tuple[float, float]]) -> float:
-        n = len(points)
-        if n < 2:
-            return 0.0
-        mx = sum(x for x, _ in points) / n
-        my = sum(y for _, y in points) / n
-        var = sum((x - mx) ** 2 for x, _ in points)
-        return sum((x - mx) * (y - my) for x, y in points) / var if var else 0.0
+        self.samples.append(process_sample(self.pid, self.start))
 
     def summary(self) -> dict[str, Any]:
-        if not self.samples:
-            return {}
-        second_half = self.samples[len(self.samples) // 2:]
-        mib = 1 << 20
-        return {
-            "seconds": round(self.samples[-1][0], 1), "samples": len(self.samples),
-            "rss_mib": {"first": round(self.samples[0][1] / mib, 1), "last": round(self.samples[-1][1] / mib, 1),
-                        "max": round(max(s[1] for s in self.samples) / mib, 1),
-                        "slope_mib_per_min": round(self._slope([(t / 60, r / mib) for t, r, _ in second_half]), 2)},
-            "fds": {"first": self.samples[0][2], "last": self.samples[-1][2], "max": max(s[2] for s in self.samples),
-                    "slope_per_min": round(self._slope([(t / 60, f) for t, _, f in second_half]), 2)},
-        }
+        return {"seconds": round(self.samples[-1][0], 1) if self.samples else 0.0, "samples": len(self.samples),
+                **trend(self.samples)}
 
 
 def fd_targets(pid: int) -> list[str]:
