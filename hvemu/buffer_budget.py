@@ -13,12 +13,17 @@ each connection holds, and a connection reads only while
 * the total is under ``limit``, unless it holds nothing (one read, at most
   ``RECV_SIZE``, always goes through: small requests never wait for big ones).
 
-A connection kept from reading for ``stall`` seconds while the total is at
-the limit has the budget *reclaimed*: the holder whose holding is oldest is
-failed with ``ENOMEM`` (the server answers it and closes).  Oldest, not
-largest: a frame of a legitimate client arrives at full speed and is
-served within milliseconds, whereas bytes that have sat since before the
-budget ran out are what ran it out.
+A connection kept from reading for ``stall`` seconds (in all, however often
+it was woken meanwhile) while the total is at the limit has the budget
+*reclaimed*: of the holders of at least ``RECLAIM_MIN`` bytes, the one whose
+holding is oldest is failed with ``ENOMEM`` (the server answers it and
+closes).  Oldest, not largest: a frame of a legitimate client arrives at full
+speed and is served within milliseconds, whereas bytes that have sat since
+before the budget ran out are what ran it out.  Small holdings (a request in
+service, e.g. a vCPU's exit waiting for its page) are never reclaimed: they
+are not what fills the budget.  A waiting connection also checks that its
+peer is still there (``check``): one that can read nothing would otherwise
+never see its peer close, and never give its bytes back.
 
 Sans-I/O but for one asyncio future per waiting reader; nothing here reads
 or writes a socket.
@@ -27,14 +32,19 @@ or writes a socket.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Hashable
 
 from hvemu.abi import Errno
 from hvemu.protocol import ProtocolError
 
+log = logging.getLogger("hvemu.buffers")
+
 #: Seconds a reader waits for room before the oldest holding is reclaimed.
 STALL = 0.5
+#: Holdings smaller than this are never reclaimed (one read's worth: ``transport.RECV_SIZE``).
+RECLAIM_MIN = 64 * 1024
 
 
 class BufferFull(ProtocolError):
@@ -94,32 +104,47 @@ class BufferBudget:
         held = self.held(key)
         return held < self.per_connection and (held == 0 or self.used < self.limit)
 
-    async def wait_for_room(self, key: Hashable) -> None:
+    async def wait_for_room(self, key: Hashable, check: Callable[[], object] | None = None) -> None:
         """Return when ``key`` may read; reclaim the oldest holding if the total stays at the limit.
 
-        Raises :class:`BufferFull` if ``key``'s own holding is the one reclaimed.
+        ``check()`` runs at least once per ``stall`` (and may raise: the
+        peer has gone).  Raises :class:`BufferFull` if ``key``'s own holding
+        is the one reclaimed.
         """
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.stall
         while True:
             failed = self._failed.pop(key, None)
             if failed is not None:
                 raise failed
             if self.admits(key):
                 return
+            now = loop.time()
+            if now >= deadline:
+                if check is not None:
+                    check()
+                if self.used >= self.limit:
+                    self._reclaim(key)
+                deadline = now + self.stall
+                continue
             fut: asyncio.Future[None] = loop.create_future()
             self._waiters.add(fut)
             try:
-                await asyncio.wait_for(fut, self.stall)
+                await asyncio.wait_for(fut, deadline - now)
             except TimeoutError:
-                if self.used >= self.limit:
-                    self._reclaim(key)
+                pass
             finally:
                 self._waiters.discard(fut)
 
     def _reclaim(self, waiting: Hashable) -> None:
-        victim = min(self._held, key=lambda k: self._held[k][1])
+        big = [k for k, (n, _) in self._held.items() if n >= RECLAIM_MIN]
+        if not big:
+            return  # only small holdings: they come back as their requests are served
+        victim = min(big, key=lambda k: self._held[k][1])
         held = self.held(victim)
         self.reclaimed += 1
+        log.warning("control buffers full (%d of %d bytes held by %d connections): reclaiming the %d bytes "
+                    "held longest", self.used, self.limit, len(self._held), held)
         exc = BufferFull(held, self.limit)
         if victim == waiting:
             raise exc

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import errno as _errno
 import itertools
 import logging
@@ -667,7 +668,7 @@ class FramedStream:
                 return []
             try:
                 if budget is not None and not budget.admits(self):
-                    await budget.wait_for_room(self)
+                    await budget.wait_for_room(self, self._check_peer)
                     continue
                 if self._drained:
                     self._drained = False
@@ -707,6 +708,11 @@ class FramedStream:
         """End reading with ``exc`` (the budget reclaimed this stream's bytes); the reader raises it."""
         self._failed = exc
         self._io.interrupt(exc)
+
+    def _check_peer(self) -> None:
+        """Raise :class:`ConnectionClosed` if the peer hung up (for a reader that cannot read now)."""
+        if self.sock is None or _hung_up(self.sock):
+            raise ConnectionClosed("connection closed by peer")
 
     def _drop_partial(self) -> None:
         """Let go of the bytes of the frame in progress (the stream is failed: it will not complete)."""
@@ -1162,16 +1168,23 @@ class ControlServer:
             finally:
                 probe.close()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Bound and listening under a private name first, then renamed into place: a
+        # client that sees the socket file can connect (no ECONNREFUSED before listen).
+        staging = f"{path}.{os.getpid()}.new"
         try:
             sock.setblocking(False)
-            sock.bind(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staging)
+            sock.bind(staging)
             try:
-                os.chmod(path, self._mode)
+                os.chmod(staging, self._mode)
+                sock.listen(self._backlog)
+                os.rename(staging, path)
                 st = os.stat(path)
                 self._inode = (st.st_dev, st.st_ino)
-                sock.listen(self._backlog)
             except BaseException:
-                os.unlink(path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(staging)
                 raise
         except BaseException:
             sock.close()

@@ -108,6 +108,11 @@ async def test_guest_killed_destroys_domain_and_frees_memory(hypervisor: Hypervi
     guest = hypervisor.guest(domid, "--duration", "30")
     conn = await hypervisor.tool()
     try:
+
+        async def connected() -> bool:  # (a guest starting on a busy machine may take more than a moment)
+            return bool((await stats(conn, domid))["guest_connected"])
+
+        await wait_until(connected, timeout=30)
         time.sleep(0.5)
         guest.signal(signal.SIGKILL)
         guest.wait(5)
