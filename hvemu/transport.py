@@ -1170,16 +1170,21 @@ class ControlServer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Bound and listening under a private name first, then renamed into place: a
         # client that sees the socket file can connect (no ECONNREFUSED before listen).
-        staging = f"{path}.{os.getpid()}.new"
+        # The name is no longer than the real one (a socket path has at most 107 bytes).
+        staging = os.path.join(os.path.dirname(path), f".{os.getpid()}")
+        if len(staging) > len(path):
+            staging = path
         try:
             sock.setblocking(False)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(staging)
+            if staging != path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(staging)
             sock.bind(staging)
             try:
                 os.chmod(staging, self._mode)
                 sock.listen(self._backlog)
-                os.rename(staging, path)
+                if staging != path:
+                    os.rename(staging, path)
                 st = os.stat(path)
                 self._inode = (st.st_dev, st.st_ino)
             except BaseException:
