@@ -195,7 +195,17 @@ class HypervisorDaemon:
                 if ring.owner is ctx:
                     log.warning("daemon of domain %d %s ring went away: ring kept for re-attach",
                                 be.domid, ring.kind)
-                    ring.owner = None
+                    ring.clear_owner()
+
+    def _owner_exited(self, domid: int, kind: RingKind, ctx: ConnCtx) -> None:
+        """The process of a ring's daemon is gone, though its connection may live on (see RingBackend)."""
+        be = self.backends.get(domid)
+        ring = be.rings.get(kind) if be is not None else None
+        if ring is None or ring.owner is not ctx:
+            return
+        log.warning("daemon of domain %d %s ring (pid %d) exited: ring kept for re-attach",
+                    domid, kind, ctx.state.pid)
+        ring.clear_owner()
 
     def check_peer(self, uid: int) -> bool:
         return uid == os.getuid()
@@ -370,7 +380,7 @@ class HypervisorDaemon:
         assert ring.evtchn is not None
         loop = asyncio.get_running_loop()
         loop.add_reader(ring.evtchn.fileno(), self._on_kick, be.domid, msg.ring)
-        ring.owner = ctx
+        ring.set_owner(ctx, ctx.state.pid, lambda: self._owner_exited(be.domid, msg.ring, ctx))
         if reattached:
             front = be.dom.rings[msg.ring].front
             if front is not None:
@@ -394,16 +404,20 @@ class HypervisorDaemon:
         if be is None or ring is None or ring.evtchn is None:
             return
         pending = ring.evtchn.drain()
-        if ring.evtchn.peer_closed:
-            # The daemon's end is gone (it exited or was killed): stop polling
-            # an fd that will stay readable at EOF; its responses are still drained.
-            asyncio.get_running_loop().remove_reader(ring.evtchn.fileno())
-        elif not pending:
+        hung_up = ring.evtchn.peer_closed
+        if not hung_up and not pending:
             return
         try:
             be.dom.mem_event_resume(kind)
         except HypervisorError as exc:
             log.warning("resume of domain %d %s ring: %s", domid, kind, exc)
+        if hung_up and ring.evtchn is not None:
+            # The daemon's end is gone (it exited, was killed, or sent an empty
+            # datagram, which reads the same): its responses were drained just
+            # now.  Close our end rather than only stop reading it: whatever is
+            # still queued (fds included, e.g. the daemon's own control
+            # connection) is released with it.  A re-attach gets a new channel.
+            ring.close_channel()
         self._after_op()
 
     async def _mem_event_disable(self, ctx: ConnCtx, msg: protocol.MemEventDisable) -> Reply:

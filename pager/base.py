@@ -24,6 +24,7 @@ import asyncio
 import logging
 import random
 import time
+from typing import Any
 
 from hvemu import abi, protocol
 from hvemu.abi import MemEvent, MemEventFlag, P2MType
@@ -31,7 +32,7 @@ from pager.defaults import EVICT_BATCH
 from pager.gfns import GfnsOfType, gfns_in
 from pager.pagefile import PageStore, copy_out
 from pager.progress import Progressbar
-from pager.sdk import Domctl, MemEventClient, SdkError, response_for
+from pager.sdk import DomainGone, Domctl, MemEventClient, SdkError, response_for
 
 log = logging.getLogger("pager")
 
@@ -43,6 +44,14 @@ _NO_LOAD = int(MemEventFlag.DROP_PAGE | MemEventFlag.EVICT_FAIL | MemEventFlag.D
 LOAD_BATCH_MAX = protocol.MAX_FRAME // 2 // abi.PAGE_SIZE
 _RAM_RW = int(P2MType.ram_rw)
 _RAM_PAGING_OUT = int(P2MType.ram_paging_out)
+
+
+def _first(group: BaseExceptionGroup[Any]) -> Any:
+    """The first leaf of an exception group (what one of the pager's tasks raised)."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 class Pager:
@@ -61,9 +70,18 @@ class Pager:
         the guest gave back a gfn that was paged out (its saved copy is garbage).
 
     ``pagefile`` is any :class:`PageStore` (a :class:`~pager.pagefile.Pagefile`
-    is one).  A page is written to it after nominate and before evict, and read
-    back for every page-in: nothing is ever lost as long as it keeps what it
-    is given.
+    is one).  A page is written to it after nominate and before evict, read
+    back for every page-in, and discarded once the page is in again (or the
+    gfn was given back, or its evict failed): nothing is ever lost as long as
+    it keeps what it is given until then.
+
+    Order, per gfn, guaranteed: a gfn being paged in (its load sent) or out
+    (nominated) is never offered to :meth:`choose_victims`, and a page-in is
+    reported (the store's ``discard``, then :meth:`on_populate`) before the
+    gfn can be nominated again.  Eviction runs in its own task, concurrently
+    with serving; without this a gfn could go out again between its load and
+    the report of that load, and a store that freed its copy on the report
+    would free the new copy.
     """
 
     def __init__(self, client: MemEventClient, pagefile: PageStore, *,
@@ -102,6 +120,11 @@ class Pager:
         self._target = 1 << 62
         self._resident = 0
         self._paging_in_seen: set[int] = set()
+        #: Gfns on their way in (load sent, not yet reported) or out (nominated,
+        #: evict not yet returned): no victim policy may pick them meanwhile.
+        self._busy: set[int] = set()
+        #: Why :meth:`run` ended without ``stop``: the domain went away (None: it did not).
+        self.gone: DomainGone | None = None
 
     # ------------------------------------------------------------- hooks
     def choose_victims(self, candidates: GfnsOfType, count: int) -> list[int]:
@@ -116,10 +139,21 @@ class Pager:
         return gfns_in(candidates).sample(count, self.rng)
 
     def on_populate(self, gfns: list[int]) -> None:
-        """``gfns`` were just paged back in (loaded and made ``ram_rw``)."""
+        """``gfns`` were just paged back in (loaded: their pages are in the guest's memory).
+
+        Called after the store's ``discard`` of the same gfns and before any
+        of them can be nominated again (so a policy may note them, and a
+        store may be freed here too).
+        """
 
     def on_drop(self, gfn: int) -> None:
-        """The guest gave ``gfn`` back while it was paged out: its saved copy is garbage now."""
+        """The guest gave ``gfn`` back while it was paged out (the store's copy is already discarded)."""
+
+    def _paged_in(self, gfns: list[int]) -> None:
+        """Report a page-in: the store lets go of the copies, then the hook hears of it."""
+        if gfns:
+            self.pagefile.discard(gfns)
+            self.on_populate(gfns)
 
     # ------------------------------------------------------------- serving
     async def serve(self) -> None:
@@ -128,6 +162,7 @@ class Pager:
             await self.handle_batch(batch)
 
     async def handle_batch(self, batch: list[MemEvent]) -> None:
+        """Answer one drain (every request of it), loading its pages first."""
         if self.unbatched:
             for req in batch:
                 if not await self._handle([req], merged=False):
@@ -153,27 +188,33 @@ class Pager:
             if req.flags & _NO_LOAD:
                 continue
             to_load[req.gfn] = None
-        merge = merged and bool(to_load)
-        loaded: list[int] = [] if merge else await self._load(list(to_load))
-        for req in batch:
-            if req.flags & _DROP_PAGE:
-                self.drops += 1
-                self.on_drop(req.gfn)
-            elif req.flags & _EVICT_FAIL:
-                self.evict_failed += 1
-            self.client.respond(response_for(req))
-        if merge:
-            await self.client.push(notify=False)
-            loaded = await self._load(list(to_load), resume=True)
-            notified = True
-        else:
-            notified = await self.client.push()
-        if loaded:
-            self.pages_in += len(loaded)
-            self.on_populate(loaded)
-            self._resident += len(loaded)
-            if self._resident > self._target:
-                self._paged_in_event.set()
+        busy = [g for g in to_load if g not in self._busy]  # (a gfn may be in a stranded load already)
+        self._busy.update(busy)
+        try:
+            merge = merged and bool(to_load)
+            loaded: list[int] = [] if merge else await self._load(list(to_load))
+            for req in batch:
+                if req.flags & _DROP_PAGE:
+                    self.drops += 1
+                    self.pagefile.discard([req.gfn])
+                    self.on_drop(req.gfn)
+                elif req.flags & _EVICT_FAIL:
+                    self.evict_failed += 1
+                self.client.respond(response_for(req))
+            if merge:
+                await self.client.push(notify=False)
+                loaded = await self._load(list(to_load), resume=True)
+                notified = True
+            else:
+                notified = await self.client.push()
+            if loaded:
+                self.pages_in += len(loaded)
+                self._paged_in(loaded)
+                self._resident += len(loaded)
+                if self._resident > self._target:
+                    self._paged_in_event.set()
+        finally:
+            self._busy.difference_update(busy)
         return notified
 
     async def _load(self, gfns: list[int], *, resume: bool = False) -> list[int]:
@@ -215,19 +256,35 @@ class Pager:
         return types.count(_RAM_RW) + types.count(_RAM_PAGING_OUT)
 
     async def evict_batch(self, count: int) -> int:
-        """Nominate, copy and evict up to ``count`` pages; returns how many left."""
+        """Nominate, copy and evict up to ``count`` pages; returns how many left.
+
+        Gfns on their way in or out (see the class) are not victims, even if
+        the policy picks them: they are ``ram_rw`` for the hypervisor yet, but
+        not for the store.  The copies of pages whose evict failed (touched
+        since nominate: their frame stays) are discarded.
+        """
         candidates = self.client.gfns_view(P2MType.ram_rw)
-        victims = self.choose_victims(candidates, min(count, self.batch))
+        busy = self._busy
+        victims = [g for g in dict.fromkeys(self.choose_victims(candidates, min(count, self.batch)))
+                   if g not in busy]
         if not victims:
             return 0
-        nominated = [g for g, r in zip(victims, await self.evictor.nominate(victims), strict=True) if r is None]
-        if not nominated:
-            return 0
-        mem = self.client.memory
-        assert mem is not None
-        copy_out(self.pagefile, mem, nominated)
-        results = await self.evictor.evict(nominated)
-        evicted = sum(1 for r in results if r is None)
+        busy.update(victims)
+        try:
+            nominated = [g for g, r in zip(victims, await self.evictor.nominate(victims), strict=True)
+                         if r is None]
+            if not nominated:
+                return 0
+            mem = self.client.memory
+            assert mem is not None
+            copy_out(self.pagefile, mem, nominated)
+            results = await self.evictor.evict(nominated)
+            kept = [g for g, r in zip(nominated, results, strict=True) if r is not None]
+            if kept:
+                self.pagefile.discard(kept)
+        finally:
+            busy.difference_update(victims)
+        evicted = len(nominated) - len(kept)
         self.pages_out += evicted
         self._resident -= evicted  # the eviction loop's estimate, whoever evicted (e.g. room for a load)
         return evicted
@@ -243,16 +300,22 @@ class Pager:
         answered as usual; its response finds ``ram_rw`` and only unpauses).
         """
         now = set(self.client.gfns_of_type(P2MType.ram_paging_in))
-        stranded = sorted(now & self._paging_in_seen)
+        stranded = sorted(now & self._paging_in_seen - self._busy)
         self._paging_in_seen = now - set(stranded)
         if not stranded:
             return 0
         total = 0
         for i in range(0, len(stranded), self.load_batch):
-            loaded = await self._load(stranded[i:i + self.load_batch])
-            self.stranded_loaded += len(loaded)
-            self.pages_in += len(loaded)
-            self.on_populate(loaded)
+            chunk = stranded[i:i + self.load_batch]
+            chunk = [g for g in chunk if g not in self._busy]  # a request may have come for it meanwhile
+            self._busy.update(chunk)
+            try:
+                loaded = await self._load(chunk)
+                self.stranded_loaded += len(loaded)
+                self.pages_in += len(loaded)
+                self._paged_in(loaded)
+            finally:
+                self._busy.difference_update(chunk)
             total += len(loaded)
         return total
 
@@ -343,23 +406,40 @@ class Pager:
             if time.monotonic() > deadline:
                 raise SdkError(f"dom{client.domid}: {len(out) + len(nominated)} pages still out after {timeout}s")
             for i in range(0, len(out), self.load_batch):
-                chunk = out[i:i + self.load_batch]
-                results = await client.load(chunk, [self.pagefile.read(g) for g in chunk])
-                if abi.Errno.ENOMEM in results:
-                    raise SdkError(f"dom{client.domid}: host memory exhausted while paging everything in",
-                                   abi.Errno.ENOMEM)
-                self.pages_in += sum(1 for r in results if r is None)
+                chunk = [g for g in out[i:i + self.load_batch] if g not in self._busy]
+                self._busy.update(chunk)
+                try:
+                    results = await client.load(chunk, [self.pagefile.read(g) for g in chunk])
+                    if abi.Errno.ENOMEM in results:
+                        raise SdkError(f"dom{client.domid}: host memory exhausted while paging everything in",
+                                       abi.Errno.ENOMEM)
+                    loaded = [g for g, r in zip(chunk, results, strict=True) if r is None]
+                    self.pages_in += len(loaded)
+                    self._paged_in(loaded)
+                finally:
+                    self._busy.difference_update(chunk)
             if nominated:
                 mem = client.memory
                 assert mem is not None
                 for i in range(0, len(nominated), self.batch):
                     chunk = nominated[i:i + self.batch]
                     copy_out(self.pagefile, mem, chunk)  # the frames are final: nominated pages cannot be written
-                    await client.evict(chunk)
+                    results = await client.evict(chunk)
+                    kept = [g for g, r in zip(chunk, results, strict=True) if r is not None]
+                    if kept:
+                        self.pagefile.discard(kept)  # touched (or mapped) since: the frame stays, not the copy
             await asyncio.sleep(0)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve and evict until ``stop`` is set, then page everything in."""
+        """Serve and evict until ``stop`` is set, then page everything in; or until the domain goes.
+
+        The domain going away (its guest exited, it was destroyed or it
+        crashed: :class:`~pager.sdk.DomainGone`) is the normal end of a
+        pager, as for ``xenpaging``: ``run`` then returns, with the reason in
+        :attr:`gone`, rather than raising.  Anything else is raised as it is
+        (not wrapped in an ``ExceptionGroup``).
+        """
+        self.gone = None
         self.evictor = await self.client.open_domctl()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -371,6 +451,13 @@ class Pager:
                 await self.page_in_all()
                 serve.cancel()
             await self.drain_unanswered()
+        except BaseExceptionGroup as group:
+            gone, rest = group.split(DomainGone)
+            if rest is not None:
+                raise _first(rest)  # noqa: B904 - the group stays the exception's __context__
+            assert gone is not None
+            self.gone = _first(gone)
+            log.info("dom%d: %s", self.client.domid, self.gone)
         finally:
             await self.evictor.close()
             self.evictor = self.client

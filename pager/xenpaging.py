@@ -26,7 +26,7 @@ from pager.defaults import EVICT_BATCH, EVICT_POLICY
 from pager.gfns import GfnsOfType
 from pager.pagefile import Pagefile, PagefileMismatch
 from pager.policy import PolicyName, VictimPolicy, make_policy
-from pager.sdk import DomainGone, MemEventClient, SdkError
+from pager.sdk import MemEventClient, SdkError
 
 log = logging.getLogger("pager")
 
@@ -98,22 +98,21 @@ async def _main(args: argparse.Namespace) -> dict[str, int]:
                       unbatched=args.unbatched, progress=progress)
         try:
             await pager.run(stop)
-            if not await client.stored_pages_out():
-                pagefile.discard()  # all in: the file can no longer pass for a store of pages out
-        except BaseException as exc:
-            root = root_cause(exc)
-            if not isinstance(root, DomainGone):
-                raise
-            if not await _hypervisor_alive(client.socket_path):
+            gone = pager.gone
+            if gone is None:
+                if not await client.stored_pages_out():
+                    pagefile.clear()  # all in: the file can no longer pass for a store of pages out
+            elif not await _hypervisor_alive(client.socket_path):
                 # Not the end of a domain but of the hypervisor: say so, and fail.
-                raise SdkError(f"lost the hypervisor ({root}); ring and pagefile {args.pagefile} "
-                               "left as they are") from exc
-            log.info("dom%d: %s; exiting", args.domid, root)
-            client.disable_on_exit = False  # no ring left to disable, nor pages out to warn about
-            pagefile.discard()  # the domain is gone, and its handle with it
-            if not args.keep:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(args.pagefile)
+                raise SdkError(f"lost the hypervisor ({gone}); ring and pagefile {args.pagefile} "
+                               "left as they are") from gone
+            else:
+                log.info("dom%d: %s; exiting", args.domid, gone)
+                client.disable_on_exit = False  # no ring left to disable, nor pages out to warn about
+                pagefile.clear()  # the domain is gone, and its handle with it
+                if not args.keep:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(args.pagefile)
         finally:
             pagefile.close()
     return pager.summary()
