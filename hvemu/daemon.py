@@ -47,7 +47,7 @@ Reply = tuple[protocol.Msg, list[FdLike]]
 # Role checks of every request, as tuples built once (an ``A | B`` union is
 # built anew at each evaluation).
 _HELLOS = (protocol.ToolHello, protocol.GuestHello)
-_GUEST_EXITS = (protocol.GuestAccess, protocol.GuestBalloonOut, protocol.GuestTrap, protocol.GuestYield)
+_GUEST_EXITS = protocol.GUEST_EXITS
 _GUEST_OPS = (*_GUEST_EXITS, protocol.GuestHello)
 
 

@@ -419,6 +419,8 @@ TOOL_REQUESTS = (
 )
 
 Request = TOOL_REQUESTS
+#: What only a guest connection may send: its vCPUs' exits (and hypercalls) for its own domain.
+GUEST_EXITS = (GuestAccess, GuestBalloonOut, GuestTrap, GuestYield)
 Reply = (
     Ok | Error | BatchResult | Welcome | DomainCreated | DomainListReply
     | MemEventEnabled | ForeignPages | StatsReply | TargetReply | TraceStopped | AccessReply | TrapInjected

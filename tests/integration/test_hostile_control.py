@@ -48,7 +48,7 @@ from tests.integration.system import Hypervisor
 CASES = env_count(FUZZ_CASES_ENV, 300)
 ERRNOS = {e.value for e in Errno}
 REQUESTS: tuple[type[protocol.Msg], ...] = typing.get_args(protocol.Request)
-GUEST_EXITS = (protocol.GuestAccess, protocol.GuestBalloonOut, protocol.GuestTrap)
+GUEST_EXITS = protocol.GUEST_EXITS
 #: Ops a random tool may not send: they would legitimately change the whole host.
 NOT_FOR_TOOLS = (protocol.DomainCreate,)
 _LEN = struct.Struct("<I")
