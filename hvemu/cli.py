@@ -622,10 +622,11 @@ def _state(st: dict[str, Any]) -> str:
 
 
 def _list_text(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'Name':<20} {'ID':>5} {'Mem':>7} {'VCPUs':>5}  {'State':<6} {'Resident':>9} {'Target':>8}"]
+    lines = [f"{'Name':<20} {'ID':>5} {'Mem':>7} {'VCPUs':>5}  {'State':<6} {'Time(s)':>8} {'Resident':>9} "
+             f"{'Target':>8}"]
     lines += [f"{(r['name'] or '(unnamed)')[:20]:<20} {r['domid']:>5} {mib_text(r['memory_mib'] * MiB):>7} "
-              f"{r['vcpus']:>5}  {r['state']:<6} {mib_text(r['resident_mib'] * MiB):>9} "
-              f"{mib_text(r['target_mib'] * MiB):>8}" for r in rows]
+              f"{r['vcpus']:>5}  {r['state']:<6} {r['time_s'] if r['time_s'] is not None else '-':>8} "
+              f"{mib_text(r['resident_mib'] * MiB):>9} {mib_text(r['target_mib'] * MiB):>8}" for r in rows]
     return "\n".join(lines)
 
 
@@ -642,7 +643,7 @@ async def cmd_list(args: argparse.Namespace) -> Any:
                 continue
             rows.append({"domid": d.domid, "name": d.name, "vcpus": d.max_vcpus, "memory_mib": d.gfns * page,
                          "resident_mib": round(d.resident * page, 2), "target_mib": int(st.get("target", 0)) * page,
-                         "state": _state(st), "crashed": d.crashed})
+                         "state": _state(st), "time_s": st.get("cpu_time_s"), "crashed": d.crashed})
     finally:
         await conn.close()
     return rows

@@ -28,7 +28,7 @@ from typing import Any
 
 import uvloop
 
-from hvemu import abi, logs, protocol
+from hvemu import abi, logs, procs, protocol
 from hvemu.abi import Errno, RingKind
 from hvemu.backend import DomainBackend, RingBackend, apply_effects
 from hvemu.core.domain import MAX_GFNS, MAX_VCPUS
@@ -72,6 +72,17 @@ def _err(errno: Errno, message: str) -> HypervisorError:
 #: Longest a reply to a load that resumed the paging ring is held, waiting for
 #: the pager's next wake-up to ride on (see HypervisorDaemon._hold_load_reply).
 LOAD_REPLY_HOLD = 0.002
+
+
+def _cpu_seconds(guest: object | None) -> float | None:
+    """The domain's CPU time, xl's ``Time(s)``: its vCPUs run in its guest process (None: no guest)."""
+    if not isinstance(guest, ConnCtx):
+        return None
+    try:
+        user, system = procs.cpu_ticks(guest.state.pid)
+    except OSError:
+        return None
+    return round((user + system) / procs.CLK_TCK, 1)
 
 
 def _release(fut: asyncio.Future[None]) -> None:
@@ -326,6 +337,7 @@ class HypervisorDaemon:
         # a poller on a busy CPU may see the reply much later.
         stats.update(monotonic_ns=time.monotonic_ns())
         stats.update(handle=be.handle, target=be.target, guest_connected=be.guest is not None,
+                     cpu_time_s=_cpu_seconds(be.guest),
                      fault_latency_us=be.fault_latency.summary(scale=1000.0),
                      rings_orphaned=[str(k) for k, r in be.rings.items() if r.owner is None],
                      host_frames_total=self.hv.budget.total, host_frames_used=self.hv.budget.used,

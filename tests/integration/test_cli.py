@@ -84,7 +84,7 @@ def test_domain_lifecycle_and_reads(started: str) -> None:
     res = hvemu(run_dir, "map", "1", "-1", "1024", check=False)
     assert res.returncode == 1 and "gfns -1, 1024 are outside domain 1's 1024 gfns" in res.stderr, res.stderr
     text = hvemu(run_dir, "list").stdout
-    assert text.split()[:7] == ["Name", "ID", "Mem", "VCPUs", "State", "Resident", "Target"], text
+    assert text.split()[:8] == ["Name", "ID", "Mem", "VCPUs", "State", "Time(s)", "Resident", "Target"], text
     assert text.splitlines()[1].split()[:5] == ["web", "1", "4", "2", "-b----"], "no guest runs: blocked"
     _check_top_json(run_dir)
     _check_closed_pipes(run_dir)

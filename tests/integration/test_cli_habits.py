@@ -36,7 +36,7 @@ def test_xl_habits(tmp_path: object) -> None:
     try:
         host: Any = hv_json(run_dir, "info")
         assert host["total_memory_mib"] == 64 and host["ring_size"] == 8 and host["nr_domains"] == 0, host
-        assert run(run_dir, "list").stdout.split() == ["Name", "ID", "Mem", "VCPUs", "State", "Resident",
+        assert run(run_dir, "list").stdout.split() == ["Name", "ID", "Mem", "VCPUs", "State", "Time(s)", "Resident",
                                                        "Target"], "a header when empty"
         created = hv_json(run_dir, "create", "--memory", "4096k", "--vcpus", "2", "--name", "web")
         assert created == {"domid": 1, "vcpus": 2, "gfns": 1024}, created
@@ -234,7 +234,9 @@ def test_pause_stops_a_running_guest_and_unpause_lets_it_go_on(tmp_path: object)
             assert time.monotonic() < deadline, "the paused guest's vCPUs kept running"
             time.sleep(0.05)
         row = next(ln.split() for ln in run(run_dir, "list").stdout.splitlines() if ln.startswith("web "))
-        assert row[4] == "--p---", row
+        assert row[4] == "--p---" and float(row[5]) >= 0, row  # xl's state letter, and Time(s): the guest's CPU
+        listed: Any = hv_json(run_dir, "list")
+        assert isinstance(listed[0]["time_s"], float), listed
         assert guest.alive(), "a paused guest does not finish"
         assert hv_json(run_dir, "unpause", "web") == {"unpaused": 1}
         out, err = guest.communicate(60)
