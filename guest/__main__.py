@@ -3,8 +3,9 @@
 Usage: ``python -m guest --domid N [--duration S] [--pattern hotcold] ...``.
 It prints a JSON report (per vCPU: accesses, faults, fault latency p50/p99/max,
 integrity failures) and exits 1 if any page failed verification, 2 on a usage
-error, 3 if the hypervisor went away or the domain ended under it (destroyed or
-crashed; the last line says which).
+error, 3 if the hypervisor went away or the domain crashed under it (the last
+line says which).  A domain destroyed by the toolstack (``hvemu destroy``,
+``hvemu stop``) is a normal end: the guest says so and exits 0.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ async def _lifeline(conn: Connection, domid: int) -> None:
 async def run_guest(args: argparse.Namespace) -> GuestReport:
     path = protocol.socket_path(args.run_dir)
     main_conn, memory, welcome = await open_guest(path, args.domid)
+    args.welcomed = True  # the domain was ours: an ESRCH from now on means it ended under us
     nvcpus = args.vcpus or welcome.max_vcpus
     if not 0 < nvcpus <= welcome.max_vcpus:
         raise ValueError(f"--vcpus must be within 1..{welcome.max_vcpus}")
@@ -182,24 +184,35 @@ def _write_report(dest: str, report: GuestReport) -> None:
             f.write(text + "\n")
 
 
-def _why_gone(args: argparse.Namespace, root: BaseException) -> str:
-    """Why the guest's connection ended: its domain destroyed or crashed, or the hypervisor gone."""
+#: Exit status when the domain was destroyed by the toolstack: a normal end.
+EXIT_DESTROYED = 0
+#: Exit status when the domain crashed or the hypervisor went away.
+EXIT_LOST = 3
+
+
+def _why_gone(args: argparse.Namespace, root: BaseException) -> tuple[str, int]:
+    """Why the guest's connection ended, and the exit status that says it.
+
+    The hypervisor is asked, if it still answers: a stopping hypervisor
+    destroys its domains and keeps answering a moment for that reason.
+    """
+    lost = (f"lost the hypervisor ({root})", EXIT_LOST)
     try:
-        conn = SyncConnection.connect(protocol.socket_path(args.run_dir), timeout=2)
+        conn = SyncConnection.connect(protocol.socket_path(args.run_dir), timeout=10)
     except OSError:
-        return f"lost the hypervisor ({root})"
+        return lost
     try:
         conn.call(protocol.ToolHello(client="guest:probe"))
         reply, _ = conn.call(protocol.Stats(domid=args.domid))
         if isinstance(reply, protocol.StatsReply) and reply.stats.get("crashed"):
-            return "the domain crashed (see the hypervisor's log)"
-        return f"the hypervisor closed the domain's connection ({root})"
+            return "the domain crashed (see the hypervisor's log)", EXIT_LOST
+        return f"the hypervisor closed the domain's connection ({root})", EXIT_LOST
     except ControlError as exc:
         if exc.errno == Errno.ESRCH:
-            return "the domain was destroyed (or crashed and was reaped)"
-        return f"lost the hypervisor ({root})"
+            return "the domain was destroyed", EXIT_DESTROYED
+        return lost
     except OSError:
-        return f"lost the hypervisor ({root})"
+        return lost
     finally:
         conn.close()
 
@@ -212,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, task.cancel)
         return await run_guest(args)
 
@@ -228,15 +241,17 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(root, ValueError):
             print(f"hvemu-guest: {root}", file=sys.stderr)
             return 2
-        if isinstance(root, ControlError) and root.errno != Errno.ESRCH:
+        # ESRCH on a vCPU's exit once the domain was ours: it was destroyed (or crashed) under the guest.
+        ended = isinstance(root, ControlError) and root.errno == Errno.ESRCH and getattr(args, "welcomed", False)
+        if isinstance(root, ControlError) and not ended:
             print(f"hvemu-guest: domain {args.domid}: {root}", file=sys.stderr)
             return 3
-        if isinstance(root, HypervisorGone | ConnectionError | OSError | EOFError | ControlError):
-            # The connection ended (the lifeline saw it, or a vCPU's exit did),
-            # or the domain was gone when asked (ESRCH, e.g. to a vCPU's hello):
+        if ended or isinstance(root, HypervisorGone | ConnectionError | OSError | EOFError):
+            # The connection ended (the lifeline saw it, or a vCPU's exit did):
             # ask the hypervisor, if it still answers, what became of the domain.
-            print(f"hvemu-guest: domain {args.domid}: {_why_gone(args, root)}", file=sys.stderr)
-            return 3
+            why, status = _why_gone(args, root)
+            print(f"hvemu-guest: domain {args.domid}: {why}", file=sys.stderr)
+            return status
         raise
     if not report.ok:
         for v in report.vcpus:

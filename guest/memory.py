@@ -60,6 +60,10 @@ class GuestMemory:
     def p2m_access(self, gfn: int) -> int:
         return self._access[gfn]
 
+    def vcpu_debug(self, vcpu: int) -> int:
+        """The toolstack's word for this vCPU (``abi.VCPU_DEBUG_*``): single-step, paused; 0 nearly always."""
+        return self._debug[vcpu]
+
     def single_stepping(self, vcpu: int) -> bool:
         """Has a tool set this vCPU to single-step (it then reports every step)?"""
         return bool(self._debug[vcpu] & abi.VCPU_DEBUG_SINGLE_STEP)

@@ -18,7 +18,7 @@ import msgspec
 from guest.exits import ExitPort
 from guest.memory import GuestMemory
 from guest.stamp import StampError, make_page, verify_page
-from hvemu import abi
+from hvemu import abi, protocol
 from hvemu.histogram import Histogram
 from hvemu.transport import Connection
 
@@ -62,6 +62,11 @@ class Vcpu:
         # byte, so the faulting address is the page's guest-physical address
         # (what a listener sees as gla, at offset 0).
         self._resumed(await self.port.access(gfn, access, gfn * abi.PAGE_SIZE, 0))
+
+    async def _call(self, exit_msg: protocol.Msg) -> None:
+        """An exit that stays on the control socket (``GuestYield``, an operator's pause: rare)."""
+        reply, _ = await self.conn.call(exit_msg)
+        self._resumed(reply.vector if isinstance(reply, protocol.TrapInjected) else None)
 
     def _resumed(self, vector: int | None) -> None:
         """Back from an exit: take any trap a tool injected meanwhile."""
@@ -134,8 +139,11 @@ class Vcpu:
             else:
                 await self.read(gfn)
             n += 1
-            if self.mem.single_stepping(self.vcpu_id):
-                await self.step(gfn)
+            if debug := self.mem.vcpu_debug(self.vcpu_id):
+                if debug & abi.VCPU_DEBUG_PAUSED:  # xl pause: wait in an exit until unpaused
+                    await self._call(protocol.GuestYield(vcpu=self.vcpu_id))
+                if self.mem.single_stepping(self.vcpu_id):
+                    await self.step(gfn)
             if int3_every and n % int3_every == 0:
                 await self.breakpoint(gfn)
             if trap_every and n % trap_every == 0:

@@ -178,6 +178,8 @@ HVM_MAX_VCPUS = 128
 P2M_BYTES_PER_GFN = 2
 #: The vCPU single-steps (XEN_DOMCTL_DEBUG_OP_SINGLE_STEP_ON): it reports each step.
 VCPU_DEBUG_SINGLE_STEP = 1 << 0
+#: The toolstack paused the domain (``xl pause``): the vCPU stops at its next step, until unpaused.
+VCPU_DEBUG_PAUSED = 1 << 1
 
 
 def p2m_table_size(gfns: int) -> int:

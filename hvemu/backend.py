@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
@@ -49,7 +50,15 @@ _DROP_PAGE = int(abi.MemEventFlag.DROP_PAGE)
 
 
 class RingBackend:
-    """One enabled mem_event ring: its page, its event channel, its daemon (and a paging ring's load area)."""
+    """One enabled mem_event ring: its page, its event channel, its daemon (and a paging ring's load area).
+
+    A ring belongs to its daemon for as long as both the daemon's control
+    connection and the daemon's *process* live.  The connection alone is not
+    enough: its fd can outlive the process (queued in a socket buffer, held
+    by a child), and a ring owned by a dead daemon refuses every successor
+    with ``EBUSY`` until the domain dies.  So the owner's process is watched
+    with a pidfd (readable once the process has exited).
+    """
 
     def __init__(self, domid: int, kind: abi.RingKind, port: int) -> None:
         self.domid = domid
@@ -63,6 +72,33 @@ class RingBackend:
         self.load: Segment | None = None
         self._load_view: memoryview | None = None
         self._load_words: memoryview | None = None
+        self._owner_pidfd = -1
+
+    def set_owner(self, owner: object, pid: int, on_exit: Callable[[], object]) -> None:
+        """``owner`` (a connection of process ``pid``) owns the ring; ``on_exit()`` runs when ``pid`` exits."""
+        self.clear_owner()
+        self.owner = owner
+        if pid <= 0:  # SO_PEERCRED gives 0 for a peer in another pid namespace: nothing to watch
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            asyncio.get_running_loop().call_soon(on_exit)  # gone already (the connection lives on)
+            return
+        except OSError as exc:
+            log.warning("dom%d %s ring: cannot watch daemon pid %d (%s): the ring is released only when its "
+                        "connection closes", self.domid, self.kind, pid, exc)
+            return
+        self._owner_pidfd = fd
+        asyncio.get_running_loop().add_reader(fd, on_exit)
+
+    def clear_owner(self) -> None:
+        """No daemon owns the ring (orphaned, or about to be closed)."""
+        self.owner = None
+        fd, self._owner_pidfd = self._owner_pidfd, -1
+        if fd >= 0:
+            asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
 
     def open_load_area(self, slots: int) -> None:
         self.load = Segment(abi.load_area_size(slots), tag=f"d{self.domid}-load")
@@ -152,6 +188,7 @@ class RingBackend:
             self.evtchn = None
 
     def close(self) -> None:
+        self.clear_owner()
         self.close_channel()
         self.page.close()
         if self.load is not None:
@@ -367,7 +404,7 @@ def apply_effects(hv: Hypervisor, backends: dict[int, DomainBackend]) -> list[Do
             for start, length in _runs(eff.gfns):
                 be.memory.release_range(start * abi.PAGE_SIZE, length * abi.PAGE_SIZE)
         elif isinstance(eff, DomainCrashed):
-            log.error("domain %d crashed: %s", eff.domid, eff.reason)
+            # The core logged the crash (at ERROR, with its reason): once is enough.
             be.fail_waiters(HypervisorError(abi.Errno.ESRCH, f"domain {eff.domid} crashed: {eff.reason}"))
             crashed.append(eff)
     return crashed

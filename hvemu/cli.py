@@ -1,11 +1,17 @@
 """``hvemu``: the toolstack command, in the manner of ``xl``.
 
-One entry point, one subcommand per job, ``--help`` everywhere, ``--json`` on
-every command that reads state.  Errors are one line on stderr and exit
-status 1 (2 for usage errors), never a traceback; with ``--json`` that line is
-one JSON object, ``{"error": ..., "errno": ..., "command": ...}`` (see
-:func:`error_object`), so a script reads results from stdout and failures
-from stderr, told apart by the exit status.
+One entry point, one subcommand per job, all of them declared once in
+:data:`COMMANDS` (the parser, the help and the dispatch are built from that
+table).  ``--help`` everywhere with defaults and units, ``--json`` on every
+command that reads state.  xl's habits: sizes take a unit (``512m``, ``1g``,
+``4096k``; a bare number is MiB), gfns may be hex (``0x10``), a domain is
+named by its id or its name, ``list`` has xl's columns and state letters.
+
+Errors are one line on stderr in the user's terms (``no domain 7``, sizes in
+the units typed) and exit status 1 (2 for usage errors), never a traceback;
+with ``--json`` that line is one JSON object, ``{"error": ..., "errno": ...,
+"command": ...}`` (see :func:`error_object`), so a script reads results from
+stdout and failures from stderr, told apart by the exit status.
 
 ``map`` is a foreign mapper: a paged-out gfn answers ``ENOENT`` (the
 hypervisor has asked the pager for it) and the mapper retries, as Xen's
@@ -20,8 +26,8 @@ import argparse
 import asyncio
 import contextlib
 import errno as errno_mod
+import inspect
 import json
-import math
 import os
 import re
 import signal
@@ -29,16 +35,19 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import uvloop
 
+import hvemu
 from hvemu import abi, protocol
 from hvemu.abi import Errno
+from hvemu.core.mem_event import POLICIES
+from hvemu.sizes import SIZE_HELP, MiB, Size, SizeError, mib_text, parse_size
 from hvemu.transport import Connection, ControlError, root_cause
 from pager.defaults import EVICT_BATCH, EVICT_POLICY
-
-MiB = 1 << 20
 
 
 class CliError(Exception):
@@ -113,6 +122,36 @@ async def domain_list(conn: Connection) -> list[protocol.DomainSummary]:
     reply, _ = await conn.call(protocol.DomainList())
     assert isinstance(reply, protocol.DomainListReply)
     return reply.domains
+
+
+async def resolve_domain(conn: Connection, text: str) -> int:
+    """A domain named as xl takes it, by id or by name, as its domid; ``no domain X`` if there is none."""
+    domains = await domain_list(conn)
+    if re.fullmatch(r"\d+", text.strip()):
+        domid = int(text)
+        if any(d.domid == domid for d in domains):
+            return domid
+    else:
+        named = [d.domid for d in domains if d.name == text]
+        if len(named) == 1:
+            return named[0]
+        if named:
+            raise CliError(f"{len(named)} domains are named {text!r}: give the id ({', '.join(map(str, named))})",
+                           "EINVAL")
+    raise CliError(f"no domain {text}", "ESRCH")
+
+
+async def _resolved(args: argparse.Namespace) -> int:
+    conn = await _tool(args.run_dir)
+    try:
+        return await resolve_domain(conn, args.domain)
+    finally:
+        await conn.close()
+
+
+def _domid(args: argparse.Namespace) -> int:
+    """``args.domain`` as a domid, for the commands that run without an event loop."""
+    return uvloop.run(_resolved(args))
 
 
 # --------------------------------------------------------------------------
@@ -222,9 +261,123 @@ def _domain_daemons(run_dir: str) -> list[str]:
     return sorted(n[:-len(".pid")] for n in names if _DOMAIN_PIDFILE.fullmatch(n))
 
 
+# --------------------------------------------------------------------------
+# the command table
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One ``add_argument`` call of a command, kept as data."""
+
+    flags: tuple[str, ...]
+    options: dict[str, Any]
+
+
+def arg(*flags: str, **options: Any) -> Arg:
+    return Arg(flags, options)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its name (``trace print`` for an action of ``trace``), help, options and what runs it.
+
+    ``run`` returns the result (a coroutine function's is run on uvloop);
+    ``text`` formats it for a person (default :func:`_human`).
+    """
+
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], Any]
+    args: tuple[Arg, ...] = ()
+    epilog: str = ""
+    text: Callable[[Any], str] | None = None
+
+
+#: Every subcommand, in the order ``hvemu --help`` lists them.
+COMMANDS: dict[str, Command] = {}
+#: Help of the groups of actions (``trace``).
+GROUPS = {"trace": "record ring events (xentrace-like); print, summarise, export and plot them"}
+
+
+def command(name: str, help: str, *args: Arg, epilog: str = "",
+            text: Callable[[Any], str] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def register(run: Callable[..., Any]) -> Callable[..., Any]:
+        COMMANDS[name] = Command(name, help, run, args, epilog, text)
+        return run
+
+    return register
+
+
+# argparse types: each refuses a bad value with one line in the user's terms.
+
+
+def _size(text: str) -> Size:
+    try:
+        size = parse_size(text)
+    except SizeError as exc:
+        raise argparse.ArgumentTypeError(f"{text} {exc}") from None
+    if size.bytes < 0:
+        raise argparse.ArgumentTypeError(f"{size} is below 0")
+    return size
+
+
+def _gfn(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a gfn (a number: 16 or 0x10)") from None
+    return value
+
+
+def _finite(text: str) -> float:
+    """A finite number (``nan`` and ``inf`` are no time)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def _ring_size(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        value = -1
+    if value < 1 or value & (value - 1) or value > abi.MEM_EVENT_RING_SIZE:
+        raise argparse.ArgumentTypeError(f"{text} is not a power of two from 1 to {abi.MEM_EVENT_RING_SIZE}")
+    return value
+
+
+DOMAIN = arg("domain", metavar="DOMAIN", help="domain id or name")
+SIZE_UNITS = SIZE_HELP
+
+
+# --------------------------------------------------------------------------
+# daemons: the hypervisor, pagers, listeners
+# --------------------------------------------------------------------------
+
+
+@command("start", "start the hypervisor in the background",
+         arg("--memory", type=_size, default=_size("256"), metavar="SIZE", help=f"host memory budget, {SIZE_UNITS}"),
+         arg("--policy", choices=POLICIES, default=POLICIES[0],
+             help="mem_event admission policy: the seed's rule, or claim a slot before producing"),
+         arg("--ring-size", type=_ring_size, default=None, metavar="SLOTS",
+             help=f"slots per ring, a power of two up to {abi.MEM_EVENT_RING_SIZE} (default: "
+                  f"{abi.MEM_EVENT_RING_SIZE}, what fits a page)"),
+         arg("--trace", default=None, metavar="FILE", help="record ring events to this file from the start"),
+         arg("--foreground", action="store_true", help="run in this terminal instead"),
+         arg("-v", "--verbose", action="count", default=0, help="log INFO (-vv: DEBUG) to the log file"))
 def cmd_start(args: argparse.Namespace) -> Any:
     run_dir = _run_dir(args)
-    argv = ["-m", _MODULES["hypervisor"], "--run-dir", run_dir, "--memory", str(args.memory), "--policy", args.policy]
+    argv = ["-m", _MODULES["hypervisor"], "--run-dir", run_dir, "--memory", repr(args.memory.mib),
+            "--policy", args.policy]
+    if args.memory.pages < 1:
+        raise CliError(f"--memory {args.memory} is less than one page", "EINVAL")
+    if args.ring_size is not None:
+        argv += ["--ring-size", str(args.ring_size)]
     if args.trace:
         argv += ["--trace", os.path.abspath(args.trace)]
     argv += ["-v"] * args.verbose
@@ -244,38 +397,45 @@ def cmd_start(args: argparse.Namespace) -> Any:
 DAEMON_EXIT_TIMEOUT = 10.0
 
 
+@command("stop", "stop the hypervisor (domains destroyed, their guests and daemons exit, nothing left behind)",
+         arg("--timeout", type=_finite, default=30, metavar="SECONDS", help="wait this long, seconds"))
 def cmd_stop(args: argparse.Namespace) -> Any:
     """Stop the hypervisor; its pagers and listeners exit with it, and their pidfiles go too."""
     run_dir = _run_dir(args)
     for name in _domain_daemons(run_dir):
         _read_pid(run_dir, name)  # removes a stale pidfile
     pid = _stop(run_dir, "hypervisor", args.timeout)
-    running = []
-    deadline = time.monotonic() + DAEMON_EXIT_TIMEOUT
-    for name in _domain_daemons(run_dir):
-        daemon = _read_pid(run_dir, name)
-        if daemon is not None and not _wait_gone(daemon, run_dir, name, max(0.0, deadline - time.monotonic())):
-            running.append(name)
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(_pidfile(run_dir, name))
+    running = _wait_daemons_gone(run_dir, _domain_daemons(run_dir))
     result: dict[str, Any] = {"stopped": "hypervisor", "pid": pid}
     if running:  # they lost their hypervisor and should exit; say which did not (yet)
         result["still_running"] = running
     return result
 
 
+@command("pager-attach", "start a xenpaging-like pager for a domain in the background",
+         DOMAIN,
+         arg("--pagefile", default=None, metavar="FILE", help="where evicted pages go (default: "
+             "<run dir>/domN.pagefile; removed when the domain is destroyed, unless --keep)"),
+         arg("--keep", action="store_true", help="keep the pagefile when the domain is destroyed"),
+         arg("--target", type=_size, default=None, metavar="SIZE",
+             help=f"resident memory to page down to, {SIZE_UNITS} (default: the domain's target)"),
+         arg("--policy", choices=["clock", "random"], default=EVICT_POLICY,
+             help="victim policy: clock (xenpaging's sweeping hand) or random"),
+         arg("--batch", type=int, default=EVICT_BATCH, metavar="PAGES", help="pages per eviction batch"))
 def cmd_pager_attach(args: argparse.Namespace) -> Any:
+    domid = _domid(args)
     run_dir = _run_dir(args)
-    argv = ["-m", _MODULES["pager"], "--run-dir", run_dir, "--domid", str(args.domid),
-            "--pagefile", os.path.abspath(args.pagefile or os.path.join(run_dir, f"dom{args.domid}.pagefile")),
+    argv = ["-m", _MODULES["pager"], "--run-dir", run_dir, "--domid", str(domid),
+            "--pagefile", os.path.abspath(args.pagefile or os.path.join(run_dir, f"dom{domid}.pagefile")),
             "--policy", args.policy, "--batch", str(args.batch)]
+    if args.keep:
+        argv.append("--keep")
     if args.target is not None:
-        argv += ["--target", str(int(args.target * MiB) // abi.PAGE_SIZE)]
-    name = f"pager-{args.domid}"
+        argv += ["--target", str(args.target.pages)]
+    name = f"pager-{domid}"
     proc = _spawn(run_dir, name, argv)
-    _wait_attached(proc, run_dir, name, args.domid, "paging")
-    return {"attached": "pager", "domid": args.domid, "pid": proc.pid}
+    _wait_attached(proc, run_dir, name, domid, "paging")
+    return {"attached": "pager", "domid": domid, "pid": proc.pid}
 
 
 def _wait_attached(proc: subprocess.Popen[bytes], run_dir: str, name: str, domid: int, ring: str,
@@ -318,23 +478,49 @@ def _errno_named_in(text: str) -> str | None:
     return next((w for w in re.findall(r"\bE[A-Z0-9]+\b", text) if w in errno_mod.errorcode.values()), None)
 
 
+def _daemon_domid(args: argparse.Namespace) -> int:
+    """The domid of a daemon to stop: a number as it is (its domain may be gone already), a name looked up."""
+    return int(args.domain) if args.domain.strip().isdigit() else _domid(args)
+
+
+@command("pager-detach", "stop a domain's pager cleanly (pages everything back in)",
+         DOMAIN, arg("--timeout", type=_finite, default=60, metavar="SECONDS", help="wait this long, seconds"))
 def cmd_pager_detach(args: argparse.Namespace) -> Any:
-    pid = _stop(_run_dir(args), f"pager-{args.domid}", args.timeout)
-    return {"detached": "pager", "domid": args.domid, "pid": pid}
+    domid = _daemon_domid(args)
+    pid = _stop(_run_dir(args), f"pager-{domid}", args.timeout)
+    return {"detached": "pager", "domid": domid, "pid": pid}
 
 
+@command("listener-attach", "start an access listener (xen-access style) for a domain; its options follow "
+         "the domain (hvemu listener-attach --help lists them)",
+         arg("domain", metavar="DOMAIN", nargs="?", help="domain id or name"),
+         arg("extra", nargs=argparse.REMAINDER, metavar="LISTENER-OPTIONS", help="options for the listener"))
 def cmd_listener_attach(args: argparse.Namespace) -> Any:
+    if args.domain is None or args.domain in ("-h", "--help"):
+        from pager.examples.access_listener import _parser as listener_parser
+
+        usage = listener_parser().format_help().replace("--domid DOMID", "DOMAIN")
+        return _Literal(f"usage: hvemu listener-attach DOMAIN [LISTENER-OPTIONS]\n\nthe listener's options:\n"
+                        f"{usage.split(chr(10), 1)[1]}")
+    domid = _domid(args)
     run_dir = _run_dir(args)
-    argv = ["-m", _MODULES["listener"], "--run-dir", run_dir, "--domid", str(args.domid), *args.extra]
-    name = f"listener-{args.domid}"
+    argv = ["-m", _MODULES["listener"], "--run-dir", run_dir, "--domid", str(domid), *args.extra]
+    name = f"listener-{domid}"
     proc = _spawn(run_dir, name, argv)
-    _wait_attached(proc, run_dir, name, args.domid, "access")
-    return {"attached": "listener", "domid": args.domid, "pid": proc.pid}
+    _wait_attached(proc, run_dir, name, domid, "access")
+    return {"attached": "listener", "domid": domid, "pid": proc.pid}
 
 
+@command("listener-detach", "stop a domain's access listener",
+         DOMAIN, arg("--timeout", type=_finite, default=30, metavar="SECONDS", help="wait this long, seconds"))
 def cmd_listener_detach(args: argparse.Namespace) -> Any:
-    pid = _stop(_run_dir(args), f"listener-{args.domid}", args.timeout)
-    return {"detached": "listener", "domid": args.domid, "pid": pid}
+    domid = _daemon_domid(args)
+    pid = _stop(_run_dir(args), f"listener-{domid}", args.timeout)
+    return {"detached": "listener", "domid": domid, "pid": pid}
+
+
+class _Literal(str):
+    """A result printed as it is, in text and in JSON mode alike (help text)."""
 
 
 # --------------------------------------------------------------------------
@@ -342,39 +528,125 @@ def cmd_listener_detach(args: argparse.Namespace) -> Any:
 # --------------------------------------------------------------------------
 
 
+@command("create", "create a domain",
+         arg("--vcpus", type=int, default=1, metavar="N", help="vCPUs"),
+         arg("--memory", type=_size, default=_size("16"), metavar="SIZE", help=f"memory, {SIZE_UNITS}"),
+         arg("--target", type=_size, default=None, metavar="SIZE",
+             help=f"paging target, {SIZE_UNITS} (default: all of --memory)"),
+         arg("--name", default="", help="a name to use instead of the id (default: none)"))
 async def cmd_create(args: argparse.Namespace) -> Any:
-    gfns = int(args.memory * MiB) // abi.PAGE_SIZE
-    if args.target is not None and not 0 <= args.target <= args.memory:
-        raise CliError(f"--target must be within 0..{args.memory} MiB (the domain's memory)", "EINVAL")
+    memory: Size = args.memory
+    gfns = memory.pages
+    if gfns < 1:
+        raise CliError(f"--memory {memory} is less than one page ({abi.PAGE_SIZE // 1024} KiB)", "EINVAL")
+    if args.target is not None and args.target.bytes > memory.bytes:
+        raise CliError(f"--target {args.target} is above --memory {memory}", "EINVAL")
+    if args.name.strip().isdigit():
+        raise CliError(f"--name {args.name} is a number: it would read as a domain id", "EINVAL")
     conn = await _tool(args.run_dir)
     try:
         reply, _ = await conn.call(protocol.DomainCreate(max_vcpus=args.vcpus, gfns=gfns, name=args.name))
         assert isinstance(reply, protocol.DomainCreated)
         if args.target is not None:
-            await conn.call(protocol.SetTarget(domid=reply.domid, pages=int(args.target * MiB) // abi.PAGE_SIZE))
+            await conn.call(protocol.SetTarget(domid=reply.domid, pages=args.target.pages))
         resident = int((await domain_info(conn, reply.domid)).get("resident", gfns))
     finally:
         await conn.close()
     if resident < gfns:  # the host budget is spent: the domain is created, but a guest would fault at once
-        _warn(args, f"domain {reply.domid} starts with {resident} of its {gfns} pages resident (the host memory "
-                    f"budget is spent); attach a pager (hvemu pager-attach {reply.domid}) before a guest runs, "
-                    "or its first fault crashes the domain")
+        _warn(args, f"domain {reply.domid} starts with {mib_text(resident * abi.PAGE_SIZE)} of its {memory} "
+                    f"resident (the host memory budget is spent); attach a pager (hvemu pager-attach "
+                    f"{reply.domid}) before a guest runs, or its first fault crashes the domain")
     return {"domid": reply.domid, "vcpus": args.vcpus, "gfns": gfns}
 
 
+@command("destroy", "destroy a domain (its guest and daemons exit; its pagefile is removed)", DOMAIN)
 async def cmd_destroy(args: argparse.Namespace) -> Any:
-    await _call(args.run_dir, protocol.DomainDestroy(domid=args.domid))
-    return {"destroyed": args.domid}
-
-
-async def cmd_list(args: argparse.Namespace) -> Any:
     conn = await _tool(args.run_dir)
     try:
-        return [{"domid": d.domid, "name": d.name, "vcpus": d.max_vcpus, "memory_mib": d.gfns * abi.PAGE_SIZE / MiB,
-                 "resident_mib": round(d.resident * abi.PAGE_SIZE / MiB, 2), "crashed": d.crashed}
-                for d in await domain_list(conn)]
+        domid = await resolve_domain(conn, args.domain)
+        await conn.call(protocol.DomainDestroy(domid=domid))
     finally:
         await conn.close()
+    result: dict[str, Any] = {"destroyed": domid}
+    running = await asyncio.to_thread(_wait_daemons_gone, _run_dir(args), [f"pager-{domid}", f"listener-{domid}"])
+    if running:
+        result["still_running"] = running
+    return result
+
+
+@command("pause", "pause a domain: every vCPU stops at its next step (xl pause)", DOMAIN)
+async def cmd_pause(args: argparse.Namespace) -> Any:
+    conn = await _tool(args.run_dir)
+    try:
+        domid = await resolve_domain(conn, args.domain)
+        await conn.call(protocol.DomainPause(domid=domid))
+    finally:
+        await conn.close()
+    return {"paused": domid}
+
+
+@command("unpause", "let a paused domain run again (xl unpause)", DOMAIN)
+async def cmd_unpause(args: argparse.Namespace) -> Any:
+    conn = await _tool(args.run_dir)
+    try:
+        domid = await resolve_domain(conn, args.domain)
+        await conn.call(protocol.DomainUnpause(domid=domid))
+    finally:
+        await conn.close()
+    return {"unpaused": domid}
+
+
+def _wait_daemons_gone(run_dir: str, names: list[str]) -> list[str]:
+    """Wait for these daemons (their domain or hypervisor gone) to exit and drop their pidfiles; who did not."""
+    running = []
+    deadline = time.monotonic() + DAEMON_EXIT_TIMEOUT
+    for name in names:
+        daemon = _read_pid(run_dir, name)
+        if daemon is not None and not _wait_gone(daemon, run_dir, name, max(0.0, deadline - time.monotonic())):
+            running.append(name)
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_pidfile(run_dir, name))
+    return running
+
+
+def _state(st: dict[str, Any]) -> str:
+    """xl's six state letters ``rbpscd``: running, blocked (no vCPU runs: waiting, or no guest), paused, crashed."""
+    if st.get("crashed"):
+        return "----c-"
+    if st.get("paused"):
+        return "--p---"
+    vcpus = st.get("vcpus") or []
+    running = st.get("guest_connected") and any(v.get("runnable") for v in vcpus if isinstance(v, dict))
+    return "r-----" if running else "-b----"
+
+
+def _list_text(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'Name':<20} {'ID':>5} {'Mem':>7} {'VCPUs':>5}  {'State':<6} {'Time(s)':>8} {'Resident':>9} "
+             f"{'Target':>8}"]
+    lines += [f"{(r['name'] or '(unnamed)')[:20]:<20} {r['domid']:>5} {mib_text(r['memory_mib'] * MiB):>7} "
+              f"{r['vcpus']:>5}  {r['state']:<6} {r['time_s'] if r['time_s'] is not None else '-':>8} "
+              f"{mib_text(r['resident_mib'] * MiB):>9} {mib_text(r['target_mib'] * MiB):>8}" for r in rows]
+    return "\n".join(lines)
+
+
+@command("list", "list domains, with xl's columns (memory in MiB) and state letters", text=_list_text)
+async def cmd_list(args: argparse.Namespace) -> Any:
+    conn = await _tool(args.run_dir)
+    page = abi.PAGE_SIZE / MiB
+    rows = []
+    try:
+        for d in await domain_list(conn):
+            try:
+                st = await domain_info(conn, d.domid)
+            except ControlError:  # destroyed since the list
+                continue
+            rows.append({"domid": d.domid, "name": d.name, "vcpus": d.max_vcpus, "memory_mib": d.gfns * page,
+                         "resident_mib": round(d.resident * page, 2), "target_mib": int(st.get("target", 0)) * page,
+                         "state": _state(st), "time_s": st.get("cpu_time_s"), "crashed": d.crashed})
+    finally:
+        await conn.close()
+    return rows
 
 
 def summarise_info(st: dict[str, Any]) -> dict[str, Any]:
@@ -401,77 +673,232 @@ def summarise_info(st: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@command("info", "the host (xl info), or one domain: vCPUs, pages, rings, counters, fault latency",
+         arg("domain", metavar="DOMAIN", nargs="?", default=None, help="domain id or name (default: the host)"),
+         arg("--raw", action="store_true", help="every counter the hypervisor keeps for the domain"))
 async def cmd_info(args: argparse.Namespace) -> Any:
     conn = await _tool(args.run_dir)
     try:
-        st = await domain_info(conn, args.domid)
+        if args.domain is None:
+            reply, _ = await conn.call(protocol.HostInfo())
+            assert isinstance(reply, protocol.HostInfoReply)
+            page = abi.PAGE_SIZE / MiB
+            return {"total_memory_mib": reply.total_frames * page, "used_memory_mib": reply.used_frames * page,
+                    "free_memory_mib": (reply.total_frames - reply.used_frames) * page, "nr_domains": reply.domains,
+                    "policy": reply.policy, "ring_size": reply.ring_size, "tracing": reply.tracing or None,
+                    "run_dir": _run_dir(args), "hvemu_version": hvemu.__version__}
+        st = await domain_info(conn, await resolve_domain(conn, args.domain))
     finally:
         await conn.close()
     return st if args.raw else summarise_info(st)
 
 
+def _vcpu_text(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'Name':<20} {'ID':>5} {'VCPU':>5}  {'State':<5} {'Pauses':>6}  Congested"]
+    lines += [f"{(r['name'] or '(unnamed)')[:20]:<20} {r['domid']:>5} {r['vcpu']:>5}  {r['state']:<5} "
+              f"{r['pauses']:>6}  {'yes' if r['congested'] else 'no'}" for r in rows]
+    return "\n".join(lines)
+
+
+@command("vcpu-list", "every vCPU (of one domain): running, or blocked waiting for the pager",
+         arg("domain", metavar="DOMAIN", nargs="?", default=None, help="domain id or name (default: all)"),
+         text=_vcpu_text)
+async def cmd_vcpu_list(args: argparse.Namespace) -> Any:
+    conn = await _tool(args.run_dir)
+    rows = []
+    try:
+        domids = [await resolve_domain(conn, args.domain)] if args.domain is not None else \
+            [d.domid for d in await domain_list(conn)]
+        for domid in domids:
+            try:
+                st = await domain_info(conn, domid)
+            except ControlError:
+                continue
+            for v in st.get("vcpus") or []:
+                rows.append({"name": st.get("name", ""), "domid": domid, "vcpu": v["vcpu"],
+                             "state": "r--" if v["runnable"] and v.get("connected") else
+                             ("-b-" if not v["runnable"] else "---"),
+                             "pauses": v["pauses"], "congested": v["congested"], "connected": v.get("connected"),
+                             "in_exit": v.get("in_exit", False)})
+    finally:
+        await conn.close()
+    return rows
+
+
+@command("mem-set", "set a domain's paging target (xl mem-set)",
+         DOMAIN, arg("memory", type=_size, metavar="SIZE", help=f"the target, {SIZE_UNITS}"))
 async def cmd_mem_set(args: argparse.Namespace) -> Any:
     conn = await _tool(args.run_dir)
     try:
-        gfns = int((await domain_info(conn, args.domid)).get("gfns", 0))
-        memory = gfns * abi.PAGE_SIZE / MiB
-        if not 0 <= args.memory <= memory:  # in MiB, as given (the hypervisor would say pages)
-            raise CliError(f"target {args.memory} MiB must be within 0..{memory} MiB (domain {args.domid}'s memory)",
-                           "EINVAL")
-        pages = int(args.memory * MiB) // abi.PAGE_SIZE
-        await conn.call(protocol.SetTarget(domid=args.domid, pages=pages))
+        domid = await resolve_domain(conn, args.domain)
+        gfns = int((await domain_info(conn, domid)).get("gfns", 0))
+        if args.memory.bytes > gfns * abi.PAGE_SIZE:  # in the user's units (the hypervisor would say pages)
+            raise CliError(f"target {args.memory} is above domain {args.domain}'s memory "
+                           f"({mib_text(gfns * abi.PAGE_SIZE)} MiB)", "EINVAL")
+        pages = args.memory.pages
+        await conn.call(protocol.SetTarget(domid=domid, pages=pages))
     finally:
         await conn.close()
-    return {"domid": args.domid, "target_pages": pages}
+    return {"domid": domid, "target_pages": pages}
 
 
+@command("map", "foreign-map guest pages (retrying paged-out ones) and checksum them",
+         DOMAIN, arg("gfns", type=_gfn, nargs="+", metavar="GFN", help="gfns: 16 or 0x10"),
+         arg("--timeout", type=_finite, default=10.0, metavar="SECONDS", help="give up after, seconds"))
 async def cmd_map(args: argparse.Namespace) -> Any:
     conn = await _tool(args.run_dir)
     try:
-        gfns = int((await domain_info(conn, args.domid)).get("gfns", 0))
+        domid = await resolve_domain(conn, args.domain)
+        gfns = int((await domain_info(conn, domid)).get("gfns", 0))
         outside = [g for g in args.gfns if not 0 <= g < gfns]
         if outside:
             which = f"gfn {outside[0]} is" if len(outside) == 1 else f"gfns {', '.join(map(str, outside))} are"
-            raise CliError(f"{which} outside domain {args.domid}'s {gfns} gfns (0..{gfns - 1})", "EINVAL")
-        pages, retries = await map_foreign(conn, args.domid, args.gfns, timeout=args.timeout)
+            raise CliError(f"{which} outside domain {args.domain}'s {gfns} gfns (0..{gfns - 1})", "EINVAL")
+        pages, retries = await map_foreign(conn, domid, args.gfns, timeout=args.timeout)
     finally:
         await conn.close()
-    return {"domid": args.domid, "retries": retries,
+    return {"domid": domid, "retries": retries,
             "pages": {str(g): {"crc32": f"{zlib.crc32(p):08x}", "head": p[:24].hex()}
                       for g, p in sorted(pages.items())}}
 
 
-async def cmd_trace(args: argparse.Namespace) -> Any:
-    from hvemu import trace
-
-    if args.trace_cmd == "start":
-        path = os.path.abspath(args.file)
-        await _call(args.run_dir, protocol.TraceStart(path=path))
-        return {"tracing": path}
-    if args.trace_cmd == "stop":
-        reply = await _call(args.run_dir, protocol.TraceStop())
-        assert isinstance(reply, protocol.TraceStopped)
-        return {"trace": reply.path, "records": reply.records}
-    try:
-        with open(args.file, "rb") as f:
-            records = list(trace.read(f))
-    except FileNotFoundError as exc:
-        raise CliError(f"no trace file {args.file}", "ENOENT") from exc
-    except trace.TraceFormatError as exc:
-        raise CliError(f"{args.file}: {exc}", "EINVAL") from exc
-    if args.trace_cmd == "summary":
-        return trace.summarise(records)
-    from hvemu.plots import plot_trace
-
-    return {"plots": plot_trace(records, args.out)}
-
-
+@command("top", "live view of every domain and ring (xentop); q quits",
+         arg("--interval", "-d", type=_finite, default=1.0, metavar="SECONDS", help="refresh every, seconds"),
+         arg("--iterations", "-i", type=int, default=0, metavar="N", help="stop after N refreshes (0: never)"),
+         arg("--batch", "-b", action="store_true",
+             help="plain columns, one block per refresh, as xentop -b (the default when stdout is not a terminal)"),
+         epilog="with --json: one JSON object per refresh, on one line (the tables' figures)")
 async def cmd_top(args: argparse.Namespace) -> Any:
     from hvemu.top import run_top
 
     await (await _tool(args.run_dir)).close()  # no hypervisor: the same one-line error as every command
-    await run_top(args.run_dir, interval=args.interval, iterations=args.iterations, as_json=args.json)
+    await run_top(args.run_dir, interval=args.interval, iterations=args.iterations, as_json=args.json,
+                  batch=args.batch)
     return None
+
+
+# --------------------------------------------------------------------------
+# traces
+# --------------------------------------------------------------------------
+
+
+@command("trace start", "record ring events to FILE (a new file)",
+         arg("file", metavar="FILE"),
+         arg("--events", default=None, metavar="LIST",
+             help="only these events, comma-separated: put,lost,refused,response,rejected,block,wake,pause,"
+                  "unpause,evict,load (default: all)"),
+         arg("--duration", type=_finite, default=None, metavar="SECONDS",
+             help="record this long, then stop and report (default: until hvemu trace stop)"))
+async def cmd_trace_start(args: argparse.Namespace) -> Any:
+    from hvemu.trace import event_mask
+
+    path = os.path.abspath(args.file)
+    try:
+        mask = event_mask(args.events.split(",")) if args.events else -1
+    except ValueError as exc:
+        raise CliError(f"--events: {exc}", "EINVAL") from exc
+    if args.duration is not None and args.duration <= 0:
+        raise CliError(f"--duration {args.duration} s is not above 0", "EINVAL")
+    await _call(args.run_dir, protocol.TraceStart(path=path, mask=mask))
+    if args.duration is None:
+        return {"tracing": path}
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)  # Ctrl-C ends the recording early, cleanly
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), args.duration)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    reply = await _call(args.run_dir, protocol.TraceStop())
+    assert isinstance(reply, protocol.TraceStopped)
+    return {"trace": reply.path, "records": reply.records}
+
+
+@command("trace stop", "stop recording")
+async def cmd_trace_stop(args: argparse.Namespace) -> Any:
+    reply = await _call(args.run_dir, protocol.TraceStop())
+    assert isinstance(reply, protocol.TraceStopped)
+    return {"trace": reply.path, "records": reply.records}
+
+
+def _records(path: str) -> Any:
+    from hvemu import tracetools
+    from hvemu.trace import TraceFormatError
+
+    try:
+        with open(path, "rb") as f:
+            return tracetools.read(f)
+    except FileNotFoundError as exc:
+        raise CliError(f"no trace file {path}", "ENOENT") from exc
+    except TraceFormatError as exc:
+        raise CliError(f"{path}: {exc}", "EINVAL") from exc
+
+
+@command("trace summary", "counts and fault latency per domain", arg("file", metavar="FILE"))
+def cmd_trace_summary(args: argparse.Namespace) -> Any:
+    from hvemu import tracetools
+
+    return tracetools.summarise(_records(args.file))
+
+
+@command("trace print", "one line per event (as xentrace_format): seconds, domain, vCPU, ring, event, gfn, argument",
+         arg("file", metavar="FILE"))
+def cmd_trace_print(args: argparse.Namespace) -> Any:
+    from hvemu import tracetools
+
+    records = _records(args.file)
+    if args.json:  # one object per line, the record's fields
+        names = records.dtype.names
+        return _Lines(json.dumps(dict(zip(names, r, strict=True))) for r in records.tolist())
+    return _Lines(tracetools.print_lines(records))
+
+
+class _Lines:
+    """A result written line by line as it is produced (a trace printed whole would be held in memory)."""
+
+    def __init__(self, lines: Any) -> None:
+        self.lines = lines
+
+
+@command("trace export", "convert a trace for other tools: --chrome writes trace-event JSON that ui.perfetto.dev "
+         "and chrome://tracing open",
+         arg("file", metavar="FILE"),
+         arg("--chrome", required=True, metavar="OUT",
+             help="the JSON file to write (per-vCPU fault spans, ring occupancy counters, evict/load batches)"),
+         arg("--force", action="store_true", help="overwrite OUT if it exists"))
+def cmd_trace_export(args: argparse.Namespace) -> Any:
+    from hvemu import tracetools
+
+    records = _records(args.file)
+    out = args.chrome
+    if os.path.exists(out) and not args.force:
+        raise CliError(f"{out} exists (--force to overwrite it)", "EEXIST")
+    doc = tracetools.chrome_trace(records)
+    with open(out, "w") as f:
+        json.dump(doc, f, separators=(",", ":"))
+    return {"chrome_trace": os.path.abspath(out), "events": len(doc["traceEvents"]), "records": len(records)}
+
+
+@command("trace plot", "PNG plots: ring occupancy, and fault latency over time and as a CDF, per domain",
+         arg("file", metavar="FILE"),
+         arg("--out", default=None, metavar="DIR", help="directory for the PNG files (default: the trace's own; "
+             "the files are named after the trace)"),
+         arg("--force", action="store_true", help="overwrite plots that exist"))
+def cmd_trace_plot(args: argparse.Namespace) -> Any:
+    from hvemu.plots import PlotUnavailable, need_matplotlib, plot_trace
+
+    records = _records(args.file)
+    try:
+        need_matplotlib()
+    except PlotUnavailable as exc:
+        raise CliError(str(exc), "ENOPKG") from exc
+    out_dir = args.out if args.out is not None else os.path.dirname(os.path.abspath(args.file))
+    prefix = os.path.basename(args.file) + "."
+    try:
+        return {"plots": plot_trace(records, out_dir, prefix, force=args.force)}
+    except FileExistsError as exc:
+        raise CliError(str(exc), "EEXIST") from exc
 
 
 # --------------------------------------------------------------------------
@@ -482,9 +909,9 @@ async def cmd_top(args: argparse.Namespace) -> Any:
 def _warn(args: argparse.Namespace, message: str) -> None:
     """A warning on one line of stderr (with ``--json``, one object: ``{"warning": ..., "command": ...}``)."""
     if args.json:
-        print(json.dumps({"warning": message, "command": args.cmd}), file=sys.stderr)
+        print(json.dumps({"warning": message, "command": args.command}), file=sys.stderr)
     else:
-        print(f"hvemu {args.cmd}: warning: {message}", file=sys.stderr)
+        print(f"hvemu {args.command}: warning: {message}", file=sys.stderr)
 
 
 #: The exit status when stdout's reader went away (``hvemu info 1 | head``): a shell's status for SIGPIPE.
@@ -547,9 +974,19 @@ def error_object(exc: BaseException | str, command: str | None, errno: str | Non
     return {"error": str(exc), "errno": errno, "command": command}
 
 
-_EPILOG = """output: text by default; with --json, results are JSON on stdout and a failure is one JSON
+_EPILOG = """sizes: 512m, 1g, 4096k (a bare number is MiB); gfns: 16 or 0x10; a DOMAIN is an id or a name.
+output: text by default; with --json, results are JSON on stdout and a failure is one JSON
 object on one line of stderr, {"error": "...", "errno": "ESRCH" or null, "command": "info"}.
 exit status: 0 done, 1 failed, 2 usage error, 130 interrupted, 141 stdout closed early (| head)."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, where it has one worth saying (not None, False or suppressed)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -563,23 +1000,16 @@ class _Parser(argparse.ArgumentParser):
             super().error(message)
         # A sub-parser's prog is "hvemu info" or "hvemu trace stop"; the top
         # one's errors (unrecognized arguments...) name the command in argv.
-        command = self.prog.partition(" ")[2] or next((a for a in self.argv if a in _SYNC or a in _ASYNC), None)
+        command = self.prog.partition(" ")[2] or next((a for a in self.argv if a in _TOP_NAMES), None)
         print(json.dumps(error_object(message, command, "EINVAL")), file=sys.stderr)
         self.exit(2)
 
 
-def _finite(text: str) -> float:
-    """argparse type: a finite number (``nan`` and ``inf`` are no size or time)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-    return value
+_TOP_NAMES = {name.partition(" ")[0] for name in COMMANDS}
 
 
 def _parser(json_errors: bool = False, argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line, built from :data:`COMMANDS`."""
     # SUPPRESS: an option given before the subcommand must not be reset by the
     # subcommand's own copy of it (argparse applies sub-parser defaults last).
     common = argparse.ArgumentParser(add_help=False)
@@ -590,76 +1020,37 @@ def _parser(json_errors: bool = False, argv: list[str] | None = None) -> argpars
     # Sub-parsers are made of the same class, so they answer in JSON too.
     parser_class = type("Parser", (_Parser,), {"json_errors": json_errors, "argv": list(argv or [])})
     p = parser_class(prog="hvemu", parents=[common], description="Toolstack for the hvemu hypervisor (xl-like).",
-                     epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-
-    def add(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, parents=[common])
-
-    s = add("start", "start the hypervisor in the background")
-    s.add_argument("--memory", type=_finite, default=256, help="host memory budget, MiB")
-    s.add_argument("--policy", choices=["seed", "claim"], default="seed")
-    s.add_argument("--trace", default=None, help="record ring events to this file from the start")
-    s.add_argument("--foreground", action="store_true", help="run in this terminal instead")
-    s.add_argument("-v", "--verbose", action="count", default=0)
-    s = add("stop", "stop the hypervisor (SIGTERM: domains destroyed, nothing left behind)")
-    s.add_argument("--timeout", type=_finite, default=30)
-    s = add("create", "create a domain")
-    s.add_argument("--vcpus", type=int, default=1)
-    s.add_argument("--memory", type=_finite, default=16, help="MiB")
-    s.add_argument("--target", type=_finite, default=None, help="paging target, MiB")
-    s.add_argument("--name", default="")
-    s = add("destroy", "destroy a domain")
-    s.add_argument("domid", type=int)
-    add("list", "list domains")
-    s = add("info", "one domain: vCPUs, pages, rings, counters, fault latency")
-    s.add_argument("domid", type=int)
-    s.add_argument("--raw", action="store_true", help="every counter the hypervisor keeps")
-    s = add("mem-set", "set a domain's paging target (xl mem-set)")
-    s.add_argument("domid", type=int)
-    s.add_argument("memory", type=_finite, help="MiB")
-    s = add("map", "foreign-map guest pages (retrying paged-out ones) and checksum them")
-    s.add_argument("domid", type=int)
-    s.add_argument("gfns", type=int, nargs="+")
-    s.add_argument("--timeout", type=_finite, default=10.0)
-    s = add("pager-attach", "start a xenpaging-like pager for a domain in the background")
-    s.add_argument("domid", type=int)
-    s.add_argument("--pagefile", default=None)
-    s.add_argument("--target", type=_finite, default=None, help="MiB")
-    s.add_argument("--policy", choices=["clock", "random"], default=EVICT_POLICY,
-                   help="victim policy: clock (xenpaging's sweeping hand) or random")
-    s.add_argument("--batch", type=int, default=EVICT_BATCH, help=f"pages per eviction batch (default {EVICT_BATCH})")
-    s = add("pager-detach", "stop a domain's pager cleanly (pages everything back in)")
-    s.add_argument("domid", type=int)
-    s.add_argument("--timeout", type=_finite, default=60)
-    s = add("listener-attach", "start an access listener (xen-access style) for a domain")
-    s.add_argument("domid", type=int)
-    s.add_argument("extra", nargs=argparse.REMAINDER, help="options for the listener")
-    s = add("listener-detach", "stop a domain's access listener")
-    s.add_argument("domid", type=int)
-    s.add_argument("--timeout", type=_finite, default=30)
-    s = add("top", "live view of every domain and ring")
-    s.add_argument("--interval", type=_finite, default=1.0)
-    s.add_argument("--iterations", type=int, default=0, help="stop after N refreshes (0: until Ctrl-C)")
-    s.epilog = "with --json: one JSON object per refresh, on one line (the tables' figures)"
-    s = add("trace", "record ring events (xentrace-like), summarise and plot them")
-    tsub = s.add_subparsers(dest="trace_cmd", required=True, metavar="ACTION")
-    t = tsub.add_parser("start", help="record every ring event to FILE", parents=[common])
-    t.add_argument("file")
-    tsub.add_parser("stop", help="stop recording", parents=[common])
-    t = tsub.add_parser("summary", help="counts and fault latency per domain", parents=[common])
-    t.add_argument("file")
-    t = tsub.add_parser("plot", help="PNG plots: fault latency and ring occupancy over time", parents=[common])
-    t.add_argument("file")
-    t.add_argument("--out", default=".", help="directory for the PNG files")
+                     epilog=_EPILOG, formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version", version=f"hvemu {hvemu.__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    groups: dict[str, Any] = {}
+    for name, c in COMMANDS.items():
+        group, _, action = name.partition(" ")
+        where = sub
+        if action:
+            if group not in groups:
+                g = sub.add_parser(group, help=GROUPS[group], description=GROUPS[group], parents=[common],
+                                   formatter_class=HelpFormatter)
+                groups[group] = g.add_subparsers(dest="action", required=True, metavar="ACTION")
+            where = groups[group]
+        sp = where.add_parser(action or name, help=c.help, description=c.help, epilog=c.epilog, parents=[common],
+                              formatter_class=HelpFormatter, add_help=name != "listener-attach")
+        for a in c.args:
+            sp.add_argument(*a.flags, **a.options)
+        sp.set_defaults(command=name)
     return p
 
 
-_ASYNC = {"create": cmd_create, "destroy": cmd_destroy, "list": cmd_list, "info": cmd_info,
-          "mem-set": cmd_mem_set, "map": cmd_map, "trace": cmd_trace, "top": cmd_top}
-_SYNC = {"start": cmd_start, "stop": cmd_stop, "pager-attach": cmd_pager_attach,
-         "pager-detach": cmd_pager_detach, "listener-attach": cmd_listener_attach,
-         "listener-detach": cmd_listener_detach}
+def _print_result(result: Any, cmd: Command, as_json: bool) -> None:
+    if isinstance(result, _Lines):
+        for line in result.lines:
+            print(line)
+    elif isinstance(result, _Literal):
+        print(result, end="" if result.endswith("\n") else "\n")
+    elif as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print((cmd.text or _human)(result))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -668,14 +1059,22 @@ def main(argv: list[str] | None = None) -> int:
     # "--" or inside listener-attach's options is not ours, but a usage error
     # in JSON there does no harm.)
     wants_json = "--json" in argv[:argv.index("--")] if "--" in argv else "--json" in argv
-    args = _parser(json_errors=wants_json, argv=argv).parse_args(argv)
+    parser = _parser(json_errors=wants_json, argv=argv)
+    if "listener-attach" in argv:  # its --help is the listener's options (argparse would refuse it)
+        after = argv[argv.index("listener-attach") + 1:]
+        if after[:1] in (["-h"], ["--help"]):
+            argv = [a for a in argv if a not in ("-h", "--help")]
+    args = parser.parse_args(argv)
+    if args.cmd is None:  # bare hvemu: what it can do
+        parser.print_help()
+        return 0
     args.run_dir = getattr(args, "run_dir", None)
     args.json = getattr(args, "json", False)
+    cmd = COMMANDS[args.command]
     try:
-        if args.cmd in _SYNC:
-            result = _SYNC[args.cmd](args)
-        else:
-            result = uvloop.run(_ASYNC[args.cmd](args))
+        result = cmd.run(args)
+        if inspect.iscoroutine(result):
+            result = uvloop.run(result)
     except KeyboardInterrupt:
         return 130
     except BaseException as exc:  # noqa: BLE001 - one line, never a traceback
@@ -685,17 +1084,16 @@ def main(argv: list[str] | None = None) -> int:
             return _stdout_closed()
         if isinstance(root, CliError | ControlError | OSError | ValueError):
             if args.json:
-                command = " ".join(filter(None, (args.cmd, getattr(args, "trace_cmd", None))))
-                print(json.dumps(error_object(root, command)), file=sys.stderr)
+                print(json.dumps(error_object(root, args.command)), file=sys.stderr)
             else:
-                print(f"hvemu {args.cmd}: {root}", file=sys.stderr)
+                print(f"hvemu {args.command}: {root}", file=sys.stderr)
             return 1
         if isinstance(root, KeyboardInterrupt):
             return 130
         raise
     try:
         if result is not None:
-            print(json.dumps(result, indent=2) if args.json else _human(result))
+            _print_result(result, cmd, args.json)
         sys.stdout.flush()
     except BrokenPipeError:
         return _stdout_closed()

@@ -29,7 +29,7 @@ from typing import Any
 
 import uvloop
 
-from hvemu import abi, logs, protocol
+from hvemu import abi, logs, procs, protocol
 from hvemu.abi import Errno, RingKind
 from hvemu.backend import DomainBackend, RingBackend, apply_effects
 from hvemu.core.domain import MAX_GFNS, MAX_VCPUS
@@ -38,7 +38,7 @@ from hvemu.core.hypervisor import Hypervisor
 from hvemu.core.mem_event import NOTIFY_MODES
 from hvemu.janitor import Janitor
 from hvemu.shm import PosixSegment, Segment
-from hvemu.trace import TraceWriter
+from hvemu.trace import ALL_EVENTS, NO_RING, NO_VCPU, RING_CODES, TraceEvent, TraceWriter
 from hvemu.transport import ConnState, ControlServer, FdLike, OwnedFd
 
 log = logging.getLogger("hvemu.daemon")
@@ -48,7 +48,7 @@ Reply = tuple[protocol.Msg, list[FdLike]]
 # Role checks of every request, as tuples built once (an ``A | B`` union is
 # built anew at each evaluation).
 _HELLOS = (protocol.ToolHello, protocol.GuestHello)
-_GUEST_EXITS = (protocol.GuestAccess, protocol.GuestBalloonOut, protocol.GuestTrap)
+_GUEST_EXITS = protocol.GUEST_EXITS
 _GUEST_OPS = (*_GUEST_EXITS, protocol.GuestHello)
 _EXIT_ACCESS = int(abi.ExitType.ACCESS)
 _EXIT_TRAP = int(abi.ExitType.TRAP)
@@ -77,6 +77,17 @@ def _err(errno: Errno, message: str) -> HypervisorError:
 LOAD_REPLY_HOLD = 0.002
 
 
+def _cpu_seconds(guest: object | None) -> float | None:
+    """The domain's CPU time, xl's ``Time(s)``: its vCPUs run in its guest process (None: no guest)."""
+    if not isinstance(guest, ConnCtx):
+        return None
+    try:
+        user, system = procs.cpu_ticks(guest.state.pid)
+    except OSError:
+        return None
+    return round((user + system) / procs.CLK_TCK, 1)
+
+
 def _release(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -101,6 +112,7 @@ class HypervisorDaemon:
             protocol.DomainList: self._domain_list,
             protocol.DomainInfo: self._stats,
             protocol.Stats: self._stats,
+            protocol.HostInfo: self._host_info,
             protocol.MemEventEnable: self._mem_event_enable,
             protocol.MemEventDisable: self._mem_event_disable,
             protocol.MemEventResume: self._mem_event_resume,
@@ -114,6 +126,9 @@ class HypervisorDaemon:
             protocol.MapForeign: self._map_foreign,
             protocol.UnmapForeign: self._unmap_foreign,
             protocol.InjectTrap: self._inject_trap,
+            protocol.DomainPause: self._domain_pause,
+            protocol.DomainUnpause: self._domain_unpause,
+            protocol.GuestYield: self._guest_yield,
             protocol.DebugControl: self._debug_control,
             protocol.SetTarget: self._set_target,
             protocol.GetTarget: self._get_target,
@@ -195,7 +210,17 @@ class HypervisorDaemon:
                 if ring.owner is ctx:
                     log.warning("daemon of domain %d %s ring went away: ring kept for re-attach",
                                 be.domid, ring.kind)
-                    ring.owner = None
+                    ring.clear_owner()
+
+    def _owner_exited(self, domid: int, kind: RingKind, ctx: ConnCtx) -> None:
+        """The process of a ring's daemon is gone, though its connection may live on (see RingBackend)."""
+        be = self.backends.get(domid)
+        ring = be.rings.get(kind) if be is not None else None
+        if ring is None or ring.owner is not ctx:
+            return
+        log.warning("daemon of domain %d %s ring (pid %d) exited: ring kept for re-attach",
+                    domid, kind, ctx.state.pid)
+        ring.clear_owner()
 
     def check_peer(self, uid: int) -> bool:
         return uid == os.getuid()
@@ -324,16 +349,29 @@ class HypervisorDaemon:
         # a poller on a busy CPU may see the reply much later.
         stats.update(monotonic_ns=time.monotonic_ns())
         stats.update(handle=be.handle, target=be.target, guest_connected=be.guest is not None,
+                     cpu_time_s=_cpu_seconds(be.guest),
                      fault_latency_us=be.fault_latency.summary(scale=1000.0),
                      rings_orphaned=[str(k) for k, r in be.rings.items() if r.owner is None],
-                     host_frames_total=self.hv.budget.total, host_frames_used=self.hv.budget.used)
+                     host_frames_total=self.hv.budget.total, host_frames_used=self.hv.budget.used,
+                     vcpus=[{"vcpu": v.vcpu_id, "runnable": v.runnable, "pauses": v.pause_count,
+                             "congested": bool(v.pause_flags), "connected": v.vcpu_id in be.vcpu_conns,
+                             "in_exit": v.vcpu_id in be.waiters and not be.waiters[v.vcpu_id].done()}
+                            for v in be.dom.vcpus])
         return protocol.StatsReply(domid=msg.domid, stats=stats), []
+
+    async def _host_info(self, ctx: ConnCtx, msg: protocol.HostInfo) -> Reply:
+        return protocol.HostInfoReply(total_frames=self.hv.budget.total, used_frames=self.hv.budget.used,
+                                      policy=self.hv.policy, ring_size=self.hv.ring_size,
+                                      domains=len(self.backends),
+                                      tracing=self.trace.path if self.trace is not None else ""), []
 
     async def _set_target(self, ctx: ConnCtx, msg: protocol.SetTarget) -> Reply:
         be = self._backend(msg.domid)
         if not 0 <= msg.pages <= be.dom.gfns:
             raise _err(Errno.EINVAL, f"target must be within 0..{be.dom.gfns}")
         be.target = msg.pages
+        if self.trace is not None:
+            self.trace(TraceEvent.TARGET, be.domid, NO_RING, NO_VCPU, 0, msg.pages)
         return protocol.Ok(), []
 
     async def _get_target(self, ctx: ConnCtx, msg: protocol.GetTarget) -> Reply:
@@ -363,11 +401,12 @@ class HypervisorDaemon:
             be.rings[msg.ring] = ring
             if msg.ring == RingKind.paging:
                 ring.open_load_area(be.dom.rings_size(msg.ring))
+            self._trace_state(be, msg.ring)
         remote = ring.new_channel()
         assert ring.evtchn is not None
         loop = asyncio.get_running_loop()
         loop.add_reader(ring.evtchn.fileno(), self._on_kick, be.domid, msg.ring)
-        ring.owner = ctx
+        ring.set_owner(ctx, ctx.state.pid, lambda: self._owner_exited(be.domid, msg.ring, ctx))
         if reattached:
             front = be.dom.rings[msg.ring].front
             if front is not None:
@@ -395,16 +434,20 @@ class HypervisorDaemon:
         if be is None or ring is None or ring.evtchn is None:
             return
         pending = ring.evtchn.drain()
-        if ring.evtchn.peer_closed:
-            # The daemon's end is gone (it exited or was killed): stop polling
-            # an fd that will stay readable at EOF; its responses are still drained.
-            asyncio.get_running_loop().remove_reader(ring.evtchn.fileno())
-        elif not pending:
+        hung_up = ring.evtchn.peer_closed
+        if not hung_up and not pending:
             return
         try:
             self._resume(be, kind)
         except HypervisorError as exc:
             log.warning("resume of domain %d %s ring: %s", domid, kind, exc)
+        if hung_up and ring.evtchn is not None:
+            # The daemon's end is gone (it exited, was killed, or sent an empty
+            # datagram, which reads the same): its responses were drained just
+            # now.  Close our end rather than only stop reading it: whatever is
+            # still queued (fds included, e.g. the daemon's own control
+            # connection) is released with it.  A re-attach gets a new channel.
+            ring.close_channel()
         self._after_op()
 
     @staticmethod
@@ -550,6 +593,20 @@ class HypervisorDaemon:
         self._backend(msg.domid).dom.inject_trap(msg.vcpu, msg.vector)
         return protocol.Ok(), []
 
+    async def _domain_pause(self, ctx: ConnCtx, msg: protocol.DomainPause) -> Reply:
+        self._backend(msg.domid).dom.pause_by_controller()
+        return protocol.Ok(), []
+
+    async def _domain_unpause(self, ctx: ConnCtx, msg: protocol.DomainUnpause) -> Reply:
+        self._backend(msg.domid).dom.unpause_by_controller()
+        return protocol.Ok(), []
+
+    async def _guest_yield(self, ctx: ConnCtx, msg: protocol.GuestYield) -> Reply:
+        be = self._own_domain(ctx)
+        vcpu = self._vcpu(be, msg.vcpu)
+        await self._wait_runnable(be, vcpu)
+        return self._resumed(be, vcpu)
+
     async def _debug_control(self, ctx: ConnCtx, msg: protocol.DebugControl) -> Reply:
         self._backend(msg.domid).dom.debug_control(msg.vcpu, msg.single_step)
         return protocol.Ok(), []
@@ -561,12 +618,24 @@ class HypervisorDaemon:
         return (protocol.Ok() if vector is None else protocol.TrapInjected(vector=vector)), []
 
     # ------------------------------------------------------------ tracing
-    def start_trace(self, path: str, *, exclusive: bool = False) -> None:
-        trace = TraceWriter(path, exclusive=exclusive)
+    def start_trace(self, path: str, *, exclusive: bool = False, mask: int = ALL_EVENTS) -> None:
+        trace = TraceWriter(path, exclusive=exclusive, mask=mask & ALL_EVENTS)
         self.stop_trace()
         self.trace = trace
         self.hv.tracer = self.trace
+        # What a reader needs to draw the events that follow: every ring's size and every target now.
+        for be in self.backends.values():
+            self._trace_state(be)
         log.info("tracing ring events to %s", path)
+
+    def _trace_state(self, be: DomainBackend, ring: RingKind | None = None) -> None:
+        """Trace a domain's paging target and its rings' sizes (or only ``ring``'s), if tracing."""
+        if self.trace is None:
+            return
+        if ring is None:
+            self.trace(TraceEvent.TARGET, be.domid, NO_RING, NO_VCPU, 0, be.target)
+        for kind in be.rings if ring is None else [ring]:
+            self.trace(TraceEvent.RING, be.domid, RING_CODES[kind], NO_VCPU, 0, be.dom.rings_size(kind))
 
     def stop_trace(self) -> protocol.TraceStopped | None:
         trace, self.trace = self.trace, None
@@ -580,10 +649,12 @@ class HypervisorDaemon:
     async def _trace_start(self, ctx: ConnCtx, msg: protocol.TraceStart) -> Reply:
         if not os.path.isabs(msg.path):
             raise _err(Errno.EINVAL, "the trace path must be absolute (the hypervisor has its own cwd)")
+        if self.trace is not None:
+            raise _err(Errno.EBUSY, f"a trace is already being recorded to {self.trace.path} (stop it first)")
         try:
             # A caller names the file, the hypervisor writes it: a new file only, so
             # that no request can make it clobber an existing one (or follow a link).
-            self.start_trace(msg.path, exclusive=True)
+            self.start_trace(msg.path, exclusive=True, mask=msg.mask)
         except FileExistsError as exc:
             raise _err(Errno.EBUSY, f"{msg.path} exists: a trace is only written to a new file") from exc
         except OSError as exc:
@@ -671,11 +742,29 @@ class HypervisorDaemon:
         return await self._restricting(be, msg.gfns, results)
 
     # ------------------------------------------------------------ life
+    #: How long a stopping hypervisor keeps answering after destroying its domains, so that their guests and
+    #: daemons learn the domain was destroyed (and exit 0) rather than that the hypervisor vanished: at least
+    #: STOP_LINGER when it had guests (a guest asks on a new connection once it sees its own closed), then
+    #: until every connection has gone, at most STOP_GRACE.
+    STOP_GRACE = 5.0
+    STOP_LINGER = 1.0
+
+    async def _stop_domains(self, server: ControlServer) -> None:
+        """A clean stop: destroy every domain, then serve until their guests and daemons have asked and gone."""
+        had_guests = any(be.guest is not None for be in self.backends.values())
+        for domid in list(self.backends):
+            self._destroy(domid)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while loop.time() < start + self.STOP_GRACE and (
+                server.connections or (had_guests and loop.time() < start + self.STOP_LINGER)):
+            await asyncio.sleep(0.05)
+
     async def serve(self, ready: Callable[[], None] | None = None) -> None:
         prepare_run_dir(self.run_dir)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
         try:
             async with ControlServer(self.socket_path, self.handle, on_disconnect=self.on_disconnect,
@@ -687,11 +776,12 @@ class HypervisorDaemon:
                     ready()
                 await stop.wait()
                 log.info("stopping")
+                await self._stop_domains(server)
         finally:
             for domid in list(self.backends):
                 self._destroy(domid)
             self.stop_trace()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             try:
                 os.unlink(self.socket_path)

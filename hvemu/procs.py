@@ -37,6 +37,21 @@ def child_setup(cpus: set[int] | None = None) -> Callable[[], None]:
     return setup
 
 
+#: Clock ticks per second of ``/proc/PID/stat``'s CPU times.
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ticks(pid: int) -> tuple[int, int]:
+    """``utime``/``stime`` of ``pid`` in clock ticks (``/proc/PID/stat`` fields 14, 15; ``OSError`` if gone).
+
+    The command name may hold spaces and parentheses, so fields are counted
+    from the last ``)``.
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return int(fields[11]), int(fields[12])
+
+
 def status_field(pid: int, name: str) -> str | None:
     """A field of ``/proc/PID/status`` (``VmRSS``, ``Cpus_allowed_list``...) as printed; None if absent."""
     with open(f"/proc/{pid}/status") as f:

@@ -293,6 +293,21 @@ class DomainInfo(Msg):
     domid: int
 
 
+class HostInfo(Msg):
+    """The host as a whole, as ``xl info`` shows it."""
+
+
+class HostInfoReply(Msg):
+    total_frames: int
+    used_frames: int
+    policy: str
+    #: Slots of every ring this hypervisor makes.
+    ring_size: int
+    domains: int
+    #: The trace file being recorded ("" if none).
+    tracing: str = ""
+
+
 # --------------------------------------------------------------------------
 # Guest exits (guest role, own domain only).  The reply to an exit that
 # paused the vCPU comes when the vCPU runs again: the guest then retries.
@@ -340,6 +355,22 @@ class TrapInjected(Msg):
     vector: int
 
 
+class DomainPause(Msg):
+    """``xl pause``: every vCPU stops at its next step until :class:`DomainUnpause` (both idempotent)."""
+
+    domid: int
+
+
+class DomainUnpause(Msg):
+    domid: int
+
+
+class GuestYield(Msg):
+    """A vCPU found its domain paused by the toolstack: the reply comes when it may run again."""
+
+    vcpu: int
+
+
 class InjectTrap(Msg):
     """``HVMOP_inject_trap``: deliver ``vector`` to a vCPU on its next entry (xen-access re-injects INT3)."""
 
@@ -365,9 +396,11 @@ class SetHvmParam(Msg):
 
 
 class TraceStart(Msg):
-    """Record every ring event to ``path`` (format: :mod:`hvemu.trace`)."""
+    """Record ring events to ``path`` (format: :mod:`hvemu.trace`); ``EBUSY`` while a trace is recorded."""
 
     path: str
+    #: Events recorded, bit ``1 << TraceEvent`` each (``hvemu.trace.event_mask``); -1: every event.
+    mask: int = -1
 
 
 class TraceStop(Msg):
@@ -384,14 +417,17 @@ TOOL_REQUESTS = (
     | MemEventEnable | MemEventDisable | MemEventResume
     | PagingNominate | PagingEvict | PagingPrep | PagingLoad
     | AccessSet | AccessGet | AccessRequired | MapForeign | UnmapForeign | SetTarget | GetTarget | Stats
-    | DomainInfo | InjectTrap | DebugControl
+    | DomainInfo | InjectTrap | DebugControl | DomainPause | DomainUnpause | GuestYield | HostInfo
     | GuestAccess | GuestBalloonOut | GuestTrap | SetHvmParam | TraceStart | TraceStop
 )
 
 Request = TOOL_REQUESTS
+#: What only a guest connection may send: its vCPUs' exits (and hypercalls) for its own domain.
+GUEST_EXITS = (GuestAccess, GuestBalloonOut, GuestTrap, GuestYield)
 Reply = (
     Ok | Error | BatchResult | Welcome | DomainCreated | DomainListReply
     | MemEventEnabled | ForeignPages | StatsReply | TargetReply | TraceStopped | AccessReply | TrapInjected
+    | HostInfoReply
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -10,7 +10,12 @@ would otherwise turn the hypervisor's next access to the mapping into a
 
 A read-only twin (an ``O_RDONLY`` open of the same object, through
 ``/proc/self/fd``) is what a less trusted process gets when it may only look
-(the p2m table): it can neither map it writable nor resize it.
+(the p2m table).  ``O_RDONLY`` alone does not keep it from writing: anyone
+holding the fd can open ``/proc/self/fd/N`` again, read-write.  So a segment
+with a read-only twin is also sealed with ``F_SEAL_FUTURE_WRITE`` once the
+hypervisor has mapped it: no ``write``, no new writable mapping, no
+``mprotect`` to writable and no hole punched, by anyone; the hypervisor's
+own mapping, made before the seal, is the only way to change it.
 
 ``multiprocessing.shared_memory`` is not used: its resource tracker may unlink
 segments that other processes still use (DESIGN section 8).  Like a POSIX shm
@@ -29,6 +34,8 @@ import posix_ipc
 NAME_PREFIX = "hvemu-"
 #: Seals every segment carries once sized: nobody may change its size, or the seals.
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+#: Linux >= 5.1: writes only through mappings that exist already (Python 3.11's fcntl lacks the name).
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 MODE = 0o600
 
 
@@ -43,11 +50,14 @@ class Segment:
         try:
             os.fchmod(fd, MODE)  # a memfd is created 0777
             os.ftruncate(fd, size)
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+            self.map = mmap.mmap(fd, size, mmap.MAP_SHARED)
             if read_only_twin:
                 ro_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-            self.map = mmap.mmap(fd, size, mmap.MAP_SHARED)
+            # The seal comes after our mapping, which it spares; F_SEAL_SEAL last.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS | (F_SEAL_FUTURE_WRITE if read_only_twin else 0))
         except BaseException:
+            if hasattr(self, "map"):
+                self.map.close()
             for f in (fd, ro_fd):
                 if f >= 0:
                     os.close(f)

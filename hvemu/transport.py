@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import errno as _errno
 import itertools
 import logging
@@ -56,6 +57,7 @@ import msgspec
 
 from hvemu import protocol
 from hvemu.abi import Errno
+from hvemu.buffer_budget import BufferBudget
 from hvemu.protocol import HEADER_SIZE, MAX_FRAME, FrameDecoder, Msg, ProtocolError
 
 log = logging.getLogger("hvemu.transport")
@@ -74,6 +76,9 @@ _PEERCRED = struct.Struct("3i")
 _MSG_NOSIGNAL = int(socket.MSG_NOSIGNAL)
 _MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
+#: Bytes of requests a server holds for all its clients at once (partial frames,
+#: and complete ones not yet served): past it, no client brings in the OOM killer.
+MAX_BUFFERED = 32 << 20
 #: How often a connection whose peer half-closed is checked for a full hang-up.
 HANGUP_POLL = 0.25
 
@@ -364,6 +369,12 @@ class _Io:
         for write in (False, True):
             self._unregister(write)
 
+    def interrupt(self, exc: BaseException) -> None:
+        """Fail the waiters of now, without closing (they may retry)."""
+        for fut in list(self._waiters.values()):
+            if not fut.done():
+                fut.set_exception(exc)
+
     def abort(self, exc: BaseException) -> None:
         """Unregister from the loop and fail any waiter (before the fd is closed)."""
         self._closed = exc
@@ -579,10 +590,19 @@ class FramedStream:
     """
 
     def __init__(self, sock: socket.socket, *, max_frame: int = MAX_FRAME, max_fds: int = MAX_FDS,
-                 recv_size: int = RECV_SIZE) -> None:
+                 recv_size: int = RECV_SIZE, budget: BufferBudget | None = None) -> None:
         sock.setblocking(False)
         self.sock: socket.socket | None = sock
+        #: A server's budget of request bytes (see :mod:`hvemu.buffer_budget`): what this
+        #: stream holds is its partial frame plus the frames handed out and not yet
+        #: given back with :meth:`release`.  None: unbounded (a client reading replies).
+        self._budget = budget
+        self._outstanding = 0
+        self._failed: BaseException | None = None
+        if budget is not None:
+            budget.register(self, self.fail)
         self._io = _Io(sock)
+        self._max_frame = max_frame
         self._asm = FrameAssembler(max_frame)
         self._frames: deque[Frame] = deque()
         self._max_fds = max_fds
@@ -627,26 +647,41 @@ class FramedStream:
 
         Raises :class:`TruncatedFrame` at EOF inside a frame and a fatal
         :class:`ProtocolError` when the stream breaks the framing (only after
-        the good frames before the fault were returned).
+        the good frames before the fault were returned), or when the
+        budget's bytes it held were reclaimed (:class:`~hvemu.buffer_budget.BufferFull`).
+        With a budget, the bytes of the frames returned count as held until
+        given back with :meth:`release`.
         """
         if self._frames:
             out = list(self._frames)
             self._frames.clear()
             return out
+        budget = self._budget
         while True:
             sock = self._sock()
+            if self._failed is not None:
+                self._drop_partial()
+                raise self._failed
             if self._asm.fatal is not None:
                 raise self._asm.fatal
             if self.eof:
                 return []
-            if self._drained:
-                self._drained = False
-                await self._io.wait(False)
-                continue
+            try:
+                if budget is not None and not budget.admits(self):
+                    await budget.wait_for_room(self, self._check_peer)
+                    continue
+                if self._drained:
+                    self._drained = False
+                    await self._io.wait(False)
+                    continue
+            except ProtocolError as exc:  # reclaimed, while waiting for room or for bytes
+                self._failed = exc
+                self._drop_partial()
+                raise
             try:
                 n, fds, ctrunc = _recv_into(sock, self._buf, self._max_fds)
             except (BlockingIOError, InterruptedError):
-                await self._io.wait(False)
+                self._drained = True
                 continue
             self._drained = n < len(self._buf)
             data = self._buf[:n].tobytes()
@@ -657,8 +692,36 @@ class FramedStream:
                     raise TruncatedFrame(self._asm.pending)
                 return []
             frames = self._asm.feed(data, fds, ctrunc)
+            if budget is not None:
+                self._outstanding += sum(len(f.body) for f in frames)
+                self._account()
             if frames:
                 return frames
+
+    def release(self, frame: Frame) -> None:
+        """A frame :meth:`read_frames` returned is served: its bytes no longer count as held."""
+        if self._budget is not None:
+            self._outstanding -= len(frame.body)
+            self._account()
+
+    def fail(self, exc: BaseException) -> None:
+        """End reading with ``exc`` (the budget reclaimed this stream's bytes); the reader raises it."""
+        self._failed = exc
+        self._io.interrupt(exc)
+
+    def _check_peer(self) -> None:
+        """Raise :class:`ConnectionClosed` if the peer hung up (for a reader that cannot read now)."""
+        if self.sock is None or _hung_up(self.sock):
+            raise ConnectionClosed("connection closed by peer")
+
+    def _drop_partial(self) -> None:
+        """Let go of the bytes of the frame in progress (the stream is failed: it will not complete)."""
+        self._asm.close()
+        self._asm = FrameAssembler(self._max_frame)
+
+    def _account(self) -> None:
+        if self._budget is not None and self._failed is None:
+            self._budget.set_held(self, self._asm.pending + self._outstanding)
 
     async def recv_frame(self) -> Frame:
         """The next frame; raises :class:`ConnectionClosed` at a clean EOF."""
@@ -683,10 +746,31 @@ class FramedStream:
                 return
             left -= n
 
+    async def hang_up(self, timeout: float) -> None:
+        """Shut down writing, wait (at most ``timeout`` s) for the peer to close, then close.
+
+        A server closes its end only after it has finished with the
+        connection (a :class:`ControlServer` runs ``on_disconnect`` in the
+        same step), so when this returns on the peer's EOF, whatever the
+        server does on a disconnect is done.  Whatever still arrives is dropped.
+        """
+        sock = self.sock
+        if sock is not None and self.broken is None:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+                async with asyncio.timeout(timeout):
+                    while await self.read_frames():
+                        pass
+            except (OSError, ProtocolError, TimeoutError):
+                pass
+        self.close()
+
     def close(self) -> None:
         sock, self.sock = self.sock, None
         if sock is None:
             return
+        if self._budget is not None:
+            self._budget.forget(self)
         self._io.abort(ConnectionClosed("connection closed"))
         self._asm.close()
         for frame in self._frames:
@@ -791,6 +875,21 @@ class Connection:
     async def close(self) -> None:
         """Close the connection; a call in progress fails with :class:`ConnectionClosed`."""
         self._stream.close()
+
+    async def hang_up(self, timeout: float = 5.0) -> None:
+        """Close, and return once the server has seen the close (or after ``timeout`` s).
+
+        What the server does when a client goes away (a daemon's ring left
+        orphaned for the next one) is done when this returns: a successor
+        that connects at once is not refused ``EBUSY``.  A plain :meth:`close`
+        returns before the server has even noticed.  No call may be in progress.
+        """
+        async with self._lock:
+            frames = self._stale
+            self._stale = 0
+            if frames:
+                log.debug("hanging up with %d replies unread", frames)
+            await self._stream.hang_up(timeout)
 
     async def __aenter__(self) -> Connection:
         return self
@@ -975,7 +1074,7 @@ class ControlServer:
                  on_disconnect: Callable[[ConnState], object] | None = None,
                  check_peer: Callable[[int], bool] | None = None,
                  backlog: int = 128, mode: int = 0o600, max_frame: int = MAX_FRAME,
-                 queue_depth: int = 64) -> None:
+                 queue_depth: int = 64, max_buffered: int = MAX_BUFFERED) -> None:
         self.path = path
         self._handler = handler
         self._on_disconnect = on_disconnect
@@ -984,6 +1083,9 @@ class ControlServer:
         self._mode = mode
         self._max_frame = max_frame
         self._queue_depth = queue_depth
+        #: Request bytes held for all connections, and for each (see :mod:`hvemu.buffer_budget`);
+        #: the total always leaves room for one frame of the largest size.
+        self.buffers = BufferBudget(max(max_buffered, max_frame + HEADER_SIZE + RECV_SIZE), 2 * max_frame)
         self._listener: socket.socket | None = None
         self._inode: tuple[int, int] | None = None
         self._main: asyncio.Task[None] | None = None
@@ -1066,16 +1168,28 @@ class ControlServer:
             finally:
                 probe.close()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Bound and listening under a private name first, then renamed into place: a
+        # client that sees the socket file can connect (no ECONNREFUSED before listen).
+        # The name is no longer than the real one (a socket path has at most 107 bytes).
+        staging = os.path.join(os.path.dirname(path), f".{os.getpid()}")
+        if len(staging) > len(path):
+            staging = path
         try:
             sock.setblocking(False)
-            sock.bind(path)
+            if staging != path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(staging)
+            sock.bind(staging)
             try:
-                os.chmod(path, self._mode)
+                os.chmod(staging, self._mode)
+                sock.listen(self._backlog)
+                if staging != path:
+                    os.rename(staging, path)
                 st = os.stat(path)
                 self._inode = (st.st_dev, st.st_ino)
-                sock.listen(self._backlog)
             except BaseException:
-                os.unlink(path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(staging)
                 raise
         except BaseException:
             sock.close()
@@ -1121,7 +1235,7 @@ class ControlServer:
         stream: FramedStream | None = None
         try:
             pid, uid, gid = peer_credentials(sock)
-            stream = FramedStream(sock, max_frame=self._max_frame, max_fds=0)
+            stream = FramedStream(sock, max_frame=self._max_frame, max_fds=0, budget=self.buffers)
             if self._check_peer is not None and not self._check_peer(uid):
                 log.warning("refusing connection from pid %d uid %d", pid, uid)
                 err = protocol.Error(errno=Errno.EPERM, message=f"uid {uid} may not use this control socket")
@@ -1220,7 +1334,10 @@ class ControlServer:
                         stream.discard_input()
                     return
                 state.requests += 1
-                reply, fds = await self._answer(state, item)
+                try:
+                    reply, fds = await self._answer(state, item)
+                finally:
+                    stream.release(item)
                 await self._send_reply(state, stream, reply, fds)
             except OSError as exc:
                 log.debug("%s: peer gone while replying: %s", state, exc)

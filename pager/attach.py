@@ -446,7 +446,7 @@ class Attach:
             self._ring_map.close()
             self._ring_map = None
         if self.conn is not None:
-            await self.conn.close()
+            await self.conn.hang_up()  # a ring left orphaned is free for a successor when we exit
             self.conn = None
 
     # ------------------------------------------------------------ run

@@ -8,10 +8,11 @@ victim policy from :mod:`pager.policy`.  It uses the public SDK
 (:mod:`pager.sdk`) only.
 
 How it works, like ``xenpaging``: a serving task drains the ring and answers
-each drain at once (one prep domctl for every page of the drain, each page
-read from the pagefile straight into its guest frame, all responses
-published with one index update and one kick, on which the hypervisor
-resumes the ring); an eviction task keeps the resident size at the target (read from
+each drain at once (each page read from the pagefile straight into the
+paging ring's load area, staged with its response, all responses published
+with one index update and one kick, on which the hypervisor loads the pages
+and resumes the ring; a ring without a load area gets one load domctl per
+drain that also resumes it); an eviction task keeps the resident size at the target (read from
 the hypervisor, so a changed target is followed at run time), evicting in
 batches (nominate, copy to the pagefile, evict: a page touched in between
 fails its evict and stays).  On a clean stop it pages everything back in
@@ -25,6 +26,7 @@ import asyncio
 import logging
 import random
 import time
+from typing import Any
 
 from hvemu import abi, protocol
 from hvemu.abi import MemEvent, MemEventFlag, P2MType
@@ -32,7 +34,7 @@ from pager.defaults import EVICT_BATCH
 from pager.gfns import GfnsOfType, gfns_in
 from pager.pagefile import PageStore, copy_out
 from pager.progress import Progressbar
-from pager.sdk import Domctl, MemEventClient, SdkError, response_for
+from pager.sdk import DomainGone, Domctl, MemEventClient, SdkError, response_for
 
 log = logging.getLogger("pager")
 
@@ -44,6 +46,14 @@ _NO_LOAD = int(MemEventFlag.DROP_PAGE | MemEventFlag.EVICT_FAIL | MemEventFlag.D
 LOAD_BATCH_MAX = protocol.MAX_FRAME // 2 // abi.PAGE_SIZE
 _RAM_RW = int(P2MType.ram_rw)
 _RAM_PAGING_OUT = int(P2MType.ram_paging_out)
+
+
+def _first(group: BaseExceptionGroup[Any]) -> Any:
+    """The first leaf of an exception group (what one of the pager's tasks raised)."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 class Pager:
@@ -62,9 +72,18 @@ class Pager:
         the guest gave back a gfn that was paged out (its saved copy is garbage).
 
     ``pagefile`` is any :class:`PageStore` (a :class:`~pager.pagefile.Pagefile`
-    is one).  A page is written to it after nominate and before evict, and read
-    back for every page-in: nothing is ever lost as long as it keeps what it
-    is given.
+    is one).  A page is written to it after nominate and before evict, read
+    back for every page-in, and discarded once the page is in again (or the
+    gfn was given back, or its evict failed): nothing is ever lost as long as
+    it keeps what it is given until then.
+
+    Order, per gfn, guaranteed: a gfn being paged in (its load sent) or out
+    (nominated) is never offered to :meth:`choose_victims`, and a page-in is
+    reported (the store's ``discard``, then :meth:`on_populate`) before the
+    gfn can be nominated again.  Eviction runs in its own task, concurrently
+    with serving; without this a gfn could go out again between its load and
+    the report of that load, and a store that freed its copy on the report
+    would free the new copy.
     """
 
     def __init__(self, client: MemEventClient, pagefile: PageStore, *,
@@ -103,12 +122,13 @@ class Pager:
         self._target = 1 << 62
         self._resident = 0
         self._paging_in_seen: set[int] = set()
-        #: Gfns the serving task is paging in (prepped, maybe not filled yet): no sweep may load them.
-        self._in_flight: set[int] = set()
-        #: Requests of gfns whose fill failed, by gfn: prepared frames nobody may make ``ram_rw`` yet.
+        #: Gfns on their way in (load sent, not yet reported) or out (nominated,
+        #: evict not yet returned): no victim policy may pick them meanwhile.
+        self._busy: set[int] = set()
+        #: Requests whose page could not be read, by gfn: unanswered until :meth:`retry_unfilled` reads it.
         self._unfilled: dict[int, list[MemEvent]] = {}
-        #: Whether the last push notified the hypervisor.
-        self._notified = False
+        #: Why :meth:`run` ended without ``stop``: the domain went away (None: it did not).
+        self.gone: DomainGone | None = None
 
     # ------------------------------------------------------------- hooks
     def choose_victims(self, candidates: GfnsOfType, count: int) -> list[int]:
@@ -123,10 +143,21 @@ class Pager:
         return gfns_in(candidates).sample(count, self.rng)
 
     def on_populate(self, gfns: list[int]) -> None:
-        """``gfns`` were just paged back in (loaded and made ``ram_rw``)."""
+        """``gfns`` were just paged back in (loaded: their pages are in the guest's memory).
+
+        Called after the store's ``discard`` of the same gfns and before any
+        of them can be nominated again (so a policy may note them, and a
+        store may be freed here too).
+        """
 
     def on_drop(self, gfn: int) -> None:
-        """The guest gave ``gfn`` back while it was paged out: its saved copy is garbage now."""
+        """The guest gave ``gfn`` back while it was paged out (the store's copy is already discarded)."""
+
+    def _paged_in(self, gfns: list[int]) -> None:
+        """Report a page-in: the store lets go of the copies, then the hook hears of it."""
+        if gfns:
+            self.pagefile.discard(gfns)
+            self.on_populate(gfns)
 
     # ------------------------------------------------------------- serving
     async def serve(self) -> None:
@@ -135,39 +166,41 @@ class Pager:
             await self.handle_batch(batch)
 
     async def handle_batch(self, batch: list[MemEvent]) -> None:
-        if self.unbatched and batch:  # (an empty batch: only staged pages that found no memory came back)
+        """Answer one drain (every request of it), loading its pages first."""
+        if self.client.can_stage_pages:
+            if self.unbatched and batch:  # (an empty batch: only staged pages that found no memory came back)
+                for req in batch:
+                    if not await self._handle_staged([req]):
+                        self.client.kick()  # one notify per response, even when ring.h would skip it
+            else:
+                await self._handle_staged(batch)
+            return
+        if self.unbatched:
             for req in batch:
-                await self._handle([req])
-                if not self._notified:
+                if not await self._handle([req], merged=False):
                     self.client.kick()  # one notify per response, even when ring.h would skip it
             return
         await self._handle(batch)
 
-    async def _handle(self, batch: list[MemEvent]) -> None:
-        if self.client.can_stage_pages:
-            await self._handle_staged(batch)
-        else:
-            await self._handle_prepped(batch)
-
-    async def _handle_staged(self, batch: list[MemEvent]) -> None:
+    async def _handle_staged(self, batch: list[MemEvent]) -> bool:
         """Answer one drain with no domctl: each page staged with its response, one push and kick.
 
         Each page is read from the pagefile straight into the ring's load
         area (:meth:`~pager.sdk.MemEventClient.respond_with_page`); the
         hypervisor, on the kick, loads every staged page as it consumes its
         response, so the vCPU runs with its page in.  A page whose read
-        failed gets no response (its request waits in :attr:`_unfilled`); a
-        page that found no host memory comes back marked, and is loaded
-        with a ``PagingLoad`` after making room (its vCPU waits on the gfn).
+        failed gets no response (a response would expose whatever the frame
+        holds): its requests wait in :attr:`_unfilled` for
+        :meth:`retry_unfilled`.  A page that found no host memory comes back
+        marked and is loaded with a ``PagingLoad`` after making room (its
+        vCPU waits on the gfn).  Returns whether the hypervisor was notified.
         """
         client = self.client
         self.requests += len(batch)
         failed = client.take_load_failures()
         if failed:
             self.pages_in -= len(failed)
-            loaded = await self._load(failed)
-            if loaded:
-                self._loaded(loaded)
+            await self._load_unrequested(failed)
         staged: list[int] = []
         for req in batch:
             flags = req.flags
@@ -175,6 +208,7 @@ class Pager:
             if flags & _NO_LOAD or gfn in staged:
                 if flags & _DROP_PAGE:
                     self.drops += 1
+                    self.pagefile.discard([gfn])
                     self.on_drop(gfn)
                 elif flags & _EVICT_FAIL:
                     self.evict_failed += 1
@@ -187,127 +221,123 @@ class Pager:
                 self._unfilled.setdefault(gfn, []).append(req)
                 continue
             staged.append(gfn)
-        self._notified = await client.push()
+        notified = await client.push()
         if staged:
-            self._loaded(staged)
-
-    async def _handle_prepped(self, batch: list[MemEvent]) -> None:
-        """Answer one drain: one prep domctl for its pages, each filled in place, one push and kick.
-
-        No page travels in a message: after the prep the pager reads each
-        page from its pagefile straight into the guest's frame (through its
-        mapping of guest memory), and the responses published with one index
-        update plus one kick make the hypervisor resume the ring, which turns
-        the prepared gfns ``ram_rw`` and unpauses their vCPUs.  A gfn whose
-        fill failed gets no response (it would expose a frame the pager did
-        not fill): its requests wait in :attr:`_unfilled` for
-        :meth:`retry_unfilled`, and their vCPUs stay paused meanwhile.
-        """
-        self.requests += len(batch)
-        to_load: dict[int, None] = {}
-        for req in batch:
-            if not req.flags & _NO_LOAD:
-                to_load[req.gfn] = None
-        in_flight = self._in_flight
-        in_flight.update(to_load)
-        try:
-            loaded, failed = await self._prep_and_fill(list(to_load)) if to_load else ([], set())
-            client = self.client
-            for req in batch:
-                flags = req.flags
-                if flags & _DROP_PAGE:
-                    self.drops += 1
-                    self.on_drop(req.gfn)
-                elif flags & _EVICT_FAIL:
-                    self.evict_failed += 1
-                elif req.gfn in failed:
-                    self._unfilled.setdefault(req.gfn, []).append(req)
-                    continue
-                client.respond(response_for(req))
-            self._notified = await client.push()
-        finally:
-            in_flight.difference_update(to_load)
-        if loaded:
-            self._loaded(loaded)
-
-    def _loaded(self, gfns: list[int]) -> None:
-        self.pages_in += len(gfns)
-        self.on_populate(gfns)
-        self._resident += len(gfns)
-        if self._resident > self._target:
-            self._paged_in_event.set()
-
-    async def _prep_and_fill(self, gfns: list[int]) -> tuple[list[int], set[int]]:
-        """Prep (on ENOMEM make room by evicting, then retry) and fill each gfn; ``(filled, fill failed)``.
-
-        A gfn prep answers ``ENOENT`` for is no longer paged (a duplicate
-        request): its response suffices.  One still without memory after the
-        retries is answered all the same, as Xen's pager would: its vCPU
-        re-executes, waits on the gfn, and the stranded sweep loads it later.
-        """
-        client = self.client
-        filled: list[int] = []
-        failed: set[int] = set()
-        pending = gfns
-        for _attempt in range(8):
-            results = await client.prep(pending)
-            retry = []
-            for g, r in zip(pending, results, strict=True):
-                if r is None:
-                    try:
-                        client.fill(g, self.pagefile)
-                    except OSError as exc:
-                        log.warning("dom%d: filling gfn %#x failed (%s): it stays out, its request waits",
-                                    client.domid, g, exc)
-                        failed.add(g)
-                    else:
-                        filled.append(g)
-                elif r == abi.Errno.ENOMEM:
-                    retry.append(g)
-            pending = retry
-            if not pending:
-                break
-            await self.evict_batch(len(pending))
-        if pending:
-            log.warning("dom%d: host memory exhausted, %d page-ins deferred to the guest's retry",
-                        client.domid, len(pending))
-        return filled, failed
+            self.pages_in += len(staged)
+            self._paged_in(staged)
+            self._resident += len(staged)
+            if self._resident > self._target:
+                self._paged_in_event.set()
+        return notified
 
     async def retry_unfilled(self) -> int:
-        """Fill again the gfns whose fill failed, and answer their requests; how many were answered."""
+        """Read again the pages whose read failed and answer their requests; how many were answered."""
         if not self._unfilled:
             return 0
         waiting, self._unfilled = self._unfilled, {}
         batch = [req for reqs in waiting.values() for req in reqs]
         self.requests -= len(batch)  # counted when they first came
-        await self._handle(batch)
-        if not self._notified:
+        if not await self._handle_staged(batch):
             self.client.kick()
         return len(batch) - sum(len(r) for r in self._unfilled.values())
 
-    async def _load(self, gfns: list[int]) -> list[int]:
-        """Load gfns with no request to answer (``PagingLoad``: allocate, fill, retype in one domctl).
+    async def _load_unrequested(self, gfns: list[int]) -> list[int]:
+        """Load gfns no request is left for (``PagingLoad``), keeping them from victim choice meanwhile."""
+        chunk = [g for g in gfns if g not in self._busy]
+        self._busy.update(chunk)
+        try:
+            loaded = await self._load(chunk)
+            self.pages_in += len(loaded)
+            self._paged_in(loaded)
+        finally:
+            self._busy.difference_update(chunk)
+        return loaded
 
-        On ENOMEM make room by evicting, then retry.
+    def _not_loadable(self) -> set[int]:
+        """Gfns no load may cross: staged with a response not yet consumed (the copy could go stale
+        once loaded, written and paged out again), or waiting for a read that failed."""
+        out = set(self._unfilled)
+        if self.client.can_stage_pages:
+            out |= self.client.staged()
+        return out
+
+    async def _handle(self, batch: list[MemEvent], *, merged: bool = True) -> bool:
+        """Answer one drain: every response with one push, every page with one load domctl.
+
+        The responses are published first and the load resumes the ring in
+        the same domctl (``resume=True``): one round trip and no event-channel
+        kick per drain.  The hypervisor looks at responses only when it
+        resumes, which it does after loading, so no vCPU runs before its page
+        is in (a pager killed in between leaves published, unconsumed
+        responses, which a re-attach rolls back).  ``merged=False`` is the
+        classic order (load, push, notify), kept for the unbatched mode.
+        Returns whether the hypervisor was resumed or notified.
+        """
+        self.requests += len(batch)
+        to_load: dict[int, None] = {}
+        for req in batch:
+            if req.flags & _NO_LOAD:
+                continue
+            to_load[req.gfn] = None
+        busy = [g for g in to_load if g not in self._busy]  # (a gfn may be in a stranded load already)
+        self._busy.update(busy)
+        try:
+            merge = merged and bool(to_load)
+            loaded: list[int] = [] if merge else await self._load(list(to_load))
+            for req in batch:
+                if req.flags & _DROP_PAGE:
+                    self.drops += 1
+                    self.pagefile.discard([req.gfn])
+                    self.on_drop(req.gfn)
+                elif req.flags & _EVICT_FAIL:
+                    self.evict_failed += 1
+                self.client.respond(response_for(req))
+            if merge:
+                await self.client.push(notify=False)
+                loaded = await self._load(list(to_load), resume=True)
+                notified = True
+            else:
+                notified = await self.client.push()
+            if loaded:
+                self.pages_in += len(loaded)
+                self._paged_in(loaded)
+                self._resident += len(loaded)
+                if self._resident > self._target:
+                    self._paged_in_event.set()
+        finally:
+            self._busy.difference_update(busy)
+        return notified
+
+    async def _load(self, gfns: list[int], *, resume: bool = False) -> list[int]:
+        """Read the pagefile and load; on ENOMEM make room by evicting, then retry.
+
+        ``resume``: the paging ring is resumed by the time this returns, by
+        the load that finds memory for every gfn, or else by a kick at the end.
         """
         loaded: list[int] = []
         pending = gfns
+        resumed = not resume
         for _attempt in range(8):
             if not pending:
                 break
-            results = await self.client.load(pending, [self.pagefile.read(g) for g in pending])
+            results = await self.client.load(pending, [self.pagefile.read(g) for g in pending], resume=not resumed)
             retry = []
             for g, r in zip(pending, results, strict=True):
                 if r is None:
                     loaded.append(g)
                 elif r == abi.Errno.ENOMEM:
                     retry.append(g)
-                # EINVAL etc: the gfn is no longer paged; nothing to do.
+                # EINVAL etc: the gfn is no longer paged (a duplicate request); the response suffices.
+            if not retry:
+                resumed = True  # the hypervisor resumed after this load (see PagingLoad.resume)
             pending = retry
             if pending:
                 await self.evict_batch(len(pending))
         if pending:
-            log.warning("dom%d: host memory exhausted, %d loads deferred", self.client.domid, len(pending))
+            log.warning("dom%d: host memory exhausted, %d page-ins deferred to the guest's retry",
+                        self.client.domid, len(pending))
+        if not resumed:
+            self.client.kick()
         return loaded
 
     # ------------------------------------------------------------- eviction
@@ -317,30 +347,38 @@ class Pager:
         return types.count(_RAM_RW) + types.count(_RAM_PAGING_OUT)
 
     async def evict_batch(self, count: int) -> int:
-        """Nominate, copy and evict up to ``count`` pages; returns how many left."""
+        """Nominate, copy and evict up to ``count`` pages; returns how many left.
+
+        Gfns on their way in or out (see the class) are not victims, even if
+        the policy picks them: they are ``ram_rw`` for the hypervisor yet, but
+        not for the store.  The copies of pages whose evict failed (touched
+        since nominate: their frame stays) are discarded.
+        """
         candidates = self.client.gfns_view(P2MType.ram_rw)
-        victims = self.choose_victims(candidates, min(count, self.batch))
+        busy = self._busy
+        victims = [g for g in dict.fromkeys(self.choose_victims(candidates, min(count, self.batch)))
+                   if g not in busy]
         if not victims:
             return 0
-        nominated = [g for g, r in zip(victims, await self.evictor.nominate(victims), strict=True) if r is None]
-        if not nominated:
-            return 0
-        mem = self.client.memory
-        assert mem is not None
-        copy_out(self.pagefile, mem, nominated)
-        results = await self.evictor.evict(nominated)
-        evicted = sum(1 for r in results if r is None)
+        busy.update(victims)
+        try:
+            nominated = [g for g, r in zip(victims, await self.evictor.nominate(victims), strict=True)
+                         if r is None]
+            if not nominated:
+                return 0
+            mem = self.client.memory
+            assert mem is not None
+            copy_out(self.pagefile, mem, nominated)
+            results = await self.evictor.evict(nominated)
+            kept = [g for g, r in zip(nominated, results, strict=True) if r is not None]
+            if kept:
+                self.pagefile.discard(kept)
+        finally:
+            busy.difference_update(victims)
+        evicted = len(nominated) - len(kept)
         self.pages_out += evicted
         self._resident -= evicted  # the eviction loop's estimate, whoever evicted (e.g. room for a load)
         return evicted
-
-    def _busy(self) -> set[int]:
-        """Gfns on their way in by a path no load may cross: being prepared and filled, waiting for a
-        successful fill, or staged with a response the hypervisor has not consumed yet."""
-        busy = self._in_flight | self._unfilled.keys()
-        if self.client.can_stage_pages:
-            busy |= self.client.staged()
-        return busy
 
     async def load_stranded(self) -> int:
         """Load gfns left ``ram_paging_in`` with no request in sight.
@@ -352,20 +390,23 @@ class Pager:
         sweeps is loaded directly (a request that does turn up later is then
         answered as usual; its response finds ``ram_rw`` and only unpauses).
         """
-        # A gfn being paged in by the serving task, or whose fill failed, has
-        # a prepared frame that only its fill may make valid, and one staged
-        # with a response is loaded when that is consumed: never load them.
-        now = set(self.client.gfns_of_type(P2MType.ram_paging_in)) - self._busy()
-        stranded = sorted(now & self._paging_in_seen)
+        now = set(self.client.gfns_of_type(P2MType.ram_paging_in))
+        stranded = sorted(now & self._paging_in_seen - self._busy - self._not_loadable())
         self._paging_in_seen = now - set(stranded)
         if not stranded:
             return 0
         total = 0
         for i in range(0, len(stranded), self.load_batch):
-            loaded = await self._load(stranded[i:i + self.load_batch])
-            self.stranded_loaded += len(loaded)
-            self.pages_in += len(loaded)
-            self.on_populate(loaded)
+            chunk = stranded[i:i + self.load_batch]
+            chunk = [g for g in chunk if g not in self._busy]  # a request may have come for it meanwhile
+            self._busy.update(chunk)
+            try:
+                loaded = await self._load(chunk)
+                self.stranded_loaded += len(loaded)
+                self.pages_in += len(loaded)
+                self._paged_in(loaded)
+            finally:
+                self._busy.difference_update(chunk)
             total += len(loaded)
         return total
 
@@ -444,39 +485,56 @@ class Pager:
         total = 0
         while True:
             await self.retry_unfilled()
-            busy = self._busy()
+            waiting = self._not_loadable()
             out = [g for g in client.gfns_of_type(P2MType.ram_paged) + client.gfns_of_type(P2MType.ram_paging_in)
-                   if g not in busy]
+                   if g not in waiting]
             nominated = client.gfns_of_type(P2MType.ram_paging_out)
             if self.progress:
                 if bar is None:
                     total = len(out) + len(nominated)
                     bar = Progressbar(f"dom{client.domid}: paging everything in", total).__enter__()
                 bar.update(total - len(out) - len(nominated))
-            if not out and not nominated and not busy:
+            if not out and not nominated and not waiting:
                 if bar is not None:
                     bar.__exit__(None, None, None)
                 return
             if time.monotonic() > deadline:
                 raise SdkError(f"dom{client.domid}: {len(out) + len(nominated)} pages still out after {timeout}s")
             for i in range(0, len(out), self.load_batch):
-                chunk = out[i:i + self.load_batch]
-                results = await client.load(chunk, [self.pagefile.read(g) for g in chunk])
-                if abi.Errno.ENOMEM in results:
-                    raise SdkError(f"dom{client.domid}: host memory exhausted while paging everything in",
-                                   abi.Errno.ENOMEM)
-                self.pages_in += sum(1 for r in results if r is None)
+                chunk = [g for g in out[i:i + self.load_batch] if g not in self._busy]
+                self._busy.update(chunk)
+                try:
+                    results = await client.load(chunk, [self.pagefile.read(g) for g in chunk])
+                    if abi.Errno.ENOMEM in results:
+                        raise SdkError(f"dom{client.domid}: host memory exhausted while paging everything in",
+                                       abi.Errno.ENOMEM)
+                    loaded = [g for g, r in zip(chunk, results, strict=True) if r is None]
+                    self.pages_in += len(loaded)
+                    self._paged_in(loaded)
+                finally:
+                    self._busy.difference_update(chunk)
             if nominated:
                 mem = client.memory
                 assert mem is not None
                 for i in range(0, len(nominated), self.batch):
                     chunk = nominated[i:i + self.batch]
                     copy_out(self.pagefile, mem, chunk)  # the frames are final: nominated pages cannot be written
-                    await client.evict(chunk)
+                    results = await client.evict(chunk)
+                    kept = [g for g, r in zip(chunk, results, strict=True) if r is not None]
+                    if kept:
+                        self.pagefile.discard(kept)  # touched (or mapped) since: the frame stays, not the copy
             await asyncio.sleep(0)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve and evict until ``stop`` is set, then page everything in."""
+        """Serve and evict until ``stop`` is set, then page everything in; or until the domain goes.
+
+        The domain going away (its guest exited, it was destroyed or it
+        crashed: :class:`~pager.sdk.DomainGone`) is the normal end of a
+        pager, as for ``xenpaging``: ``run`` then returns, with the reason in
+        :attr:`gone`, rather than raising.  Anything else is raised as it is
+        (not wrapped in an ``ExceptionGroup``).
+        """
+        self.gone = None
         self.evictor = await self.client.open_domctl()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -488,6 +546,13 @@ class Pager:
                 await self.page_in_all()
                 serve.cancel()
             await self.drain_unanswered()
+        except BaseExceptionGroup as group:
+            gone, rest = group.split(DomainGone)
+            if rest is not None:
+                raise _first(rest)  # noqa: B904 - the group stays the exception's __context__
+            assert gone is not None
+            self.gone = _first(gone)
+            log.info("dom%d: %s", self.client.domid, self.gone)
         finally:
             await self.evictor.close()
             self.evictor = self.client

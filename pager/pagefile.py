@@ -26,18 +26,43 @@ import json
 import mmap
 import os
 import stat
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Sequence
 from typing import Protocol
 
 from hvemu.abi import PAGE_SIZE
 
 
 class PageStore(Protocol):
-    """Where evicted pages live: one ``PAGE_SIZE`` slot per gfn."""
+    """Where evicted pages live: one ``PAGE_SIZE`` slot per gfn.
 
-    def write(self, gfn: int, data: bytes | memoryview) -> None: ...
+    :class:`pager.base.Pager` calls, for each gfn, ``write`` when it pages
+    the gfn out (after nominate, before evict), ``read`` when it pages it in,
+    and ``discard`` once the copy is no longer needed.
+    """
 
-    def read(self, gfn: int) -> bytes: ...
+    def write(self, gfn: int, data: bytes | memoryview) -> None:
+        """Keep ``data`` (one page) as the copy of ``gfn``, replacing any older copy."""
+        ...
+
+    def read(self, gfn: int) -> bytes:
+        """The copy of ``gfn``; zeros (``PAGE_SIZE`` of them) for a gfn never written.
+
+        A domain created on an overcommitted host starts with gfns paged out
+        that no pager ever stored: they are pages never written, i.e. zeros.
+        """
+        ...
+
+    def discard(self, gfns: Sequence[int]) -> None:
+        """The copies of ``gfns`` are garbage: free them (or keep them: nothing reads them again).
+
+        The safe point, guaranteed by :class:`pager.base.Pager`: each gfn's
+        page is in the guest's memory (a load of it succeeded: the
+        hypervisor never fills a frame twice), or the guest gave the gfn
+        back, or an evict of it failed (the page kept its frame), and no
+        eviction of the gfn has begun since; the next ``write`` of the gfn
+        comes after this call.
+        """
+        ...
 
 
 def copy_out(store: PageStore, memory: mmap.mmap, gfns: Iterable[int]) -> None:
@@ -61,6 +86,8 @@ class PagefileMismatch(Exception):
 
 
 class Pagefile:
+    """A :class:`PageStore` in a sparse file, slot ``g`` at ``g * PAGE_SIZE``, that survives the pager."""
+
     @classmethod
     def open_for(cls, path: str, gfns: int, *, handle: str, reattached: bool, paged_out: int,
                  live_handles: Container[str] = ()) -> Pagefile:
@@ -159,7 +186,7 @@ class Pagefile:
         record = _OWNER_MAGIC + json.dumps({"domain_handle": owner, "gfns": self.gfns}).encode() + b"\n"
         os.pwrite(self.fd, record.ljust(PAGE_SIZE, b"\0"), self.gfns * PAGE_SIZE)
 
-    def discard(self) -> None:
+    def clear(self) -> None:
         """Nothing of the domain is out any more: drop the pages and the owner record.
 
         Without its record, the file can no longer pass for the store of pages
@@ -167,12 +194,21 @@ class Pagefile:
         """
         os.ftruncate(self.fd, 0)
 
+    def discard(self, gfns: Sequence[int]) -> None:
+        """Nothing to do: a slot is overwritten when its gfn is next paged out.
+
+        A stale slot costs disk (the file is at most the guest's size), not
+        memory, and punching a hole per page-in would put a syscall per
+        drain on the pager's fault path for no gain.
+        """
+
     def _check(self, gfn: int) -> int:
         if not 0 <= gfn < self.gfns:
             raise ValueError(f"gfn {gfn} outside the pagefile's {self.gfns} slots")
         return gfn * PAGE_SIZE
 
     def write(self, gfn: int, data: bytes | memoryview) -> None:
+        """Write the page into the gfn's slot."""
         if len(data) != PAGE_SIZE:
             raise ValueError(f"a page is {PAGE_SIZE} bytes, got {len(data)}")
         n = os.pwrite(self.fd, data, self._check(gfn))
@@ -180,6 +216,7 @@ class Pagefile:
             raise OSError(f"short write to pagefile slot {gfn}: {n} bytes")
 
     def read(self, gfn: int) -> bytes:
+        """The gfn's slot (zeros if never written: the file is sparse)."""
         data = os.pread(self.fd, PAGE_SIZE, self._check(gfn))
         if len(data) != PAGE_SIZE:
             raise OSError(f"short read from pagefile slot {gfn}: {len(data)} bytes")
@@ -198,6 +235,7 @@ class Pagefile:
             raise OSError(f"short read from pagefile slot {gfn}: {n} bytes")
 
     def close(self) -> None:
+        """Close the file (and let go of its lock); the pages stay in it."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

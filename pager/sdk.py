@@ -162,6 +162,8 @@ class Domctl:
     def __init__(self, domid: int, conn: Connection | None = None) -> None:
         self.domid = domid
         self._conn = conn
+        #: Set once a call found the domain gone (:class:`DomainGone`): nothing more to do for it.
+        self.gone = False
 
     @classmethod
     async def open(cls, domid: int, socket_path: str) -> Domctl:
@@ -175,6 +177,7 @@ class Domctl:
         return cls(domid, conn)
 
     async def close(self) -> None:
+        """Close the connection (a :class:`MemEventClient` closes its own on :meth:`~MemEventClient.detach`)."""
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
@@ -192,6 +195,7 @@ class Domctl:
             reply, fds = await conn.call(msg)
         except ControlError as exc:
             if exc.errno == Errno.ESRCH:
+                self.gone = True
                 raise DomainGone(f"dom{self.domid} is gone ({type(msg).__name__}: {exc})", exc.errno) from exc
             raise DomctlError(f"{type(msg).__name__} on dom{self.domid}: {exc}", exc.errno) from exc
         except TransportError as exc:
@@ -360,6 +364,11 @@ class MemEventClient(Domctl):
         await self.detach(disable=self.disable_on_exit)
 
     async def attach(self) -> None:
+        """Enable the ring (or re-attach to an orphaned one) and map it; what ``async with`` does on entry.
+
+        Raises :class:`AttachError` (``EBUSY``: another daemon has the ring;
+        ``ESRCH``: no such domain).
+        """
         if self.state is not RunState.IDLE:
             raise StateError(f"attach() in state {self.state.value}")
         self.state = RunState.ATTACHING
@@ -424,6 +433,8 @@ class MemEventClient(Domctl):
             return
         self.state = RunState.DETACHING
         try:
+            if self.gone:
+                disable = False  # a domain that is gone has no ring to disable, nor pages to keep
             out = self.pages_out() if self.ring_kind == RingKind.paging and self.p2m is not None else 0
             if disable and out and not force:
                 log.warning("dom%d: %d pages are still out: the paging ring is left for the pager that holds "
@@ -481,7 +492,9 @@ class MemEventClient(Domctl):
         self._maps = []
         self.memory = None
         if self._conn is not None:
-            await self._conn.close()
+            # Returns once the hypervisor has released the ring (a ring not
+            # disabled is then orphaned): a successor may attach at once.
+            await self._conn.hang_up()
             self._conn = None
 
     def _on_kick(self, _ports: set[int]) -> None:
@@ -515,6 +528,7 @@ class MemEventClient(Domctl):
                 self._wakeup = None
         self._kicked = False
         if self._channel_gone:
+            self.gone = True
             raise DomainGone(f"dom{self.domid} {self.ring_kind} ring: the hypervisor closed it", Errno.ESRCH)
 
     def _running(self) -> tuple[BackRing[MemEvent], EventChannel, Connection]:
@@ -787,4 +801,5 @@ class MemEventClient(Domctl):
         return out if isinstance(evicted, int) and evicted > 0 else 0
 
     def count_type(self, p2mt: abi.P2MType) -> int:
+        """How many gfns have the p2m type ``p2mt`` now."""
         return self.p2m_types().count(int(p2mt))

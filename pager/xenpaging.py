@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import sys
 
@@ -24,7 +26,7 @@ from pager.defaults import EVICT_BATCH, EVICT_POLICY
 from pager.gfns import GfnsOfType
 from pager.pagefile import Pagefile, PagefileMismatch
 from pager.policy import PolicyName, VictimPolicy, make_policy
-from pager.sdk import DomainGone, MemEventClient, SdkError
+from pager.sdk import MemEventClient, SdkError
 
 log = logging.getLogger("pager")
 
@@ -51,7 +53,9 @@ class Pager(BasePager):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hvemu-pager", description="A xenpaging-like pager for one domain.")
     p.add_argument("--domid", type=int, required=True)
-    p.add_argument("--pagefile", required=True, help="backing file (kept across restarts)")
+    p.add_argument("--pagefile", required=True, help="backing file (kept across restarts; removed once its "
+                                                     "domain is destroyed, unless --keep)")
+    p.add_argument("--keep", action="store_true", help="keep the pagefile when the domain is destroyed")
     p.add_argument("--target", type=int, default=None, help="resident pages to keep (default: the hypervisor's)")
     p.add_argument("--policy", choices=["clock", "random"], default=EVICT_POLICY,
                    help="victim policy: clock (xenpaging's sweeping hand, the default) or random")
@@ -71,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 async def _main(args: argparse.Namespace) -> dict[str, int]:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     policy_name: PolicyName = args.policy
     async with MemEventClient(args.domid, RingKind.paging, run_dir=args.run_dir) as client:
@@ -94,18 +98,21 @@ async def _main(args: argparse.Namespace) -> dict[str, int]:
                       unbatched=args.unbatched, progress=progress)
         try:
             await pager.run(stop)
-            if not await client.stored_pages_out():
-                pagefile.discard()  # all in: the file can no longer pass for a store of pages out
-        except BaseException as exc:
-            root = root_cause(exc)
-            if not isinstance(root, DomainGone):
-                raise
-            if not await _hypervisor_alive(client.socket_path):
+            gone = pager.gone
+            if gone is None:
+                if not await client.stored_pages_out():
+                    pagefile.clear()  # all in: the file can no longer pass for a store of pages out
+            elif not await _hypervisor_alive(client.socket_path):
                 # Not the end of a domain but of the hypervisor: say so, and fail.
-                raise SdkError(f"lost the hypervisor ({root}); ring and pagefile {args.pagefile} "
-                               "left as they are") from exc
-            log.info("dom%d: %s; exiting", args.domid, root)
-            pagefile.discard()  # the domain is gone, and its handle with it
+                raise SdkError(f"lost the hypervisor ({gone}); ring and pagefile {args.pagefile} "
+                               "left as they are") from gone
+            else:
+                log.info("dom%d: %s; exiting", args.domid, gone)
+                client.disable_on_exit = False  # no ring left to disable, nor pages out to warn about
+                pagefile.clear()  # the domain is gone, and its handle with it
+                if not args.keep:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(args.pagefile)
         finally:
             pagefile.close()
     return pager.summary()

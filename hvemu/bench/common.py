@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, NamedTuple
 
-from hvemu import abi, protocol
+from hvemu import abi, procs, protocol
 from hvemu.bench import profile
 from hvemu.procs import child_setup, status_bytes, status_field, stop_process
 from hvemu.transport import Connection
@@ -122,8 +122,7 @@ def rss_bytes(pid: int) -> int:
         raise BenchError(str(exc)) from exc
 
 
-#: Clock ticks per second of ``/proc/PID/stat``'s CPU times.
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+CLK_TCK = procs.CLK_TCK
 
 
 class ProcTimes(NamedTuple):
@@ -148,12 +147,11 @@ def proc_times(pid: int) -> ProcTimes:
     so fields are counted from the last ``)``.
     """
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
+        user, system = procs.cpu_ticks(pid)
         sleeps = status_field(pid, "voluntary_ctxt_switches")
     except OSError as exc:
         raise BenchError(f"cannot read the CPU time of process {pid}: {exc}") from exc
-    return ProcTimes(int(fields[11]), int(fields[12]), int(sleeps or 0))
+    return ProcTimes(user, system, int(sleeps or 0))
 
 
 def cpu_snapshot(pids: dict[str, int]) -> dict[str, ProcTimes]:

@@ -37,7 +37,7 @@ from hvemu.core.effects import DomainCrashed, Effect, FramesReleased, VcpuRunnab
 from hvemu.core.errors import HypervisorError
 from hvemu.core.mem_event import MemEventDomain, Notify, Policy, ResponseFixup
 from hvemu.core.p2m import DEFAULT_ACCESS, P2M, REMOVED_TYPE
-from hvemu.trace import NO_RING, TraceEvent, Tracer
+from hvemu.trace import NO_RING, NO_VCPU, RING_CODES, TraceEvent, Tracer
 
 log = logging.getLogger("hvemu.core.domain")
 
@@ -167,6 +167,7 @@ TRAP_REASONS = frozenset({MemEventReason.CR0, MemEventReason.CR3, MemEventReason
 #: Params that refuse ``HVMPME_onchangeonly`` (``EINVAL``): an INT3 or a step has no old value.
 NO_ONCHANGEONLY = frozenset({MemEventReason.INT3, MemEventReason.SINGLESTEP})
 MAX_VCPUS = abi.HVM_MAX_VCPUS
+_PAGING_RING = RING_CODES[RingKind.paging]  # evict and load batches are traced as the paging ring's
 MAX_GFNS = 1 << 22  # 16 GiB of guest memory: a p2m of 12 MiB, a guest segment the host can still map
 
 
@@ -192,6 +193,8 @@ class Domain:
         self.access_required = False
         #: ``p2m->default_access``: what a gfn gets when it is (re)populated or set to "default".
         self.default_access = int(DEFAULT_ACCESS)
+        #: ``d->is_paused_by_controller``: ``xl pause`` holds one pause on every vCPU.
+        self.paused_by_controller = False
         #: vCPUs re-executing an access to a ``ram_paging_in`` gfn, per gfn (see ``spin_on_page``).
         self.spinners: dict[int, list[Vcpu]] = {}
         #: HVM_PARAM_MEMORY_EVENT_{CR0,CR3,CR4,INT3}.
@@ -474,6 +477,8 @@ class Domain:
         released: list[int] = []
         out = self._batch_valid(gfns, lambda valid: _paging.p2m_mem_paging_evict(self, valid, released))
         self.release_frames(released)
+        if self.tracer is not None and released:
+            self.tracer(TraceEvent.EVICT, self.domid, _PAGING_RING, NO_VCPU, released[0], len(released))
         return out
 
     def paging_prep(self, gfns: Sequence[int]) -> list[Errno | None]:
@@ -489,7 +494,11 @@ class Domain:
         ``OSError`` leaves that gfn as it was (``ENOMEM``).
         """
         self._paging_ring()
-        return self._batch(gfns, lambda g: _paging.p2m_mem_paging_load(self, g, fill))
+        out = self._batch(gfns, lambda g: _paging.p2m_mem_paging_load(self, g, fill))
+        if self.tracer is not None and None in out:
+            first = next(g for g, r in zip(gfns, out, strict=True) if r is None)
+            self.tracer(TraceEvent.LOAD, self.domid, _PAGING_RING, NO_VCPU, first, out.count(None))
+        return out
 
     def access_set(self, gfns: Sequence[int], access: int) -> list[Errno | None]:
         """``p2m_set_mem_access`` on each gfn (any type: the right applies once it has a frame).
@@ -522,12 +531,37 @@ class Domain:
             raise HypervisorError(Errno.ESRCH, f"gfn {gfn:#x} of domain {self.domid} has no frame")
         return self.p2m.get_access(gfn)
 
+    def pause_by_controller(self) -> None:
+        """``domain_pause_by_systemcontroller`` (``xl pause``): one counted pause on every vCPU.
+
+        Idempotent, as Xen's.  A guest vCPU running on shared memory latches it
+        at its next step (the p2m segment's vCPU byte) and waits in an exit.
+        """
+        self._live()
+        if self.paused_by_controller:
+            return
+        self.paused_by_controller = True
+        for v in self.vcpus:
+            self.p2m.set_vcpu_debug(v.vcpu_id, self.p2m.vcpu_debug[v.vcpu_id] | abi.VCPU_DEBUG_PAUSED)
+            v.pause()
+
+    def unpause_by_controller(self) -> None:
+        """``domain_unpause_by_systemcontroller`` (``xl unpause``): release that pause (idempotent)."""
+        self._live()
+        if not self.paused_by_controller:
+            return
+        self.paused_by_controller = False
+        for v in self.vcpus:
+            self.p2m.set_vcpu_debug(v.vcpu_id, self.p2m.vcpu_debug[v.vcpu_id] & ~abi.VCPU_DEBUG_PAUSED)
+            v.unpause()
+
     def debug_control(self, vcpu_id: int, single_step: bool) -> None:
         """XEN_DOMCTL_DEBUG_OP_SINGLE_STEP_ON/OFF for one vCPU (the guest latches it on its next step)."""
         self._live()
         v = self._vcpu(vcpu_id)
         v.single_step = bool(single_step)
-        self.p2m.set_vcpu_debug(vcpu_id, abi.VCPU_DEBUG_SINGLE_STEP if single_step else 0)
+        flags = self.p2m.vcpu_debug[vcpu_id] & ~abi.VCPU_DEBUG_SINGLE_STEP
+        self.p2m.set_vcpu_debug(vcpu_id, flags | (abi.VCPU_DEBUG_SINGLE_STEP if single_step else 0))
 
     def inject_trap(self, vcpu_id: int, vector: int) -> None:
         """``HVMOP_inject_trap``: deliver ``vector`` to the vCPU when it next enters the guest.
@@ -622,6 +656,7 @@ class Domain:
             "max_vcpus": self.max_vcpus,
             "gfns": self.gfns,
             "crashed": self.crashed,
+            "paused": self.paused_by_controller,
             "resident": p2m.resident,
             "ram_rw": p2m.type_count(P2MType.ram_rw),
             "paging_out": p2m.type_count(P2MType.ram_paging_out),

@@ -19,7 +19,7 @@ from hvemu.abi import RingKind
 from pager.base import Pager
 from pager.gfns import GfnsOfType
 from pager.pagefile import Pagefile, PagefileMismatch
-from pager.sdk import DomainGone, MemEventClient
+from pager.sdk import MemEventClient
 
 
 class RandomPager(Pager):
@@ -51,11 +51,11 @@ async def main(domid: int, path: str, run_dir: str | None) -> None:
             raise
         pager = RandomPager(client, pagefile)
         try:
-            await pager.run(stop)  # serve + evict until stop, then page everything in
-            if not await client.stored_pages_out():
-                pagefile.discard()  # all in: the file must not pass for a store of later pages
-        except* DomainGone:
-            pass  # the guest went away: nothing left to page
+            # Serve + evict until stop, then page everything in; or until the
+            # domain goes away (its guest exited): then pager.gone says why.
+            await pager.run(stop)
+            if pager.gone is not None or not await client.stored_pages_out():
+                pagefile.clear()  # all in, or the domain is gone: the file must not pass for a store
         finally:
             pagefile.close()
     print(json.dumps({"domid": domid, **pager.summary()}), flush=True)

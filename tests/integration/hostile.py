@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from hvemu import protocol
+from hvemu.soak import process_sample, trend
 from tests.integration.system import Hypervisor, Proc, ring_enabled
 
 #: Raise these for long runs (the default suite runs small counts).
@@ -39,6 +40,22 @@ def env_seed() -> int:
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class Trend:
+    """The hypervisor's resident memory and open fds, sampled over a run (see :func:`hvemu.soak.trend`)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.start = time.monotonic()
+        self.samples: list[tuple[float, int, int]] = []
+
+    def sample(self) -> None:
+        self.samples.append(process_sample(self.pid, self.start))
+
+    def summary(self) -> dict[str, Any]:
+        return {"seconds": round(self.samples[-1][0], 1) if self.samples else 0.0, "samples": len(self.samples),
+                **trend(self.samples)}
 
 
 def fd_targets(pid: int) -> list[str]:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from hvemu.plots import PLOTS
 from tests.integration.system import ROOT, Proc, shm_segments
 
 
@@ -69,7 +70,8 @@ def test_domain_lifecycle_and_reads(started: str) -> None:
     assert hv_json(run_dir, "mem-set", "1", "4") == {"domid": 1, "target_pages": 1024}, "all of it is allowed"
     for where in ((), ("--json",)):
         res = hvemu(run_dir, *where, "mem-set", "1", "64", check=False)  # MiB in, MiB out: not pages
-        assert res.returncode == 1 and "within 0..4.0 MiB" in res.stderr and "8192" not in res.stderr, res.stderr
+        assert res.returncode == 1 and "target 64 MiB is above domain 1's memory (4 MiB)" in res.stderr, res.stderr
+        assert "8192" not in res.stderr, res.stderr
         assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     hvemu(run_dir, "mem-set", "1", "1")
     assert hv_json(run_dir, "info", "1")["pages"]["target"] == 256  # type: ignore[index]
@@ -82,7 +84,8 @@ def test_domain_lifecycle_and_reads(started: str) -> None:
     res = hvemu(run_dir, "map", "1", "-1", "1024", check=False)
     assert res.returncode == 1 and "gfns -1, 1024 are outside domain 1's 1024 gfns" in res.stderr, res.stderr
     text = hvemu(run_dir, "list").stdout
-    assert "domid" in text and "web" in text, "the text output is a table"
+    assert text.split()[:8] == ["Name", "ID", "Mem", "VCPUs", "State", "Time(s)", "Resident", "Target"], text
+    assert text.splitlines()[1].split()[:5] == ["web", "1", "4", "2", "-b----"], "no guest runs: blocked"
     _check_top_json(run_dir)
     _check_closed_pipes(run_dir)
     hvemu(run_dir, "destroy", "1")
@@ -90,7 +93,8 @@ def test_domain_lifecycle_and_reads(started: str) -> None:
 
 
 def test_errors_are_one_line(started: str, tmp_path: object) -> None:
-    for args, needle in [(("info", "7"), "ESRCH"), (("destroy", "7"), "ESRCH"),
+    for args, needle in [(("info", "7"), "hvemu info: no domain 7"), (("destroy", "7"), "hvemu destroy: no domain 7"),
+                         (("mem-set", "nosuch", "1"), "hvemu mem-set: no domain nosuch"),
                          (("trace", "stop"), "ENOENT"), (("pager-detach", "3"), "not running"),
                          (("trace", "summary", "/nonexistent"), "no trace file")]:
         res = hvemu(started, *args, check=False)
@@ -98,7 +102,7 @@ def test_errors_are_one_line(started: str, tmp_path: object) -> None:
         assert needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
         assert "Traceback" not in res.stderr
     bad = hvemu(started, "pager-attach", "99", check=False)
-    assert bad.returncode == 1 and "ESRCH" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert bad.returncode == 1 and "no domain 99" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     assert not os.path.exists(os.path.join(started, "pager-99.pid")), "a failed attach left its pidfile"
     too_big = hvemu(started, "create", "--memory", "8", "--target", "16", check=False)
     assert too_big.returncode == 1 and "--target" in too_big.stderr
@@ -136,7 +140,7 @@ def test_json_errors_are_one_json_object_on_stderr(started: str, tmp_path: objec
             assert set(err) == {"error", "errno", "command"}, err
             assert err["errno"] == errno and err["command"] == command and err["error"], (argv, err)
     plain = hvemu(started, "info", "7", check=False)
-    assert plain.returncode == 1 and plain.stderr.startswith("hvemu info: ") and "ESRCH" in plain.stderr
+    assert plain.returncode == 1 and plain.stderr == "hvemu info: no domain 7\n", plain.stderr
 
 
 def _check_top_json(run_dir: str, ring: str | None = None) -> None:
@@ -148,17 +152,19 @@ def _check_top_json(run_dir: str, ring: str | None = None) -> None:
         assert len(lines) == int(argv[argv.index("--iterations") + 1]), out
         for line in lines:
             snap = json.loads(line)
-            assert set(snap) == {"time", "timestamp", "domains", "rings"}, snap
+            assert set(snap) == {"time", "timestamp", "host", "domains", "rings"}, snap
+            assert snap["host"]["total_pages"] == 32 * 256 and snap["host"]["domains"] >= 1, snap
             dom = snap["domains"][0]
             assert dom["dom"] == 1 and set(dom) == {
-                "dom", "name", "vcpus_running", "vcpus_paused", "vcpus_blocked", "resident", "paged",
-                "in_flight", "target", "faults", "fault_p50_us", "fault_p99_us", "put", "lost"}, dom
+                "dom", "name", "vcpus_running", "vcpus_paused", "vcpus_blocked", "memory", "resident", "paged",
+                "in_flight", "target", "faults", "fault_p50_us", "fault_p99_us", "put", "lost", "faults_per_s",
+                "pages_in_per_s", "pages_out_per_s"}, dom
             assert dom["vcpus_running"] + dom["vcpus_paused"] >= 1 and isinstance(dom["resident"], int)
             if ring is not None:
                 r = next(r for r in snap["rings"] if r["dom"] == 1 and r["ring"] == ring)
                 assert r["size"] > 0 and set(r) == {"dom", "ring", "occupancy", "size", "max", "put", "lost",
                                                     "refused", "blocked_now", "blocked_ever", "responses",
-                                                    "rejected"}, r
+                                                    "rejected", "put_per_s"}, r
 
 
 def _check_closed_pipes(run_dir: str) -> None:
@@ -170,18 +176,19 @@ def _check_closed_pipes(run_dir: str) -> None:
 
 
 def _check_piped_top(run_dir: str) -> None:
-    """``top`` into a pipe: as wide as its tables without $COLUMNS (nothing cut or wrapped), else $COLUMNS."""
+    """``top`` into a pipe: plain columns like ``xentop -b``, every column without $COLUMNS, else fitted to it."""
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     natural = hvemu(run_dir, "top", "--iterations", "1", env=env).stdout
-    assert "…" not in natural, natural
     lines = natural.splitlines()
-    header = next(line for line in lines if " dom " in line and "lost" in line)  # one row of column names
-    for column in ("vcpus run/paused/blocked", "in flight", "fault p50 us", "fault p99 us", "put"):
+    assert lines[0].startswith("hvemu top - ") and "host 32 MiB" in lines[0], natural
+    header = next(line for line in lines if line.startswith("NAME"))
+    for column in ("ID", "VCPU r/p/b", "RES(M)", "TGT(M)", "FAULT/s", "IN/s", "OUT/s", "P50us", "P99us", "LOST",
+                   "FAULTS"):
         assert column in header, (column, natural)
-    assert any(" dom " in line and "blocked now/ever" in line and "rejected" in line for line in lines), natural
-    assert max(len(line) for line in lines) > 80, "the domain table alone is wider than 80 columns"
-    narrow = hvemu(run_dir, "top", "--iterations", "1", env={**env, "COLUMNS": "100"}).stdout
-    assert "domains" in narrow and max(len(line) for line in narrow.splitlines()) <= 100, narrow
+    assert any(line.split()[:3] == ["ID", "RING", "OCC/SIZE"] for line in lines), natural
+    narrow = hvemu(run_dir, "top", "--iterations", "1", "-b", env={**env, "COLUMNS": "80"}).stdout
+    assert max(len(line) for line in narrow.splitlines()) <= 80, narrow
+    assert "FAULT/s" in narrow and "FAULTS" not in narrow, "the least useful columns go first"
 
 
 def test_pager_trace_top_and_plots(started: str, tmp_path: object) -> None:
@@ -189,6 +196,8 @@ def test_pager_trace_top_and_plots(started: str, tmp_path: object) -> None:
     trace_file = os.path.join(str(tmp_path), "ring.trace")
     hvemu(run_dir, "create", "--vcpus", "2", "--memory", "8", "--target", "1")
     hvemu(run_dir, "trace", "start", trace_file)
+    second = hvemu(run_dir, "trace", "start", trace_file + "2", check=False)
+    assert second.returncode == 1 and "already being recorded to" in second.stderr, second.stderr
     hvemu(run_dir, "pager-attach", "1", "--pagefile", os.path.join(str(tmp_path), "pf"))
     deadline = time.monotonic() + 15
     while hv_json(run_dir, "info", "1")["pages"]["paged"] < 1000:  # type: ignore[index]
@@ -199,7 +208,7 @@ def test_pager_trace_top_and_plots(started: str, tmp_path: object) -> None:
         report = guest.json_line(60)
         assert report["ok"] and report["faults"] > 0
         top = hvemu(run_dir, "top", "--iterations", "1").stdout
-        assert "domains" in top and "rings" in top and "paging" in top
+        assert "NAME" in top and "RING" in top and "paging" in top
         _check_piped_top(run_dir)
         _check_top_json(run_dir, ring="paging")
         info = hv_json(run_dir, "info", "1")
@@ -213,11 +222,30 @@ def test_pager_trace_top_and_plots(started: str, tmp_path: object) -> None:
     summary = hv_json(run_dir, "trace", "summary", trace_file)
     dom = summary["domains"]["1"]  # type: ignore[index]
     assert dom["events"]["paging.put"] > 0 and dom["fault_latency_us"]["n"] > 0
+    assert dom["events"]["paging.evict"] > 0 and dom["events"]["paging.load"] > 0, "batches are recorded"
     out_dir = os.path.join(str(tmp_path), "plots")
     plots = hv_json(run_dir, "trace", "plot", trace_file, "--out", out_dir)["plots"]  # type: ignore[index]
+    assert sorted(os.path.basename(p) for p in plots) == sorted(f"ring.trace.{n}" for n in PLOTS)
     for path in plots:
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    again = hvemu(run_dir, "trace", "plot", trace_file, "--out", out_dir, check=False)
+    assert again.returncode == 1 and "exists (--force" in again.stderr, "no silent overwrite"
+    hvemu(run_dir, "trace", "plot", trace_file, "--out", out_dir, "--force")
+    printed = hvemu(run_dir, "trace", "print", trace_file).stdout.splitlines()
+    assert len(printed) == stopped["records"]  # type: ignore[index]
+    assert any(line.split()[3:5] == ["paging", "put"] for line in printed), printed[:5]
+    chrome = os.path.join(str(tmp_path), "ring.json")
+    exported = hv_json(run_dir, "trace", "export", trace_file, "--chrome", chrome)
+    with open(chrome) as f:
+        doc = json.load(f)
+    assert exported["events"] == len(doc["traceEvents"]) > 0  # type: ignore[index]
+    kinds = {(e["ph"], e.get("cat")) for e in doc["traceEvents"]}
+    assert {("X", "fault"), ("X", "paging"), ("M", None)} <= kinds, kinds
+    assert any(e["ph"] == "C" and e["name"] == "paging ring size" and e["args"]["slots"] == 64
+               for e in doc["traceEvents"])
+    refused = hvemu(run_dir, "trace", "export", trace_file, "--chrome", chrome, check=False)
+    assert refused.returncode == 1 and "exists" in refused.stderr
 
 
 def test_create_warns_when_the_domain_starts_short_of_memory(started: str) -> None:
@@ -227,13 +255,13 @@ def test_create_warns_when_the_domain_starts_short_of_memory(started: str) -> No
     short = hvemu(started, "create", "--memory", "8")
     lines = short.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hvemu create: warning: "), short.stderr
-    assert "0 of its 2048 pages resident" in lines[0] and "hvemu pager-attach 2" in lines[0], lines[0]
+    assert "0 of its 8 MiB resident" in lines[0] and "hvemu pager-attach 2" in lines[0], lines[0]
     assert "domid: 2" in short.stdout
     res = hvemu(started, "--json", "create", "--memory", "4")
     assert json.loads(res.stdout)["domid"] == 3
     warning = json.loads(res.stderr)  # one JSON object, as --json errors are
     assert set(warning) == {"warning", "command"} and warning["command"] == "create", warning
-    assert "0 of its 1024 pages resident" in warning["warning"]
+    assert "0 of its 4 MiB resident" in warning["warning"]
     listing = hv_json(started, "list")
     assert isinstance(listing, list) and [d["resident_mib"] for d in listing] == [32, 0, 0], listing
 
@@ -271,7 +299,7 @@ def test_stop_leaves_only_logs_and_pagefiles(tmp_path: object) -> None:
         pager_pid = int(hv_json(run_dir, "pager-attach", "1")["pid"])  # type: ignore[index]
         assert "pager.xenpaging" in _cmdline(pager_pid)
         failed = hvemu(run_dir, "pager-attach", "99", check=False)
-        assert failed.returncode == 1 and "pager-99.log" in failed.stderr, "its log says why: it is kept"
+        assert failed.returncode == 1 and "no domain 99" in failed.stderr, "refused before any pager starts"
         with open(os.path.join(run_dir, "pager-1.pid")) as f, open(os.path.join(run_dir, "pager-5.pid"), "w") as g:
             g.write(f.read())  # a live pager, but not domain 5's
         res = hvemu(run_dir, "pager-detach", "5", check=False)
@@ -282,7 +310,9 @@ def test_stop_leaves_only_logs_and_pagefiles(tmp_path: object) -> None:
         assert stopped == {"stopped": "hypervisor", "pid": hv_pid}, stopped
         assert "pager.xenpaging" not in _cmdline(pager_pid), "the pager exits with its hypervisor"
         left = sorted(os.listdir(run_dir))
-        assert left == ["dom1.pagefile", "hypervisor.log", "pager-1.log", "pager-99.log"], left
+        assert left == ["hypervisor.log", "pager-1.log"], "a destroyed domain's pagefile goes: " + str(left)
+        with open(os.path.join(run_dir, "pager-1.log")) as f:
+            assert "lost the hypervisor" not in f.read(), "hvemu stop is a normal end for a pager"
         again = hvemu(run_dir, "stop", check=False)
         assert again.returncode == 1 and "not running" in again.stderr
     finally:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import cast
 
 from hvemu import abi, protocol
@@ -113,6 +113,10 @@ async def _staged_fault(hv: Hypervisor, gfns: int, *, fill_host: bool) -> None:
 
         def write(self, gfn: int, data: bytes | memoryview) -> None:
             store[gfn] = bytes(data)
+
+        def discard(self, gfns: Sequence[int]) -> None:
+            for g in gfns:
+                store.pop(g, None)
 
     filler = None
     try:

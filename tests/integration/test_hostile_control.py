@@ -4,7 +4,9 @@ Byte-level: random bytes, truncated frames (closed or half-closed), huge
 length prefixes, well-framed bodies that are not requests (reply types,
 unknown ops, wrong field types, missing or extra fields), fds riding on
 requests, more fds than allowed, clients that pipeline and never read, idle
-half-frames, and a crowd of idle connections.  Protocol-level: every request
+half-frames, a crowd of idle connections, a client passing its own sockets as
+fds, and partial 8 MiB frames on many connections (issue 14: the request
+buffers stay within their cap).  Protocol-level: every request
 type with random field values (edge integers, wrong types, huge batches) from
 a connection without a role, a tool and a guest, aimed at a sandbox domain
 and at domains that do not exist; a guest trying tool ops, hellos to domains
@@ -37,15 +39,16 @@ import pytest
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno
+from hvemu.procs import status_bytes
 from hvemu.protocol import MAX_FRAME, FrameDecoder
-from hvemu.transport import Connection, ControlError
-from tests.integration.hostile import FUZZ_CASES_ENV, Bystander, env_count, env_seed, open_fds
+from hvemu.transport import MAX_BUFFERED, Connection, ControlError
+from tests.integration.hostile import FUZZ_CASES_ENV, Bystander, Trend, env_count, env_seed, open_fds
 from tests.integration.system import Hypervisor
 
 CASES = env_count(FUZZ_CASES_ENV, 300)
 ERRNOS = {e.value for e in Errno}
 REQUESTS: tuple[type[protocol.Msg], ...] = typing.get_args(protocol.Request)
-GUEST_EXITS = (protocol.GuestAccess, protocol.GuestBalloonOut, protocol.GuestTrap)
+GUEST_EXITS = protocol.GUEST_EXITS
 #: Ops a random tool may not send: they would legitimately change the whole host.
 NOT_FOR_TOOLS = (protocol.DomainCreate,)
 _LEN = struct.Struct("<I")
@@ -237,7 +240,7 @@ class Sandbox:
 
 async def byte_level(hv: Hypervisor, rng: random.Random) -> dict[str, int]:
     """Frames that are not frames; bodies that are not requests; fds where none belong."""
-    seen = {"errors": 0, "closes": 0}
+    seen = {"errors": 0, "closes": 0, "partial_frame_refusals": 0}
     hello = protocol.encode(protocol.ToolHello())
 
     async def expect_error_or_close(raw: Raw, count: int | None = None) -> None:
@@ -302,6 +305,21 @@ async def byte_level(hv: Hypervisor, rng: random.Random) -> dict[str, int]:
         raw.close()
     finally:
         os.close(null)
+    # A client passing its own socket, and another connection's, as fds: refused, and the
+    # hypervisor keeps neither open (the fd count is checked at the end).
+    raw = await Raw.open(hv.socket)
+    other = await Raw.open(hv.socket)
+    await raw.send(hello, [raw.sock.fileno(), other.sock.fileno()])
+    await raw.send(hello)
+    replies, _ = await raw.replies(2)
+    assert is_error(replies[0], Errno.EINVAL) and isinstance(replies[1], protocol.Welcome), replies
+    raw.close()
+    other.close()
+    # Partial frames on many connections: the hypervisor's buffers stay within their cap, the
+    # oldest holders are refused (ENOMEM), and a client is served meanwhile.
+    flood = await flood_partial_frames(hv, 12, 3)
+    assert flood["growth"] < MAX_BUFFERED + (48 << 20), flood
+    seen["partial_frame_refusals"] = flood["refused"]
     # A client that pipelines thousands of requests and never reads: nobody else notices.
     greedy = await Raw.open(hv.socket)
     await greedy.send(hello)
@@ -401,7 +419,7 @@ async def trace_paths(tool: Connection, scratch: str) -> None:
 
 
 async def random_traffic(hv: Hypervisor, rng: random.Random, cases: int, tool: Connection,
-                         scratch: str) -> dict[str, int]:
+                         scratch: str, trend: Trend) -> dict[str, int]:
     sandbox = Sandbox(hv)
     gen = Gen(rng, [], scratch)
     seen: dict[str, int] = {"cases": 0, "ok": 0, "errors": 0, "guest_blocked": 0}
@@ -420,15 +438,17 @@ async def random_traffic(hv: Hypervisor, rng: random.Random, cases: int, tool: C
             conn = {"none": noroled, "tool": rawtool, "guest": sandbox.guest}[who]
             assert conn is not None
             seen["cases"] += 1
+            if seen["cases"] % 200 == 0:
+                trend.sample()
             try:
                 reply = await conn.call(body(msg), timeout=3 if cls in GUEST_EXITS and who == "guest" else 20)
-            except AssertionError:
+            except (AssertionError, TimeoutError):
                 if who == "guest" and cls in GUEST_EXITS:
                     # The vCPU is paused until a response nobody will send: legitimate.
                     seen["guest_blocked"] += 1
                     await sandbox.drop()
                     continue
-                raise AssertionError(f"{who} {msg!r:.300}: no reply") from None
+                raise AssertionError(f"{who} {msg!r:.300} ({len(body(msg))} bytes): no reply") from None
             if isinstance(reply, protocol.Error):
                 assert reply.errno in ERRNOS and reply.message, reply
                 seen["errors"] += 1
@@ -467,6 +487,8 @@ async def test_hostile_control_traffic(tmp_path: object) -> None:
     bystander = Bystander(hv, str(tmp_path))
     try:
         baseline = open_fds(hv.proc.pid)
+        trend = Trend(hv.proc.pid)
+        trend.sample()
         await bystander.start()
         tool = await hv.tool()
         start = time.monotonic()
@@ -474,7 +496,8 @@ async def test_hostile_control_traffic(tmp_path: object) -> None:
             raw_seen = await byte_level(hv, rng)
             await role_checks(hv, tool)
             await trace_paths(tool, scratch)
-            seen = await random_traffic(hv, rng, CASES, tool, scratch)
+            seen = await random_traffic(hv, rng, CASES, tool, scratch, trend)
+            trend.sample()
             with contextlib.suppress(ControlError):
                 await tool.call(protocol.TraceStop())
             assert open(precious, "rb").read() == b"precious", "a file was overwritten through the hypervisor"
@@ -485,7 +508,8 @@ async def test_hostile_control_traffic(tmp_path: object) -> None:
         bystander.check()
         await bystander.stop()
         print(f"hostile control: seed {seed}, byte level {raw_seen}, random {seen}, "
-              f"bystander rounds {bystander.rounds}, {time.monotonic() - start:.1f}s")
+              f"bystander rounds {bystander.rounds}, {time.monotonic() - start:.1f}s, "
+              f"hypervisor {trend.summary()}")
         assert hv.proc.alive()
         err = hv.proc.stderr()
         assert "handler failed" not in err and "Traceback" not in err, err[-5000:]
@@ -495,4 +519,54 @@ async def test_hostile_control_traffic(tmp_path: object) -> None:
         assert open_fds(hv.proc.pid) <= baseline, "the hypervisor leaked fds"
     finally:
         bystander.kill()
+        assert hv.stop() == 0
+
+
+async def flood_partial_frames(hv: Hypervisor, connections: int, seconds: float) -> dict[str, int]:
+    """``connections`` clients each send a maximal frame but its last byte, for ``seconds``.
+
+    Returns the hypervisor's peak RSS growth (``VmHWM``), and how many of them
+    were answered ``ENOMEM`` and closed.  A legitimate client is answered meanwhile.
+    """
+    base = status_bytes(hv.proc.pid, "VmHWM")
+    payload = memoryview(_LEN.pack(MAX_FRAME) + bytes(MAX_FRAME - 1))
+    raws = [await Raw.open(hv.socket) for _ in range(connections)]
+    try:
+        loop = asyncio.get_running_loop()
+
+        async def push(raw: Raw) -> None:
+            with contextlib.suppress(TimeoutError, OSError):
+                await asyncio.wait_for(loop.sock_sendall(raw.sock, payload), seconds)
+
+        async with asyncio.TaskGroup() as tg:
+            for raw in raws:
+                tg.create_task(push(raw))
+            conn = await hv.tool()
+            await asyncio.wait_for(conn.call(protocol.DomainList()), 30)
+            await conn.close()
+        refused = 0
+        for raw in raws:
+            with contextlib.suppress(AssertionError, OSError):
+                replies, closed = await raw.replies(timeout=0.5)
+                refused += int(closed and any(is_error(r, Errno.ENOMEM) for r in replies))
+        return {"growth": status_bytes(hv.proc.pid, "VmHWM") - base, "refused": refused}
+    finally:
+        for raw in raws:
+            raw.close()
+
+
+@pytest.mark.timeout(120)
+async def test_partial_frames_on_many_connections_stay_within_the_buffer_cap(tmp_path: object) -> None:
+    """Issue 14, defect 3: 50 half-sent 8 MiB frames took the hypervisor from 32 MB to 231 MB."""
+    hv = Hypervisor(os.path.join(str(tmp_path), "run"), memory_mib=16)
+    try:
+        seen = await flood_partial_frames(hv, 50, 8)
+        print(f"partial frames on 50 connections: {seen}")
+        assert seen["growth"] < 2 * MAX_BUFFERED + (32 << 20), seen  # (allocator slack: was +425 MB)
+        assert seen["refused"] > 0, seen
+        conn = await hv.tool()  # and nothing is stuck afterwards
+        await conn.call(protocol.DomainList())
+        await conn.close()
+        assert hv.proc.alive()
+    finally:
         assert hv.stop() == 0

@@ -11,7 +11,15 @@ being paged in, unknown flags and reserved bits, duplicates, random slots,
 ``rsp_prod`` far ahead or behind, garbage in ``req_event``/``req_prod`` (a crash: only the hypervisor writes it)/the
 pad, a whole random page, notification floods, odd datagrams and fds on the
 event channel, a re-attach over unpublished responses, a disable with
-requests outstanding.
+requests outstanding.  Round 2 (issue 14) adds the life of the ring and the
+fds around it: a hang-up datagram then traffic on the dead channel, the
+daemon's own sockets and segments sent over its event channel, datagrams
+naming other ports, ``ftruncate``/seals/``/proc`` reopen on its fds, a
+graceful detach and an immediate re-attach, a half-close (``SHUT_WR``) of its
+control connection, both rings of the domain at once, and a successor daemon
+process that dies holding the ring in every way it can (the next one must
+still get it, with every request).  The hypervisor's memory and fds are
+sampled every 50 cases and their trend reported.
 
 An oracle (:class:`Oracle`) reads the bytes actually on the page when the
 hypervisor is told to resume, applies the contract's rules (DESIGN sections
@@ -32,11 +40,15 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import fcntl
 import mmap
 import os
 import random
 import re
+import signal
 import socket
+import struct
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -48,10 +60,12 @@ from hvemu.abi import Errno, MemEvent, MemEventCodec, MemEventFlag, P2MType, Rin
 from hvemu.evtchn import EventChannel
 from hvemu.ring import SharedRing
 from hvemu.transport import Connection, ControlError
-from tests.integration.hostile import FUZZ_CASES_ENV, Bystander, env_count, env_seed, open_fds
-from tests.integration.system import Hypervisor, stats
+from tests.integration.hostile import FUZZ_CASES_ENV, Bystander, Trend, env_count, env_seed, open_fds
+from tests.integration.system import ROOT, Hypervisor, stats
 
 MASK = abi.RING_IDX_MASK
+_PORT = struct.Struct("<I")
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 GFNS = 64
 ECHO = int(MemEventFlag.VCPU_PAUSED | MemEventFlag.DROP_PAGE | MemEventFlag.EVICT_FAIL | MemEventFlag.FOREIGN)
 #: Counters the oracle predicts (ring counters, plus the domain's paged_in).
@@ -60,7 +74,12 @@ COUNTED = ("responses", "responses_rejected", "responses_unknown_bits", "respons
 KINDS = {
     "valid": 6, "fields": 10, "duplicate": 4, "random_slots": 4, "rsp_ahead": 2, "rsp_back": 2,
     "header": 3, "whole_page": 3, "flood": 2, "evtchn_junk": 2, "reattach": 2, "disable": 1,
+    # Round 2 (issue 14): the life of the ring and the fds around it.
+    "hangup": 1, "own_fds": 1, "other_ports": 1, "fd_abuse": 1, "reattach_now": 1, "shut_wr": 1,
+    "both_rings": 1, "dead_daemon": 0.3,
 }
+#: Sample the hypervisor's memory and fds every this many cases (the trend is reported).
+SAMPLE_EVERY = 50
 
 
 class CaseFailure(AssertionError):
@@ -104,6 +123,9 @@ class Victim:
         self.evtchn: EventChannel | None = None
         self.evsock: socket.socket | None = None
         self.ring_size = 0
+        #: The ring and p2m fds, kept open for the fd-level abuse.
+        self.ring_fd = -1
+        self.p2m_fd = -1
 
     # ------------------------------------------------------------ life
     async def open(self) -> None:
@@ -139,13 +161,23 @@ class Victim:
             self.sring = SharedRing(self._ring_map, MemEventCodec, page_size=abi.ring_bytes(reply.ring_size))
             self.evsock = socket.socket(fileno=named.pop("evtchn"))
             self.evtchn = EventChannel(self.evsock, reply.port)
+            self.port = reply.port
+            self._close_fds()
+            self.ring_fd, self.p2m_fd = named.pop("ring"), named.pop("p2m")
         finally:
             for name, fd in named.items():
                 if name != "evtchn":
                     os.close(fd)
         return reply.reattached
 
+    def _close_fds(self) -> None:
+        for fd in (self.ring_fd, self.p2m_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.ring_fd = self.p2m_fd = -1
+
     def detach_ring(self) -> None:
+        self._close_fds()
         if self.evtchn is not None:
             self.evtchn.close()
             self.evtchn = self.evsock = None
@@ -420,7 +452,8 @@ def rescue(victim: Victim, responses: list[MemEvent]) -> None:
 
 #: Share of the pending requests' gfns each kind prepares (frames allocated) first.
 PREP = {"valid": 0.8, "fields": 0.5, "duplicate": 1.0, "flood": 1.0, "evtchn_junk": 1.0, "random_slots": 0.5,
-        "whole_page": 0.3}
+        "whole_page": 0.3, "hangup": 0.8, "own_fds": 0.8, "other_ports": 0.8, "fd_abuse": 0.8, "both_rings": 0.8,
+        "reattach_now": 0.8, "shut_wr": 0.8, "dead_daemon": 0.8}
 
 
 async def prepare(kind: str, victim: Victim, rng: random.Random) -> None:
@@ -520,9 +553,127 @@ async def apply_case(kind: str, victim: Victim, rng: random.Random) -> dict[str,
         victim.requests.clear()
         victim.prepped = {g for g in victim.prepped if victim.ptype(g) == P2MType.ram_paging_in}
         facts["fresh"] = (victim.ring().req_prod, victim.ring().rsp_prod) == (0, 0)
+    elif kind in ("hangup", "own_fds", "other_ports", "both_rings"):
+        write_responses(victim, [echo(r) for r in reqs])  # valid answers; the abuse is around them (poke)
+        if kind == "both_rings":
+            facts["other_ring"] = await other_ring(victim, rng)
+    elif kind == "fd_abuse":
+        write_responses(victim, [echo(r) for r in reqs])
+        facts["worked"] = fd_abuse(victim)
+    elif kind in ("reattach_now", "shut_wr", "dead_daemon"):
+        # The daemon goes (a graceful hang-up, a half-close, or a successor that dies
+        # holding the ring in every way it can) with nothing answered; the next one
+        # re-attaches at once and finds every request.
+        victim.detach_ring()
+        assert victim.daemon is not None
+        if kind == "reattach_now":
+            await victim.daemon.hang_up()
+        else:
+            stream = victim.daemon._stream  # the half-close a raw client would do
+            assert stream.sock is not None
+            stream.sock.shutdown(socket.SHUT_WR)
+            await wait_orphaned(victim)
+            await victim.daemon.close()
+            if kind == "dead_daemon":
+                await dead_daemon(victim, rng)
+        try:
+            facts["reattached"] = await victim.attach()
+        except ControlError as exc:
+            facts["reattached"] = exc.errno  # EBUSY: the ring was not released
+            return facts
+        sring = victim.ring()
+        facts["restored"] = all(sring.read_slot(i) == victim.requests[i] for i, _ in victim.pending_requests())
+        write_responses(victim, [echo(r) for r in reqs])
     else:  # pragma: no cover
         raise AssertionError(kind)
     return facts
+
+
+async def wait_orphaned(victim: Victim) -> None:
+    deadline = time.monotonic() + 10
+    while str(victim.kind) not in (await victim.stats()).get("rings_orphaned", []):  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise CaseFailure("the ring was not orphaned after its daemon left")
+        await asyncio.sleep(0.005)
+
+
+async def dead_daemon(victim: Victim, rng: random.Random) -> None:
+    """A daemon process re-attaches, then dies with its control connection kept open (issue 14, defect 2)."""
+    how = rng.choice(["evtchn", "child"])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.integration.hangup_daemon", "--run-dir", victim.hv.run_dir,
+        "--domid", str(victim.domid), "--how", how, "--ring", str(victim.kind), cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    child = int(out.strip() or 0)
+    try:
+        await wait_orphaned(victim)
+    finally:
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+
+
+async def other_ring(victim: Victim, rng: random.Random) -> str:
+    """Both rings of the domain at once: the other one enabled, scribbled on, kicked, disabled."""
+    other = RingKind.access if victim.kind == RingKind.paging else RingKind.paging
+    conn = await victim.hv.tool()
+    try:
+        reply, fds = await conn.call(protocol.MemEventEnable(domid=victim.domid, ring=other))
+        assert isinstance(reply, protocol.MemEventEnabled)
+        named = dict(zip(reply.fds, fds, strict=True))
+        try:
+            page = mmap.mmap(named["ring"], abi.PAGE_SIZE, mmap.MAP_SHARED)
+            view = memoryview(page)
+            # Everything but rsp_prod (responses to requests never made would crash the domain, rightly).
+            view[abi.RSP_PROD_OFFSET + 4:abi.ring_bytes(reply.ring_size)] = rng.randbytes(
+                abi.ring_bytes(reply.ring_size) - abi.RSP_PROD_OFFSET - 4)
+            view.release()
+            page.close()
+            ev = socket.socket(fileno=named.pop("evtchn"))
+            with ev:
+                for _ in range(rng.randint(1, 100)):
+                    with contextlib.suppress(BlockingIOError):
+                        ev.send(_PORT.pack(rng.choice([reply.port, victim.port, rng.randrange(1 << 32)])),
+                                socket.MSG_DONTWAIT)
+            await conn.call(protocol.MemEventResume(domid=victim.domid, ring=other))
+            await conn.call(protocol.MemEventDisable(domid=victim.domid, ring=other))
+        finally:
+            for fd in named.values():
+                os.close(fd)
+        return "ok"
+    except ControlError as exc:
+        return exc.errno  # e.g. EBUSY: a crashed victim, or the ring taken
+    finally:
+        await conn.close()
+
+
+def fd_abuse(victim: Victim) -> list[str]:
+    """What a daemon can do to the segments behind its fds; the ones that worked (none may)."""
+    worked: list[str] = []
+    for name, fd in (("ring", victim.ring_fd), ("p2m", victim.p2m_fd)):
+        for size in (0, abi.PAGE_SIZE // 2, 1 << 30):
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+                worked.append(f"{name}: ftruncate {size}")
+        for seal in (fcntl.F_SEAL_WRITE, F_SEAL_FUTURE_WRITE, fcntl.F_SEAL_SHRINK):
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seal)
+                worked.append(f"{name}: seal {seal}")
+    try:
+        rw = os.open(f"/proc/self/fd/{victim.p2m_fd}", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return worked
+    try:
+        with contextlib.suppress(OSError):
+            os.pwrite(rw, bytes([P2MType.ram_paging_in]), 0)
+            worked.append("p2m: write through /proc reopen")
+        with contextlib.suppress(OSError):
+            mmap.mmap(rw, abi.p2m_table_size(GFNS), mmap.MAP_SHARED).close()
+            worked.append("p2m: writable mapping through /proc reopen")
+    finally:
+        os.close(rw)
+    return worked
 
 
 async def poke(kind: str, victim: Victim, rng: random.Random) -> None:
@@ -534,18 +685,42 @@ async def poke(kind: str, victim: Victim, rng: random.Random) -> None:
     elif kind == "evtchn_junk":
         assert victim.evsock is not None
         for _ in range(rng.randint(1, 50)):
-            with contextlib.suppress(BlockingIOError):
-                # (an empty one reads as "peer closed": the daemon only hurts its own kicks)
+            with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionError):
+                # (an empty one reads as a hang-up: the hypervisor closes the channel, and
+                # the daemon has only hurt its own kicks; resume domctls still work)
                 victim.evsock.send(rng.randbytes(rng.choice([0, *range(1, 65)])), socket.MSG_DONTWAIT)
         null = os.open(os.devnull, os.O_RDONLY)
         try:
-            with contextlib.suppress(BlockingIOError):
+            with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionError):
                 # (socket.send_fds of 3.11 ignores its flags: it would block on a full queue)
                 victim.evsock.sendmsg([b"\x01\x00\x00\x00"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                                  array.array("i", [null] * 3).tobytes())],
                                       socket.MSG_DONTWAIT)
         finally:
             os.close(null)
+    elif kind == "hangup":
+        # An empty datagram reads as a hang-up: the hypervisor drains and closes its end.
+        # Then traffic on a channel nobody reads any more: it must go nowhere.
+        assert victim.evsock is not None
+        with contextlib.suppress(OSError):
+            victim.evsock.send(b"", socket.MSG_DONTWAIT)
+        for _ in range(rng.randint(1, 200)):
+            with contextlib.suppress(OSError):
+                victim.evsock.send(_PORT.pack(victim.port), socket.MSG_DONTWAIT)
+    elif kind == "own_fds":
+        # The daemon's own sockets and segments, over its event channel.
+        assert victim.evsock is not None and victim.daemon is not None
+        own = [victim.evsock.fileno(), victim.daemon.fileno(), victim.ring_fd, victim.p2m_fd]
+        with contextlib.suppress(OSError):
+            victim.evsock.sendmsg([_PORT.pack(victim.port)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                               array.array("i", own).tobytes())],
+                                  socket.MSG_DONTWAIT)
+    elif kind == "other_ports":
+        assert victim.evsock is not None
+        for _ in range(rng.randint(1, 100)):
+            with contextlib.suppress(OSError):
+                victim.evsock.send(_PORT.pack(rng.choice([0, 1, 2, victim.port + 1, victim.port - 1, MASK,
+                                                          rng.randrange(1 << 32)])), socket.MSG_DONTWAIT)
     elif rng.random() < 0.3:
         assert victim.evtchn is not None
         victim.evtchn.notify()
@@ -565,6 +740,12 @@ async def run_case(case: int, kind: str, victim: Victim, rng: random.Random, log
             raise CaseFailure(f"re-attach over unpublished responses: {facts}")
     if kind == "disable" and facts != {"reattached": False, "fresh": True}:
         raise CaseFailure(f"disable then enable: {facts}")
+    if kind in ("reattach_now", "shut_wr", "dead_daemon") and facts != {"reattached": True, "restored": True}:
+        raise CaseFailure(f"{kind}: the next daemon did not get the ring with its requests at once: {facts}")
+    if kind == "fd_abuse" and facts["worked"]:
+        raise CaseFailure(f"fd-level abuse worked: {facts['worked']}")
+    if kind == "both_rings" and facts["other_ring"] != "ok":
+        raise CaseFailure(f"the other ring of the domain: {facts['other_ring']}")
     prediction = oracle.predict()
     await poke(kind, victim, rng)
     assert victim.tool is not None
@@ -614,7 +795,10 @@ async def run_case(case: int, kind: str, victim: Victim, rng: random.Random, log
 async def fuzz(hv: Hypervisor, seed: int, cases: int, workdir: str) -> dict[str, object]:
     rng = random.Random(seed)
     kinds, weights = zip(*KINDS.items(), strict=True)
+    first = list(kinds)
+    rng.shuffle(first)
     baseline = open_fds(hv.proc.pid)
+    trend = Trend(hv.proc.pid)
     bystander = Bystander(hv, workdir)
     await bystander.start()
     victim: Victim | None = None
@@ -636,9 +820,12 @@ async def fuzz(hv: Hypervisor, seed: int, cases: int, workdir: str) -> dict[str,
                 victim = Victim(hv, rng, rng.choice([1, 2, 3, 4]), kind_of_ring)
                 await victim.open()
                 rings[kind_of_ring] += 1
-            kind = rng.choices(kinds, weights)[0]
+            # Every kind once (in a random order) first, then as weighted.
+            kind = first[case] if case < len(first) else rng.choices(kinds, weights)[0]
             await run_case(case, kind, victim, rng, log)
             done[kind] += 1
+            if case % SAMPLE_EVERY == 0:
+                trend.sample()
             if not hv.proc.alive():
                 raise CaseFailure("the hypervisor died")
         if victim is not None and victim.crashed:
@@ -661,8 +848,10 @@ async def fuzz(hv: Hypervisor, seed: int, cases: int, workdir: str) -> dict[str,
     while open_fds(hv.proc.pid) > baseline and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert open_fds(hv.proc.pid) <= baseline, "the hypervisor leaked fds"
+    trend.sample()
     return {"seed": seed, "cases": dict(done), "victims": dict(rings), "crashed_domains": len(crashed_domains),
-            "bystander_rounds": bystander.rounds, "bystander_faults": bystander.faults}
+            "bystander_rounds": bystander.rounds, "bystander_faults": bystander.faults,
+            "hypervisor": trend.summary()}
 
 
 CASES = env_count(FUZZ_CASES_ENV, 300)
@@ -679,7 +868,7 @@ async def test_hostile_daemon_fuzz(tmp_path: object) -> None:
         print(f"hostile ring fuzz: {result} in {time.monotonic() - start:.1f}s")
         assert result["bystander_rounds"] != 0
         ran = result["cases"]
-        if cases >= 100:
+        if cases >= len(KINDS):
             assert isinstance(ran, dict) and set(ran) == set(KINDS), result
     finally:
         assert hv.stop() == 0, "the hypervisor did not stop cleanly"

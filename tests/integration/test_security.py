@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -146,6 +147,86 @@ async def test_no_peer_can_resize_a_segment_under_the_hypervisor(hypervisor: Hyp
         assert isinstance(reply, protocol.BatchResult) and reply.results == [None, None]
         await tool.call(protocol.MemEventResume(domid=domid, ring=abi.RingKind.paging))
         assert hypervisor.proc.alive()
+    finally:
+        _close_all(gfds)
+        _close_all(dfds)
+        for c in (guest, daemon, tool):
+            await c.close()
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
+
+
+def _write_attempts(fd: int, size: int) -> list[str]:
+    """Every way a holder of a read-only p2m fd might get to write it; the ones that worked.
+
+    A reopen of ``/proc/self/fd/N`` gives a new open file description, with
+    its own access mode: ``O_RDONLY`` on the received fd does not stop it.
+    """
+    worked: list[str] = []
+    try:
+        rw = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    except PermissionError:
+        rw = -1
+    if rw < 0:
+        return worked
+    try:
+        original = os.pread(rw, size, 0)
+        forged = bytes([abi.P2MType.ram_paging_in]) * 8
+        with contextlib.suppress(PermissionError):
+            os.pwrite(rw, forged, 0)
+            worked.append("pwrite")
+        try:
+            m = mmap.mmap(rw, size, mmap.MAP_SHARED)
+        except PermissionError:
+            pass
+        else:
+            m[0:8] = forged
+            m.close()
+            worked.append("mmap writable")
+        if _libc.fallocate(rw, 3, 0, size) == 0:  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+            worked.append("punch a hole")
+        # A read-only shared mapping made writable afterwards.
+        _libc.mmap.restype = ctypes.c_void_p
+        _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_long]
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, rw, 0)
+        if addr not in (None, ctypes.c_void_p(-1).value):
+            if _libc.mprotect(ctypes.c_void_p(addr), size, mmap.PROT_READ | mmap.PROT_WRITE) == 0:
+                worked.append("mprotect")
+            _libc.munmap(ctypes.c_void_p(addr), size)
+        if worked:  # put the bytes back so that the hypervisor survives the failed test
+            with contextlib.suppress(OSError):
+                os.pwrite(rw, original, 0)
+    finally:
+        os.close(rw)
+    return worked
+
+
+async def test_no_holder_of_the_p2m_can_write_it(hypervisor: Hypervisor) -> None:
+    """Issue 14, defect 4: the p2m fd is read-only, but a reopen through /proc was read-write.
+
+    The hypervisor acts on the types in that table (a forged ``ram_paging_in``
+    had frames allocated twice, counters gone negative); it must be the only
+    writer: the memfd is sealed against every write but the hypervisor's own
+    mapping (``F_SEAL_FUTURE_WRITE``).
+    """
+    tool = await hypervisor.tool()
+    domid = await _create(tool, gfns=64)
+    guest, gfds = await _guest(hypervisor, domid)
+    daemon, _info, dfds = await _enable(hypervisor, domid)
+    size = abi.p2m_table_size(64)
+    try:
+        before = os.pread(gfds["p2m"], size, 0)
+        for who, fds in (("guest", gfds), ("daemon", dfds)):
+            assert _write_attempts(fds["p2m"], size) == [], f"the {who} could write the p2m"
+            assert fcntl.fcntl(fds["p2m"], fcntl.F_GET_SEALS) & F_SEAL_FUTURE_WRITE, who
+        assert os.pread(gfds["p2m"], size, 0) == before
+        # The hypervisor still writes it: nominate changes gfn 3's type under everyone's eyes.
+        reply, _ = await tool.call(protocol.PagingNominate(domid=domid, gfns=[3]))
+        assert isinstance(reply, protocol.BatchResult) and reply.results == [None]
+        assert os.pread(dfds["p2m"], 1, abi.p2m_type_index(64, 3))[0] == abi.P2MType.ram_paging_out
     finally:
         _close_all(gfds)
         _close_all(dfds)

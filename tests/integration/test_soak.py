@@ -32,5 +32,7 @@ def test_short_soak(tmp_path: object) -> None:
         assert d["faults"] > 1000 and d["dropped"] > 0 and d["max_occupancy"] > 8, d
     mappers = summary["mappers"]
     assert sum(m["pages"] for m in mappers) > 0 and sum(m["retries"] for m in mappers) > 0, mappers
-    assert "soak OK" in run.stdout
+    assert summary["leftovers"] == {"dev_shm": [], "run_dir": []}, summary["leftovers"]
+    assert summary["hypervisor"]["fds"]["max"] > 0, summary["hypervisor"]
+    assert "soak OK" in run.stdout and "lost guest events 0, integrity failures 0" in run.stdout
     assert set(shm_segments()) <= before, "the soak left segments in /dev/shm"

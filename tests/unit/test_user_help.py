@@ -22,8 +22,9 @@ def _help(text: str) -> str:
 
 def test_run_sh_help_gives_defaults_and_units() -> None:
     text = _help(launcher._parser().format_help())
-    for needle in ("--duration SECONDS", "seconds (default: 10)", "--memory MIB",
-                   "memory per domain, MiB (default: 64)", "--host-memory MIB", "(default: 96)", "--target MIB",
+    for needle in ("--duration SECONDS", "seconds (default: 10)", "--memory SIZE",
+                   "memory per domain, MiB (default: 64)", "--host-memory SIZE", "(default: 96)", "--target SIZE",
+                   "a bare number is MiB", "512m, 1g",
                    "(default: 40)",
                    f"1 to {MAX_VCPUS} (default: 4)", "--batch PAGES", "(default: 0.3)", "(default: hotcold)"):
         assert needle in text, needle
@@ -65,3 +66,45 @@ def test_the_watch_hint_runs_hvemu_from_anywhere(tmp_path: object) -> None:
         f.write("#!/bin/sh\n")
     os.chmod(script, stat.S_IRWXU)
     assert launcher.hvemu_command(python) == f"'{script}'", "the venv's hvemu, by its full path (quoted)"
+
+
+def test_plot_is_an_extra_the_scripts_install() -> None:
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    assert not any(d.startswith("matplotlib") for d in project["dependencies"]), "matplotlib is optional"
+    assert any(d.startswith("matplotlib") for d in project["optional-dependencies"]["plot"])
+    with open(os.path.join(ROOT, "scripts", "_venv.sh")) as f:
+        venv = f.read()
+    extras = re.search(r'extras="([^"]+)"', venv)
+    assert extras is not None and "plot" in extras.group(1).split(","), "the scripts install hvemu[plot]"
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert "hvemu[plot]" in f.read()
+
+
+def test_the_contract_is_in_the_repository() -> None:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert "../shared" not in readme and "docs/contract.md" in readme
+    with open(os.path.join(ROOT, "docs", "contract.md")) as f:
+        contract = f.read()
+    for heading in ("## 1. Processes", "## 2. The ring page", "## 4. The control protocol",
+                    "## 6. Putting requests: the seed policy and the claim policy"):
+        assert heading in contract, heading
+    for path in re.findall(r"\]\((\.\./[^)#]+)\)", contract):  # every file it links to exists
+        assert os.path.exists(os.path.join(ROOT, "docs", path)), path
+
+
+def test_the_readme_sample_is_what_run_sh_prints() -> None:
+    """The annotated sample's header is the summary's own, and fits 100 columns."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    sample = re.search(r"The summary \(fits 100 columns\).*?:\n\n```\n(.*?)```", readme, re.S)
+    assert sample is not None
+    lines = sample.group(1).splitlines()
+    settings = launcher.Settings(domains=2, vcpus=4, memory_mib=64, host_memory_mib=96, target_mib=40,
+                                 duration_s=3, pattern="hotcold", write_ratio=0.3, policy="seed", batch=256, seed=1)
+    summary = launcher.Summary(ok=True, complete=True, settings=settings, command="", domains=[],
+                               host_memory_mib=96, policy="seed", duration_s=3)
+    printed = launcher.summary_lines(summary)
+    assert lines[:2] == printed[:2] and lines[-1] == printed[-1]
+    assert all(len(line) <= launcher.SUMMARY_WIDTH for line in lines)

@@ -110,7 +110,8 @@ def check_accounting(dom: Domain) -> None:
     for v in dom.vcpus:
         marks = sum(1 for med in dom.rings.values() if v.test_flag(med.pause_flag))
         spinning = v.spinning_on is not None
-        assert v.pause_count == v.event_pause_count + marks + v.waits + spinning, v
+        controller = int(dom.paused_by_controller)
+        assert v.pause_count == v.event_pause_count + marks + v.waits + spinning + controller, v
         assert v.spinning_on is None or v in dom.spinners[v.spinning_on], v
         assert v.event_pause_count >= 0 and v.waits >= 0
     for med in dom.rings.values():

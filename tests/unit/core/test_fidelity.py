@@ -317,3 +317,29 @@ def test_notify_on_every_put_is_xen_4_2s_option(notify: str, kicks: int) -> None
         dom.guest_access(v, g, R)
     assert sum(isinstance(e, RingNotify) for e in hv.take_effects()) == kicks
     assert woken(hv) == []
+
+
+# xl pause / unpause --------------------------------------------------------------------------------
+def test_pause_by_controller_holds_one_counted_pause_per_vcpu_and_is_idempotent() -> None:
+    hv = Hypervisor(64)
+    buf = bytearray(abi.p2m_table_size(16))
+    dom = hv.create_domain(3, 16, p2m_buffer=buf)
+    lis = Listener(dom)
+    page_out(dom, [4])
+    dom.guest_access(1, 4, R)  # vCPU 1 also waits for the pager
+    hv.take_effects()
+    dom.pause_by_controller()
+    dom.pause_by_controller()
+    assert [v.pause_count for v in dom.vcpus] == [1, 2, 1] and dom.stats()["paused"]
+    assert all(buf[abi.p2m_vcpu_debug_index(16, i)] & abi.VCPU_DEBUG_PAUSED for i in range(3))
+    check_accounting(dom)
+    lis.serve_all()
+    assert not dom.vcpus[1].runnable, "answered, but still paused by the toolstack"
+    assert woken(hv) == []
+    dom.debug_control(2, True)
+    dom.unpause_by_controller()
+    dom.unpause_by_controller()
+    assert all(v.runnable for v in dom.vcpus) and sorted(woken(hv)) == [0, 1, 2]
+    assert buf[abi.p2m_vcpu_debug_index(16, 2)] == abi.VCPU_DEBUG_SINGLE_STEP, "the single-step bit is kept"
+    assert not any(buf[abi.p2m_vcpu_debug_index(16, i)] for i in (0, 1))
+    check_accounting(dom)

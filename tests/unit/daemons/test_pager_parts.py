@@ -93,7 +93,7 @@ def test_pagefile_is_locked_discarded_and_guarded(tmp_path: object) -> None:
     # A clean stop with everything in discards pages and record: the file no longer passes for a store.
     again = Pagefile.open_for(path, 16, handle=A, reattached=False, paged_out=0)
     again.write(1, b"\x01" * PAGE_SIZE)
-    again.discard()
+    again.clear()
     again.close()
     assert read_owner(path, 16) is None and os.path.getsize(path) == 0
     with pytest.raises(PagefileMismatch, match="no record"):

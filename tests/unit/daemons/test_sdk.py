@@ -258,6 +258,10 @@ class _Store:
     def read(self, gfn: int) -> bytes:
         return self.pages.get(gfn, bytes(abi.PAGE_SIZE))
 
+    def discard(self, gfns: Sequence[int]) -> None:
+        for g in gfns:
+            self.pages.pop(g, None)
+
 
 class _Recording(Pager):
     def __init__(self, *a: Any, **kw: Any) -> None:
@@ -288,13 +292,50 @@ async def test_pager_hooks_are_the_whole_policy() -> None:
     batch = RequestBatch([_req(6), _req(6, vcpu=1), _req(3, MemEventFlag.DROP_PAGE),
                           _req(7, PAUSED | MemEventFlag.EVICT_FAIL)])
     await pager.handle_batch(batch)
-    assert client.prepped == [6] and client.filled == [6], "one prep of the distinct gfns that need a page"
-    assert not client.loaded, "a page-in answering requests carries no page in a message"
+    assert client.loaded == [6], "one load of the distinct gfns that need a page (a ring without a load area)"
     assert pager.populated == [6] and pager.dropped == [3]
+    assert sorted(store.pages) == [4, 5], "the copy of a gfn given back is discarded"
     assert [r.gfn for r in client.responses] == [6, 6, 3, 7] and client.pushes == 1
     assert pager.summary()["drops"] == 1 and pager.summary()["evict_failed"] == 1
     with pytest.raises(ValueError):
         Pager(client, store, batch=0)  # type: ignore[arg-type]
+
+
+class _SlowLoad(_FakeClient):
+    """A load that makes its gfns ``ram_rw`` (the resume) and then waits before it answers."""
+
+    def __init__(self, types: bytes) -> None:
+        super().__init__(types)
+        self.resumed = asyncio.Event()
+        self.answer = asyncio.Event()
+        self.nominated: list[int] = []
+
+    async def load(self, gfns: Sequence[int], pages: Sequence[bytes], *, resume: bool = False) -> list[Errno | None]:
+        result = await super().load(gfns, pages, resume=resume)
+        self.resumed.set()
+        await self.answer.wait()
+        return result
+
+    async def nominate(self, gfns: Sequence[int]) -> list[Errno | None]:
+        self.nominated += gfns
+        return await super().nominate(gfns)
+
+
+async def test_a_page_in_is_reported_before_its_gfn_can_go_out_again() -> None:
+    """Issue 14, defect 1: between a load's resume and its reply, eviction could take the gfn again."""
+    client = _SlowLoad(bytes([P2MType.ram_rw] * 4 + [P2MType.ram_paging_in]))
+    store = _Store()
+    store.pages[4] = b"\x04" * abi.PAGE_SIZE
+    pager = _Recording(client, store, batch=5)  # type: ignore[arg-type]
+    serving = asyncio.create_task(pager.handle_batch(RequestBatch([_req(4)])))
+    await client.resumed.wait()  # gfn 4 is ram_rw for the hypervisor; the load's reply is not in yet
+    assert await pager.evict_batch(5) == 4
+    assert 4 not in client.nominated and 4 in pager.asked[0][0], "offered to the policy, never nominated"
+    client.answer.set()
+    await serving
+    assert pager.populated == [4] and 4 not in store.pages, "reported, and the store's copy discarded"
+    assert await pager.evict_batch(5) == 1 and client.nominated[-1] == 4, "and then it may go out again"
+    assert store.pages[4] == bytes(abi.PAGE_SIZE)
 
 
 class _Targeted(_FakeClient):
@@ -564,15 +605,13 @@ class _FailingStore(_Store):
         return super().read(gfn)
 
 
-@pytest.mark.parametrize("staged", [False, True], ids=["prep-and-fill", "staged"])
-async def test_a_failed_fill_is_never_answered_until_a_fill_succeeds(staged: bool) -> None:
-    """A page the pager could not read must not become the guest's: no response, no load, a retry.
+async def test_a_failed_read_is_never_answered_until_a_read_succeeds() -> None:
+    """A page the pager could not read is staged with no response, and no sweep loads it: a retry does.
 
-    (Prep and fill: a response would make the unfilled prepared frame the
-    guest's page, and so would a stranded sweep's ``PagingLoad`` of a gfn
-    that already has its frame.  Staged: the page is staged with its
-    response or not at all.)
+    (A response without its page would let the guest see whatever the frame
+    holds once anything made it ``ram_rw``.)
     """
+    staged = True
     types = bytes([P2MType.ram_rw] * 4 + [P2MType.ram_paged] * 2)
     client = _FakeClient(types)
     client.can_stage_pages = staged  # type: ignore[misc]
