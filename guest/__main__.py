@@ -130,7 +130,8 @@ async def run_guest(args: argparse.Namespace) -> GuestReport:
                      for v in vcpus]
             if balloon:
                 await asyncio.sleep(args.duration / 2)
-                rep = await conns[0].call(protocol.GuestBalloonOut(vcpu=0, gfns=balloon))
+                async with vcpus[0].port.lock:  # vCPU 0 makes the hypercall: it exits for nothing else meanwhile
+                    rep = await conns[0].call(protocol.GuestBalloonOut(vcpu=0, gfns=balloon))
                 assert isinstance(rep[0], protocol.BatchResult)
                 ballooned = sum(1 for r in rep[0].results if r is None)
             await asyncio.gather(*tasks)

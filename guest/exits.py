@@ -38,6 +38,9 @@ class ExitPort:
         self._word = abi.ioreq_state_word(vcpu)
         self._evtchn = evtchn
         self._waiter: asyncio.Future[None] | None = None
+        #: Held by each exit, and by a hypercall the vCPU makes on the control socket (a balloon):
+        #: a vCPU executes one thing at a time, and the hypervisor refuses (EBUSY) a paused vCPU's hypercall.
+        self.lock = asyncio.Lock()
         evtchn.watch(self._kicked, on_close=self._closed)
 
     def _kicked(self, _ports: set[int]) -> None:
@@ -51,6 +54,10 @@ class ExitPort:
             fut.set_exception(ConnectionResetError(f"the hypervisor closed vCPU {self.vcpu}'s event channel"))
 
     async def _exit(self, kind: int, a: int, gla: int | None, c: int, d: int) -> int | None:
+        async with self.lock:
+            return await self._exit_locked(kind, a, gla, c, d)
+
+    async def _exit_locked(self, kind: int, a: int, gla: int | None, c: int, d: int) -> int | None:
         """Exit and wait to be resumed; the vector of a trap a tool injected meanwhile, or None.
 
         A refused exit raises :class:`~hvemu.transport.ControlError` with its

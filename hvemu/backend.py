@@ -239,6 +239,11 @@ class VcpuExits:
         #: When each exit in process was taken (perf_counter_ns), for the fault latency.
         self.started = [0] * max_vcpus
         self.channels: dict[int, EventChannel] = {}
+        #: Exits taken while their vCPU was paused (a hypercall of its own under way, a tool's
+        #: pause): a paused vCPU executes nothing, so each runs once its vCPU runs again.
+        self.deferred: dict[int, Exit] = {}
+        #: vCPUs of deferred exits that the core made runnable: the driver runs their exits now.
+        self.runnable_deferred: list[int] = []
 
     def bind(self, vcpu: int, port: int, on_kick: Callable[[int], None]) -> int:
         """A fresh event channel for ``vcpu``, watched by ``on_kick(vcpu)``; returns the guest's end."""
@@ -298,6 +303,8 @@ class VcpuExits:
 
     def fail_all(self, errno: abi.Errno) -> None:
         """Refuse every exit in process (the domain crashed or is going)."""
+        self.deferred.clear()
+        self.runnable_deferred.clear()
         for vcpu, kind in enumerate(self.in_process):
             if kind:
                 self.refuse(vcpu, errno)
@@ -362,7 +369,9 @@ class DomainBackend:
         if fut is not None and not fut.done():
             fut.set_result(None)
         exits = self.exits
-        if exits.in_process[vcpu]:
+        if vcpu in exits.deferred:
+            exits.runnable_deferred.append(vcpu)  # its exit has not run yet: the driver runs it
+        elif exits.in_process[vcpu]:
             if exits.in_process[vcpu] == _ACCESS:
                 self.fault_latency.record(time.perf_counter_ns() - exits.started[vcpu])
             exits.resumed(vcpu, self.dom.take_pending_trap(vcpu))

@@ -31,7 +31,7 @@ import uvloop
 
 from hvemu import abi, logs, procs, protocol
 from hvemu.abi import Errno, RingKind
-from hvemu.backend import DomainBackend, RingBackend, apply_effects
+from hvemu.backend import DomainBackend, Exit, RingBackend, apply_effects
 from hvemu.core.domain import MAX_GFNS, MAX_VCPUS
 from hvemu.core.errors import HypervisorError
 from hvemu.core.hypervisor import Hypervisor
@@ -170,6 +170,18 @@ class HypervisorDaemon:
     def _after_op(self) -> None:
         if self._held_load_replies:
             self._release_load_replies()
+        self._apply_effects()
+        for be in list(self.backends.values()):
+            exits = be.exits
+            while exits.runnable_deferred and self.backends.get(be.domid) is be:
+                vcpu = exits.runnable_deferred.pop(0)
+                ex = exits.deferred.pop(vcpu, None)
+                if ex is not None:
+                    self._run_exit(be, vcpu, ex)
+                    self._apply_effects()
+
+    def _apply_effects(self) -> None:
+        """Carry out the core's effects; hang up on the guests of domains that crashed."""
         for crash in apply_effects(self.hv, self.backends):
             be = self.backends.get(crash.domid)
             if be is not None:
@@ -682,6 +694,16 @@ class HypervisorDaemon:
         ex = be.exits.take(vcpu)
         if ex is None:
             return
+        if not be.dom.crashed and not be.dom.vcpus[vcpu].runnable:
+            # Paused (by a hypercall of its own under way on the control socket, or a tool's
+            # pause): it executes nothing until it runs again, then this exit does.
+            be.exits.deferred[vcpu] = ex
+            return
+        self._run_exit(be, vcpu, ex)
+        self._after_op()
+
+    def _run_exit(self, be: DomainBackend, vcpu: int, ex: Exit) -> None:
+        """Run one exit through the core; answer now if the vCPU may run (else VcpuRunnable will)."""
         dom = be.dom
         try:
             if ex.kind == _EXIT_ACCESS:
@@ -696,7 +718,6 @@ class HypervisorDaemon:
         else:
             if dom.vcpus[vcpu].runnable:
                 be.exits.resumed(vcpu, dom.take_pending_trap(vcpu))
-        self._after_op()
 
     async def _wait_runnable(self, be: DomainBackend, vcpu: int) -> None:
         if be.dom.vcpus[vcpu].runnable:
