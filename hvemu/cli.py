@@ -574,26 +574,24 @@ async def cmd_destroy(args: argparse.Namespace) -> Any:
     return result
 
 
-@command("pause", "pause a domain: every vCPU stops at its next step (xl pause)", DOMAIN)
-async def cmd_pause(args: argparse.Namespace) -> Any:
+async def _pause_op(args: argparse.Namespace, op: type[protocol.DomainPause | protocol.DomainUnpause]) -> int:
     conn = await _tool(args.run_dir)
     try:
         domid = await resolve_domain(conn, args.domain)
-        await conn.call(protocol.DomainPause(domid=domid))
+        await conn.call(op(domid=domid))
     finally:
         await conn.close()
-    return {"paused": domid}
+    return domid
+
+
+@command("pause", "pause a domain: every vCPU stops at its next step (xl pause)", DOMAIN)
+async def cmd_pause(args: argparse.Namespace) -> Any:
+    return {"paused": await _pause_op(args, protocol.DomainPause)}
 
 
 @command("unpause", "let a paused domain run again (xl unpause)", DOMAIN)
 async def cmd_unpause(args: argparse.Namespace) -> Any:
-    conn = await _tool(args.run_dir)
-    try:
-        domid = await resolve_domain(conn, args.domain)
-        await conn.call(protocol.DomainUnpause(domid=domid))
-    finally:
-        await conn.close()
-    return {"unpaused": domid}
+    return {"unpaused": await _pause_op(args, protocol.DomainUnpause)}
 
 
 def _wait_daemons_gone(run_dir: str, names: list[str]) -> list[str]:
