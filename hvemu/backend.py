@@ -68,6 +68,8 @@ class RingBackend:
         self.evtchn: EventChannel | None = None
         #: The control connection of the daemon that owns the ring (None: orphaned).
         self.owner: object | None = None
+        #: The owner's pid, as its connection's peer credentials gave it (0: orphaned, or not known).
+        self.owner_pid = 0
         #: A paging ring's load area (:mod:`hvemu.abi`: one staged page per ring slot), and its views.
         self.load: Segment | None = None
         self._load_view: memoryview | None = None
@@ -78,6 +80,7 @@ class RingBackend:
         """``owner`` (a connection of process ``pid``) owns the ring; ``on_exit()`` runs when ``pid`` exits."""
         self.clear_owner()
         self.owner = owner
+        self.owner_pid = max(pid, 0)
         if pid <= 0:  # SO_PEERCRED gives 0 for a peer in another pid namespace: nothing to watch
             return
         try:
@@ -95,6 +98,7 @@ class RingBackend:
     def clear_owner(self) -> None:
         """No daemon owns the ring (orphaned, or about to be closed)."""
         self.owner = None
+        self.owner_pid = 0
         fd, self._owner_pidfd = self._owner_pidfd, -1
         if fd >= 0:
             asyncio.get_running_loop().remove_reader(fd)

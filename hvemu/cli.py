@@ -451,10 +451,7 @@ def _wait_attached(proc: subprocess.Popen[bytes], run_dir: str, name: str, domid
             return False
         finally:
             await conn.close()
-        info = st.get(ring, {})
-        # An orphaned ring (its last daemon died) is enabled too: attached means owned.
-        orphaned = st.get("rings_orphaned", [])
-        return isinstance(info, dict) and bool(info.get("enabled")) and ring not in orphaned
+        return protocol.ring_owned(st, ring, proc.pid)  # attached means owned by this daemon
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

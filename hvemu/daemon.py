@@ -364,6 +364,7 @@ class HypervisorDaemon:
                      cpu_time_s=_cpu_seconds(be.guest),
                      fault_latency_us=be.fault_latency.summary(scale=1000.0),
                      rings_orphaned=[str(k) for k, r in be.rings.items() if r.owner is None],
+                     ring_owners={str(k): r.owner_pid for k, r in be.rings.items() if r.owner is not None},
                      host_frames_total=self.hv.budget.total, host_frames_used=self.hv.budget.used,
                      vcpus=[{"vcpu": v.vcpu_id, "runnable": v.runnable, "pauses": v.pause_count,
                              "congested": bool(v.pause_flags), "connected": v.vcpu_id in be.vcpu_conns,

@@ -280,6 +280,21 @@ class StatsReply(Msg):
     stats: dict[str, Any]
 
 
+def ring_owned(stats: dict[str, Any], ring: str, pid: int | None = None) -> bool:
+    """Whether a daemon (process ``pid``, if given) owns ``ring``, from a :class:`StatsReply`'s ``stats``.
+
+    An enabled ring whose daemon died stays enabled (orphaned) until the
+    hypervisor notices the death; only ``ring_owners`` says whose it is now,
+    so a waiter for a new daemon compares pids (0: the owner's pid is not
+    known, e.g. it is in another pid namespace).
+    """
+    info = stats.get(ring)
+    if not (isinstance(info, dict) and info.get("enabled")) or ring in stats.get("rings_orphaned", ()):
+        return False
+    owner = stats.get("ring_owners", {}).get(ring, 0)
+    return pid is None or owner in (0, pid)
+
+
 class GetTarget(Msg):
     domid: int
 

@@ -100,7 +100,7 @@ async def _wait_attached(conn: Connection, domid: int, pager: Proc, timeout: flo
         if pager.proc.returncode is not None:
             raise RuntimeError(f"{pager.name} exited {pager.proc.returncode}: {pager.stderr()[-1000:]}")
         st = await _stats(conn, domid)
-        if st["paging"]["enabled"] and "paging" not in st["rings_orphaned"]:
+        if protocol.ring_owned(st, "paging", pager.proc.pid):
             return
         await asyncio.sleep(0.05)
     raise RuntimeError(f"{pager.name} did not attach within {timeout}s")

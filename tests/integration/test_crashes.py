@@ -52,7 +52,7 @@ async def _attached(hv: Hypervisor, domid: int, pager: Proc, timeout: float = 15
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             st = await stats(conn, domid)
-            if st["paging"]["enabled"] and "paging" not in st["rings_orphaned"]:
+            if protocol.ring_owned(st, "paging", pager.pid):
                 return True
             if not pager.alive():
                 return False

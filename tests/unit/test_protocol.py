@@ -273,3 +273,15 @@ def test_socket_path_honours_run_dir(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(protocol.RUN_DIR_ENV, "/run/x")
     assert protocol.socket_path() == "/run/x/control.sock"
     assert protocol.socket_path("/elsewhere") == "/elsewhere/control.sock"
+
+
+def test_ring_owned_tells_a_new_daemon_from_the_dead_one() -> None:
+    """An enabled ring whose dead owner is not yet noticed is not the new daemon's."""
+    base = {"paging": {"enabled": True}, "rings_orphaned": []}
+    assert protocol.ring_owned({**base, "ring_owners": {"paging": 10}}, "paging", 10)
+    assert not protocol.ring_owned({**base, "ring_owners": {"paging": 10}}, "paging", 11)
+    assert protocol.ring_owned({**base, "ring_owners": {"paging": 0}}, "paging", 11), "pid unknown"
+    assert protocol.ring_owned({**base, "ring_owners": {"paging": 10}}, "paging")
+    assert not protocol.ring_owned({"paging": {"enabled": True}, "rings_orphaned": ["paging"]}, "paging")
+    assert not protocol.ring_owned({"paging": {"enabled": False}, "rings_orphaned": []}, "paging")
+    assert not protocol.ring_owned({}, "access")
