@@ -100,7 +100,7 @@ async def run(args: argparse.Namespace, placement: Placement) -> dict[str, Any]:
     t0 = time.perf_counter()
     # scale first, on a quiet host; each floor right before the figure it bounds, and the physical
     # floor (the bare relay) both before and after the system's fault figures, in the same placement.
-    order = ["scale", "relay_floor", "relay_floor_blocking", "system_exit_overhead", "fault_roundtrip",
+    order = ["scale", "relay_floor", "relay_floor_blocking", "system_exit_overhead", "core_work", "fault_roundtrip",
              "relay_floor", "relay_floor_blocking", "native_uffd", "ring_floor", "pagein", "evict", "fairness"]
     bracket_runs: dict[str, list[dict[str, Any]]] = {}
     for name in order:

@@ -53,6 +53,9 @@ def ratios(result: dict[str, Any]) -> dict[str, Any]:
                                              _get(result, "system_exit_overhead.p50_us")),
         "exit_overhead_vs_relay_p50": _ratio(_get(result, "system_exit_overhead.p50_us"),
                                              _get(result, "relay_floor.p50_us")),
+        # The contract's own work alone (no I/O) against the whole bare relay: above 0.5, a fault
+        # cannot come within 1.5 relays, since it also makes the relay's hops.
+        "core_vs_relay_p50": _ratio(_get(result, "core_work.total_us"), _get(result, "relay_floor.p50_us")),
         "pagein16_vs_ring_floor": _ratio(_get(result, "pagein.16.batched_pages_per_s"),
                                          _get(result, "ring_floor.entries_per_s")),
     }
@@ -140,6 +143,8 @@ def table(result: dict[str, Any]) -> str:
     row("system exit overhead CPU us per exit", _get(xo, "cpu_per_exit_us.total"),
         _get(rf, "cpu_per_roundtrip_us.total"),
         _ratio(_get(xo, "cpu_per_exit_us.total"), _get(rf, "cpu_per_roundtrip_us.total")))
+    row("core work us per fault, no I/O (not a floor)", _get(result, "core_work.total_us"), rf.get("p50_us"),
+        result.get("core_vs_relay_p50"))
     row("fault p50 us / native userfaultfd p50 (C)", fr.get("p50_us"), uf.get("p50_us"),
         result.get("fault_vs_uffd_p50"))
     ring = _get(result, "ring_floor.entries_per_s")

@@ -235,6 +235,23 @@ async def system_exit_overhead(cfg: Config, placement: Placement, totals: Totals
     return out
 
 
+async def core_work(cfg: Config, placement: Placement, totals: Totals) -> dict[str, Any]:
+    """The contract's own work per fault, no I/O (:mod:`hvemu.bench.core_cycle`), on the hypervisor's CPUs.
+
+    Not a floor either: the system's own code.  It bounds the fault from
+    below together with the relay's hops, which is why it is reported.
+    """
+    proc = await Proc.start("core-cycle", ["-m", "hvemu.bench.core_cycle", "--iterations",
+                                           str(cfg.relay_iterations), "--batch", str(EVICT_BATCH)],
+                            cpus=placement.of("hypervisor"))
+    try:
+        rep = await proc.json_line(120)
+    finally:
+        await proc.stop(timeout=5, sig=0)
+        proc.close()
+    return rep
+
+
 async def _first_faults(host: Host, domid: int, guest: Proc,
                         pids: dict[str, int]) -> tuple[int, dict[str, ProcTimes]]:
     """Wait for the guest's first faults; the hypervisor's fault count and every process's CPU then.
@@ -572,7 +589,8 @@ async def scale(cfg: Config, placement: Placement, totals: Totals) -> dict[str, 
             "hv_rss_delta_bytes": rss1 - rss0}
 
 
-BENCHMARKS = ("relay_floor", "relay_floor_blocking", "system_exit_overhead", "fault_roundtrip", "native_uffd",
+BENCHMARKS = ("relay_floor", "relay_floor_blocking", "system_exit_overhead", "core_work", "fault_roundtrip",
+              "native_uffd",
               "pagein", "ring_floor", "evict", "fairness", "scale")
 
 

@@ -34,6 +34,7 @@ REQUIRED = [
       for k in ("p50_us", "p99_us", "n", "checked_faults", "cpu_per_roundtrip_us.total",
                 "cpu_per_roundtrip_us.hypervisor", "cpu_per_roundtrip_us.daemon", "cpu_per_roundtrip_us.guest")),
     "system_exit_overhead.p50_us", "system_exit_overhead.p99_us", "system_exit_overhead.cpu_per_exit_us.total",
+    "core_work.fault_us", "core_work.evict_us", "core_work.total_us", "core_vs_relay_p50",
     "fault_vs_relay_p50", "fault_vs_relay_p99", "cpu_per_fault_vs_relay", "fault_vs_exit_overhead_p50",
     "native_uffd.p50_us",
     *(f"pagein.{v}.{k}" for v in (1, 4, 16) for k in ("batched_pages_per_s", "unbatched_pages_per_s")),
