@@ -35,8 +35,8 @@ import uvloop
 import hvemu
 from hvemu import abi, protocol
 from hvemu.bench.common import format_cpus, parse_cpus
+from hvemu.core.admission import POLICIES
 from hvemu.core.domain import MAX_GFNS, MAX_VCPUS
-from hvemu.core.mem_event import POLICIES
 from hvemu.procs import child_setup, stop_process
 from hvemu.sizes import MiB, Size, SizeError, gib_or_mib, mib_text, parse_size
 from hvemu.transport import Connection, ControlError

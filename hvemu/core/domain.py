@@ -32,10 +32,11 @@ from hvemu.abi import Errno, MemEventReason, P2MType, RingKind
 from hvemu.core import access as _access
 from hvemu.core import paging as _paging
 from hvemu.core import sharing as _sharing
+from hvemu.core.admission import Policy
 from hvemu.core.budget import FrameBudget
 from hvemu.core.effects import DomainCrashed, Effect, FramesReleased, VcpuRunnable
 from hvemu.core.errors import HypervisorError
-from hvemu.core.mem_event import MemEventDomain, Notify, Policy, ResponseFixup
+from hvemu.core.mem_event import MemEventDomain, Notify, ResponseFixup
 from hvemu.core.p2m import DEFAULT_ACCESS, P2M, REMOVED_TYPE
 from hvemu.trace import NO_RING, NO_VCPU, RING_CODES, TraceEvent, Tracer
 

@@ -13,11 +13,12 @@ from typing import Any
 
 from hvemu import abi
 from hvemu.abi import Errno
+from hvemu.core.admission import POLICIES, Policy
 from hvemu.core.budget import FrameBudget
 from hvemu.core.domain import MAX_GFNS, MAX_VCPUS, Domain, PauseFlag, Vcpu
 from hvemu.core.effects import Effect
 from hvemu.core.errors import HypervisorError
-from hvemu.core.mem_event import NOTIFY_MODES, POLICIES, Notify, Policy
+from hvemu.core.mem_event import NOTIFY_MODES, Notify
 from hvemu.trace import Tracer
 
 __all__ = ["Domain", "Hypervisor", "HypervisorError", "PauseFlag", "Policy", "Vcpu"]
