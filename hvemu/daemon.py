@@ -104,6 +104,9 @@ class HypervisorDaemon:
         #: Replies to PagingLoad(resume=True) held until the pager's next wake-up (see _hold_load_reply).
         self._held_load_replies: dict[int, list[asyncio.Future[None]]] = {}
         self._next_port = 1
+        #: A drain scheduled by the outbox itself (see _drain_soon), if one is pending.
+        self._drain_handle: asyncio.Handle | None = None
+        self.hv.on_effects = self._drain_soon
         self._handlers: dict[type, Callable[[ConnCtx, Any], Awaitable[Reply]]] = {
             protocol.ToolHello: self._tool_hello,
             protocol.GuestHello: self._guest_hello,
@@ -167,7 +170,29 @@ class HypervisorDaemon:
         finally:
             self._after_op()
 
+    def _drain_soon(self) -> None:
+        """The core's outbox has effects: they are carried out by the end of this loop iteration.
+
+        Every entry point drains right after its operation (``_after_op``), so
+        that effects happen in order with the reply; this is the net under
+        them: a path that forgets to drain delays its effects by a callback
+        instead of leaving a vCPU paused for ever.
+        """
+        if self._drain_handle is None:
+            self._drain_handle = asyncio.get_running_loop().call_soon(self._drain_late)
+
+    def _drain_late(self) -> None:
+        self._drain_handle = None
+        self._after_op()
+
     def _after_op(self) -> None:
+        """Carry out the core's effects and what they make possible (the exits of vCPUs now runnable)."""
+        self._carry_out()
+        if self._drain_handle is not None and not self.hv.pending_effects():
+            self._drain_handle.cancel()  # drained in time: the net is not needed
+            self._drain_handle = None
+
+    def _carry_out(self) -> None:
         if self._held_load_replies:
             self._release_load_replies()
         self._apply_effects()

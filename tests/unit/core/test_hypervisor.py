@@ -144,3 +144,17 @@ def test_stats_have_ring_counters_as_flat_int_dicts() -> None:
     for key in ("resident", "paged", "paging_in", "faults"):
         assert isinstance(st[key], int)
     assert st["paged"] == dom.p2m.type_count(P2MType.ram_paged)
+
+
+def test_the_outbox_calls_on_effects_when_it_stops_being_empty() -> None:
+    """The driver's cue to drain: once per empty -> not empty, never for an effect behind others."""
+    hv, dom = make(max_vcpus=1, gfns=8)
+    Listener(dom)
+    cues: list[bool] = []
+    hv.on_effects = lambda: cues.append(hv.pending_effects())
+    page_out(dom, [1, 2])  # the frames go: FramesReleased
+    assert cues == [False], "called once, before the first effect is queued"
+    dom.guest_access(0, 1, R)  # a put and its kick, behind it
+    assert cues == [False] and len(hv.take_effects()) >= 2
+    dom.crash("gone")
+    assert cues == [False, False] and hv.pending_effects()
