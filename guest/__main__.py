@@ -27,6 +27,7 @@ from guest.workload import WorkloadConfig, accesses
 from hvemu import logs, protocol
 from hvemu.abi import Errno
 from hvemu.histogram import Histogram
+from hvemu.names import PATTERNS
 from hvemu.transport import Connection, ControlError, SyncConnection, root_cause
 
 
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vcpus", type=int, default=0, help="vCPUs to run (default: the domain's max_vcpus)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds to run")
     p.add_argument("--max-accesses", type=int, default=0, help="stop each vCPU after this many accesses")
-    p.add_argument("--pattern", choices=["sequential", "uniform", "hotcold", "phases"], default="hotcold")
+    p.add_argument("--pattern", choices=PATTERNS, default="hotcold")
     p.add_argument("--write-ratio", type=float, default=0.3)
     p.add_argument("--hot-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=1)

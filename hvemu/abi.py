@@ -24,6 +24,17 @@ import msgspec
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
+MiB = 1 << 20
+
+
+def mib_to_pages(mib: float) -> int:
+    """Whole pages in ``mib`` MiB (rounded down: a size never claims memory it was not given)."""
+    return int(mib * MiB) // PAGE_SIZE
+
+
+def pages_to_mib(pages: float) -> float:
+    return pages * PAGE_SIZE / MiB
+
 
 #: Offsets of the four u32 indices of the shared ring header.
 REQ_PROD_OFFSET = 0

@@ -44,7 +44,8 @@ import uvloop
 import hvemu
 from hvemu import abi, protocol
 from hvemu.abi import Errno
-from hvemu.core.admission import POLICIES
+from hvemu.names import ADMISSION_POLICIES as POLICIES
+from hvemu.names import VICTIM_POLICIES
 from hvemu.sizes import SIZE_HELP, MiB, Size, SizeError, mib_text, parse_size
 from hvemu.transport import Connection, ControlError, root_cause
 from pager.defaults import EVICT_BATCH, EVICT_POLICY
@@ -419,7 +420,7 @@ def cmd_stop(args: argparse.Namespace) -> Any:
          arg("--keep", action="store_true", help="keep the pagefile when the domain is destroyed"),
          arg("--target", type=_size, default=None, metavar="SIZE",
              help=f"resident memory to page down to, {SIZE_UNITS} (default: the domain's target)"),
-         arg("--policy", choices=["clock", "random"], default=EVICT_POLICY,
+         arg("--policy", choices=VICTIM_POLICIES, default=EVICT_POLICY,
              help="victim policy: clock (xenpaging's sweeping hand) or random"),
          arg("--batch", type=int, default=EVICT_BATCH, metavar="PAGES", help="pages per eviction batch"))
 def cmd_pager_attach(args: argparse.Namespace) -> Any:
@@ -628,7 +629,7 @@ def _list_text(rows: list[dict[str, Any]]) -> str:
 @command("list", "list domains, with xl's columns (memory in MiB) and state letters", text=_list_text)
 async def cmd_list(args: argparse.Namespace) -> Any:
     conn = await _tool(args.run_dir)
-    page = abi.PAGE_SIZE / MiB
+    page = abi.pages_to_mib(1)
     rows = []
     try:
         for d in await domain_list(conn):
@@ -677,7 +678,7 @@ async def cmd_info(args: argparse.Namespace) -> Any:
         if args.domain is None:
             reply, _ = await conn.call(protocol.HostInfo())
             assert isinstance(reply, protocol.HostInfoReply)
-            page = abi.PAGE_SIZE / MiB
+            page = abi.pages_to_mib(1)
             return {"total_memory_mib": reply.total_frames * page, "used_memory_mib": reply.used_frames * page,
                     "free_memory_mib": (reply.total_frames - reply.used_frames) * page, "nr_domains": reply.domains,
                     "policy": reply.policy, "ring_size": reply.ring_size, "tracing": reply.tracing or None,

@@ -37,6 +37,7 @@ from hvemu.core.errors import HypervisorError
 from hvemu.core.hypervisor import Hypervisor
 from hvemu.core.mem_event import NOTIFY_MODES
 from hvemu.janitor import Janitor
+from hvemu.names import ADMISSION_POLICIES
 from hvemu.shm import PosixSegment, Segment
 from hvemu.trace import ALL_EVENTS, NO_RING, NO_VCPU, RING_CODES, TraceEvent, TraceWriter
 from hvemu.transport import ConnState, ControlServer, FdLike, OwnedFd
@@ -863,7 +864,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hvemu-hypervisor", description="Run the hvemu hypervisor.")
     p.add_argument("--run-dir", default=None, help="directory of the control socket (owner-only)")
     p.add_argument("--memory", type=float, default=256.0, help="host memory budget in MiB")
-    p.add_argument("--policy", choices=["seed", "claim"], default="seed", help="mem_event admission policy")
+    p.add_argument("--policy", choices=ADMISSION_POLICIES, default=ADMISSION_POLICIES[0],
+                   help="mem_event admission policy")
     p.add_argument("--ring-size", type=int, default=None, help="ring slots (default: derived, 64)")
     p.add_argument("--notify", choices=list(NOTIFY_MODES), default="ring.h",
                    help="when a put kicks the daemon: as ring.h says (default), or after every put as Xen 4.2")
@@ -877,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.setup("hypervisor", args.verbose)
     run_dir = args.run_dir or protocol.default_run_dir()
-    frames = int(args.memory * (1 << 20)) // abi.PAGE_SIZE
+    frames = abi.mib_to_pages(args.memory)
     if frames < 1:
         print("hvemu-hypervisor: --memory must be at least one page", file=sys.stderr)
         return 2

@@ -35,15 +35,15 @@ import uvloop
 import hvemu
 from hvemu import abi, protocol
 from hvemu.bench.common import format_cpus, parse_cpus
-from hvemu.core.admission import POLICIES
 from hvemu.core.domain import MAX_GFNS, MAX_VCPUS
+from hvemu.names import ADMISSION_POLICIES as POLICIES
+from hvemu.names import PATTERNS
 from hvemu.procs import child_setup, stop_process
 from hvemu.sizes import MiB, Size, SizeError, gib_or_mib, mib_text, parse_size
 from hvemu.transport import Connection, ControlError
 from pager.defaults import EVICT_BATCH
 
 #: The guests' access patterns (``guest --pattern``).
-PATTERNS = ("sequential", "uniform", "hotcold", "phases")
 #: Runs longer than this print a progress line every ``--progress`` seconds.
 PROGRESS_AFTER_S = 10.0
 PROGRESS_EVERY_S = 5.0
@@ -241,8 +241,8 @@ class Run:
         self.children.append(self.hv)
         self.tool = tool = await Connection.connect(protocol.socket_path(self.run_dir))
         await tool.call(protocol.ToolHello(client="run.sh"))
-        gfns = int(s.memory_mib * MiB) // abi.PAGE_SIZE
-        target = int(s.target_mib * MiB) // abi.PAGE_SIZE
+        gfns = abi.mib_to_pages(s.memory_mib)
+        target = abi.mib_to_pages(s.target_mib)
         for i in range(s.domains):
             reply, _ = await tool.call(protocol.DomainCreate(max_vcpus=s.vcpus, gfns=gfns, name=f"guest{i}"))
             assert isinstance(reply, protocol.DomainCreated)
@@ -348,7 +348,7 @@ class Run:
         rings = [r for k in abi.RingKind if isinstance(r := st.get(str(k)), dict)]
         faults = int(rep["faults"]) if rep else int(st.get("faults", 0))
         pages_in, pages_out = int(st.get("paged_in", 0)), int(st.get("evicted", 0))
-        page_mib = abi.PAGE_SIZE / MiB
+        page_mib = abi.pages_to_mib(1)
         return DomainResult(
             domid=domid, vcpus=self.s.vcpus, memory_mib=int(st["gfns"]) * page_mib,
             target_mib=int(st.get("target", 0)) * page_mib,

@@ -12,10 +12,9 @@ import math
 import re
 from typing import NamedTuple
 
-from hvemu.abi import PAGE_SIZE
+from hvemu.abi import PAGE_SIZE, MiB
 
 KiB = 1 << 10
-MiB = 1 << 20
 GiB = 1 << 30
 
 _UNITS = {"": MiB, "b": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1 << 40}

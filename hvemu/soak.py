@@ -40,12 +40,14 @@ from typing import IO, Any
 
 import uvloop
 
-from hvemu import abi, protocol
+from hvemu import abi, names, protocol
 from hvemu.abi import Errno
 from hvemu.procs import die_with_parent, status_bytes, stop_process
 from hvemu.transport import Connection, ControlError, root_cause
 
+#: The guests' patterns, one per domain in turn (random first: it pages the most).
 PATTERNS = ("uniform", "hotcold", "phases", "sequential")
+assert set(PATTERNS) == set(names.PATTERNS)
 #: Lines in the hypervisor's log that fail a soak.
 BAD_LOG = ("crashed", "response rejected", "Traceback", "handler failed")
 
@@ -195,7 +197,7 @@ def trend(samples: list[tuple[float, int, int]]) -> dict[str, Any]:
         return sum((x - mx) * (y - my) for x, y in points) / var if var else 0.0
 
     half = samples[len(samples) // 2:]
-    mib = 1 << 20
+    mib = abi.MiB
     return {"rss_mib": {"first": round(samples[0][1] / mib, 1), "last": round(samples[-1][1] / mib, 1),
                         "max": round(max(x[1] for x in samples) / mib, 1),
                         "slope_mib_per_min": round(slope([(t / 60, r / mib) for t, r, _ in half]), 2)},
@@ -212,7 +214,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     path = protocol.socket_path(run_dir)
     rng = random.Random(args.seed)
     procs: list[Proc] = []
-    gfns = int(args.memory * (1 << 20)) // abi.PAGE_SIZE
+    gfns = abi.mib_to_pages(args.memory)
     ok = False
     try:
         hv = await Proc.start("hypervisor", log_dir, "-m", "hvemu.daemon", "--run-dir", run_dir, "--memory",
@@ -377,7 +379,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--balloon", type=int, default=32, help="pages each guest gives back half way (drops)")
     p.add_argument("--write-ratio", type=float, default=0.4)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--policy", choices=["seed", "claim"], default=None,
+    p.add_argument("--policy", choices=names.ADMISSION_POLICIES, default=None,
                    help="mem_event admission policy (default seed; claim with --scaled)")
     p.add_argument("--kill-pagers-every", type=float, default=0.0,
                    help="SIGKILL a random pager this often (seconds; 0: never) and restart it")
@@ -409,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seconds <= 0 or min(args.domains, args.vcpus, args.batch) < 1 or args.target < 1:
         print("soak.sh: need positive --seconds/--minutes, --domains, --vcpus, --batch and --target", file=sys.stderr)
         return 2
-    gfns = int(args.memory * (1 << 20)) // abi.PAGE_SIZE
+    gfns = abi.mib_to_pages(args.memory)
     if not 0 <= args.balloon < gfns // 2:
         print("soak.sh: --balloon must be below half a domain's pages", file=sys.stderr)
         return 2

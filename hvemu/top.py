@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hvemu import abi, protocol
-from hvemu.sizes import MiB, mib_text
+from hvemu.sizes import mib_text
 from hvemu.transport import Connection, ControlError
 
 
@@ -39,7 +39,7 @@ class OutputClosed(Exception):
     """stdout's reader went away (``hvemu top | head``): the caller exits quietly."""
 
 
-PAGE_MIB = abi.PAGE_SIZE / MiB
+PAGE_MIB = abi.pages_to_mib(1)
 
 
 def _rate(now: dict[str, Any], before: dict[str, Any] | None, key: str, dt: float) -> float:

@@ -19,6 +19,7 @@ import sys
 
 from hvemu import logs, protocol
 from hvemu.abi import RingKind
+from hvemu.names import VICTIM_POLICIES
 from hvemu.transport import ControlError, root_cause
 from pager.base import Pager as BasePager
 from pager.base import PageStore
@@ -57,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                                                      "domain is destroyed, unless --keep)")
     p.add_argument("--keep", action="store_true", help="keep the pagefile when the domain is destroyed")
     p.add_argument("--target", type=int, default=None, help="resident pages to keep (default: the hypervisor's)")
-    p.add_argument("--policy", choices=["clock", "random"], default=EVICT_POLICY,
+    p.add_argument("--policy", choices=VICTIM_POLICIES, default=EVICT_POLICY,
                    help="victim policy: clock (xenpaging's sweeping hand, the default) or random")
     p.add_argument("--batch", type=int, default=EVICT_BATCH,
                    help=f"pages per eviction batch (default {EVICT_BATCH})")

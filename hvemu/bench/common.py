@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, NamedTuple
 
-from hvemu import abi, procs, protocol
+from hvemu import procs, protocol
 from hvemu.bench import profile
 from hvemu.procs import child_setup, status_bytes, status_field, stop_process
 from hvemu.transport import Connection
@@ -441,7 +441,3 @@ def lost_guest(st: dict[str, Any]) -> int:
     """Guest events lost on the paging ring (the seed's ``EAGAIN`` for a guest producer)."""
     paging = st.get("paging", {})
     return int(paging.get("lost_guest", 0)) if isinstance(paging, dict) else 0
-
-
-def pages(mib: float) -> int:
-    return int(mib * (1 << 20)) // abi.PAGE_SIZE

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from hvemu import protocol
+from hvemu import abi, protocol
 from hvemu.abi import Errno
 from hvemu.bench import relay, uffd
 from hvemu.bench.common import (
@@ -357,7 +357,7 @@ async def _pagein_one(host: Host, pages: int, vcpus: int, unbatched: bool, total
 async def pagein(cfg: Config, placement: Placement, totals: Totals) -> dict[str, Any]:
     """V vCPUs read back every (evicted) page, batched pager vs. one push and notify per response."""
     out: dict[str, Any] = {}
-    async with Host(placement, memory_mib=max(64.0, cfg.pagein_pages * 4096 * 4 / (1 << 20))) as host:
+    async with Host(placement, memory_mib=max(64.0, abi.pages_to_mib(cfg.pagein_pages * 4))) as host:
         for v in cfg.pagein_vcpus:
             batched = await _pagein_one(host, cfg.pagein_pages, v, False, totals)
             unbatched = await _pagein_one(host, cfg.pagein_pages, v, True, totals)
@@ -463,7 +463,7 @@ async def evict(cfg: Config, placement: Placement, totals: Totals) -> dict[str, 
     rates: list[float] = []
     from_target: list[float] = []
     random_rates: list[float] = []
-    async with Host(placement, memory_mib=max(64.0, pages * 4096 * 2 / (1 << 20))) as host:
+    async with Host(placement, memory_mib=max(64.0, abi.pages_to_mib(pages * 2))) as host:
         domid = await host.create(pages, vcpus=1)
         guest = await _filled_guest(host, domid, 1)
         for _ in range(cfg.evict_rounds):
@@ -569,7 +569,7 @@ async def fairness(cfg: Config, placement: Placement, totals: Totals) -> dict[st
 async def scale(cfg: Config, placement: Placement, totals: Totals) -> dict[str, Any]:
     """Create a 1 GiB domain and attach the real pager: wall time, and hypervisor memory per gfn."""
     gfns = cfg.scale_gfns
-    async with Host(placement, memory_mib=gfns * 4096 * 1.25 / (1 << 20)) as host:
+    async with Host(placement, memory_mib=abi.pages_to_mib(gfns * 1.25)) as host:
         assert host.hv is not None
         await host.call(protocol.DomainList())  # the hypervisor's lazy set-up is not the domain's cost
         rss0 = rss_bytes(host.hv.pid)

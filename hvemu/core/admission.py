@@ -15,9 +15,11 @@ place they are explained.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from hvemu.abi import Errno, MemEvent
+from hvemu.names import ADMISSION_POLICIES
+from hvemu.names import AdmissionPolicy as Policy
 from hvemu.trace import NO_VCPU, TraceEvent
 
 if TYPE_CHECKING:
@@ -25,9 +27,6 @@ if TYPE_CHECKING:
     from hvemu.core.mem_event import MemEventDomain
 
 log = logging.getLogger("hvemu.core.mem_event")
-
-Policy = Literal["seed", "claim"]
-
 
 class Admission:
     """What differs between the policies; each hook is called by the ring at the seed's call site."""
@@ -155,4 +154,5 @@ class Claim(Admission):
 
 #: One instance of each policy, by the name ``hvemu start --policy`` takes.
 ADMISSIONS: dict[Policy, Admission] = {a.name: a for a in (Seed(), Claim())}
-POLICIES: tuple[Policy, ...] = tuple(ADMISSIONS)
+POLICIES = ADMISSION_POLICIES
+assert set(ADMISSIONS) == set(POLICIES), "a policy name without its rules, or rules without a name"
