@@ -363,7 +363,7 @@ SIZE_UNITS = SIZE_HELP
 
 @command("start", "start the hypervisor in the background",
          arg("--memory", type=_size, default=_size("256"), metavar="SIZE", help=f"host memory budget, {SIZE_UNITS}"),
-         arg("--policy", choices=POLICIES, default=POLICIES[0],
+         arg("--admission", choices=POLICIES, default=POLICIES[0],
              help="mem_event admission policy: the seed's rule, or claim a slot before producing"),
          arg("--ring-size", type=_ring_size, default=None, metavar="SLOTS",
              help=f"slots per ring, a power of two up to {abi.MEM_EVENT_RING_SIZE} (default: "
@@ -374,7 +374,7 @@ SIZE_UNITS = SIZE_HELP
 def cmd_start(args: argparse.Namespace) -> Any:
     run_dir = _run_dir(args)
     argv = ["-m", _MODULES["hypervisor"], "--run-dir", run_dir, "--memory", repr(args.memory.mib),
-            "--policy", args.policy]
+            "--admission", args.admission]
     if args.memory.pages < 1:
         raise CliError(f"--memory {args.memory} is less than one page", "EINVAL")
     if args.ring_size is not None:

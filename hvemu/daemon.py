@@ -864,7 +864,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hvemu-hypervisor", description="Run the hvemu hypervisor.")
     p.add_argument("--run-dir", default=None, help="directory of the control socket (owner-only)")
     p.add_argument("--memory", type=float, default=256.0, help="host memory budget in MiB")
-    p.add_argument("--policy", choices=ADMISSION_POLICIES, default=ADMISSION_POLICIES[0],
+    p.add_argument("--admission", choices=ADMISSION_POLICIES, default=ADMISSION_POLICIES[0],
                    help="mem_event admission policy")
     p.add_argument("--ring-size", type=int, default=None, help="ring slots (default: derived, 64)")
     p.add_argument("--notify", choices=list(NOTIFY_MODES), default="ring.h",
@@ -894,7 +894,7 @@ def main(argv: list[str] | None = None) -> int:
             os.close(args.ready_fd)
 
     try:
-        daemon = HypervisorDaemon(run_dir, frames, policy=args.policy, ring_size=args.ring_size,
+        daemon = HypervisorDaemon(run_dir, frames, policy=args.admission, ring_size=args.ring_size,
                                   notify=args.notify)
         if args.trace:
             daemon.start_trace(os.path.abspath(args.trace))

@@ -65,7 +65,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     duration_s: float
     pattern: str
     write_ratio: float
-    policy: str
+    admission: str
     batch: int
     seed: int
     #: CPUs every process was pinned to (``taskset -c`` form), None: not pinned.
@@ -76,7 +76,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         argv = ["--domains", str(self.domains), "--vcpus", str(self.vcpus), "--memory", _num(self.memory_mib),
                 "--host-memory", _num(self.host_memory_mib), "--target", _num(self.target_mib),
                 "--duration", _num(self.duration_s), "--pattern", self.pattern, "--write-ratio",
-                _num(self.write_ratio), "--policy", self.policy, "--batch", str(self.batch), "--seed", str(self.seed)]
+                _num(self.write_ratio), "--admission", self.admission, "--batch", str(self.batch),
+                "--seed", str(self.seed)]
         return argv + (["--cpus", self.cpus] if self.cpus else [])
 
 
@@ -123,7 +124,7 @@ class Summary(msgspec.Struct, kw_only=True):
     command: str
     domains: list[DomainResult]
     host_memory_mib: float
-    policy: str
+    admission: str
     duration_s: float
 
 
@@ -154,10 +155,10 @@ class Child:
         return (await self.proc.stdout.read()).decode()
 
 
-async def start_hypervisor(run_dir: str, memory_mib: float, policy: str, *, cpus: set[int] | None = None,
+async def start_hypervisor(run_dir: str, memory_mib: float, admission: str, *, cpus: set[int] | None = None,
                            verbose: int = 0) -> Child:
     """Start ``hvemu.daemon`` and return once its control socket answers."""
-    args = ["-m", "hvemu.daemon", "--run-dir", run_dir, "--memory", str(memory_mib), "--policy", policy]
+    args = ["-m", "hvemu.daemon", "--run-dir", run_dir, "--memory", str(memory_mib), "--admission", admission]
     args += ["-v"] * verbose
     hv = await Child.start("hypervisor", *args, cpus=cpus)
     path = protocol.socket_path(run_dir)
@@ -237,7 +238,7 @@ class Run:
         os.chmod(self.run_dir, 0o700)
         _say(f"run.sh: run directory {self.run_dir} (watch with: {hvemu_command()} --run-dir "
              f"{shlex.quote(self.run_dir)} top)")
-        self.hv = await start_hypervisor(self.run_dir, s.host_memory_mib, s.policy, cpus=self.cpus)
+        self.hv = await start_hypervisor(self.run_dir, s.host_memory_mib, s.admission, cpus=self.cpus)
         self.children.append(self.hv)
         self.tool = tool = await Connection.connect(protocol.socket_path(self.run_dir))
         await tool.call(protocol.ToolHello(client="run.sh"))
@@ -368,7 +369,7 @@ class Run:
     def _summary(self, rows: list[DomainResult], *, ok: bool, complete: bool) -> Summary:
         s = self.s
         return Summary(ok=ok, complete=complete, settings=s, command=shlex.join(["scripts/run.sh", *s.argv()]),
-                       domains=rows, host_memory_mib=s.host_memory_mib, policy=s.policy, duration_s=s.duration_s)
+                       domains=rows, host_memory_mib=s.host_memory_mib, admission=s.admission, duration_s=s.duration_s)
 
     async def close(self) -> None:
         """Stop every process (last started first) and remove the run directory; on every path."""
@@ -513,7 +514,7 @@ def summary_lines(summary: Summary) -> list[str]:
     if not summary.complete:
         lines.append("interrupted: the figures are those of the run so far (pages not verified by the guests)")
     verdict = "OK" if summary.ok else ("not checked" if not summary.complete else "FAILED")
-    lines.append(f"integrity {verdict}  (host {mib_text(s.host_memory_mib * MiB)} MiB, {s.policy} policy, "
+    lines.append(f"integrity {verdict}  (host {mib_text(s.host_memory_mib * MiB)} MiB, {s.admission} admission, "
                  f"{s.pattern} pattern, {_num(s.duration_s)} s, seed {s.seed}; rates per s of guest run)")
     return lines
 
@@ -552,7 +553,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", choices=PATTERNS, default="hotcold", help="the guests' access pattern")
     p.add_argument("--write-ratio", type=float, default=0.3, metavar="R",
                    help="fraction of the guests' accesses that write, 0 to 1")
-    p.add_argument("--policy", choices=POLICIES, default=POLICIES[0],
+    p.add_argument("--admission", choices=POLICIES, default=POLICIES[0],
                    help="mem_event admission policy of the hypervisor")
     p.add_argument("--batch", type=int, default=EVICT_BATCH, metavar="PAGES", help="pages per pager eviction batch")
     p.add_argument("--seed", type=int, default=1, help="workload seed (domain N's guest uses seed + N)")
@@ -669,7 +670,7 @@ def settings_of(args: argparse.Namespace) -> Settings:
     """The settings of checked options (:func:`option_problems` found nothing)."""
     return Settings(domains=args.domains, vcpus=args.vcpus, memory_mib=args.memory.mib,
                     host_memory_mib=args.host_memory.mib, target_mib=args.target.mib, duration_s=args.duration,
-                    pattern=args.pattern, write_ratio=args.write_ratio, policy=args.policy, batch=args.batch,
+                    pattern=args.pattern, write_ratio=args.write_ratio, admission=args.admission, batch=args.batch,
                     seed=args.seed, cpus=format_cpus(args.cpus) if args.cpus is not None else None)
 
 

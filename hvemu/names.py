@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-#: mem_event admission: the seed patch's rule, or claim a slot before producing (``hvemu start --policy``).
+#: mem_event admission: the seed patch's rule, or claim a slot before producing (``hvemu start --admission``).
 AdmissionPolicy = Literal["seed", "claim"]
 ADMISSION_POLICIES: tuple[AdmissionPolicy, ...] = get_args(AdmissionPolicy)
 

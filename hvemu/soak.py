@@ -218,7 +218,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     ok = False
     try:
         hv = await Proc.start("hypervisor", log_dir, "-m", "hvemu.daemon", "--run-dir", run_dir, "--memory",
-                              str(args.host_memory), "--policy", args.policy)
+                              str(args.host_memory), "--admission", args.admission)
         procs.append(hv)
         deadline = time.monotonic() + 15
         while True:
@@ -328,7 +328,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
               and all(m["wrong_pages"] == 0 and m["timeouts"] == 0 and not m["errors"] for m in mapper_summary)
               and hv_exit == 0 and not bad_log and not any(leftovers.values())
               and (args.kills is None or kills >= args.kills))
-        return {"ok": ok, "seconds": args.seconds, "policy": args.policy, "host_memory_mib": args.host_memory,
+        return {"ok": ok, "seconds": args.seconds, "admission": args.admission, "host_memory_mib": args.host_memory,
                 "target_pages": args.target, "pager_kills": kills, "hypervisor_exit": hv_exit,
                 "bad_log_lines": bad_log, "domains": domains, "mappers": mapper_summary, "leftovers": leftovers,
                 "hypervisor": trend(samples),
@@ -379,7 +379,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--balloon", type=int, default=32, help="pages each guest gives back half way (drops)")
     p.add_argument("--write-ratio", type=float, default=0.4)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--policy", choices=names.ADMISSION_POLICIES, default=None,
+    p.add_argument("--admission", choices=names.ADMISSION_POLICIES, default=None,
                    help="mem_event admission policy (default seed; claim with --scaled)")
     p.add_argument("--kill-pagers-every", type=float, default=0.0,
                    help="SIGKILL a random pager this often (seconds; 0: never) and restart it")
@@ -401,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         # Under the seed's rule foreign mappers can fill a ring and make a guest's event
         # be lost too ("possible lost mem_event", replayed by the vCPU's retry); only the
         # claim policy promises none, and zero lost guest events is the figure asked for.
-        args.policy = args.policy or "claim"
-    args.policy = args.policy or "seed"
+        args.admission = args.admission or "claim"
+    args.admission = args.admission or "seed"
     if args.seconds is None:
         args.seconds = 60.0 * (args.minutes if args.minutes is not None else 1.0)
     if args.kills is not None and args.kill_pagers_every > 0:

@@ -316,7 +316,7 @@ class Host:
         os.chmod(self.run_dir, 0o700)
         try:
             args = ["-m", "hvemu.daemon", "--run-dir", self.run_dir, "--memory", str(self.memory_mib),
-                    "--policy", self.policy]
+                    "--admission", self.policy]
             if self.ring_size is not None:
                 args += ["--ring-size", str(self.ring_size)]
             self.hv = await Proc.start("hypervisor", args, cpus=self.placement.hypervisor)

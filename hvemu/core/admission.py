@@ -152,7 +152,7 @@ class Claim(Admission):
             med.wake_marked(med.available())
 
 
-#: One instance of each policy, by the name ``hvemu start --policy`` takes.
+#: One instance of each policy, by the name ``hvemu start --admission`` takes.
 ADMISSIONS: dict[Policy, Admission] = {a.name: a for a in (Seed(), Claim())}
 POLICIES = ADMISSION_POLICIES
 assert set(ADMISSIONS) == set(POLICIES), "a policy name without its rules, or rules without a name"

@@ -113,7 +113,7 @@ class Hypervisor:
         ready_r, ready_w = os.pipe()
         try:
             self.proc = Proc("-m", "hvemu.daemon", "--run-dir", run_dir, "--memory", str(memory_mib),
-                             "--policy", policy, "--ready-fd", str(ready_w), pass_fds=(ready_w,))
+                             "--admission", policy, "--ready-fd", str(ready_w), pass_fds=(ready_w,))
             os.close(ready_w)
             ready_w = -1
             if not select.select([ready_r], [], [], 30)[0] or os.read(ready_r, 1) != b"R":

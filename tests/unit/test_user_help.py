@@ -102,9 +102,9 @@ def test_the_readme_sample_is_what_run_sh_prints() -> None:
     assert sample is not None
     lines = sample.group(1).splitlines()
     settings = launcher.Settings(domains=2, vcpus=4, memory_mib=64, host_memory_mib=96, target_mib=40,
-                                 duration_s=3, pattern="hotcold", write_ratio=0.3, policy="seed", batch=256, seed=1)
+                                 duration_s=3, pattern="hotcold", write_ratio=0.3, admission="seed", batch=256, seed=1)
     summary = launcher.Summary(ok=True, complete=True, settings=settings, command="", domains=[],
-                               host_memory_mib=96, policy="seed", duration_s=3)
+                               host_memory_mib=96, admission="seed", duration_s=3)
     printed = launcher.summary_lines(summary)
     assert lines[:2] == printed[:2] and lines[-1] == printed[-1]
     assert all(len(line) <= launcher.SUMMARY_WIDTH for line in lines)
