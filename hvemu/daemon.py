@@ -39,7 +39,8 @@ from hvemu.core.mem_event import NOTIFY_MODES
 from hvemu.janitor import Janitor
 from hvemu.names import ADMISSION_POLICIES
 from hvemu.shm import PosixSegment, Segment
-from hvemu.trace import ALL_EVENTS, NO_RING, NO_VCPU, RING_CODES, TraceEvent, TraceWriter
+from hvemu.trace import ALL_EVENTS, NO_RING, NO_VCPU, RING_CODES, TraceEvent
+from hvemu.trace_writer import TraceWriter
 from hvemu.transport import ConnState, ControlServer, FdLike, OwnedFd
 
 log = logging.getLogger("hvemu.daemon")
