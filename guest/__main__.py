@@ -68,8 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-class _Done(Exception):
-    """Raised inside the task group to stop the lifeline once the work is done."""
+class Outcome:
+    """What ``main`` needs however the run ends (a signal while lingering too): the report, once written."""
+
+    def __init__(self) -> None:
+        self.report: GuestReport | None = None
 
 
 class HypervisorGone(ConnectionError):
@@ -99,7 +102,7 @@ async def _lifeline(conn: Connection, domid: int) -> None:
     raise HypervisorGone(f"the hypervisor closed domain {domid}'s connection")
 
 
-async def run_guest(args: argparse.Namespace) -> GuestReport:
+async def run_guest(args: argparse.Namespace, outcome: Outcome) -> GuestReport:
     path = protocol.socket_path(args.run_dir)
     main_conn, memory, welcome = await open_guest(path, args.domid)
     args.welcomed = True  # the domain was ours: an ESRCH from now on means it ended under us
@@ -124,7 +127,7 @@ async def run_guest(args: argparse.Namespace) -> GuestReport:
         deadline = time.monotonic() + args.duration
         ballooned = 0
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(_lifeline(main_conn, args.domid), name="lifeline")
+            lifeline = tg.create_task(_lifeline(main_conn, args.domid), name="lifeline")
             tasks = [tg.create_task(v.run(accesses(cfg, usable, v.vcpu_id), deadline,
                                           max_accesses=args.max_accesses, trap_every=args.trap_every,
                                           int3_every=args.int3_every))
@@ -143,13 +146,11 @@ async def run_guest(args: argparse.Namespace) -> GuestReport:
                     if versions[gfn]:
                         await checker.read(gfn)
             reports = [t.result() for t in tasks]
-            report = _summarise(args.domid, vcpus, reports, ballooned)
+            report = outcome.report = _summarise(args.domid, vcpus, reports, ballooned)
             _write_report(args.report, report)
             if args.linger:
                 await asyncio.Event().wait()  # until cancelled by SIGTERM/SIGINT
-            raise _Done
-    except* _Done:
-        pass
+            lifeline.cancel()  # the work is done: the task group ends with it
     finally:
         for v in vcpus:
             v.port.close()
@@ -172,12 +173,7 @@ def _summarise(domid: int, vcpus: list[Vcpu], reports: list[VcpuReport], balloon
     )
 
 
-_last_report: GuestReport | None = None
-
-
 def _write_report(dest: str, report: GuestReport) -> None:
-    global _last_report
-    _last_report = report
     text = json.dumps(msgspec.to_builtins(report), indent=None)
     if dest == "-":
         print(text, flush=True)
@@ -223,19 +219,21 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.setup("guest", args.verbose)
 
+    outcome = Outcome()
+
     async def _main() -> GuestReport:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, task.cancel)
-        return await run_guest(args)
+        return await run_guest(args, outcome)
 
     try:
         report = uvloop.run(_main())
     except asyncio.CancelledError:
-        if _last_report is not None and args.linger:
-            return 0 if _last_report.ok else 1
+        if outcome.report is not None and args.linger:
+            return 0 if outcome.report.ok else 1
         print("hvemu-guest: stopped by signal", file=sys.stderr)
         return 3
     except BaseException as exc:  # noqa: BLE001 - every failure becomes one clear line
