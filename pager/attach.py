@@ -52,8 +52,9 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from hvemu import abi, logs, protocol
 from hvemu.abi import Errno, MemEventReason, P2MAccess, RingKind
@@ -71,24 +72,6 @@ MAX_BATCH = 1024
 #: Signals forwarded to the program.
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-HELP = """\
-hello                      -> ok hvemu-attach <version>
-ping                       -> ok
-nominate G...              -> ok R...    ram_rw -> ram_paging_out; then copy the page out
-evict G...                 -> ok R...    free nominated frames (EBUSY: touched since nominate)
-prep G...                  -> ok R...    zeroed frames for paged gfns; fill them via HVEMU_MEMORY_FD
-load G... <pages>          -> ok R...    allocate and fill from the raw pages after the line
-map G...                   -> ok R...    foreign map: a paged gfn is populated and answers ENOENT
-resume                     -> ok         have the hypervisor drain responses (instead of a notify)
-access ACCESS G...         -> ok R...    set p2m access (n r w rw x rx wx rwx rx2rw n2rwx, or 0-9)
-access-required 0|1        -> ok
-hvm-param REASON MODE [onchangeonly] -> ok   REASON cr0 cr3 cr4 int3; MODE disabled async sync
-target [PAGES]             -> ok PAGES   read (or set) the paging target
-stats                      -> ok {json}
-help                       -> ok <this text on one line>
-R is 0 for success or an errno name; a failed command answers ERRNO message."""
-
-_BATCH = frozenset({"nominate", "evict", "prep", "load", "map"})
 _REASONS = {"cr0": MemEventReason.CR0, "cr3": MemEventReason.CR3, "cr4": MemEventReason.CR4,
             "int3": MemEventReason.INT3}
 _MODES = {"disabled": abi.HVMPME_MODE_DISABLED, "async": abi.HVMPME_MODE_ASYNC, "sync": abi.HVMPME_MODE_SYNC}
@@ -145,44 +128,59 @@ def parse_command(line: bytes) -> Command:
     if not words:
         raise CommandError(Errno.EINVAL, "empty command")
     name, rest = words[0], words[1:]
-    cmd = Command(name, pages=data_pages(line))
-    if name in _BATCH:
-        if not rest:
-            raise CommandError(Errno.EINVAL, f"{name} needs at least one gfn")
-        if len(rest) > MAX_BATCH:
-            raise CommandError(Errno.EINVAL, f"{name}: at most {MAX_BATCH} gfns per command")
-        cmd.gfns = [_number(w, "gfn") for w in rest]
-    elif name == "access":
-        if len(rest) < 2:
-            raise CommandError(Errno.EINVAL, "usage: access ACCESS GFN...")
-        if len(rest) - 1 > MAX_BATCH:
-            raise CommandError(Errno.EINVAL, f"access: at most {MAX_BATCH} gfns per command")
-        cmd.args = [str(parse_access(rest[0]))]
-        cmd.gfns = [_number(w, "gfn") for w in rest[1:]]
-    elif name == "access-required":
-        if rest not in (["0"], ["1"]):
-            raise CommandError(Errno.EINVAL, "usage: access-required 0|1")
-        cmd.args = rest
-    elif name == "hvm-param":
-        if len(rest) not in (2, 3) or (len(rest) == 3 and rest[2] != "onchangeonly"):
-            raise CommandError(Errno.EINVAL, "usage: hvm-param cr0|cr3|cr4|int3 disabled|async|sync [onchangeonly]")
-        reason = _REASONS.get(rest[0].lower())
-        mode = _MODES.get(rest[1].lower())
-        if reason is None or mode is None:
-            raise CommandError(Errno.EINVAL, "usage: hvm-param cr0|cr3|cr4|int3 disabled|async|sync [onchangeonly]")
-        if len(rest) == 3:
-            mode |= abi.HVMPME_ONCHANGEONLY
-        cmd.args = [str(int(reason)), str(mode)]
-    elif name == "target":
-        if len(rest) > 1:
-            raise CommandError(Errno.EINVAL, "usage: target [PAGES]")
-        cmd.args = [str(_number(w, "target")) for w in rest]
-    elif name in ("hello", "ping", "resume", "stats", "help"):
-        if rest:
-            raise CommandError(Errno.EINVAL, f"{name} takes no arguments")
-    else:
+    spec = COMMANDS.get(name)
+    if spec is None:
         raise CommandError(Errno.EINVAL, f"unknown command {name!r} (try 'help')")
+    cmd = Command(name, pages=data_pages(line))
+    spec.parse(cmd, rest)
     return cmd
+
+
+def _no_args(cmd: Command, rest: list[str]) -> None:
+    if rest:
+        raise CommandError(Errno.EINVAL, f"{cmd.name} takes no arguments")
+
+
+def _gfns(cmd: Command, rest: list[str]) -> None:
+    if not rest:
+        raise CommandError(Errno.EINVAL, f"{cmd.name} needs at least one gfn")
+    if len(rest) > MAX_BATCH:
+        raise CommandError(Errno.EINVAL, f"{cmd.name}: at most {MAX_BATCH} gfns per command")
+    cmd.gfns = [_number(w, "gfn") for w in rest]
+
+
+def _access(cmd: Command, rest: list[str]) -> None:
+    if len(rest) < 2:
+        raise CommandError(Errno.EINVAL, "usage: access ACCESS GFN...")
+    if len(rest) - 1 > MAX_BATCH:
+        raise CommandError(Errno.EINVAL, f"access: at most {MAX_BATCH} gfns per command")
+    cmd.args = [str(parse_access(rest[0]))]
+    cmd.gfns = [_number(w, "gfn") for w in rest[1:]]
+
+
+def _access_required(cmd: Command, rest: list[str]) -> None:
+    if rest not in (["0"], ["1"]):
+        raise CommandError(Errno.EINVAL, "usage: access-required 0|1")
+    cmd.args = rest
+
+
+def _hvm_param(cmd: Command, rest: list[str]) -> None:
+    usage = "usage: hvm-param cr0|cr3|cr4|int3 disabled|async|sync [onchangeonly]"
+    if len(rest) not in (2, 3) or (len(rest) == 3 and rest[2] != "onchangeonly"):
+        raise CommandError(Errno.EINVAL, usage)
+    reason = _REASONS.get(rest[0].lower())
+    mode = _MODES.get(rest[1].lower())
+    if reason is None or mode is None:
+        raise CommandError(Errno.EINVAL, usage)
+    if len(rest) == 3:
+        mode |= abi.HVMPME_ONCHANGEONLY
+    cmd.args = [str(int(reason)), str(mode)]
+
+
+def _target(cmd: Command, rest: list[str]) -> None:
+    if len(rest) > 1:
+        raise CommandError(Errno.EINVAL, "usage: target [PAGES]")
+    cmd.args = [str(_number(w, "target")) for w in rest]
 
 
 def parse_access(word: str) -> int:
@@ -220,47 +218,12 @@ class CommandServer:
     async def execute(self, cmd: Command, data: bytes = b"") -> str:
         """The reply line (without its newline) for one command."""
         self.commands += 1
-        d = self.domctl
         try:
-            if cmd.name == "hello":
-                return f"ok hvemu-attach {PROTOCOL_VERSION}"
-            if cmd.name == "ping":
-                return "ok"
-            if cmd.name == "help":
-                return "ok " + " | ".join(line.strip() for line in HELP.splitlines())
-            if cmd.name == "nominate":
-                return format_results(await d.nominate(cmd.gfns))
-            if cmd.name == "evict":
-                return format_results(await d.evict(cmd.gfns))
-            if cmd.name == "prep":
-                return format_results(await d.prep(cmd.gfns))
-            if cmd.name == "load":
-                pages = [data[i * abi.PAGE_SIZE:(i + 1) * abi.PAGE_SIZE] for i in range(len(cmd.gfns))]
-                return format_results(await d.load(cmd.gfns, pages))
-            if cmd.name == "map":
-                return format_results((await d.map_foreign(cmd.gfns)).results)
-            if cmd.name == "resume":
-                await d.resume(self.ring)
-                return "ok"
-            if cmd.name == "access":
-                return format_results(await d.access_set(cmd.gfns, int(cmd.args[0])))
-            if cmd.name == "access-required":
-                await d.access_required(cmd.args[0] == "1")
-                return "ok"
-            if cmd.name == "hvm-param":
-                await d.set_hvm_param(int(cmd.args[0]), int(cmd.args[1]))
-                return "ok"
-            if cmd.name == "target":
-                if cmd.args:
-                    await d.set_target(int(cmd.args[0]))
-                return f"ok {await d.get_target()}"
-            if cmd.name == "stats":
-                return "ok " + json.dumps(await d.stats(), separators=(",", ":"), default=str)
+            return await COMMANDS[cmd.name].run(self, cmd, data)
         except DomainGone as exc:
             return format_error(Errno.ESRCH, str(exc))
         except SdkError as exc:
             return format_error(exc.errno, str(exc))
-        return format_error(Errno.ENOSYS, f"command {cmd.name!r} not implemented")
 
     async def handle_line(self, line: bytes, data: bytes) -> str:
         """Parse and run one line; malformed commands become error replies."""
@@ -298,6 +261,86 @@ class CommandServer:
                 await writer.drain()
         except (ConnectionError, BrokenPipeError):
             return
+
+async def _pages(server: CommandServer, cmd: Command, data: bytes) -> str:
+    pages = [data[i * abi.PAGE_SIZE:(i + 1) * abi.PAGE_SIZE] for i in range(len(cmd.gfns))]
+    return format_results(await server.domctl.load(cmd.gfns, pages))
+
+
+async def _target_run(server: CommandServer, cmd: Command, data: bytes) -> str:
+    if cmd.args:
+        await server.domctl.set_target(int(cmd.args[0]))
+    return f"ok {await server.domctl.get_target()}"
+
+
+class CommandSpec(NamedTuple):
+    """One command of the channel: its help line, how its words parse, and what it runs."""
+
+    usage: str
+    parse: Callable[[Command, list[str]], None]
+    run: Callable[[CommandServer, Command, bytes], Awaitable[str]]
+
+
+#: The command channel, one row per command: the help text, the parser and the executor all read it.
+COMMANDS: dict[str, CommandSpec] = {
+    "hello": CommandSpec("hello                      -> ok hvemu-attach <version>", _no_args,
+                         lambda s, c, d: _ok_text(f"ok hvemu-attach {PROTOCOL_VERSION}")),
+    "ping": CommandSpec("ping                       -> ok", _no_args, lambda s, c, d: _ok_text("ok")),
+    "nominate": CommandSpec("nominate G...              -> ok R...    ram_rw -> ram_paging_out; then copy the "
+                            "page out", _gfns, lambda s, c, d: _results(s.domctl.nominate(c.gfns))),
+    "evict": CommandSpec("evict G...                 -> ok R...    free nominated frames (EBUSY: touched since "
+                         "nominate)", _gfns, lambda s, c, d: _results(s.domctl.evict(c.gfns))),
+    "prep": CommandSpec("prep G...                  -> ok R...    zeroed frames for paged gfns; fill them via "
+                        "HVEMU_MEMORY_FD", _gfns, lambda s, c, d: _results(s.domctl.prep(c.gfns))),
+    "load": CommandSpec("load G... <pages>          -> ok R...    allocate and fill from the raw pages after the "
+                        "line", _gfns, _pages),
+    "map": CommandSpec("map G...                   -> ok R...    foreign map: a paged gfn is populated and "
+                       "answers ENOENT", _gfns, lambda s, c, d: _mapped(s, c)),
+    "resume": CommandSpec("resume                     -> ok         have the hypervisor drain responses (instead "
+                          "of a notify)", _no_args, lambda s, c, d: _then_ok(s.domctl.resume(s.ring))),
+    "access": CommandSpec("access ACCESS G...         -> ok R...    set p2m access (n r w rw x rx wx rwx rx2rw "
+                          "n2rwx, or 0-9)", _access,
+                          lambda s, c, d: _results(s.domctl.access_set(c.gfns, int(c.args[0])))),
+    "access-required": CommandSpec("access-required 0|1        -> ok", _access_required,
+                                   lambda s, c, d: _then_ok(s.domctl.access_required(c.args[0] == "1"))),
+    "hvm-param": CommandSpec("hvm-param REASON MODE [onchangeonly] -> ok   REASON cr0 cr3 cr4 int3; MODE disabled "
+                             "async sync", _hvm_param,
+                             lambda s, c, d: _then_ok(s.domctl.set_hvm_param(int(c.args[0]), int(c.args[1])))),
+    "target": CommandSpec("target [PAGES]             -> ok PAGES   read (or set) the paging target", _target,
+                          _target_run),
+    "stats": CommandSpec("stats                      -> ok {json}", _no_args, lambda s, c, d: _stats(s)),
+    "help": CommandSpec("help                       -> ok <this text on one line>", _no_args,
+                        lambda s, c, d: _ok_text("ok " + " | ".join(line.strip() for line in _help().splitlines()))),
+}
+
+HELP: str = "\n".join(spec.usage for spec in COMMANDS.values()) + \
+    "\nR is 0 for success or an errno name; a failed command answers ERRNO message."
+
+
+def _help() -> str:
+    return HELP
+
+
+async def _ok_text(text: str) -> str:
+    return text
+
+
+async def _results(results: Awaitable[Sequence[Errno | None]]) -> str:
+    return format_results(await results)
+
+
+async def _then_ok(done: Awaitable[None]) -> str:
+    await done
+    return "ok"
+
+
+async def _mapped(server: CommandServer, cmd: Command) -> str:
+    return format_results((await server.domctl.map_foreign(cmd.gfns)).results)
+
+
+async def _stats(server: CommandServer) -> str:
+    return "ok " + json.dumps(await server.domctl.stats(), separators=(",", ":"), default=str)
+
 
 
 def exit_status(returncode: int) -> int:
