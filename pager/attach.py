@@ -59,7 +59,7 @@ from typing import NamedTuple
 from hvemu import abi, logs, protocol
 from hvemu.abi import Errno, MemEventReason, P2MAccess, RingKind
 from hvemu.transport import Connection, ControlError, TransportError, root_cause
-from pager.sdk import DomainGone, Domctl, SdkError
+from pager.sdk import DomainGone, Domctl, SdkError, pages_out
 
 log = logging.getLogger("pager.attach")
 
@@ -397,6 +397,8 @@ class Attach:
         self.child: subprocess.Popen[bytes] | None = None
         self.ring_view: memoryview | None = None
         self._ring_map: mmap.mmap | None = None
+        self._p2m_map: mmap.mmap | None = None
+        self._gfns = 0
         self._pending_signal: int | None = None
 
     # ------------------------------------------------------------ signals
@@ -427,6 +429,9 @@ class Attach:
         # attach only looks at the indices (to know whether a disable would strand vCPUs).
         self._ring_map = mmap.mmap(named["ring"], abi.PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
         self.ring_view = memoryview(self._ring_map)[:abi.RING_ENTRIES_OFFSET].cast("I")
+        # ...and at the p2m types, to know whether pages are out when the program is done.
+        self._p2m_map = mmap.mmap(named["p2m"], abi.p2m_table_size(reply.gfns), mmap.MAP_SHARED, mmap.PROT_READ)
+        self._gfns = reply.gfns
         return reply, named
 
     async def _teardown(self) -> None:
@@ -454,11 +459,10 @@ class Attach:
         if left:
             log.warning("disabling dom%d %s ring with %d requests unanswered: their vCPUs stay paused",
                         self.args.domid, self.ring, left)
-        out = await self._pages_out(domctl)
+        out = self._pages_out()
         if out and not self.args.force_disable:
-            what = f"{out} pages are still out" if out > 0 else "whether pages are out is unknown"
-            log.warning("dom%d: %s; the paging ring is kept for the pager that holds them (--force-disable "
-                        "to disable it anyway)", self.args.domid, what)
+            log.warning("dom%d: %d pages are still out; the paging ring is kept for the pager that holds them "
+                        "(--force-disable to disable it anyway)", self.args.domid, out)
             return
         try:
             await domctl.call(protocol.MemEventDisable(domid=self.args.domid, ring=self.ring))
@@ -468,23 +472,20 @@ class Attach:
         except SdkError as exc:
             log.warning("disable of dom%d %s ring failed: %s", self.args.domid, self.ring, exc)
 
-    async def _pages_out(self, domctl: Domctl) -> int:
-        """Paged gfns (and ones on their way back) if this is the paging ring, else 0."""
-        if self.ring != RingKind.paging:
+    def _pages_out(self) -> int:
+        """Pages out (the SDK's count, from the p2m table) if this is the paging ring, else 0."""
+        if self.ring != RingKind.paging or self._p2m_map is None:
             return 0
-        try:
-            st = await domctl.stats()
-        except DomainGone:
-            return 0
-        except SdkError:
-            return -1  # unknown: keep the ring rather than risk disabling it with pages out
-        paged, paging_in = st.get("paged", 0), st.get("paging_in", 0)
-        return (paged if isinstance(paged, int) else 0) + (paging_in if isinstance(paging_in, int) else 0)
+        start = abi.p2m_type_index(self._gfns, 0)
+        return pages_out(self._p2m_map[start:start + self._gfns])
 
     async def _close(self) -> None:
         if self.ring_view is not None:
             self.ring_view.release()
             self.ring_view = None
+        if self._p2m_map is not None:
+            self._p2m_map.close()
+            self._p2m_map = None
         if self._ring_map is not None:
             self._ring_map.close()
             self._ring_map = None

@@ -151,6 +151,17 @@ class DomainGone(SdkError):
     """
 
 
+def pages_out(types: bytes) -> int:
+    """Gfns paged out or on their way back in, in a p2m type array: the pages a pager holds.
+
+    The one count behind "keep the paging ring while pages are out": a
+    disabled ring would crash the domain on the next touch of one of them,
+    while a ring left orphaned waits for the pager that holds them (the
+    SDK's :meth:`MemEventClient.detach` and ``pager.attach`` both ask it).
+    """
+    return types.count(abi.P2MType.ram_paged) + types.count(abi.P2MType.ram_paging_in)
+
+
 class Domctl:
     """The domctls a daemon issues for one domain, each on a batch of gfns.
 
@@ -786,8 +797,7 @@ class MemEventClient(Domctl):
 
     def pages_out(self) -> int:
         """Gfns paged out or on their way back in (their bytes are not in guest memory)."""
-        types = self.p2m_types()
-        return types.count(abi.P2MType.ram_paged) + types.count(abi.P2MType.ram_paging_in)
+        return pages_out(self.p2m_types())
 
     async def stored_pages_out(self) -> int:
         """Pages out (paged, or on their way back) whose bytes a pager stored; 0 if none was ever evicted.
