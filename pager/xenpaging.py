@@ -21,8 +21,7 @@ from hvemu import logs, protocol
 from hvemu.abi import RingKind
 from hvemu.names import VICTIM_POLICIES
 from hvemu.transport import ControlError, root_cause
-from pager.base import Pager as BasePager
-from pager.base import PageStore
+from pager.base import Pager, PageStore
 from pager.defaults import EVICT_BATCH, EVICT_POLICY
 from pager.gfns import GfnsOfType
 from pager.pagefile import Pagefile, PagefileMismatch
@@ -32,7 +31,7 @@ from pager.sdk import MemEventClient, SdkError
 log = logging.getLogger("pager")
 
 
-class Pager(BasePager):
+class PolicyPager(Pager):
     """The built-in pager: :class:`pager.base.Pager` with a victim policy from :mod:`pager.policy`."""
 
     def __init__(self, client: MemEventClient, pagefile: PageStore, policy: VictimPolicy, *,
@@ -95,7 +94,7 @@ async def _main(args: argparse.Namespace) -> dict[str, int]:
         if args.target is not None:
             await client.call(protocol.SetTarget(domid=args.domid, pages=args.target))
         progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
-        pager = Pager(client, pagefile, make_policy(policy_name, seed=args.seed), batch=args.batch,
+        pager = PolicyPager(client, pagefile, make_policy(policy_name, seed=args.seed), batch=args.batch,
                       unbatched=args.unbatched, progress=progress)
         try:
             await pager.run(stop)
