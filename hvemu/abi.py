@@ -495,6 +495,10 @@ class ExitResult(enum.IntEnum):
     #: The exit was refused; ``value`` is the Linux errno number of an :class:`Errno` name.
     ERROR = 2
 
+#: The same numbers as plain ints, for the compares made on every exit (an IntEnum's cost more).
+IOREQ_NONE, IOREQ_READY, IOREQ_INPROCESS, IOREQ_RESP_READY = (int(s) for s in IoreqState)
+EXIT_ACCESS, EXIT_TRAP = int(ExitType.ACCESS), int(ExitType.TRAP)
+RESULT_OK, RESULT_TRAP_INJECTED, RESULT_ERROR = (int(r) for r in ExitResult)
 
 IOREQ_SLOT_SIZE = 64
 IOREQ_STATE_OFFSET = 0

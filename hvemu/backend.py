@@ -26,6 +26,15 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from hvemu import abi
+from hvemu.abi import (
+    EXIT_ACCESS,
+    IOREQ_INPROCESS,
+    IOREQ_READY,
+    IOREQ_RESP_READY,
+    RESULT_ERROR,
+    RESULT_OK,
+    RESULT_TRAP_INJECTED,
+)
 from hvemu.core.effects import DomainCrashed, Effect, FramesReleased, RingNotify, VcpuRunnable
 from hvemu.core.errors import HypervisorError
 from hvemu.core.hypervisor import Domain, Hypervisor
@@ -213,14 +222,7 @@ class Exit(NamedTuple):
     d: int
 
 
-_READY = int(abi.IoreqState.READY)
-_INPROCESS = int(abi.IoreqState.INPROCESS)
-_RESP_READY = int(abi.IoreqState.RESP_READY)
-_RESULT_OK = int(abi.ExitResult.OK)
-_RESULT_TRAP = int(abi.ExitResult.TRAP_INJECTED)
-_RESULT_ERROR = int(abi.ExitResult.ERROR)
 _NO_EXIT = 0
-_ACCESS = int(abi.ExitType.ACCESS)
 
 
 class VcpuExits:
@@ -279,18 +281,18 @@ class VcpuExits:
             return None
         off = abi.ioreq_slot_offset(vcpu)
         state, kind, a, gla, c, d, flags = abi.ioreq_unpack_slot(bytes(self._view[off:off + abi.IOREQ_RESPONSE_OFFSET]))
-        if state != _READY:
+        if state != IOREQ_READY:
             return None
-        self._states[abi.ioreq_state_word(vcpu)] = _INPROCESS
+        self._states[abi.ioreq_state_word(vcpu)] = IOREQ_INPROCESS
         self.in_process[vcpu] = kind or -1  # a type of 0 is still an exit in process (refused as EINVAL)
         self.started[vcpu] = time.perf_counter_ns()
         return Exit(kind, a, gla if flags & abi.EXIT_GLA_VALID else None, c, d)
 
-    def answer(self, vcpu: int, result: int = _RESULT_OK, value: int = 0) -> None:
+    def answer(self, vcpu: int, result: int = RESULT_OK, value: int = 0) -> None:
         """Write the response of ``vcpu``'s exit in process, store RESP_READY and kick the vCPU."""
         self.in_process[vcpu] = _NO_EXIT
         abi.ioreq_pack_response(self._view, vcpu, result, value)
-        self._states[abi.ioreq_state_word(vcpu)] = _RESP_READY
+        self._states[abi.ioreq_state_word(vcpu)] = IOREQ_RESP_READY
         chan = self.channels.get(vcpu)
         if chan is not None and not chan.closed:
             chan.notify()
@@ -300,10 +302,10 @@ class VcpuExits:
         if trap is None:
             self.answer(vcpu)
         else:
-            self.answer(vcpu, _RESULT_TRAP, trap)
+            self.answer(vcpu, RESULT_TRAP_INJECTED, trap)
 
     def refuse(self, vcpu: int, errno: abi.Errno) -> None:
-        self.answer(vcpu, _RESULT_ERROR, abi.ERRNO_NUMBERS[errno])
+        self.answer(vcpu, RESULT_ERROR, abi.ERRNO_NUMBERS[errno])
 
     def fail_all(self, errno: abi.Errno) -> None:
         """Refuse every exit in process (the domain crashed or is going)."""
@@ -376,7 +378,7 @@ class DomainBackend:
         if vcpu in exits.deferred:
             exits.runnable_deferred.append(vcpu)  # its exit has not run yet: the driver runs it
         elif exits.in_process[vcpu]:
-            if exits.in_process[vcpu] == _ACCESS:
+            if exits.in_process[vcpu] == EXIT_ACCESS:
                 self.fault_latency.record(time.perf_counter_ns() - exits.started[vcpu])
             exits.resumed(vcpu, self.dom.take_pending_trap(vcpu))
 
