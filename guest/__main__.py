@@ -202,7 +202,7 @@ def _why_gone(args: argparse.Namespace, root: BaseException) -> tuple[str, int]:
     try:
         conn.call(protocol.ToolHello(client="guest:probe"))
         reply, _ = conn.call(protocol.Stats(domid=args.domid))
-        if isinstance(reply, protocol.StatsReply) and reply.stats.get("crashed"):
+        if isinstance(reply, protocol.StatsReply) and reply.stats.crashed:
             return "the domain crashed (see the hypervisor's log)", EXIT_LOST
         return f"the hypervisor closed the domain's connection ({root})", EXIT_LOST
     except ControlError as exc:

@@ -30,6 +30,7 @@ import inspect
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -39,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+import msgspec
 import uvloop
 
 import hvemu
@@ -47,6 +49,7 @@ from hvemu.abi import Errno
 from hvemu.names import ADMISSION_POLICIES as POLICIES
 from hvemu.names import VICTIM_POLICIES
 from hvemu.sizes import SIZE_HELP, MiB, Size, SizeError, mib_text, parse_size
+from hvemu.stats import DomainStats
 from hvemu.transport import Connection, ControlError, root_cause
 from pager.defaults import EVICT_BATCH, EVICT_POLICY
 
@@ -113,10 +116,10 @@ async def map_foreign(conn: Connection, domid: int, gfns: list[int], *, timeout:
     return pages, retries
 
 
-async def domain_info(conn: Connection, domid: int) -> dict[str, Any]:
+async def domain_info(conn: Connection, domid: int) -> DomainStats:
     reply, _ = await conn.call(protocol.Stats(domid=domid))
     assert isinstance(reply, protocol.StatsReply)
-    return dict(reply.stats)
+    return reply.stats
 
 
 async def domain_list(conn: Connection) -> list[protocol.DomainSummary]:
@@ -210,7 +213,7 @@ def _read_pid(run_dir: str, name: str) -> int | None:
     return None
 
 
-def _spawn(run_dir: str, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+def _spawn(run_dir: str, name: str, argv: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
     """Start a detached background process logging to ``<run_dir>/<name>.log``."""
     if _read_pid(run_dir, name) is not None:
         raise CliError(f"{name} is already running", "EBUSY")
@@ -218,7 +221,7 @@ def _spawn(run_dir: str, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
     log_path = os.path.join(run_dir, f"{name}.log")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True)
+                                start_new_session=True, pass_fds=pass_fds)
     # Popen can return while the exec is still under way (an empty /proc/PID/cmdline, which
     # _is_ours takes for "gone"): the pidfile is written once the command line is the daemon's.
     deadline = time.monotonic() + 5
@@ -434,14 +437,27 @@ def cmd_pager_attach(args: argparse.Namespace) -> Any:
     if args.target is not None:
         argv += ["--target", str(args.target.pages)]
     name = f"pager-{domid}"
-    proc = _spawn(run_dir, name, argv)
-    _wait_attached(proc, run_dir, name, domid, "paging")
+    ready_r, ready_w = os.pipe()
+    try:
+        proc = _spawn(run_dir, name, [*argv, "--ready-fd", str(ready_w)], pass_fds=(ready_w,))
+        os.close(ready_w)
+        ready_w = -1
+        _wait_attached(proc, run_dir, name, domid, "paging", ready=ready_r)
+    finally:
+        os.close(ready_r)
+        if ready_w >= 0:
+            os.close(ready_w)
     return {"attached": "pager", "domid": domid, "pid": proc.pid}
 
 
 def _wait_attached(proc: subprocess.Popen[bytes], run_dir: str, name: str, domid: int, ring: str,
-                   timeout: float = 15.0) -> None:
-    """Return once the daemon has enabled its ring; if it exits first, say why (from its log)."""
+                   timeout: float = 15.0, ready: int | None = None) -> None:
+    """Return once the daemon has enabled its ring; if it exits first, say why (from its log).
+
+    ``ready``: the read end of the daemon's ``--ready-fd``, written once it
+    has accepted the ring (a pager may own it for a moment and then refuse
+    it, e.g. over its pagefile); without it, owning the ring is attached.
+    """
     path = _pidfile(run_dir, name)
 
     async def enabled() -> bool:
@@ -452,7 +468,7 @@ def _wait_attached(proc: subprocess.Popen[bytes], run_dir: str, name: str, domid
             return False
         finally:
             await conn.close()
-        return protocol.ring_owned(st, ring, proc.pid)  # attached means owned by this daemon
+        return st.ring_owned(ring, proc.pid)  # attached means owned by this daemon
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -464,6 +480,11 @@ def _wait_attached(proc: subprocess.Popen[bytes], run_dir: str, name: str, domid
                 lines = [ln.strip() for ln in f if ln.strip()]
             last = lines[-1] if lines else "no message"
             raise CliError(f"{name} exited: {last} (log: {log_path})", _errno_named_in(last))
+        if ready is not None:
+            readable, _, _ = select.select([ready], [], [], 0.05)
+            if readable and os.read(ready, 1):
+                return
+            continue  # nothing yet, or EOF: the daemon exited (the poll above reports it)
         if uvloop.run(enabled()):
             return
         time.sleep(0.05)
@@ -547,7 +568,7 @@ async def cmd_create(args: argparse.Namespace) -> Any:
         assert isinstance(reply, protocol.DomainCreated)
         if args.target is not None:
             await conn.call(protocol.SetTarget(domid=reply.domid, pages=args.target.pages))
-        resident = int((await domain_info(conn, reply.domid)).get("resident", gfns))
+        resident = (await domain_info(conn, reply.domid)).resident
     finally:
         await conn.close()
     if resident < gfns:  # the host budget is spent: the domain is created, but a guest would fault at once
@@ -606,14 +627,13 @@ def _wait_daemons_gone(run_dir: str, names: list[str]) -> list[str]:
     return running
 
 
-def _state(st: dict[str, Any]) -> str:
+def _state(st: DomainStats) -> str:
     """xl's six state letters ``rbpscd``: running, blocked (no vCPU runs: waiting, or no guest), paused, crashed."""
-    if st.get("crashed"):
+    if st.crashed:
         return "----c-"
-    if st.get("paused"):
+    if st.paused:
         return "--p---"
-    vcpus = st.get("vcpus") or []
-    running = st.get("guest_connected") and any(v.get("runnable") for v in vcpus if isinstance(v, dict))
+    running = st.guest_connected and any(v.runnable for v in st.vcpus)
     return "r-----" if running else "-b----"
 
 
@@ -638,34 +658,27 @@ async def cmd_list(args: argparse.Namespace) -> Any:
             except ControlError:  # destroyed since the list
                 continue
             rows.append({"domid": d.domid, "name": d.name, "vcpus": d.max_vcpus, "memory_mib": d.gfns * page,
-                         "resident_mib": round(d.resident * page, 2), "target_mib": int(st.get("target", 0)) * page,
-                         "state": _state(st), "time_s": st.get("cpu_time_s"), "crashed": d.crashed})
+                         "resident_mib": round(d.resident * page, 2), "target_mib": st.target * page,
+                         "state": _state(st), "time_s": st.cpu_time_s, "crashed": d.crashed})
     finally:
         await conn.close()
     return rows
 
 
-def summarise_info(st: dict[str, Any]) -> dict[str, Any]:
+def summarise_info(st: DomainStats) -> dict[str, Any]:
     """The figures a person wants from ``info``, out of the raw counters."""
-    rings = {}
-    for kind in abi.RingKind:
-        r = st.get(str(kind), {})
-        if isinstance(r, dict) and r.get("enabled"):
-            rings[str(kind)] = {k: r.get(k, 0) for k in
-                                ("occupancy", "size", "max_occupancy", "put", "lost", "refused", "blocked_now",
-                                 "blocked_ever", "responses", "responses_rejected")}
-    vcpus = int(st.get("max_vcpus", 0))
+    rings = {str(kind): {k: getattr(r, k) for k in ("occupancy", "size", "max_occupancy", "put", "lost", "refused",
+                                                   "blocked_now", "blocked_ever", "responses", "responses_rejected")}
+             for kind in abi.RingKind if (r := st.ring(kind)).enabled}
     return {
-        "domid": st.get("domid"), "name": st.get("name", ""), "crashed": st.get("crashed", False),
-        "vcpus": {"total": vcpus, "paused": st.get("vcpus_paused", 0), "blocked": st.get("vcpus_blocked", 0),
-                  "running": vcpus - int(st.get("vcpus_paused", 0))},
-        "pages": {"total": st.get("gfns", 0), "resident": st.get("resident", 0), "paged": st.get("paged", 0),
-                  "paging_out": st.get("paging_out", 0), "in_flight": st.get("paging_in", 0),
-                  "target": st.get("target", 0)},
-        "events": {"put": st.get("events_put", 0), "lost": st.get("events_lost", 0),
-                   "refused": sum(int(r.get("refused", 0)) for r in rings.values())},
+        "domid": st.domid, "name": st.name, "crashed": st.crashed,
+        "vcpus": {"total": st.max_vcpus, "paused": st.vcpus_paused, "blocked": st.vcpus_blocked,
+                  "running": st.max_vcpus - st.vcpus_paused},
+        "pages": {"total": st.gfns, "resident": st.resident, "paged": st.paged, "paging_out": st.paging_out,
+                  "in_flight": st.paging_in, "target": st.target},
+        "events": {"put": st.events_put, "lost": st.events_lost, "refused": sum(r["refused"] for r in rings.values())},
         "rings": rings,
-        "fault_latency_us": st.get("fault_latency_us", {}),
+        "fault_latency_us": st.fault_latency_us,
     }
 
 
@@ -686,7 +699,7 @@ async def cmd_info(args: argparse.Namespace) -> Any:
         st = await domain_info(conn, await resolve_domain(conn, args.domain))
     finally:
         await conn.close()
-    return st if args.raw else summarise_info(st)
+    return msgspec.to_builtins(st) if args.raw else summarise_info(st)
 
 
 def _vcpu_text(rows: list[dict[str, Any]]) -> str:
@@ -710,12 +723,11 @@ async def cmd_vcpu_list(args: argparse.Namespace) -> Any:
                 st = await domain_info(conn, domid)
             except ControlError:
                 continue
-            for v in st.get("vcpus") or []:
-                rows.append({"name": st.get("name", ""), "domid": domid, "vcpu": v["vcpu"],
-                             "state": "r--" if v["runnable"] and v.get("connected") else
-                             ("-b-" if not v["runnable"] else "---"),
-                             "pauses": v["pauses"], "congested": v["congested"], "connected": v.get("connected"),
-                             "in_exit": v.get("in_exit", False)})
+            for v in st.vcpus:
+                rows.append({"name": st.name, "domid": domid, "vcpu": v.vcpu,
+                             "state": "r--" if v.runnable and v.connected else ("-b-" if not v.runnable else "---"),
+                             "pauses": v.pauses, "congested": v.congested, "connected": v.connected,
+                             "in_exit": v.in_exit})
     finally:
         await conn.close()
     return rows
@@ -727,7 +739,7 @@ async def cmd_mem_set(args: argparse.Namespace) -> Any:
     conn = await _tool(args.run_dir)
     try:
         domid = await resolve_domain(conn, args.domain)
-        gfns = int((await domain_info(conn, domid)).get("gfns", 0))
+        gfns = (await domain_info(conn, domid)).gfns
         if args.memory.bytes > gfns * abi.PAGE_SIZE:  # in the user's units (the hypervisor would say pages)
             raise CliError(f"target {args.memory} is above domain {args.domain}'s memory "
                            f"({mib_text(gfns * abi.PAGE_SIZE)} MiB)", "EINVAL")
@@ -745,7 +757,7 @@ async def cmd_map(args: argparse.Namespace) -> Any:
     conn = await _tool(args.run_dir)
     try:
         domid = await resolve_domain(conn, args.domain)
-        gfns = int((await domain_info(conn, domid)).get("gfns", 0))
+        gfns = (await domain_info(conn, domid)).gfns
         outside = [g for g in args.gfns if not 0 <= g < gfns]
         if outside:
             which = f"gfn {outside[0]} is" if len(outside) == 1 else f"gfns {', '.join(map(str, outside))} are"

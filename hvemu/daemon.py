@@ -39,6 +39,7 @@ from hvemu.core.mem_event import NOTIFY_MODES
 from hvemu.janitor import Janitor
 from hvemu.names import ADMISSION_POLICIES
 from hvemu.shm import PosixSegment, Segment
+from hvemu.stats import VcpuStats
 from hvemu.trace import ALL_EVENTS, NO_RING, NO_VCPU, RING_CODES, TraceEvent
 from hvemu.trace_writer import TraceWriter
 from hvemu.transport import ConnState, ControlServer, FdLike, OwnedFd
@@ -373,30 +374,29 @@ class HypervisorDaemon:
         return protocol.Ok(), []
 
     async def _domain_list(self, ctx: ConnCtx, msg: protocol.DomainList) -> Reply:
-        out = []
-        for be in self.backends.values():
-            st = be.dom.stats()
-            out.append(protocol.DomainSummary(domid=be.domid, name=getattr(be.dom, "name", ""), handle=be.handle,
-                                              max_vcpus=be.dom.max_vcpus, gfns=be.dom.gfns,
-                                              resident=int(st.get("resident", 0)), crashed=be.dom.crashed))
+        out = [protocol.DomainSummary(domid=be.domid, name=be.dom.name, handle=be.handle,
+                                      max_vcpus=be.dom.max_vcpus, gfns=be.dom.gfns,
+                                      resident=be.dom.p2m.resident, crashed=be.dom.crashed)
+               for be in self.backends.values()]
         return protocol.DomainListReply(domains=out), []
 
     async def _stats(self, ctx: ConnCtx, msg: protocol.Stats | protocol.DomainInfo) -> Reply:
         be = self._backend(msg.domid)
-        stats: dict[str, Any] = dict(be.dom.stats())
+        stats = be.dom.stats()
         # When these counters were read (CLOCK_MONOTONIC, shared by every process on the host):
         # a poller on a busy CPU may see the reply much later.
-        stats.update(monotonic_ns=time.monotonic_ns())
-        stats.update(handle=be.handle, target=be.target, guest_connected=be.guest is not None,
-                     cpu_time_s=_cpu_seconds(be.guest),
-                     fault_latency_us=be.fault_latency.summary(scale=1000.0),
-                     rings_orphaned=[str(k) for k, r in be.rings.items() if r.owner is None],
-                     ring_owners={str(k): r.owner_pid for k, r in be.rings.items() if r.owner is not None},
-                     host_frames_total=self.hv.budget.total, host_frames_used=self.hv.budget.used,
-                     vcpus=[{"vcpu": v.vcpu_id, "runnable": v.runnable, "pauses": v.pause_count,
-                             "congested": bool(v.pause_flags), "connected": v.vcpu_id in be.vcpu_conns,
-                             "in_exit": v.vcpu_id in be.waiters and not be.waiters[v.vcpu_id].done()}
-                            for v in be.dom.vcpus])
+        stats.monotonic_ns = time.monotonic_ns()
+        stats.handle, stats.target, stats.guest_connected = be.handle, be.target, be.guest is not None
+        stats.cpu_time_s = _cpu_seconds(be.guest)
+        stats.fault_latency_us = be.fault_latency.summary(scale=1000.0)
+        stats.rings_orphaned = [str(k) for k, r in be.rings.items() if r.owner is None]
+        stats.ring_owners = {str(k): r.owner_pid for k, r in be.rings.items() if r.owner is not None}
+        stats.host_frames_total, stats.host_frames_used = self.hv.budget.total, self.hv.budget.used
+        stats.vcpus = [VcpuStats(vcpu=v.vcpu_id, runnable=v.runnable, pauses=v.pause_count,
+                                 congested=bool(v.pause_flags), connected=v.vcpu_id in be.vcpu_conns,
+                                 in_exit=bool(be.exits.in_process[v.vcpu_id]) or (
+                                     v.vcpu_id in be.waiters and not be.waiters[v.vcpu_id].done()))
+                       for v in be.dom.vcpus]
         return protocol.StatsReply(domid=msg.domid, stats=stats), []
 
     async def _host_info(self, ctx: ConnCtx, msg: protocol.HostInfo) -> Reply:

@@ -40,6 +40,7 @@ from hvemu.names import ADMISSION_POLICIES as POLICIES
 from hvemu.names import PATTERNS
 from hvemu.procs import child_setup, stop_process
 from hvemu.sizes import MiB, Size, SizeError, gib_or_mib, mib_text, parse_size
+from hvemu.stats import DomainStats
 from hvemu.transport import Connection, ControlError
 from pager.defaults import EVICT_BATCH
 
@@ -184,17 +185,16 @@ async def _wait_ring(tool: Connection, domid: int, pager: Child, timeout: float 
     while loop.time() < end:
         if pager.proc.returncode is not None:
             raise RuntimeError(f"pager of domain {domid} exited with status {pager.proc.returncode}")
-        paging = (await _stats(tool, domid)).get("paging", {})
-        if isinstance(paging, dict) and paging.get("enabled"):
+        if (await _stats(tool, domid)).ring_owned("paging", pager.proc.pid):
             return
         await asyncio.sleep(0.05)
     raise RuntimeError(f"pager of domain {domid} did not attach within {timeout} s")
 
 
-async def _stats(tool: Connection, domid: int) -> dict[str, Any]:
+async def _stats(tool: Connection, domid: int) -> DomainStats:
     reply, _ = await tool.call(protocol.Stats(domid=domid))
     assert isinstance(reply, protocol.StatsReply)
-    return dict(reply.stats)
+    return reply.stats
 
 
 class Interrupted(Exception):
@@ -224,7 +224,7 @@ class Run:
         self.hv: Child | None = None
         self.tool: Connection | None = None
         self.domids: list[int] = []
-        self.created: dict[int, dict[str, Any]] = {}
+        self.created: dict[int, DomainStats] = {}
         self.guests: dict[int, Child] = {}
         self.pagers: dict[int, Child] = {}
         self.reports: dict[int, dict[str, Any]] = {}
@@ -338,30 +338,28 @@ class Run:
             rows.append(self._row(domid, await _stats(self.tool, domid), None, None))
         return self._summary(rows, ok=False, complete=False)
 
-    def _row(self, domid: int, st: dict[str, Any], guest_exit: int | None, pager_exit: int | None) -> DomainResult:
+    def _row(self, domid: int, st: DomainStats, guest_exit: int | None, pager_exit: int | None) -> DomainResult:
         """A domain's result: the hypervisor's counters, and the guest's own report when it made one."""
         created = self.created[domid]
         rep = self.reports.get(domid)
         # The guest measures a fault from its own side (exit to runnable); the hypervisor's histogram is
         # what there is when the guest has not reported.
-        lat = (rep or {}).get("latency_us") or st.get("fault_latency_us") or {}
+        lat = (rep or {}).get("latency_us") or st.fault_latency_us
         elapsed = max(self.elapsed.get(domid, 0.0), 1e-9)
-        rings = [r for k in abi.RingKind if isinstance(r := st.get(str(k)), dict)]
-        faults = int(rep["faults"]) if rep else int(st.get("faults", 0))
-        pages_in, pages_out = int(st.get("paged_in", 0)), int(st.get("evicted", 0))
+        rings = [st.ring(k) for k in abi.RingKind]
+        faults = int(rep["faults"]) if rep else st.faults
+        pages_in, pages_out = st.paged_in, st.evicted
         page_mib = abi.pages_to_mib(1)
         return DomainResult(
-            domid=domid, vcpus=self.s.vcpus, memory_mib=int(st["gfns"]) * page_mib,
-            target_mib=int(st.get("target", 0)) * page_mib,
-            resident_start_mib=int(created["resident"]) * page_mib, resident_end_mib=int(st["resident"]) * page_mib,
-            paged_at_start=int(created.get("paged", 0)), elapsed_s=round(elapsed, 3), faults=faults,
+            domid=domid, vcpus=self.s.vcpus, memory_mib=st.gfns * page_mib, target_mib=st.target * page_mib,
+            resident_start_mib=created.resident * page_mib, resident_end_mib=st.resident * page_mib,
+            paged_at_start=created.paged, elapsed_s=round(elapsed, 3), faults=faults,
             faults_per_s=round(faults / elapsed, 1), pages_in=pages_in, pages_out=pages_out,
             pages_in_per_s=round(pages_in / elapsed, 1), pages_out_per_s=round(pages_out / elapsed, 1),
             fault_p50_us=float(lat.get("p50", 0.0)), fault_p99_us=float(lat.get("p99", 0.0)),
             fault_max_us=float(lat.get("max", 0.0)),
-            blocked=sum(int(r.get("blocked_ever", 0)) for r in rings),
-            refused=sum(int(r.get("refused", 0)) for r in rings),
-            events_lost=int(st.get("events_lost", 0)), events_put=int(st.get("events_put", 0)),
+            blocked=sum(r.blocked_ever for r in rings), refused=sum(r.refused for r in rings),
+            events_lost=st.events_lost, events_put=st.events_put,
             accesses=int(rep["accesses"]) if rep else 0,
             integrity_failures=int(rep["integrity_failures"]) if rep else 0,
             pager_exit=pager_exit, guest_exit=guest_exit)
@@ -382,14 +380,14 @@ class Run:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-def progress_line(t: float, duration: float, before: dict[int, dict[str, Any]], now: dict[int, dict[str, Any]],
+def progress_line(t: float, duration: float, before: dict[int, DomainStats], now: dict[int, DomainStats],
                   dt: float) -> str:
     """``run.sh: 15/60 s  1234 faults/s  310 in/s  305 out/s  resident 80.0 MiB  lost 0`` over every domain."""
     def rate(key: str) -> float:
-        return sum(int(now[d].get(key, 0)) - int(before.get(d, {}).get(key, 0)) for d in now) / max(dt, 1e-9)
+        return sum(getattr(now[d], key) - (getattr(before[d], key) if d in before else 0) for d in now) / max(dt, 1e-9)
 
-    resident = sum(int(st.get("resident", 0)) for st in now.values()) * abi.PAGE_SIZE
-    lost = sum(int(st.get("events_lost", 0)) for st in now.values())
+    resident = sum(st.resident for st in now.values()) * abi.PAGE_SIZE
+    lost = sum(st.events_lost for st in now.values())
     return (f"run.sh: {t:.0f}/{_num(duration)} s  {rate('faults'):.0f} faults/s  {rate('paged_in'):.0f} pages in/s  "
             f"{rate('evicted'):.0f} out/s  resident {mib_text(resident)} MiB  lost {lost}")
 

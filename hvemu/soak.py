@@ -43,6 +43,7 @@ import uvloop
 from hvemu import abi, names, protocol
 from hvemu.abi import Errno
 from hvemu.procs import die_with_parent, status_bytes, stop_process
+from hvemu.stats import DomainStats
 from hvemu.transport import Connection, ControlError, root_cause
 
 #: The guests' patterns, one per domain in turn (random first: it pages the most).
@@ -90,10 +91,10 @@ async def _tool(path: str) -> Connection:
     return conn
 
 
-async def _stats(conn: Connection, domid: int) -> dict[str, Any]:
+async def _stats(conn: Connection, domid: int) -> DomainStats:
     reply, _ = await conn.call(protocol.Stats(domid=domid))
     assert isinstance(reply, protocol.StatsReply)
-    return dict(reply.stats)
+    return reply.stats
 
 
 async def _wait_attached(conn: Connection, domid: int, pager: Proc, timeout: float = 20.0) -> None:
@@ -102,7 +103,7 @@ async def _wait_attached(conn: Connection, domid: int, pager: Proc, timeout: flo
         if pager.proc.returncode is not None:
             raise RuntimeError(f"{pager.name} exited {pager.proc.returncode}: {pager.stderr()[-1000:]}")
         st = await _stats(conn, domid)
-        if protocol.ring_owned(st, "paging", pager.proc.pid):
+        if st.ring_owned("paging", pager.proc.pid):
             return
         await asyncio.sleep(0.05)
     raise RuntimeError(f"{pager.name} did not attach within {timeout}s")
@@ -307,19 +308,19 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         domains = []
         for d in domids:
             rep, st = reports[d], hv_stats[d]
-            paging = st["paging"]
+            paging = st.paging
             stall = max((v.get("latency", {}).get("max", 0.0) for v in rep["vcpus"]), default=0.0)
             domains.append({
                 "domid": d, "vcpus": args.vcpus, "pattern": PATTERNS[domids.index(d) % len(PATTERNS)],
                 "accesses": rep["accesses"], "faults": rep["faults"], "integrity_failures": rep["integrity_failures"],
                 "ballooned": rep["ballooned"], "max_vcpu_stall_ms": round(stall / 1000.0, 3),
                 "fault_p99_us": rep.get("latency_us", {}).get("p99", 0.0),
-                "events_put": paging["put"], "events_lost": paging["lost"], "lost_guest": paging["lost_guest"],
-                "lost_foreign": paging["lost_foreign"], "refused": paging["refused"],
-                "max_occupancy": paging["max_occupancy"], "blocked_ever": paging["blocked_ever"],
-                "unpause_ignored": paging["unpause_ignored"], "rejected": paging["responses_rejected"],
-                "evicted": st["evicted"], "paged_in": st["paged_in"], "dropped": st["dropped"],
-                "foreign_populates": st["foreign_populates"],
+                "events_put": paging.put, "events_lost": paging.lost, "lost_guest": paging.lost_guest,
+                "lost_foreign": paging.lost_foreign, "refused": paging.refused,
+                "max_occupancy": paging.max_occupancy, "blocked_ever": paging.blocked_ever,
+                "unpause_ignored": paging.unpause_ignored, "rejected": paging.responses_rejected,
+                "evicted": st.evicted, "paged_in": st.paged_in, "dropped": st.dropped,
+                "foreign_populates": st.foreign_populates,
                 "guest_exit": guest_exit[d], "pager_exit": pager_exit[d],
             })
         mapper_summary = [m.summary() for m in mappers]

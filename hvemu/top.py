@@ -28,6 +28,7 @@ from typing import Any
 
 from hvemu import abi, protocol
 from hvemu.sizes import mib_text
+from hvemu.stats import DomainStats
 from hvemu.transport import Connection, ControlError
 
 
@@ -42,54 +43,49 @@ class OutputClosed(Exception):
 PAGE_MIB = abi.pages_to_mib(1)
 
 
-def _rate(now: dict[str, Any], before: dict[str, Any] | None, key: str, dt: float) -> float:
-    """Per second between two snapshots of one domain (0 on the first)."""
+def _rate(now: object, before: object | None, key: str, dt: float) -> float:
+    """Per second between two snapshots of one domain or ring (0 on the first)."""
     if before is None or dt <= 0:
         return 0.0
-    return max(0.0, (int(now.get(key, 0)) - int(before.get(key, 0))) / dt)
+    return max(0.0, (int(getattr(now, key)) - int(getattr(before, key))) / dt)
 
 
-def domain_rows(infos: list[dict[str, Any]], before: dict[int, dict[str, Any]] | None = None,
+def domain_rows(infos: list[DomainStats], before: dict[int, DomainStats] | None = None,
                 dt: float = 0.0) -> list[dict[str, Any]]:
     """One row per domain: the figures of the ``domains`` table (and of ``--json``'s ``domains``)."""
     rows = []
     for st in infos:
-        lat = st.get("fault_latency_us", {}) or {}
-        vcpus = int(st.get("max_vcpus", 0))
-        paused = int(st.get("vcpus_paused", 0))
-        prev = (before or {}).get(st["domid"])
-        rows.append({"dom": st["domid"], "name": str(st.get("name", "")),
-                     "vcpus_running": vcpus - paused, "vcpus_paused": paused,
-                     "vcpus_blocked": int(st.get("vcpus_blocked", 0)),
-                     "memory": int(st.get("gfns", 0)),
-                     "resident": st.get("resident", 0), "paged": st.get("paged", 0),
-                     "in_flight": st.get("paging_in", 0), "target": st.get("target", 0),
-                     "faults": st.get("faults", 0), "fault_p50_us": round(float(lat.get("p50", 0)), 1),
+        lat = st.fault_latency_us
+        prev = (before or {}).get(st.domid)
+        rows.append({"dom": st.domid, "name": st.name,
+                     "vcpus_running": st.max_vcpus - st.vcpus_paused, "vcpus_paused": st.vcpus_paused,
+                     "vcpus_blocked": st.vcpus_blocked, "memory": st.gfns,
+                     "resident": st.resident, "paged": st.paged, "in_flight": st.paging_in, "target": st.target,
+                     "faults": st.faults, "fault_p50_us": round(float(lat.get("p50", 0)), 1),
                      "fault_p99_us": round(float(lat.get("p99", 0)), 1),
-                     "put": st.get("events_put", 0), "lost": st.get("events_lost", 0),
+                     "put": st.events_put, "lost": st.events_lost,
                      "faults_per_s": round(_rate(st, prev, "faults", dt), 1),
                      "pages_in_per_s": round(_rate(st, prev, "paged_in", dt), 1),
                      "pages_out_per_s": round(_rate(st, prev, "evicted", dt), 1)})
     return rows
 
 
-def ring_rows(infos: list[dict[str, Any]], before: dict[int, dict[str, Any]] | None = None,
+def ring_rows(infos: list[DomainStats], before: dict[int, DomainStats] | None = None,
               dt: float = 0.0) -> list[dict[str, Any]]:
     """One row per enabled ring: the figures of the ``rings`` table (and of ``--json``'s ``rings``)."""
     rows = []
     for st in infos:
         for kind in abi.RingKind:
-            r = st.get(str(kind))
-            if not isinstance(r, dict) or not r.get("enabled"):
+            r = st.ring(kind)
+            if not r.enabled:
                 continue
-            prev_dom = (before or {}).get(st["domid"])
-            prev = prev_dom.get(str(kind)) if prev_dom else None
-            rows.append({"dom": st["domid"], "ring": str(kind), "occupancy": r.get("occupancy", 0),
-                         "size": r.get("size", 0), "max": r.get("max_occupancy", 0), "put": r.get("put", 0),
-                         "lost": r.get("lost", 0), "refused": r.get("refused", 0),
-                         "blocked_now": r.get("blocked_now", 0), "blocked_ever": r.get("blocked_ever", 0),
-                         "responses": r.get("responses", 0), "rejected": r.get("responses_rejected", 0),
-                         "put_per_s": round(_rate(r, prev if isinstance(prev, dict) else None, "put", dt), 1)})
+            prev_dom = (before or {}).get(st.domid)
+            prev = prev_dom.ring(kind) if prev_dom else None
+            rows.append({"dom": st.domid, "ring": str(kind), "occupancy": r.occupancy, "size": r.size,
+                         "max": r.max_occupancy, "put": r.put, "lost": r.lost, "refused": r.refused,
+                         "blocked_now": r.blocked_now, "blocked_ever": r.blocked_ever,
+                         "responses": r.responses, "rejected": r.responses_rejected,
+                         "put_per_s": round(_rate(r, prev, "put", dt), 1)})
     return rows
 
 
@@ -191,7 +187,7 @@ def host_line(host: protocol.HostInfoReply, stamp: str) -> str:
             f"{host.domains} domain(s); {host.policy} policy; trace {trace}")
 
 
-def screen(host: protocol.HostInfoReply, infos: list[dict[str, Any]], before: dict[int, dict[str, Any]] | None,
+def screen(host: protocol.HostInfoReply, infos: list[DomainStats], before: dict[int, DomainStats] | None,
            dt: float, stamp: str, size: tuple[int, int] | None) -> list[str]:
     """One refresh as lines, fitted to ``size`` (columns, lines) or, with None, every column and row."""
     width = size[0] if size else None
@@ -207,7 +203,7 @@ def screen(host: protocol.HostInfoReply, infos: list[dict[str, Any]], before: di
     return lines
 
 
-def as_json_line(infos: list[dict[str, Any]], now: float, before: dict[int, dict[str, Any]] | None = None,
+def as_json_line(infos: list[DomainStats], now: float, before: dict[int, DomainStats] | None = None,
                  dt: float = 0.0, host: protocol.HostInfoReply | None = None) -> str:
     """One refresh as ``--json`` prints it: one object on one line, the tables' figures as numbers.
 
@@ -224,21 +220,21 @@ def as_json_line(infos: list[dict[str, Any]], now: float, before: dict[int, dict
                        "rings": ring_rows(infos, before, dt)})
 
 
-async def snapshot(conn: Connection) -> tuple[protocol.HostInfoReply, list[dict[str, Any]]]:
+async def snapshot(conn: Connection) -> tuple[protocol.HostInfoReply, list[DomainStats]]:
     """The host and every domain's counters, now; :class:`HypervisorGone` if it went away."""
     try:
         host, _ = await conn.call(protocol.HostInfo())
         assert isinstance(host, protocol.HostInfoReply)
         reply, _ = await conn.call(protocol.DomainList())
         assert isinstance(reply, protocol.DomainListReply)
-        infos = []
+        infos: list[DomainStats] = []
         for d in reply.domains:
             try:
                 st, _ = await conn.call(protocol.Stats(domid=d.domid))
             except ControlError:  # the domain went away between the two calls
                 continue
             assert isinstance(st, protocol.StatsReply)
-            infos.append(dict(st.stats))
+            infos.append(st.stats)
     except (ConnectionError, EOFError, OSError) as exc:
         raise HypervisorGone("the hypervisor went away (stopped or killed)") from exc
     return host, infos
@@ -290,7 +286,7 @@ async def run_top(run_dir: str | None, *, interval: float = 1.0, iterations: int
     quit_ = asyncio.Event()
     try:
         await conn.call(protocol.ToolHello(client="hvemu-top"))
-        before: dict[int, dict[str, Any]] | None = None
+        before: dict[int, DomainStats] | None = None
         last = time.monotonic()
         n = 0
         with _keys(quit_) if terminal else contextlib.nullcontext():
@@ -316,7 +312,7 @@ async def run_top(run_dir: str | None, *, interval: float = 1.0, iterations: int
                         width = batch_width()
                         print("\n".join(screen(host, infos, before, dt, stamp,
                                                (width, 1 << 30) if width else None)) + "\n", flush=True)
-                before = {st["domid"]: st for st in infos}
+                before = {st.domid: st for st in infos}
                 last = now
                 n += 1
     finally:

@@ -31,6 +31,8 @@ import os
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 
+import msgspec
+
 from hvemu import abi, protocol
 from hvemu.abi import Errno, MemEvent, MemEventFlag, MemEventReason, MemEventType, RingKind
 from hvemu.evtchn import EventChannel
@@ -319,7 +321,8 @@ class Domctl:
         reply = await self.call(protocol.Stats(domid=self.domid))
         if not isinstance(reply, protocol.StatsReply):
             raise DomctlError(f"unexpected reply {type(reply).__name__} to Stats")
-        return dict(reply.stats)
+        out: dict[str, object] = msgspec.to_builtins(reply.stats)  # the fields of hvemu.stats.DomainStats
+        return out
 
 
 

@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
                    help="show the initial page-out and the final page-in (auto: when stderr is a terminal)")
     p.add_argument("--run-dir", default=None)
+    p.add_argument("--ready-fd", type=int, default=None,
+                   help="write a byte to this fd once the ring is ours and the pagefile accepted")
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p
 
@@ -93,9 +95,13 @@ async def _main(args: argparse.Namespace) -> dict[str, int]:
             raise SdkError(f"dom{args.domid}: {exc}; the ring is left as it is") from exc
         if args.target is not None:
             await client.call(protocol.SetTarget(domid=args.domid, pages=args.target))
+        if args.ready_fd is not None:
+            # Attached *and* accepted: owning the ring is not enough (the pagefile check above may refuse it).
+            os.write(args.ready_fd, b"R")
+            os.close(args.ready_fd)
         progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
         pager = PolicyPager(client, pagefile, make_policy(policy_name, seed=args.seed), batch=args.batch,
-                      unbatched=args.unbatched, progress=progress)
+                            unbatched=args.unbatched, progress=progress)
         try:
             await pager.run(stop)
             gone = pager.gone

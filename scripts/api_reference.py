@@ -26,6 +26,8 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import msgspec  # noqa: E402
+
 from hvemu import abi, protocol  # noqa: E402
 from pager import base, gfns, pagefile, sdk  # noqa: E402
 
@@ -112,10 +114,11 @@ async def _stats_keys() -> tuple[list[str], list[str]]:
         reply, _ = await daemon.handle(state, protocol.Stats(domid=created.domid))
         assert isinstance(reply, protocol.StatsReply)
         daemon._destroy(created.domid)
-    ring = reply.stats["paging"]
+    stats = msgspec.to_builtins(reply.stats)  # what the SDK's stats() gives a daemon
+    ring = stats["paging"]
     assert isinstance(ring, dict)
     rings = {str(k) for k in abi.RingKind}
-    return sorted(k for k in reply.stats if k not in rings), sorted(ring)
+    return sorted(k for k in stats if k not in rings), sorted(ring)
 
 
 def render() -> str:

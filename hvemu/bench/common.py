@@ -25,6 +25,7 @@ from typing import IO, Any, NamedTuple
 from hvemu import procs, protocol
 from hvemu.bench import profile
 from hvemu.procs import child_setup, status_bytes, status_field, stop_process
+from hvemu.stats import DomainStats
 from hvemu.transport import Connection
 
 #: Process roles a placement names.
@@ -396,16 +397,16 @@ class Host:
             await self.call(protocol.SetTarget(domid=reply.domid, pages=target))
         return reply.domid
 
-    async def stats(self, domid: int) -> dict[str, Any]:
+    async def stats(self, domid: int) -> DomainStats:
         reply = await self.call(protocol.Stats(domid=domid))
         assert isinstance(reply, protocol.StatsReply)
-        return dict(reply.stats)
+        return reply.stats
 
     async def set_target(self, domid: int, pages: int) -> None:
         await self.call(protocol.SetTarget(domid=domid, pages=pages))
 
     async def wait_for(self, domid: int, pred: Any, what: str, timeout: float = 60.0,
-                       interval: float = 0.01, watch: Proc | None = None) -> dict[str, Any]:
+                       interval: float = 0.01, watch: Proc | None = None) -> DomainStats:
         """Poll the domain's stats until ``pred(stats)``; the stats that satisfied it."""
         deadline = time.monotonic() + timeout
         while True:
@@ -417,7 +418,7 @@ class Host:
                                  f"{watch.stderr_tail()}")
             if time.monotonic() > deadline:
                 raise BenchError(f"{what}: not reached within {timeout:.0f} s (stats: "
-                                 f"resident={st.get('resident')} paged={st.get('paged')})")
+                                 f"resident={st.resident} paged={st.paged})")
             await asyncio.sleep(interval)
 
     def pagefile(self, domid: int) -> str:
@@ -428,16 +429,11 @@ class Host:
         proc = await self.start(name, "daemon", [
             "-m", "pager.xenpaging", "--run-dir", self.run_dir, "--domid", str(domid),
             "--pagefile", self.pagefile(domid), *extra])
-        await self.wait_for(domid, ring_enabled, "pager attach", timeout=20, watch=proc)
+        await self.wait_for(domid, lambda st: st.ring_owned("paging", proc.pid), "pager attach", timeout=20,
+                            watch=proc)
         return proc
 
 
-def ring_enabled(st: dict[str, Any], ring: str = "paging") -> bool:
-    info = st.get(ring, {})
-    return isinstance(info, dict) and bool(info.get("enabled"))
-
-
-def lost_guest(st: dict[str, Any]) -> int:
+def lost_guest(st: DomainStats) -> int:
     """Guest events lost on the paging ring (the seed's ``EAGAIN`` for a guest producer)."""
-    paging = st.get("paging", {})
-    return int(paging.get("lost_guest", 0)) if isinstance(paging, dict) else 0
+    return st.paging.lost_guest

@@ -259,12 +259,12 @@ async def _first_faults(host: Host, domid: int, guest: Proc,
     So the guest's interpreter start-up and the pager's initial eviction stay
     out of the CPU per fault.
     """
-    base = int((await host.stats(domid))["faults"])
+    base = (await host.stats(domid)).faults
     deadline = time.monotonic() + 60
     while True:
         st = await host.stats(domid)
-        if int(st["faults"]) > base:
-            return int(st["faults"]), open_window(pids)
+        if st.faults > base:
+            return st.faults, open_window(pids)
         if guest.proc.returncode is not None or time.monotonic() > deadline:
             raise BenchError(f"{guest.name} did not fault within 60 s: {guest.stderr_tail()}")
         await asyncio.sleep(0.005)
@@ -282,7 +282,7 @@ async def fault_roundtrip(cfg: Config, placement: Placement, totals: Totals) -> 
         assert host.hv is not None
         domid = await host.create(cfg.fault_gfns, vcpus=1, target=cfg.fault_target)
         pager = await host.pager(domid)
-        await host.wait_for(domid, lambda st: st["resident"] <= cfg.fault_target, "initial eviction",
+        await host.wait_for(domid, lambda st: st.resident <= cfg.fault_target, "initial eviction",
                             watch=pager)
         guest = await host.start("guest", "guest", _guest_args(
             host, domid, "--vcpus", "1", "--duration", str(cfg.fault_duration), "--pattern", "uniform",
@@ -299,12 +299,12 @@ async def fault_roundtrip(cfg: Config, placement: Placement, totals: Totals) -> 
     out = {"p50_us": lat["p50"], "p99_us": lat["p99"], "n": lat["n"], "max_us": lat["max"],
            "mean_us": lat["mean"], "accesses": rep["accesses"], "pages": cfg.fault_gfns,
            "target": cfg.fault_target, "integrity_failures": rep["integrity_failures"],
-           "evict_fails": st.get("evict_fails", 0), "evicted": st.get("evicted", 0),
-           "cpu_per_fault_us": cpu_per_op_us(before, after, int(st["faults"]) - faults0),
-           "cpu_faults": int(st["faults"]) - faults0,
-           **cpu_detail(before, after, int(st["faults"]) - faults0)}
-    hv_lat = st.get("fault_latency_us")
-    if isinstance(hv_lat, dict) and hv_lat.get("n"):
+           "evict_fails": st.evict_fails, "evicted": st.evicted,
+           "cpu_per_fault_us": cpu_per_op_us(before, after, st.faults - faults0),
+           "cpu_faults": st.faults - faults0,
+           **cpu_detail(before, after, st.faults - faults0)}
+    hv_lat = st.fault_latency_us
+    if hv_lat.get("n"):
         out["hypervisor_p50_us"] = hv_lat.get("p50")
     return out
 
@@ -345,7 +345,7 @@ async def _pagein_one(host: Host, pages: int, vcpus: int, unbatched: bool, total
     guest = await _filled_guest(host, domid, vcpus)
     pager = await host.pager(domid, *(["--unbatched"] if unbatched else []))
     await host.set_target(domid, 0)
-    await host.wait_for(domid, lambda st: st["paged"] >= pages, "evicting every page", watch=pager)
+    await host.wait_for(domid, lambda st: st.paged >= pages, "evicting every page", watch=pager)
     await host.set_target(domid, pages)  # nothing more to evict: the pager only pages in now
     rep = await _read_back(host, domid, guest, totals, timeout=300)
     await _finish_guest(host, guest, pager)
@@ -393,7 +393,7 @@ async def _evict_once(host: Host, domid: int, pages: int, pager: Proc) -> tuple[
     end, so it includes the pager noticing the target (up to its 50 ms poll)
     and the last poll's lag.
     """
-    base = int((await host.stats(domid))["evicted"])
+    base = (await host.stats(domid)).evicted
     # About 20 polls over the expected run, 2-20 ms apart: a Stats call costs
     # the hypervisor ~0.1 ms, so polling takes ~1-2% of its time.  The rate
     # runs from the first poll that sees eviction under way to the poll that
@@ -410,14 +410,14 @@ async def _evict_once(host: Host, domid: int, pages: int, pager: Proc) -> tuple[
         st = await host.stats(domid)
         # The hypervisor's own time of the reading (same clock as time.monotonic):
         # this process, sharing a CPU with the pager, may read the reply late.
-        now = int(st["monotonic_ns"]) / 1e9
-        evicted = int(st["evicted"]) - base
-        if st["paged"] >= pages:
+        now = st.monotonic_ns / 1e9
+        evicted = st.evicted - base
+        if st.paged >= pages:
             break
         if evicted > 0 and first is None:
             first = (now, evicted)
         if pager.proc.returncode is not None or time.monotonic() > deadline:
-            raise BenchError(f"eviction stalled at {st['paged']} of {pages}: {pager.stderr_tail()}")
+            raise BenchError(f"eviction stalled at {st.paged} of {pages}: {pager.stderr_tail()}")
         await asyncio.sleep(interval)
     from_target = evicted / max(now - t_set, 1e-9)
     if first is not None and evicted > first[1]:
@@ -438,8 +438,8 @@ async def _evict_round(host: Host, domid: int, pages: int, policy: str | None) -
     if status != 0:
         raise BenchError(f"{pager.name} exited with status {status}: {pager.stderr_tail()}")
     st = await host.stats(domid)
-    if st["resident"] != pages:
-        raise BenchError(f"{pager.name} left {pages - int(st['resident'])} pages out on its clean stop")
+    if st.resident != pages:
+        raise BenchError(f"{pager.name} left {pages - st.resident} pages out on its clean stop")
     # Everything is in: the next pager starts on a fresh pagefile, as each copy of the floor does
     # (rewriting pages already in a file's page cache is cheaper than writing new ones).
     os.unlink(host.pagefile(domid))
@@ -530,7 +530,7 @@ async def fairness(cfg: Config, placement: Placement, totals: Totals) -> dict[st
     async with Host(placement, memory_mib=256) as host:
         domid = await host.create(cfg.fairness_gfns, vcpus=cfg.fairness_vcpus, target=cfg.fairness_target)
         pager = await host.pager(domid)
-        await host.wait_for(domid, lambda st: st["resident"] <= cfg.fairness_target, "initial eviction",
+        await host.wait_for(domid, lambda st: st.resident <= cfg.fairness_target, "initial eviction",
                             watch=pager)
         guest = await host.start("guest", "guest", _guest_args(
             host, domid, "--duration", str(cfg.fairness_duration), "--pattern", "uniform", "--write-ratio", "0.3",
@@ -549,15 +549,15 @@ async def fairness(cfg: Config, placement: Placement, totals: Totals) -> dict[st
         await _finish_guest(host, guest, pager)
     per_vcpu = [int(v["faults"]) for v in rep["vcpus"]]
     stalls = [float(v["latency"].get("max", 0.0)) for v in rep["vcpus"]]
-    paging = st.get("paging", {})
+    paging = st.paging
     return {
         "min_over_max": round(min(per_vcpu) / max(per_vcpu), 3) if max(per_vcpu) else 0.0,
         "max_stall_ms": round(max(stalls) / 1000.0, 2),
-        "vcpus": cfg.fairness_vcpus, "ring_size": paging.get("size"),
+        "vcpus": cfg.fairness_vcpus, "ring_size": paging.size,
         "faults_min": min(per_vcpu), "faults_max": max(per_vcpu), "faults_total": sum(per_vcpu),
-        "congestion_pauses": paging.get("blocked_ever", 0), "max_occupancy": paging.get("max_occupancy", 0),
-        "foreign_pages_mapped": mapped, "lost_foreign": paging.get("lost_foreign", 0),
-        "evict_fails": st.get("evict_fails", 0),
+        "congestion_pauses": paging.blocked_ever, "max_occupancy": paging.max_occupancy,
+        "foreign_pages_mapped": mapped, "lost_foreign": paging.lost_foreign,
+        "evict_fails": st.evict_fails,
     }
 
 
@@ -579,7 +579,7 @@ async def scale(cfg: Config, placement: Placement, totals: Totals) -> dict[str, 
         pager = await host.start("pager", "daemon", [
             "-m", "pager.xenpaging", "--run-dir", host.run_dir, "--domid", str(domid),
             "--pagefile", os.path.join(host.run_dir, "scale.pagefile")])
-        await host.wait_for(domid, lambda st: bool(st.get("paging", {}).get("enabled")), "pager attach",
+        await host.wait_for(domid, lambda st: st.ring_owned("paging", pager.pid), "pager attach",
                             timeout=30, interval=0.002, watch=pager)
         t2 = time.perf_counter()
         rss1 = rss_bytes(host.hv.pid)

@@ -62,8 +62,9 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
 
 from hvemu import abi
 from hvemu.abi import Errno, MemEvent, MemEventFlag, RingKind
@@ -71,6 +72,7 @@ from hvemu.core.admission import ADMISSIONS, POLICIES, Admission, Policy
 from hvemu.core.effects import RingNotify
 from hvemu.core.errors import HypervisorError
 from hvemu.ring import FrontRing, RingCorruptError, SharedRing
+from hvemu.stats import RingCounters, RingStats
 from hvemu.trace import NO_VCPU, RING_CODES, TraceEvent
 
 if TYPE_CHECKING:
@@ -89,46 +91,6 @@ _FOREIGN = int(MemEventFlag.FOREIGN)
 #: A ring-specific response step (the paging ring's p2m fix-up).  It returns
 #: False to reject the whole response (its gfn is not one the domain has).
 ResponseFixup = Callable[[MemEvent], bool]
-
-
-@dataclass
-class RingCounters:
-    """What a user watching a ring wants to know, all monotonic."""
-
-    #: Requests copied onto the ring.
-    put: int = 0
-    #: Events not put because the ring was full (seed ``EAGAIN``): gone for good.
-    lost: int = 0
-    lost_foreign: int = 0
-    lost_guest: int = 0
-    #: Claim policy: foreign producers told ``EBUSY`` (nothing changed, they retry).
-    refused: int = 0
-    #: Events with no ring to go to (``ENOSYS``).
-    no_ring: int = 0
-    #: Guest vCPUs marked and paused for ring congestion.
-    blocked_ever: int = 0
-    #: ...and released by the wake-up rule (or disable).
-    woken: int = 0
-    #: Claim policy: guest producers that slept on the wait queue for a slot.
-    waited: int = 0
-    #: Largest number of unanswered requests ever on the ring.
-    max_occupancy: int = 0
-    #: Event-channel kicks asked for.
-    notifies: int = 0
-    #: Responses consumed (every kind, valid or not).
-    responses: int = 0
-    #: Responses refused as a whole: no such vCPU, gfn out of range.
-    responses_rejected: int = 0
-    #: Responses carrying flag or bitfield bits this ABI does not define (ignored, the rest obeyed, as Xen).
-    responses_unknown_bits: int = 0
-    #: Paging responses for a gfn its load had already made ``ram_rw`` (the load-then-respond path).
-    responses_loaded: int = 0
-    #: Paging responses whose gfn was neither prepared nor loaded: p2m left alone.
-    responses_stale: int = 0
-    #: ``DUMMY`` responses: consumed and otherwise ignored.
-    responses_dummy: int = 0
-    #: ``VCPU_PAUSED`` responses that found no event pause to release.
-    unpause_ignored: int = 0
 
 
 class MemEventDomain:
@@ -399,14 +361,7 @@ class MemEventDomain:
             self.front = None
 
     # ------------------------------------------------------------------ stats
-    def stats(self) -> dict[str, int]:
-        out = dict(vars(self.counters))  # flat ints: no need for asdict's deep copy
-        out.update(
-            enabled=int(self.enabled),
-            size=self.ring_size,
-            occupancy=self.occupancy(),
-            free=self.free_requests(),
-            blocked_now=self.blocked,
-            waiting_now=len(self.waiters),
-        )
-        return out
+    def stats(self) -> RingStats:
+        return RingStats(**msgspec.structs.asdict(self.counters), enabled=self.enabled, size=self.ring_size,
+                         occupancy=self.occupancy(), free=self.free_requests(), blocked_now=self.blocked,
+                         waiting_now=len(self.waiters))

@@ -14,6 +14,8 @@ import tempfile
 import time
 from typing import Any
 
+import msgspec
+
 from hvemu import protocol
 from hvemu.procs import die_with_parent
 from hvemu.transport import Connection
@@ -153,9 +155,11 @@ class Hypervisor:
 
 
 async def stats(conn: Connection, domid: int) -> dict[str, Any]:
+    """A domain's stats as plain data (the SDK's ``stats()`` form), for tests that index them."""
     reply, _ = await conn.call(protocol.Stats(domid=domid))
     assert isinstance(reply, protocol.StatsReply)
-    return dict(reply.stats)
+    figures: dict[str, Any] = msgspec.to_builtins(reply.stats)
+    return figures
 
 
 async def wait_until(pred: Any, timeout: float = 10.0, interval: float = 0.05) -> None:

@@ -51,8 +51,9 @@ async def _attached(hv: Hypervisor, domid: int, pager: Proc, timeout: float = 15
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            st = await stats(conn, domid)
-            if protocol.ring_owned(st, "paging", pager.pid):
+            reply, _ = await conn.call(protocol.Stats(domid=domid))
+            assert isinstance(reply, protocol.StatsReply)
+            if reply.stats.ring_owned("paging", pager.pid):
                 return True
             if not pager.alive():
                 return False

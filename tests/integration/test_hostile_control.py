@@ -196,7 +196,7 @@ class Sandbox:
             try:
                 reply, _ = await tool.call(protocol.Stats(domid=self.domid))
                 assert isinstance(reply, protocol.StatsReply)
-                if not reply.stats["crashed"]:
+                if not reply.stats.crashed:
                     return
             except ControlError:
                 pass
