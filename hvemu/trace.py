@@ -25,9 +25,9 @@ record (32 bytes)::
     28  4         zero
 
 The core (sans-I/O) calls a tracer callback; the hypervisor's
-:class:`hvemu.trace_writer.TraceWriter` is the driver side that timestamps,
+:class:`hvemu.hypervisor.trace_writer.TraceWriter` is the driver side that timestamps,
 filters by event mask and buffers records.
-Reading and analysing traces (numpy, vectorised) is :mod:`hvemu.tracetools`.
+Reading and analysing traces (numpy, vectorised) is :mod:`hvemu.toolstack.tracetools`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ MAGIC = b"HVTRACE1"
 VERSION = 1
 HEADER = struct.Struct("<8sII")
 #: The record's fields, in order, with their struct codes: the one description both the writer's
-#: :data:`RECORD` and the reader's numpy dtype (:func:`hvemu.tracetools.record_dtype`) are built from.
+#: :data:`RECORD` and the reader's numpy dtype (:func:`hvemu.toolstack.tracetools.record_dtype`) are built from.
 FIELDS: tuple[tuple[str, str], ...] = (("ts_ns", "Q"), ("domid", "H"), ("ring", "B"), ("event", "B"),
                                        ("vcpu", "I"), ("gfn", "Q"), ("arg", "I"))
 RECORD = struct.Struct("<" + "".join(code for _, code in FIELDS) + "4x")

@@ -114,7 +114,7 @@ class Hypervisor:
         # dead hypervisor exists before the new one has unlinked it and bound its own.
         ready_r, ready_w = os.pipe()
         try:
-            self.proc = Proc("-m", "hvemu.daemon", "--run-dir", run_dir, "--memory", str(memory_mib),
+            self.proc = Proc("-m", "hvemu.hypervisor.daemon", "--run-dir", run_dir, "--memory", str(memory_mib),
                              "--admission", policy, "--ready-fd", str(ready_w), pass_fds=(ready_w,))
             os.close(ready_w)
             ready_w = -1

@@ -14,7 +14,7 @@ import tempfile
 import pytest
 
 from hvemu import protocol
-from hvemu.daemon import HypervisorDaemon
+from hvemu.hypervisor.daemon import HypervisorDaemon
 from hvemu.transport import Connection
 
 

@@ -29,7 +29,7 @@ import pytest
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno
-from hvemu.daemon import HypervisorDaemon, prepare_run_dir
+from hvemu.hypervisor.daemon import HypervisorDaemon, prepare_run_dir
 from hvemu.transport import Connection, ControlError, ControlServer
 from tests.integration.hostile import fd_targets
 from tests.integration.system import Hypervisor, shm_segments
@@ -471,7 +471,7 @@ async def test_a_guest_pinning_a_page_in_flight_crashes_only_its_domain(monkeypa
     The shootdown after a nominate gives up after ``SHOOTDOWN_TIMEOUT`` and crashes that domain
     alone; while it waits it must not burn a CPU (a legitimate access ends within microseconds).
     """
-    from hvemu import backend
+    from hvemu.hypervisor import backend
 
     monkeypatch.setattr(backend, "SHOOTDOWN_TIMEOUT", 1.0)
     run = tempfile.mkdtemp(prefix="hvemu-pin")

@@ -7,8 +7,9 @@ import re
 import msgspec
 import pytest
 
-from hvemu import protocol, sizes, top
+from hvemu import protocol
 from hvemu.stats import DomainStats
+from hvemu.toolstack import sizes, top
 
 
 def _host() -> protocol.HostInfoReply:

@@ -11,10 +11,11 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from hvemu import abi, trace, tracetools
+from hvemu import abi, trace
 from hvemu.core.hypervisor import Hypervisor
+from hvemu.hypervisor.trace_writer import TraceWriter
+from hvemu.toolstack import tracetools
 from hvemu.trace import TraceEvent
-from hvemu.trace_writer import TraceWriter
 
 
 def _traced_paging_round(path: str, mask: int = trace.ALL_EVENTS) -> TraceWriter:

@@ -218,7 +218,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     gfns = abi.mib_to_pages(args.memory)
     ok = False
     try:
-        hv = await Proc.start("hypervisor", log_dir, "-m", "hvemu.daemon", "--run-dir", run_dir, "--memory",
+        hv = await Proc.start("hypervisor", log_dir, "-m", "hvemu.hypervisor.daemon", "--run-dir", run_dir, "--memory",
                               str(args.host_memory), "--admission", args.admission)
         procs.append(hv)
         deadline = time.monotonic() + 15

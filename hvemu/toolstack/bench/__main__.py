@@ -1,4 +1,4 @@
-"""``python -m hvemu.bench`` (``scripts/bench.sh``): run the benchmarks, print a table, write JSON.
+"""``python -m hvemu.toolstack.bench`` (``scripts/bench.sh``): run the benchmarks, print a table, write JSON.
 
 Placement: ``--cpus LIST`` pins every process (hypervisor, guests, daemons,
 the floors' processes and this one) to LIST, as ``scripts/run.sh --cpus``
@@ -28,8 +28,8 @@ from typing import Any
 
 import uvloop
 
-from hvemu.bench import report, suites
-from hvemu.bench.common import BenchError, Placement, format_cpus, parse_cpus
+from hvemu.toolstack.bench import report, suites
+from hvemu.toolstack.bench.common import BenchError, Placement, format_cpus, parse_cpus
 from hvemu.transport import ControlError
 
 

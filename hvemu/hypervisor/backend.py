@@ -40,10 +40,10 @@ from hvemu.core.errors import HypervisorError
 from hvemu.core.hypervisor import Domain, Hypervisor
 from hvemu.evtchn import EventChannel
 from hvemu.histogram import Histogram
+from hvemu.hypervisor.shm import Segment
 from hvemu.ring import FrontRing, mb
-from hvemu.shm import Segment
 
-log = logging.getLogger("hvemu.backend")
+log = logging.getLogger("hvemu.hypervisor.backend")
 
 #: How long a shootdown waits for a vCPU to leave a page before the domain is
 #: crashed (a guest stuck mid-access, e.g. SIGSTOPped, cannot hold the host).
@@ -426,7 +426,7 @@ def apply_effects(hv: Hypervisor, backends: dict[int, DomainBackend]) -> list[Do
 
 
 def _fill_from(memory: Segment, page: memoryview, gfn: int) -> None:
-    """Copy a staged page into ``gfn``'s new frame, through the fd (see :class:`hvemu.shm.PosixSegment`)."""
+    """Copy a staged page into ``gfn``'s new frame, through the fd (see :class:`hvemu.hypervisor.shm.PosixSegment`)."""
     memory.pwrite(gfn * abi.PAGE_SIZE, page)
 
 

@@ -41,7 +41,7 @@ The guest runs ``--warmup`` faults, prints ``{"phase": "warm"}``, waits for
 failed checks) and waits for EOF.  The hypervisor and the daemon serve until
 killed.  :func:`make_channels` builds the shared memory and eventfds and
 :func:`argv` each role's command line; the benchmark
-(:func:`hvemu.bench.suites.relay_floor`) starts, pins, measures and stops them.
+(:func:`hvemu.toolstack.bench.suites.relay_floor`) starts, pins, measures and stops them.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def make_channels(mode: str) -> Channels:
 
 def argv(role: str, ch: Channels, mode: str, *, iterations: int = 0, warmup: int = 0) -> list[str]:
     """The interpreter arguments that run ``role`` on ``ch`` (start it with ``pass_fds=ch.fds()``)."""
-    out = ["-m", "hvemu.bench.relay", role, "--mode", mode, "--fds", ",".join(map(str, ch.fds()))]
+    out = ["-m", "hvemu.toolstack.bench.relay", role, "--mode", mode, "--fds", ",".join(map(str, ch.fds()))]
     if role == "guest":
         out += ["--iterations", str(iterations), "--warmup", str(warmup)]
     return out
@@ -357,7 +357,7 @@ def _emit(obj: object) -> None:
 
 
 def main(cli: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hvemu.bench.relay", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m hvemu.toolstack.bench.relay", description=__doc__.split("\n")[0])
     p.add_argument("role", choices=ROLES)
     p.add_argument("--mode", choices=MODES, default="uvloop")
     p.add_argument("--fds", required=True, help="the seven fds of Channels, comma-separated, in order")

@@ -31,7 +31,7 @@ def _ratio(a: Any, b: Any) -> float | None:
 def ratios(result: dict[str, Any]) -> dict[str, Any]:
     """The system against its floors: the fault against the bare relay, userfaultfd and its own exit path.
 
-    ``relay_floor`` is the physical floor (:mod:`hvemu.bench.relay`, no
+    ``relay_floor`` is the physical floor (:mod:`hvemu.toolstack.bench.relay`, no
     hvemu code on its path); ``system_exit_overhead`` is hvemu's own exit
     path with nothing to do, reported beside it so that the share of the
     fault its plumbing takes is visible, and never used as a floor.

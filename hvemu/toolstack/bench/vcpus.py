@@ -7,7 +7,7 @@ instead of a workload:
 
 ``floor``
     vCPU 0 exits on one gfn again and again (the daemon is
-    :mod:`hvemu.bench.nulld`, which took every right from it and answers each
+    :mod:`hvemu.toolstack.bench.nulld`, which took every right from it and answers each
     violation without giving one back, so every access exits).  One sample is one exit's round
     trip plus the failed direct access after it: exactly what a real fault
     costs minus the paging work.  After the warm-up it says ``warm`` and waits
@@ -41,7 +41,7 @@ from guest.exits import ExitPort, connect_vcpu
 from guest.memory import GuestMemory, open_guest
 from guest.stamp import StampError, make_page, verify_page
 from hvemu import abi, protocol
-from hvemu.bench.common import latency_summary
+from hvemu.toolstack.bench.common import latency_summary
 from hvemu.transport import Connection
 
 
@@ -180,7 +180,7 @@ async def _main(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hvemu.bench.vcpus", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m hvemu.toolstack.bench.vcpus", description=__doc__.split("\n")[0])
     p.add_argument("mode", choices=["floor", "pages"])
     p.add_argument("--run-dir", required=True)
     p.add_argument("--domid", type=int, required=True)

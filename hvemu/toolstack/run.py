@@ -34,13 +34,13 @@ import uvloop
 
 import hvemu
 from hvemu import abi, protocol
-from hvemu.bench.common import format_cpus, parse_cpus
 from hvemu.core.domain import MAX_GFNS, MAX_VCPUS
 from hvemu.names import ADMISSION_POLICIES as POLICIES
 from hvemu.names import PATTERNS
 from hvemu.procs import child_setup, stop_process
-from hvemu.sizes import MiB, Size, SizeError, gib_or_mib, mib_text, parse_size
 from hvemu.stats import DomainStats
+from hvemu.toolstack.bench.common import format_cpus, parse_cpus
+from hvemu.toolstack.sizes import MiB, Size, SizeError, gib_or_mib, mib_text, parse_size
 from hvemu.transport import Connection, ControlError
 from pager.defaults import EVICT_BATCH
 
@@ -158,8 +158,9 @@ class Child:
 
 async def start_hypervisor(run_dir: str, memory_mib: float, admission: str, *, cpus: set[int] | None = None,
                            verbose: int = 0) -> Child:
-    """Start ``hvemu.daemon`` and return once its control socket answers."""
-    args = ["-m", "hvemu.daemon", "--run-dir", run_dir, "--memory", str(memory_mib), "--admission", admission]
+    """Start ``hvemu.hypervisor.daemon`` and return once its control socket answers."""
+    args = ["-m", "hvemu.hypervisor.daemon", "--run-dir", run_dir, "--memory", str(memory_mib),
+            "--admission", admission]
     args += ["-v"] * verbose
     hv = await Child.start("hypervisor", *args, cpus=cpus)
     path = protocol.socket_path(run_dir)
@@ -441,14 +442,14 @@ def hvemu_command(python: str | None = None) -> str:
 
     The ``hvemu`` script beside this interpreter (``.venv/bin/hvemu``, which
     ``scripts/run.sh`` uses) by its full path; else this interpreter running
-    ``hvemu.cli``, told where the package is.
+    ``hvemu.toolstack.cli``, told where the package is.
     """
     python = python or sys.executable
     script = os.path.join(os.path.dirname(python), "hvemu")
     if os.path.isfile(script) and os.access(script, os.X_OK):
         return shlex.quote(script)
     root = os.path.dirname(os.path.dirname(os.path.abspath(hvemu.__file__)))
-    return f"PYTHONPATH={shlex.quote(root)} {shlex.quote(python)} -m hvemu.cli"
+    return f"PYTHONPATH={shlex.quote(root)} {shlex.quote(python)} -m hvemu.toolstack.cli"
 
 
 def _say(line: str) -> None:
@@ -573,7 +574,7 @@ def _num(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
-#: A ``taskset -c`` list as :func:`~hvemu.bench.common.parse_cpus` reads it: ``0``, ``0,2``, ``0-3,6``.
+#: A ``taskset -c`` list as :func:`~hvemu.toolstack.bench.common.parse_cpus` reads it: ``0``, ``0,2``, ``0-3,6``.
 _CPU_LIST = re.compile(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*(\d+(\s*-\s*\d+)?)?)*\s*")
 
 

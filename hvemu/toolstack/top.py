@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from hvemu import abi, protocol
-from hvemu.sizes import mib_text
 from hvemu.stats import DomainStats
+from hvemu.toolstack.sizes import mib_text
 from hvemu.transport import Connection, ControlError
 
 

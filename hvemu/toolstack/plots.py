@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from hvemu.toolstack.tracetools import Records, fault_latencies
 from hvemu.trace import NO_RING, RING_NAMES, TraceEvent
-from hvemu.tracetools import Records, fault_latencies
 
 #: Time bins across a trace (fewer when the trace is short).
 BINS = 200

@@ -55,7 +55,7 @@ async def _main(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hvemu.bench.nulld", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m hvemu.toolstack.bench.nulld", description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", required=True)
     p.add_argument("--domid", type=int, required=True)
     p.add_argument("--evict", type=int, default=1, help="gfns 0..N-1 to take every right from before serving")

@@ -1,6 +1,6 @@
 """The contract's own work per fault, with no I/O: the sans-I/O core and the rings, driven in one process.
 
-``python -m hvemu.bench.core_cycle --iterations N`` runs ``N`` faults
+``python -m hvemu.toolstack.bench.core_cycle --iterations N`` runs ``N`` faults
 through :class:`hvemu.core.hypervisor.Hypervisor` as the hypervisor process
 does, minus every fd: a vCPU touches a paged-out gfn (``guest_access``:
 ``p2m_mem_paging_populate``, ``put_request``), the daemon's back ring takes
@@ -12,7 +12,7 @@ steady state's other half: the gfn is paged out again (``nominate``, the
 page copied out, ``evict``), in batches of ``--batch``.
 
 Why it is measured: the fault path cannot cost less than this work plus the
-hops the relay floor (:mod:`hvemu.bench.relay`) makes, so
+hops the relay floor (:mod:`hvemu.toolstack.bench.relay`) makes, so
 ``core_vs_relay_p50`` (this per fault over the relay's p50) says how much of
 the 1.5x target the contract's own Python work uses before any byte moves
 between processes.  It is the system's own code: never a floor.
@@ -87,7 +87,7 @@ def run(iterations: int, batch: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hvemu.bench.core_cycle", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m hvemu.toolstack.bench.core_cycle", description=__doc__.split("\n")[0])
     p.add_argument("--iterations", type=int, default=20000)
     p.add_argument("--batch", type=int, default=16, help="pages per eviction batch")
     args = p.parse_args(argv)

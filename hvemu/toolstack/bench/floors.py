@@ -1,16 +1,16 @@
 """Floors measured beside the system: a bare ring between two processes, and the bare copy to a pagefile.
 
-``python -m hvemu.bench.floors ring --duration S [--back-cpus LIST]``
+``python -m hvemu.toolstack.bench.floors ring --duration S [--back-cpus LIST]``
     This process is the front end (as the hypervisor is), a child it starts
     is the back end (as a daemon is); they share one ring page and one event
     channel, built from :mod:`hvemu.ring`, :mod:`hvemu.evtchn` and
-    :mod:`hvemu.shm` exactly as the hypervisor and the SDK build theirs.  The
+    :mod:`hvemu.hypervisor.shm` exactly as the hypervisor and the SDK build theirs.  The
     front keeps the ring full (every free slot filled, one push, one notify
     when ``ring.h`` asks for it), the back answers every request of a drain
     with one push and one notify.  No work, no control socket, no asyncio
     task per request: the most entries per second a ring can carry here, so
     the ceiling of page-in throughput.
-``python -m hvemu.bench.floors copy --pages N --batch B --dir D``
+``python -m hvemu.toolstack.bench.floors copy --pages N --batch B --dir D``
     Copies ``N`` stamped pages from a shared-memory mapping to a fresh
     :class:`~pager.pagefile.Pagefile`, ``B`` at a time, with the very copy
     loop the pager's eviction runs (:func:`pager.pagefile.copy_out`), minus
@@ -34,9 +34,9 @@ import uvloop
 from hvemu import abi
 from hvemu.abi import MemEvent, MemEventFlag, MemEventType
 from hvemu.evtchn import ChannelClosed, EventChannel
+from hvemu.hypervisor.shm import Segment
 from hvemu.procs import child_setup
 from hvemu.ring import BackRing, FrontRing, SharedRing
-from hvemu.shm import Segment
 from pager.defaults import EVICT_BATCH
 
 PORT = 1
@@ -84,7 +84,7 @@ async def _ring_front(duration: float, back_cpus: str | None) -> dict[str, objec
     cpus = {int(c) for c in back_cpus.split(",")} if back_cpus else None
 
     child = subprocess.Popen(
-        [sys.executable, "-m", "hvemu.bench.floors", "ring-back", "--ring-fd", str(seg.fd),
+        [sys.executable, "-m", "hvemu.toolstack.bench.floors", "ring-back", "--ring-fd", str(seg.fd),
          "--evtchn-fd", str(remote_fd)],
         pass_fds=(seg.fd, remote_fd), preexec_fn=child_setup(cpus), start_new_session=True)
     os.close(remote_fd)
@@ -168,7 +168,7 @@ def _copy(pages: int, batch: int, directory: str, repeat: int) -> dict[str, obje
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hvemu.bench.floors", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m hvemu.toolstack.bench.floors", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     ring = sub.add_parser("ring")
     ring.add_argument("--duration", type=float, default=1.0)

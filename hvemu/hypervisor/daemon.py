@@ -31,20 +31,20 @@ import uvloop
 
 from hvemu import abi, logs, procs, protocol
 from hvemu.abi import Errno, RingKind
-from hvemu.backend import DomainBackend, Exit, RingBackend, apply_effects
 from hvemu.core.domain import MAX_GFNS, MAX_VCPUS
 from hvemu.core.errors import HypervisorError
 from hvemu.core.hypervisor import Hypervisor
 from hvemu.core.mem_event import NOTIFY_MODES
-from hvemu.janitor import Janitor
+from hvemu.hypervisor.backend import DomainBackend, Exit, RingBackend, apply_effects
+from hvemu.hypervisor.janitor import Janitor
+from hvemu.hypervisor.shm import PosixSegment, Segment
+from hvemu.hypervisor.trace_writer import TraceWriter
 from hvemu.names import ADMISSION_POLICIES
-from hvemu.shm import PosixSegment, Segment
 from hvemu.stats import VcpuStats
 from hvemu.trace import ALL_EVENTS, NO_RING, NO_VCPU, RING_CODES, TraceEvent
-from hvemu.trace_writer import TraceWriter
 from hvemu.transport import ConnState, ControlServer, FdLike, OwnedFd
 
-log = logging.getLogger("hvemu.daemon")
+log = logging.getLogger("hvemu.hypervisor.daemon")
 
 Reply = tuple[protocol.Msg, list[FdLike]]
 

@@ -48,8 +48,8 @@ from hvemu import abi, protocol
 from hvemu.abi import Errno
 from hvemu.names import ADMISSION_POLICIES as POLICIES
 from hvemu.names import VICTIM_POLICIES
-from hvemu.sizes import SIZE_HELP, MiB, Size, SizeError, mib_text, parse_size
 from hvemu.stats import DomainStats
+from hvemu.toolstack.sizes import SIZE_HELP, MiB, Size, SizeError, mib_text, parse_size
 from hvemu.transport import Connection, ControlError, root_cause
 from pager.defaults import EVICT_BATCH, EVICT_POLICY
 
@@ -173,7 +173,8 @@ def _pidfile(run_dir: str, name: str) -> str:
 
 
 #: The module each kind of background daemon runs (``hypervisor``, ``pager-N``, ``listener-N``).
-_MODULES = {"hypervisor": "hvemu.daemon", "pager": "pager.xenpaging", "listener": "pager.examples.access_listener"}
+_MODULES = {"hypervisor": "hvemu.hypervisor.daemon", "pager": "pager.xenpaging",
+            "listener": "pager.examples.access_listener"}
 #: A pidfile of a daemon a domain has (``pager-3.pid``).
 _DOMAIN_PIDFILE = re.compile(r"(pager|listener)-\d+\.pid")
 
@@ -777,7 +778,7 @@ async def cmd_map(args: argparse.Namespace) -> Any:
              help="plain columns, one block per refresh, as xentop -b (the default when stdout is not a terminal)"),
          epilog="with --json: one JSON object per refresh, on one line (the tables' figures)")
 async def cmd_top(args: argparse.Namespace) -> Any:
-    from hvemu.top import run_top
+    from hvemu.toolstack.top import run_top
 
     await (await _tool(args.run_dir)).close()  # no hypervisor: the same one-line error as every command
     await run_top(args.run_dir, interval=args.interval, iterations=args.iterations, as_json=args.json,
@@ -831,7 +832,7 @@ async def cmd_trace_stop(args: argparse.Namespace) -> Any:
 
 
 def _records(path: str) -> Any:
-    from hvemu import tracetools
+    from hvemu.toolstack import tracetools
     from hvemu.trace import TraceFormatError
 
     try:
@@ -845,7 +846,7 @@ def _records(path: str) -> Any:
 
 @command("trace summary", "counts and fault latency per domain", arg("file", metavar="FILE"))
 def cmd_trace_summary(args: argparse.Namespace) -> Any:
-    from hvemu import tracetools
+    from hvemu.toolstack import tracetools
 
     return tracetools.summarise(_records(args.file))
 
@@ -853,7 +854,7 @@ def cmd_trace_summary(args: argparse.Namespace) -> Any:
 @command("trace print", "one line per event (as xentrace_format): seconds, domain, vCPU, ring, event, gfn, argument",
          arg("file", metavar="FILE"))
 def cmd_trace_print(args: argparse.Namespace) -> Any:
-    from hvemu import tracetools
+    from hvemu.toolstack import tracetools
 
     records = _records(args.file)
     if args.json:  # one object per line, the record's fields
@@ -876,7 +877,7 @@ class _Lines:
              help="the JSON file to write (per-vCPU fault spans, ring occupancy counters, evict/load batches)"),
          arg("--force", action="store_true", help="overwrite OUT if it exists"))
 def cmd_trace_export(args: argparse.Namespace) -> Any:
-    from hvemu import tracetools
+    from hvemu.toolstack import tracetools
 
     records = _records(args.file)
     out = args.chrome
@@ -894,7 +895,7 @@ def cmd_trace_export(args: argparse.Namespace) -> Any:
              "the files are named after the trace)"),
          arg("--force", action="store_true", help="overwrite plots that exist"))
 def cmd_trace_plot(args: argparse.Namespace) -> Any:
-    from hvemu.plots import PlotUnavailable, need_matplotlib, plot_trace
+    from hvemu.toolstack.plots import PlotUnavailable, need_matplotlib, plot_trace
 
     records = _records(args.file)
     try:
@@ -1087,7 +1088,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BaseException as exc:  # noqa: BLE001 - one line, never a traceback
         root = root_cause(exc)
-        top = sys.modules.get("hvemu.top")
+        top = sys.modules.get("hvemu.toolstack.top")
         if top is not None and isinstance(root, top.OutputClosed):  # top into a pipe whose reader left
             return _stdout_closed()
         if isinstance(root, CliError | ControlError | OSError | ValueError):

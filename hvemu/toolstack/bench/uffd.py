@@ -16,7 +16,7 @@ import os
 import shutil
 from typing import Any
 
-from hvemu.bench.common import Placement, Proc
+from hvemu.toolstack.bench.common import Placement, Proc
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "uffd_bench.c")
 

@@ -1,6 +1,6 @@
 """The benchmarks, one coroutine each; every one returns its JSON section.
 
-Each starts its own hypervisor (:class:`~hvemu.bench.common.Host`), so that
+Each starts its own hypervisor (:class:`~hvemu.toolstack.bench.common.Host`), so that
 one benchmark's leftovers (pagefiles, fragmented heaps, a busy pager) never
 bend the next one's figures, and adds the guest events it saw lost and the
 pages that failed verification to the run's totals (both must be 0).
@@ -20,8 +20,8 @@ from typing import Any
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno
-from hvemu.bench import relay, uffd
-from hvemu.bench.common import (
+from hvemu.toolstack.bench import relay, uffd
+from hvemu.toolstack.bench.common import (
     BenchError,
     Host,
     Placement,
@@ -89,7 +89,7 @@ def _guest_args(host: Host, domid: int, *extra: str) -> list[str]:
 
 
 def _bench_guest_args(host: Host, mode: str, domid: int, *extra: str) -> list[str]:
-    return ["-m", "hvemu.bench.vcpus", mode, "--run-dir", host.run_dir, "--domid", str(domid), *extra]
+    return ["-m", "hvemu.toolstack.bench.vcpus", mode, "--run-dir", host.run_dir, "--domid", str(domid), *extra]
 
 
 async def _finish_guest(host: Host, guest: Proc, pager: Proc | None) -> None:
@@ -130,7 +130,7 @@ async def _line_unless_one_dies(guest: Proc, procs: list[Proc], timeout: float) 
 
 
 async def _relay_run(cfg: Config, placement: Placement, mode: str) -> dict[str, Any]:
-    """One run of :mod:`hvemu.bench.relay`: the guest's samples (ns) and each process's CPU per fault."""
+    """One run of :mod:`hvemu.toolstack.bench.relay`: the guest's samples (ns) and each process's CPU per fault."""
     ch = relay.make_channels(mode)
     procs: list[Proc] = []
     warmup = max(50, cfg.relay_iterations // 20)
@@ -191,7 +191,7 @@ def pool_relay(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def relay_floor(cfg: Config, placement: Placement, totals: Totals) -> dict[str, Any]:
-    """The bare relay with uvloop (:mod:`hvemu.bench.relay`): one run; :func:`pool_relay` joins them."""
+    """The bare relay with uvloop (:mod:`hvemu.toolstack.bench.relay`): one run; :func:`pool_relay` joins them."""
     return await _relay_run(cfg, placement, "uvloop")
 
 
@@ -213,7 +213,7 @@ async def system_exit_overhead(cfg: Config, placement: Placement, totals: Totals
     async with Host(placement, memory_mib=64) as host:
         assert host.hv is not None
         domid = await host.create(64, vcpus=1)
-        nulld = await host.start("nulld", "daemon", ["-m", "hvemu.bench.nulld", "--run-dir", host.run_dir,
+        nulld = await host.start("nulld", "daemon", ["-m", "hvemu.toolstack.bench.nulld", "--run-dir", host.run_dir,
                                                      "--domid", str(domid), "--evict", "1"])
         await nulld.json_line(30)
         guest = await host.start("bench-guest", "guest", _bench_guest_args(
@@ -236,12 +236,12 @@ async def system_exit_overhead(cfg: Config, placement: Placement, totals: Totals
 
 
 async def core_work(cfg: Config, placement: Placement, totals: Totals) -> dict[str, Any]:
-    """The contract's own work per fault, no I/O (:mod:`hvemu.bench.core_cycle`), on the hypervisor's CPUs.
+    """The contract's own work per fault, no I/O (:mod:`hvemu.toolstack.bench.core_cycle`), on the hypervisor's CPUs.
 
     Not a floor either: the system's own code.  It bounds the fault from
     below together with the relay's hops, which is why it is reported.
     """
-    proc = await Proc.start("core-cycle", ["-m", "hvemu.bench.core_cycle", "--iterations",
+    proc = await Proc.start("core-cycle", ["-m", "hvemu.toolstack.bench.core_cycle", "--iterations",
                                            str(cfg.relay_iterations), "--batch", str(EVICT_BATCH)],
                             cpus=placement.of("hypervisor"))
     try:
@@ -370,7 +370,7 @@ async def pagein(cfg: Config, placement: Placement, totals: Totals) -> dict[str,
 
 
 async def ring_floor(cfg: Config, placement: Placement, totals: Totals) -> dict[str, Any]:
-    argv = ["-m", "hvemu.bench.floors", "ring", "--duration", str(cfg.ring_duration)]
+    argv = ["-m", "hvemu.toolstack.bench.floors", "ring", "--duration", str(cfg.ring_duration)]
     if placement.daemon is not None:
         argv += ["--back-cpus", ",".join(map(str, sorted(placement.daemon)))]
     proc = await Proc.start("ring-floor", argv, cpus=placement.hypervisor)
@@ -488,7 +488,7 @@ async def evict(cfg: Config, placement: Placement, totals: Totals) -> dict[str, 
 
 
 async def _copy_floor(host: Host, placement: Placement, pages: int, repeat: int) -> float:
-    proc = await Proc.start("copy-floor", ["-m", "hvemu.bench.floors", "copy", "--pages", str(pages),
+    proc = await Proc.start("copy-floor", ["-m", "hvemu.toolstack.bench.floors", "copy", "--pages", str(pages),
                                            "--batch", str(EVICT_BATCH), "--repeat", str(repeat),
                                            "--dir", host.run_dir],
                             cpus=placement.daemon)

@@ -1,17 +1,17 @@
 """Where each process's CPU goes: run a benchmark's processes under cProfile, on CPU time.
 
 ``HVEMU_BENCH_PROFILE=DIR scripts/bench.sh --only fault_roundtrip``
-    Every Python child the benchmark starts (:meth:`hvemu.bench.common.Proc.start`)
-    runs under ``python -m hvemu.bench.profile wrap --out DIR/NAME`` and writes
+    Every Python child the benchmark starts (:meth:`hvemu.toolstack.bench.common.Proc.start`)
+    runs under ``python -m hvemu.toolstack.bench.profile wrap --out DIR/NAME`` and writes
     ``DIR/NAME-PID.prof``, NAME being its name in the benchmark
     (``hypervisor``, ``pager``, ``guest``, ``relay-uvloop-daemon``...).
     The profiler is off until the benchmark's measuring window opens
     (:func:`window`: ``SIGUSR1`` on, ``SIGUSR2`` off, called by
-    :func:`~hvemu.bench.common.open_window` and ``close_window`` at the
+    :func:`~hvemu.toolstack.bench.common.open_window` and ``close_window`` at the
     instants the benchmark reads each process's CPU time), so that
     interpreter start-up, imports, warm-ups and the pager's initial eviction
     stay out of the profile.
-``python -m hvemu.bench.profile top DIR [--limit N]``
+``python -m hvemu.toolstack.bench.profile top DIR [--limit N]``
     Prints each profile's functions by own time (and by cumulative time), per
     fault if given ``--per N`` operations.
 
@@ -44,7 +44,7 @@ def wrap_argv(name: str, argv: list[str]) -> list[str]:
     out_dir = os.environ.get(ENV)
     if not out_dir or argv[:1] != ["-m"]:
         return argv
-    return ["-m", "hvemu.bench.profile", "wrap", "--out", os.path.join(out_dir, name), "--", *argv]
+    return ["-m", "hvemu.toolstack.bench.profile", "wrap", "--out", os.path.join(out_dir, name), "--", *argv]
 
 
 def window(pids: Iterable[int], *, on: bool) -> None:
@@ -130,7 +130,7 @@ def _top(directory: str, limit: int, per: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hvemu.bench.profile", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m hvemu.toolstack.bench.profile", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     wrap = sub.add_parser("wrap")
     wrap.add_argument("--out", required=True)

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from typing import IO, Any, NamedTuple
 
 from hvemu import procs, protocol
-from hvemu.bench import profile
 from hvemu.procs import child_setup, status_bytes, status_field, stop_process
 from hvemu.stats import DomainStats
+from hvemu.toolstack.bench import profile
 from hvemu.transport import Connection
 
 #: Process roles a placement names.
@@ -316,7 +316,7 @@ class Host:
         self.run_dir = tempfile.mkdtemp(prefix="hvemu-bench-")
         os.chmod(self.run_dir, 0o700)
         try:
-            args = ["-m", "hvemu.daemon", "--run-dir", self.run_dir, "--memory", str(self.memory_mib),
+            args = ["-m", "hvemu.hypervisor.daemon", "--run-dir", self.run_dir, "--memory", str(self.memory_mib),
                     "--admission", self.policy]
             if self.ring_size is not None:
                 args += ["--ring-size", str(self.ring_size)]
