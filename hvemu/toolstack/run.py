@@ -16,12 +16,10 @@ that file's settings again.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -34,99 +32,23 @@ import uvloop
 
 import hvemu
 from hvemu import abi, protocol
-from hvemu.core.domain import MAX_GFNS, MAX_VCPUS
-from hvemu.names import ADMISSION_POLICIES as POLICIES
-from hvemu.names import PATTERNS
 from hvemu.procs import child_setup, stop_process
 from hvemu.stats import DomainStats
-from hvemu.toolstack.bench.common import format_cpus, parse_cpus
-from hvemu.toolstack.sizes import MiB, Size, SizeError, gib_or_mib, mib_text, parse_size
+from hvemu.toolstack.run_options import (
+    PROGRESS_AFTER_S,
+    PROGRESS_EVERY_S,
+    Settings,
+    _from_file,
+    _num,
+    _parser,
+    option_problems,
+    settings_of,
+)
+from hvemu.toolstack.run_summary import DomainResult, Summary, _print_summary, progress_line
 from hvemu.transport import Connection, ControlError
-from pager.defaults import EVICT_BATCH
 
-#: The guests' access patterns (``guest --pattern``).
-#: Runs longer than this print a progress line every ``--progress`` seconds.
-PROGRESS_AFTER_S = 10.0
-PROGRESS_EVERY_S = 5.0
-#: What one domain's two Python processes (guest and pager) take at least, besides guest memory:
-#: ``--domains`` beyond what the host has room for is refused before anything starts.
-PROCESS_PAIR_BYTES = 80 * MiB
 #: The signals that stop a run cleanly: Ctrl-C, ``kill``, and the terminal going away.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class Settings(msgspec.Struct, frozen=True, kw_only=True):
-    """Everything a run depends on: written into ``--json``'s file, read back by ``--from``."""
-
-    domains: int
-    vcpus: int
-    memory_mib: float
-    host_memory_mib: float
-    target_mib: float
-    duration_s: float
-    pattern: str
-    write_ratio: float
-    admission: str
-    batch: int
-    seed: int
-    #: CPUs every process was pinned to (``taskset -c`` form), None: not pinned.
-    cpus: str | None = None
-
-    def argv(self) -> list[str]:
-        """The ``run.sh`` options that give these settings."""
-        argv = ["--domains", str(self.domains), "--vcpus", str(self.vcpus), "--memory", _num(self.memory_mib),
-                "--host-memory", _num(self.host_memory_mib), "--target", _num(self.target_mib),
-                "--duration", _num(self.duration_s), "--pattern", self.pattern, "--write-ratio",
-                _num(self.write_ratio), "--admission", self.admission, "--batch", str(self.batch),
-                "--seed", str(self.seed)]
-        return argv + (["--cpus", self.cpus] if self.cpus else [])
-
-
-class DomainResult(msgspec.Struct, kw_only=True):
-    """One domain's line of the summary (sizes in MiB, rates per second of the guest's run)."""
-
-    domid: int
-    vcpus: int
-    memory_mib: float
-    target_mib: float
-    #: Resident when created (below ``memory_mib`` when the host budget was spent: the rest starts paged out).
-    resident_start_mib: float
-    resident_end_mib: float
-    #: Pages that started paged out, before any pager ran: their page-ins have no page-out.
-    paged_at_start: int
-    elapsed_s: float
-    faults: int
-    faults_per_s: float
-    pages_in: int
-    pages_out: int
-    pages_in_per_s: float
-    pages_out_per_s: float
-    fault_p50_us: float
-    fault_p99_us: float
-    fault_max_us: float
-    #: vCPUs paused for ring congestion (the seed's rule), foreign events refused (claim), events lost.
-    blocked: int
-    refused: int
-    events_lost: int
-    events_put: int
-    accesses: int = 0
-    integrity_failures: int = 0
-    #: None when the run was interrupted before the process ended.
-    pager_exit: int | None = None
-    guest_exit: int | None = None
-
-
-class Summary(msgspec.Struct, kw_only=True):
-    ok: bool
-    #: False when interrupted: the figures are those of the run so far.
-    complete: bool
-    settings: Settings
-    #: ``scripts/run.sh`` with the options that repeat this run.
-    command: str
-    domains: list[DomainResult]
-    host_memory_mib: float
-    admission: str
-    duration_s: float
 
 
 class Child:
@@ -381,18 +303,6 @@ class Run:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-def progress_line(t: float, duration: float, before: dict[int, DomainStats], now: dict[int, DomainStats],
-                  dt: float) -> str:
-    """``run.sh: 15/60 s  1234 faults/s  310 in/s  305 out/s  resident 80.0 MiB  lost 0`` over every domain."""
-    def rate(key: str) -> float:
-        return sum(getattr(now[d], key) - (getattr(before[d], key) if d in before else 0) for d in now) / max(dt, 1e-9)
-
-    resident = sum(st.resident for st in now.values()) * abi.PAGE_SIZE
-    lost = sum(st.events_lost for st in now.values())
-    return (f"run.sh: {t:.0f}/{_num(duration)} s  {rate('faults'):.0f} faults/s  {rate('paged_in'):.0f} pages in/s  "
-            f"{rate('evicted'):.0f} out/s  resident {mib_text(resident)} MiB  lost {lost}")
-
-
 async def run_with_signals(run: Run) -> Summary:
     """:meth:`Run.scenario`, stopped cleanly by a stop signal (even when a shell left SIGINT ignored).
 
@@ -469,222 +379,6 @@ def _stdout_closed() -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
     return EXIT_PIPE_CLOSED
-
-
-#: The summary table, one entry per column: (group over it, header, width, the figure).  One table for
-#: the header lines and the rows; at most :data:`SUMMARY_WIDTH` columns wide.
-_COLUMNS: list[tuple[str, str, int, Any]] = [
-    ("", "dom", 3, lambda d: str(d.domid)),
-    ("", "vcpus", 5, lambda d: str(d.vcpus)),
-    ("memory, MiB", "size", 6, lambda d: mib_text(d.memory_mib * MiB)),
-    ("memory, MiB", "target", 6, lambda d: mib_text(d.target_mib * MiB)),
-    ("resident, MiB", "start", 6, lambda d: f"{d.resident_start_mib:.1f}"),
-    ("resident, MiB", "end", 6, lambda d: f"{d.resident_end_mib:.1f}"),
-    ("per second", "faults", 7, lambda d: f"{d.faults_per_s:.0f}"),
-    ("per second", "in", 6, lambda d: f"{d.pages_in_per_s:.0f}"),
-    ("per second", "out", 6, lambda d: f"{d.pages_out_per_s:.0f}"),
-    ("fault, us", "p50", 7, lambda d: f"{d.fault_p50_us:.0f}"),
-    ("fault, us", "p99", 7, lambda d: f"{d.fault_p99_us:.0f}"),
-    ("ring events", "blocked", 7, lambda d: str(d.blocked)),
-    ("ring events", "refused", 7, lambda d: str(d.refused)),
-    ("ring events", "lost", 5, lambda d: str(d.events_lost)),
-]
-SUMMARY_WIDTH = 100
-
-
-def summary_lines(summary: Summary) -> list[str]:
-    """The summary as printed: a two-line header, a row per domain, what explains the figures, the verdict."""
-    groups: list[str] = []
-    spans: list[tuple[str, int]] = []
-    for group, _, width, _ in _COLUMNS:
-        if spans and spans[-1][0] == group:
-            spans[-1] = (group, spans[-1][1] + width + 1)
-        else:
-            spans.append((group, width))
-    for group, width in spans:
-        groups.append(f"{group:^{width}}" if not group else f"{' ' + group + ' ':-^{width}}")
-    lines = [" ".join(groups).rstrip(), " ".join(f"{h:>{w}}" for _, h, w, _ in _COLUMNS)]
-    lines += [" ".join(f"{fmt(d):>{w}}" for _, _, w, fmt in _COLUMNS) for d in summary.domains]
-    s = summary.settings
-    for d in summary.domains:
-        if d.paged_at_start:
-            lines.append(f"dom {d.domid}: created with {d.resident_start_mib:.1f} of {mib_text(d.memory_mib * MiB)} "
-                         f"MiB resident (host budget spent): {d.paged_at_start} pages started out, so in > out")
-    if not summary.complete:
-        lines.append("interrupted: the figures are those of the run so far (pages not verified by the guests)")
-    verdict = "OK" if summary.ok else ("not checked" if not summary.complete else "FAILED")
-    lines.append(f"integrity {verdict}  (host {mib_text(s.host_memory_mib * MiB)} MiB, {s.admission} admission, "
-                 f"{s.pattern} pattern, {_num(s.duration_s)} s, seed {s.seed}; rates per s of guest run)")
-    return lines
-
-
-def _print_summary(summary: Summary) -> None:
-    print("\n".join(summary_lines(summary)))
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each option's default after its help, except where there is none (None: the help says what happens)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="run.sh", formatter_class=_HelpFormatter,
-                                description="Run an overcommitted host: hypervisor, guests, pagers.",
-                                epilog=f"sizes take a unit (512m, 1g, 4096k) and a bare number is MiB (1 MiB = "
-                                       f"{MiB // abi.PAGE_SIZE} pages of {abi.PAGE_SIZE // 1024} KiB); times are "
-                                       "seconds; exit status: 0 ok, 1 failed, 2 an option refused, 128+N stopped "
-                                       "by signal N (130 Ctrl-C, 129 terminal closed, 143 SIGTERM), 141 stdout "
-                                       "closed early")
-    p.add_argument("--domains", type=int, default=2, metavar="N",
-                   help="number of domains, each with a guest and a pager")
-    p.add_argument("--vcpus", type=int, default=4, metavar="N", help=f"vCPUs per domain, 1 to {MAX_VCPUS}")
-    p.add_argument("--memory", default="64", metavar="SIZE", help="memory per domain, MiB")
-    p.add_argument("--host-memory", default="96", metavar="SIZE",
-                   help="host memory budget, MiB; below the domains' total, so paging happens")
-    p.add_argument("--target", default="40", metavar="SIZE",
-                   help="paging target per domain, MiB (what its pager keeps resident), 0 to --memory")
-    p.add_argument("--duration", type=float, default=10, metavar="SECONDS",
-                   help="how long each guest runs its workload, seconds")
-    p.add_argument("--pattern", choices=PATTERNS, default="hotcold", help="the guests' access pattern")
-    p.add_argument("--write-ratio", type=float, default=0.3, metavar="R",
-                   help="fraction of the guests' accesses that write, 0 to 1")
-    p.add_argument("--admission", choices=POLICIES, default=POLICIES[0],
-                   help="mem_event admission policy of the hypervisor")
-    p.add_argument("--batch", type=int, default=EVICT_BATCH, metavar="PAGES", help="pages per pager eviction batch")
-    p.add_argument("--seed", type=int, default=1, help="workload seed (domain N's guest uses seed + N)")
-    p.add_argument("--cpus", default=None, metavar="LIST",
-                   help="pin every process to these CPUs (taskset -c list: 0, 0,2 or 0-3; CPUs this shell may "
-                        "use; default: not pinned)")
-    p.add_argument("--progress", type=float, default=None, metavar="SECONDS",
-                   help=f"a progress line on stderr every SECONDS while the guests run (default: every "
-                        f"{_num(PROGRESS_EVERY_S)} s on runs longer than {_num(PROGRESS_AFTER_S)} s; 0: none)")
-    p.add_argument("--json", default=None, metavar="FILE",
-                   help="also write the summary, with every setting, as JSON to this file (default: none)")
-    p.add_argument("--from", dest="from_file", default=None, metavar="FILE",
-                   help="run again with the settings of a --json file (options given as well override them)")
-    return p
-
-
-def _num(value: float) -> str:
-    """A number as the user would have typed it (``80``, not ``80.0``)."""
-    return str(int(value)) if float(value).is_integer() else str(value)
-
-
-#: A ``taskset -c`` list as :func:`~hvemu.toolstack.bench.common.parse_cpus` reads it: ``0``, ``0,2``, ``0-3,6``.
-_CPU_LIST = re.compile(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*(\d+(\s*-\s*\d+)?)?)*\s*")
-
-
-def _mem_available() -> int | None:
-    """``MemAvailable`` of /proc/meminfo in bytes (None if unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def option_problems(args: argparse.Namespace) -> list[str]:
-    """One line per option value refused, naming the option and the value as typed (empty: all good).
-
-    Checked before anything is started, including what only the hypervisor
-    or the host would refuse later (a domain bigger than the hypervisor
-    allows, more domains than the host has memory for their processes).
-    The sizes are parsed here (``args.memory`` etc. become :class:`Size`),
-    and ``--cpus`` too (``args.cpus`` becomes the set of CPUs), so that an
-    invalid value is one message of ours, not taskset's or a child's.
-    """
-    problems = [f"--{name} {getattr(args, name)} is below 1" for name in ("domains", "vcpus", "batch")
-                if getattr(args, name) < 1]
-    if args.vcpus > MAX_VCPUS:
-        problems.append(f"--vcpus {args.vcpus} is above {MAX_VCPUS} (the hypervisor's limit)")
-    sizes: dict[str, Size | None] = {}
-    for name in ("memory", "host_memory", "target"):
-        try:
-            sizes[name] = parse_size(getattr(args, name))
-        except SizeError as exc:
-            sizes[name] = None
-            problems.append(f"--{name.replace('_', '-')} {getattr(args, name)} {exc}")
-    for name in ("duration", "write_ratio"):
-        if not _finite(getattr(args, name)):
-            problems.append(f"--{name.replace('_', '-')} {getattr(args, name)} is not a finite number")
-    memory, host, target = sizes["memory"], sizes["host_memory"], sizes["target"]
-    for name, size in (("memory", memory), ("host-memory", host)):
-        if size is not None and size.bytes <= 0:
-            problems.append(f"--{name} {size} is not above 0")
-    if memory is not None and memory.bytes > 0:
-        if memory.pages < 1:
-            problems.append(f"--memory {memory} is less than one page ({abi.PAGE_SIZE // 1024} KiB)")
-        elif memory.pages > MAX_GFNS:
-            problems.append(f"--memory {memory} is above the {gib_or_mib(MAX_GFNS * abi.PAGE_SIZE)} the "
-                            "hypervisor gives a domain")
-    if target is not None and target.bytes < 0:
-        problems.append(f"--target {target} is below 0")
-    elif target is not None and memory is not None and memory.bytes > 0 and target.bytes > memory.bytes:
-        problems.append(f"--target {target} is above --memory {memory}")
-    if _finite(args.duration) and args.duration <= 0:
-        problems.append(f"--duration {_num(args.duration)} s is not above 0")
-    if _finite(args.write_ratio) and not 0 <= args.write_ratio <= 1:
-        problems.append(f"--write-ratio {_num(args.write_ratio)} is outside 0..1")
-    if args.progress is not None and not (_finite(args.progress) and args.progress >= 0):
-        problems.append(f"--progress {args.progress} is not a number of seconds (0: none)")
-    available = _mem_available()
-    if available is not None and host is not None and host.bytes > available:
-        problems.append(f"--host-memory {host} is above the {gib_or_mib(available)} this host has available")
-    elif available is not None and host is not None and args.domains >= 1:
-        needed = args.domains * PROCESS_PAIR_BYTES + max(host.bytes, 0)
-        if needed > available:
-            problems.append(f"--domains {args.domains} needs about {gib_or_mib(needed)} for its "
-                            f"{2 * args.domains} guest and pager processes and the host budget; this host has "
-                            f"{gib_or_mib(available)} available")
-    if args.json is not None:
-        parent = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(parent):
-            problems.append(f"--json {args.json}: no directory {parent} to write it in")
-    if args.cpus is not None:
-        text = args.cpus
-        if not _CPU_LIST.fullmatch(text):
-            problems.append(f"--cpus {text!r} is not a CPU list (taskset -c form: 0, 0,2 or 0-3)")
-        else:
-            try:
-                args.cpus = parse_cpus(text)
-            except ValueError as exc:  # no CPU at all, or CPUs this process may not use
-                problems.append(f"--cpus {text}: {exc}")
-    if not problems:
-        args.memory, args.host_memory, args.target = memory, host, target
-    return problems
-
-
-def _finite(value: float) -> bool:
-    return value == value and value not in (float("inf"), float("-inf"))
-
-
-def settings_of(args: argparse.Namespace) -> Settings:
-    """The settings of checked options (:func:`option_problems` found nothing)."""
-    return Settings(domains=args.domains, vcpus=args.vcpus, memory_mib=args.memory.mib,
-                    host_memory_mib=args.host_memory.mib, target_mib=args.target.mib, duration_s=args.duration,
-                    pattern=args.pattern, write_ratio=args.write_ratio, admission=args.admission, batch=args.batch,
-                    seed=args.seed, cpus=format_cpus(args.cpus) if args.cpus is not None else None)
-
-
-def _from_file(path: str) -> list[str]:
-    """The options that repeat the run a ``--json`` file describes."""
-    try:
-        with open(path, "rb") as f:
-            data = msgspec.json.decode(f.read())
-        return msgspec.convert(data["settings"], Settings).argv()
-    except OSError as exc:
-        raise ValueError(f"--from {path}: {exc.strerror}") from exc
-    except KeyError as exc:
-        raise ValueError(f"--from {path}: not a run.sh --json file (no settings)") from exc
-    except (msgspec.ValidationError, msgspec.DecodeError, TypeError) as exc:
-        raise ValueError(f"--from {path}: not a run.sh --json file ({exc})") from exc
 
 
 def _write_json(path: str, summary: Summary) -> bool:

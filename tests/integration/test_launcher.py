@@ -16,7 +16,7 @@ import msgspec
 
 from hvemu.core.domain import MAX_GFNS, MAX_VCPUS
 from hvemu.procs import status_field
-from hvemu.toolstack import run
+from hvemu.toolstack import run_options, run_summary
 from pager.defaults import EVICT_BATCH
 from tests.integration.system import ROOT
 
@@ -38,7 +38,7 @@ def test_overcommitted_run_prints_a_summary_and_json(tmp_path: object) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     assert "integrity OK" in res.stdout
     lines = res.stdout.splitlines()
-    assert all(len(line) <= run.SUMMARY_WIDTH for line in lines), lines
+    assert all(len(line) <= run_summary.SUMMARY_WIDTH for line in lines), lines
     assert "WARNING" not in res.stderr and "still out" not in res.stderr, res.stderr
     assert re.search(r"run.sh: \d+/2 s .* faults/s .* resident", res.stderr), "a progress line: " + res.stderr
     with open(out) as f:
@@ -62,9 +62,9 @@ def test_overcommitted_run_prints_a_summary_and_json(tmp_path: object) -> None:
     assert settings == {"domains": 2, "vcpus": 2, "memory_mib": 8, "host_memory_mib": 12, "target_mib": 5,
                         "duration_s": 2, "pattern": "hotcold", "write_ratio": 0.3, "admission": "seed",
                         "batch": EVICT_BATCH, "seed": 1, "cpus": None}
-    args = run._parser().parse_args(shlex.split(summary["command"])[1:])
-    assert not run.option_problems(args) and msgspec.to_builtins(run.settings_of(args)) == settings
-    assert run._from_file(out) == shlex.split(summary["command"])[1:]
+    args = run_options._parser().parse_args(shlex.split(summary["command"])[1:])
+    assert not run_options.option_problems(args) and msgspec.to_builtins(run_options.settings_of(args)) == settings
+    assert run_options._from_file(out) == shlex.split(summary["command"])[1:]
 
 
 def _allowed_cpus(pid: int) -> str | None:

@@ -9,7 +9,7 @@ import tomllib
 
 from guest.__main__ import _parser as guest_parser
 from hvemu.core.domain import MAX_VCPUS
-from hvemu.toolstack import run
+from hvemu.toolstack import run, run_options, run_summary
 from hvemu.toolstack.soak import _parser as soak_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,7 +21,7 @@ def _help(text: str) -> str:
 
 
 def test_run_sh_help_gives_defaults_and_units() -> None:
-    text = _help(run._parser().format_help())
+    text = _help(run_options._parser().format_help())
     for needle in ("--duration SECONDS", "seconds (default: 10)", "--memory SIZE",
                    "memory per domain, MiB (default: 64)", "--host-memory SIZE", "(default: 96)", "--target SIZE",
                    "a bare number is MiB", "512m, 1g",
@@ -101,10 +101,10 @@ def test_the_readme_sample_is_what_run_sh_prints() -> None:
     sample = re.search(r"The summary \(fits 100 columns\).*?:\n\n```\n(.*?)```", readme, re.S)
     assert sample is not None
     lines = sample.group(1).splitlines()
-    settings = run.Settings(domains=2, vcpus=4, memory_mib=64, host_memory_mib=96, target_mib=40,
+    settings = run_options.Settings(domains=2, vcpus=4, memory_mib=64, host_memory_mib=96, target_mib=40,
                                  duration_s=3, pattern="hotcold", write_ratio=0.3, admission="seed", batch=256, seed=1)
-    summary = run.Summary(ok=True, complete=True, settings=settings, command="", domains=[],
+    summary = run_summary.Summary(ok=True, complete=True, settings=settings, command="", domains=[],
                                host_memory_mib=96, admission="seed", duration_s=3)
-    printed = run.summary_lines(summary)
+    printed = run_summary.summary_lines(summary)
     assert lines[:2] == printed[:2] and lines[-1] == printed[-1]
-    assert all(len(line) <= run.SUMMARY_WIDTH for line in lines)
+    assert all(len(line) <= run_summary.SUMMARY_WIDTH for line in lines)
