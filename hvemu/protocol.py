@@ -10,6 +10,9 @@ their transport.
 File descriptors (ring page, event channel, guest memory, p2m) travel beside a
 reply with ``SCM_RIGHTS``; the reply says how many and in which order
 (``fds`` field names), so a receiver can check it got what was announced.
+
+Why one module of ~500 lines: every message of the control protocol is declared here and only
+here, so that a reader (and the fuzzers) find the whole wire format in one file.
 """
 
 from __future__ import annotations

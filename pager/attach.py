@@ -37,6 +37,9 @@ Command channel (``HVEMU_CTL_FD``, a stream socket)
     errno name plus a message.  Batched commands answer one word per gfn:
     ``0`` for success or the errno name.  ``load G...`` is followed, right
     after its newline, by one raw page per gfn.  See :data:`HELP`.
+
+Why one module of ~630 lines: the raw attach is one program (ring, child process, command channel,
+teardown); its command table is the bulk of it and is read by the help, the parser and the executor.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ batches (nominate, copy to the pagefile, evict: a page touched in between
 fails its evict and stays).  On a clean stop it pages everything back in
 before the ring is disabled.  Killed, it leaves ring and pagefile behind; a
 new pager on the same pagefile picks up every unanswered request.
+
+Why one module of ~580 lines: the pager's request loop, its eviction task and its stop are one
+object whose invariants (a gfn busy while its page is copied, the hooks' order) span all three.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ a domctl that fails as a whole raises :class:`DomctlError` whose ``errno`` is
 the errno name.  :class:`pager.base.Pager` is a paging daemon built on this
 module, with hooks for a custom victim policy.  ``docs/writing-a-daemon.md``
 explains the protocol and the pitfalls.
+
+Why one module of ~630 lines: :class:`MemEventClient` is one object with a run-state, and its
+attach, request loop, responses and detach share that state (its domctls are :mod:`pager.domctl`).
 """
 
 from __future__ import annotations

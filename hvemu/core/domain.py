@@ -15,6 +15,10 @@ hypervisor's effect outbox.  Guest-originated calls (``guest_access``,
 vCPU: when one returns, the driver replies to the guest at once if
 ``vcpus[i].runnable``, and otherwise when a :class:`VcpuRunnable` effect names
 it (none is emitted for a pause taken and dropped within the call).
+
+Why one module of ~650 lines: it is Xen's ``struct domain`` and ``struct vcpu`` with the entry
+points a guest, a tool and a daemon reach; the rules themselves are in the modules it calls
+(:mod:`~hvemu.core.paging`, :mod:`~hvemu.core.access`, :mod:`~hvemu.core.mem_event`...).
 """
 
 from __future__ import annotations
