@@ -84,6 +84,11 @@ class Domctl:
             raise
         return cls(domid, conn)
 
+    def use(self, conn: Connection | None) -> None:
+        """Issue the domctls on ``conn`` from now on (None: none; a :class:`~pager.sdk.MemEventClient`
+        attaching and detaching).  The connection stays its owner's to close."""
+        self._conn = conn
+
     async def close(self) -> None:
         """Close the connection (a :class:`MemEventClient` closes its own on :meth:`~MemEventClient.detach`)."""
         if self._conn is not None:

@@ -139,21 +139,25 @@ class RunState(enum.Enum):
     DETACHED = "detached"
 
 
-class MemEventClient(Domctl):
+class MemEventClient:
     """A daemon's attachment to one mem_event ring of one domain.
 
     ``async with MemEventClient(domid, ring) as client`` enables the ring (or
     re-attaches to one whose daemon died: ``client.info.reattached``) and maps
     the ring page, the guest's memory (:attr:`memory`) and its p2m table
     (:attr:`p2m`, read-only); leaving the block disables the ring, even when
-    the block raised.  The client is also the :class:`Domctl` of its domain,
-    on the connection that owns the ring.  It is meant for one task reading
-    :meth:`requests`; domctls may come from any task of the same loop.
+    the block raised.  Its :attr:`domctl` is the :class:`Domctl` of its
+    domain on the connection that owns the ring.  It is meant for one task
+    reading :meth:`requests`; domctls may come from any task of the same loop.
     """
 
     def __init__(self, domid: int, ring: RingKind = RingKind.paging, *, run_dir: str | None = None,
                  disable_on_exit: bool = True) -> None:
-        super().__init__(domid)
+        self.domid = domid
+        #: The domain's domctls on the connection that owns the ring (not connected outside an attachment).
+        self.domctl = Domctl(domid)
+        self._conn: Connection | None = None
+        self._gone = False
         self.ring_kind = RingKind(ring)
         self.socket_path = protocol.socket_path(run_dir)
         #: Disable the ring on exit; False leaves it for another daemon (as a crash would).
@@ -202,6 +206,7 @@ class MemEventClient(Domctl):
         fds: list[int] = []
         try:
             self._conn = await Connection.connect(self.socket_path)
+            self.domctl.use(self._conn)
             await self._conn.call(protocol.ToolHello(client=f"sdk:{self.ring_kind}"))
             reply, fds = await self._conn.call(protocol.MemEventEnable(domid=self.domid, ring=self.ring_kind))
             if not isinstance(reply, protocol.MemEventEnabled):
@@ -323,6 +328,7 @@ class MemEventClient(Domctl):
             # disabled is then orphaned): a successor may attach at once.
             await self._conn.hang_up()
             self._conn = None
+            self.domctl.use(None)
 
     def _on_kick(self, _ports: set[int]) -> None:
         """The channel's reader: the hypervisor notified (it put requests, or woke us to look)."""
@@ -370,7 +376,16 @@ class MemEventClient(Domctl):
 
     async def resume(self, ring: RingKind | None = None) -> None:
         """Make the hypervisor drain this ring's responses now (a domctl instead of a kick)."""
-        await super().resume(self.ring_kind if ring is None else ring)
+        await self.domctl.resume(self.ring_kind if ring is None else ring)
+
+    @property
+    def gone(self) -> bool:
+        """The domain is gone (a domctl got ``ESRCH``, or the hypervisor closed the ring): nothing more to do."""
+        return self._gone or self.domctl.gone
+
+    @gone.setter
+    def gone(self, value: bool) -> None:
+        self._gone = value
 
     # -------------------------------------------------------------- requests
     def rewind_unanswered(self) -> int:
@@ -623,7 +638,7 @@ class MemEventClient(Domctl):
         never written anywhere (they read as zeros): those need no store.
         """
         out = self.pages_out()
-        evicted = (await self.stats()).get("evicted", 0) if out else 0
+        evicted = (await self.domctl.stats()).get("evicted", 0) if out else 0
         return out if isinstance(evicted, int) and evicted > 0 else 0
 
     def count_type(self, p2mt: abi.P2MType) -> int:

@@ -94,7 +94,7 @@ async def _main(args: argparse.Namespace) -> dict[str, int]:
             client.disable_on_exit = False  # keep the ring, and its requests, for the right pager
             raise SdkError(f"dom{args.domid}: {exc}; the ring is left as it is") from exc
         if args.target is not None:
-            await client.call(protocol.SetTarget(domid=args.domid, pages=args.target))
+            await client.domctl.call(protocol.SetTarget(domid=args.domid, pages=args.target))
         if args.ready_fd is not None:
             # Attached *and* accepted: owning the ring is not enough (the pagefile check above may refuse it).
             os.write(args.ready_fd, b"R")
@@ -126,7 +126,7 @@ async def _main(args: argparse.Namespace) -> dict[str, int]:
 
 async def _live_handles(client: MemEventClient) -> set[str]:
     """The handles of the domains alive now (a pagefile of one of them must not be taken over)."""
-    reply = await client.call(protocol.DomainList())
+    reply = await client.domctl.call(protocol.DomainList())
     return {d.handle for d in reply.domains} if isinstance(reply, protocol.DomainListReply) else set()
 
 

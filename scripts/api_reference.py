@@ -36,6 +36,7 @@ OUT = os.path.join(ROOT, "docs", "sdk-reference.md")
 #: (title, class, members to list: None for every public one defined or inherited from the SDK).
 CLASSES: list[tuple[str, type, list[str] | None]] = [
     ("pager.sdk.MemEventClient", sdk.MemEventClient, None),
+    ("pager.sdk.Domctl", sdk.Domctl, None),
     ("pager.sdk.RequestBatch", sdk.RequestBatch, None),
     ("pager.base.Pager", base.Pager, None),
     ("pager.pagefile.PageStore", pagefile.PageStore, ["write", "read", "discard"]),

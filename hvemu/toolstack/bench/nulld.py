@@ -45,7 +45,7 @@ async def _main(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, task.cancel)
     async with MemEventClient(args.domid, RingKind.access, run_dir=args.run_dir) as client:
         gfns = list(range(args.evict))
-        if gfns and any(r is not None for r in await client.access_set(gfns, P2MAccess.n)):
+        if gfns and any(r is not None for r in await client.domctl.access_set(gfns, P2MAccess.n)):
             raise RuntimeError(f"could not restrict gfns 0..{args.evict - 1}")
         print(json.dumps({"ready": True, "paged": len(gfns)}), flush=True)
         try:

@@ -172,6 +172,7 @@ class _FakeClient:
     can_stage_pages = False
 
     def __init__(self, types: bytes) -> None:
+        self.domctl = self  # the fake plays the client's Domctl too
         self.types = bytearray(types)
         self.memory = bytearray(len(types) * abi.PAGE_SIZE)
         self.responses: list[MemEvent] = []
