@@ -360,7 +360,7 @@ def _print(summary: dict[str, Any]) -> None:
     if hv:
         print(f"hypervisor RSS {hv['rss_mib']} MiB, fds {hv['fds']}")
     verdict = "OK" if summary["ok"] else f"FAILED (logs in {summary['log_dir']})"
-    print(f"soak {verdict}: {summary['elapsed_s']} s, {summary['policy']} policy, "
+    print(f"soak {verdict}: {summary['elapsed_s']} s, {summary['admission']} admission, "
           f"{summary['pager_kills']} pager kills, hypervisor exit {summary['hypervisor_exit']}"
           + (f", log: {summary['bad_log_lines']}" if summary["bad_log_lines"] else ""))
 
