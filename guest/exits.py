@@ -16,8 +16,9 @@ import asyncio
 import mmap
 
 from hvemu import abi, protocol
+from hvemu.client import Connection, ControlError
 from hvemu.evtchn import EventChannel
-from hvemu.transport import Connection, ControlError, close_fds
+from hvemu.fdpass import close_fds
 
 _READY = int(abi.IoreqState.READY)
 _RESP_READY = int(abi.IoreqState.RESP_READY)
@@ -60,7 +61,7 @@ class ExitPort:
     async def _exit_locked(self, kind: int, a: int, gla: int | None, c: int, d: int) -> int | None:
         """Exit and wait to be resumed; the vector of a trap a tool injected meanwhile, or None.
 
-        A refused exit raises :class:`~hvemu.transport.ControlError` with its
+        A refused exit raises :class:`~hvemu.client.ControlError` with its
         errno name, as the same exit over the control socket would.
         """
         if self._waiter is not None:

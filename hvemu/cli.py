@@ -44,9 +44,9 @@ import uvloop
 import hvemu
 from hvemu import abi, protocol
 from hvemu.abi import Errno
+from hvemu.client import Connection, ControlError, root_cause
 from hvemu.core.mem_event import POLICIES
 from hvemu.sizes import SIZE_HELP, MiB, Size, SizeError, mib_text, parse_size
-from hvemu.transport import Connection, ControlError, root_cause
 from pager.defaults import EVICT_BATCH, EVICT_POLICY
 
 

@@ -35,11 +35,11 @@ import uvloop
 import hvemu
 from hvemu import abi, protocol
 from hvemu.bench.common import format_cpus, parse_cpus
+from hvemu.client import Connection, ControlError
 from hvemu.core.domain import MAX_GFNS, MAX_VCPUS
 from hvemu.core.mem_event import POLICIES
 from hvemu.procs import child_setup, stop_process
 from hvemu.sizes import MiB, Size, SizeError, gib_or_mib, mib_text, parse_size
-from hvemu.transport import Connection, ControlError
 from pager.defaults import EVICT_BATCH
 
 #: The guests' access patterns (``guest --pattern``).

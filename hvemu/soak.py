@@ -42,8 +42,8 @@ import uvloop
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno
+from hvemu.client import Connection, ControlError, root_cause
 from hvemu.procs import die_with_parent, status_bytes, stop_process
-from hvemu.transport import Connection, ControlError, root_cause
 
 PATTERNS = ("uniform", "hotcold", "phases", "sequential")
 #: Lines in the hypervisor's log that fail a soak.

@@ -33,9 +33,10 @@ from types import TracebackType
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno, MemEvent, MemEventFlag, MemEventReason, MemEventType, RingKind
+from hvemu.client import Connection, ControlError
 from hvemu.evtchn import EventChannel
+from hvemu.fdpass import TransportError
 from hvemu.ring import BackRing, RingCorruptError, SharedRing
-from hvemu.transport import Connection, ControlError, TransportError
 from pager.gfns import GfnsOfType
 from pager.pagefile import PageStore
 

@@ -19,7 +19,7 @@ import sys
 
 from hvemu import logs, protocol
 from hvemu.abi import RingKind
-from hvemu.transport import ControlError, root_cause
+from hvemu.client import ControlError, root_cause
 from pager.base import Pager as BasePager
 from pager.base import PageStore
 from pager.defaults import EVICT_BATCH, EVICT_POLICY
@@ -126,7 +126,7 @@ async def _live_handles(client: MemEventClient) -> set[str]:
 
 async def _hypervisor_alive(socket_path: str) -> bool:
     """Does anything still answer on the control socket?"""
-    from hvemu.transport import Connection
+    from hvemu.client import Connection
 
     try:
         conn = await asyncio.wait_for(Connection.connect(socket_path), 2)

@@ -30,7 +30,7 @@ import uvloop
 
 from hvemu.bench import report, suites
 from hvemu.bench.common import BenchError, Placement, format_cpus, parse_cpus
-from hvemu.transport import ControlError
+from hvemu.client import ControlError
 
 
 def machine() -> dict[str, Any]:

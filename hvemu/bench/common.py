@@ -24,8 +24,8 @@ from typing import IO, Any, NamedTuple
 
 from hvemu import abi, procs, protocol
 from hvemu.bench import profile
+from hvemu.client import Connection
 from hvemu.procs import child_setup, status_bytes, status_field, stop_process
-from hvemu.transport import Connection
 
 #: Process roles a placement names.
 ROLES = ("hypervisor", "guest", "daemon")

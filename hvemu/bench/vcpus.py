@@ -42,7 +42,7 @@ from guest.memory import GuestMemory, open_guest
 from guest.stamp import StampError, make_page, verify_page
 from hvemu import abi, protocol
 from hvemu.bench.common import latency_summary
-from hvemu.transport import Connection
+from hvemu.client import Connection
 
 
 class BenchGuest:

@@ -30,7 +30,8 @@ import uvloop
 
 from hvemu import protocol
 from hvemu.abi import Errno
-from hvemu.transport import ConnState, ControlServer, FdLike, OwnedFd
+from hvemu.fdpass import FdLike, OwnedFd
+from hvemu.server import ConnState, ControlServer
 
 
 class NoSuchDomain(Exception):

@@ -15,8 +15,8 @@ import time
 from typing import Any
 
 from hvemu import protocol
+from hvemu.client import Connection
 from hvemu.procs import die_with_parent
-from hvemu.transport import Connection
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
