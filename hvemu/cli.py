@@ -46,6 +46,7 @@ from hvemu import abi, protocol
 from hvemu.abi import Errno
 from hvemu.client import Connection, ControlError, root_cause
 from hvemu.core.mem_event import POLICIES
+from hvemu.procs import ReadyPipe
 from hvemu.sizes import SIZE_HELP, MiB, Size, SizeError, mib_text, parse_size
 from pager.defaults import EVICT_BATCH, EVICT_POLICY
 
@@ -209,15 +210,15 @@ def _read_pid(run_dir: str, name: str) -> int | None:
     return None
 
 
-def _spawn(run_dir: str, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-    """Start a detached background process logging to ``<run_dir>/<name>.log``."""
+def _spawn(run_dir: str, name: str, argv: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+    """Start a detached background process logging to ``<run_dir>/<name>.log`` (inheriting ``pass_fds``)."""
     if _read_pid(run_dir, name) is not None:
         raise CliError(f"{name} is already running", "EBUSY")
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     log_path = os.path.join(run_dir, f"{name}.log")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True)
+                                start_new_session=True, pass_fds=pass_fds)
     # Popen can return while the exec is still under way (an empty /proc/PID/cmdline, which
     # _is_ours takes for "gone"): the pidfile is written once the command line is the daemon's.
     deadline = time.monotonic() + 5
@@ -383,14 +384,12 @@ def cmd_start(args: argparse.Namespace) -> Any:
     argv += ["-v"] * args.verbose
     if args.foreground:
         os.execv(sys.executable, [sys.executable, *argv])
-    pid = _spawn(run_dir, "hypervisor", argv).pid
-    sock = protocol.socket_path(run_dir)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(sock):
-        if time.monotonic() > deadline or _read_pid(run_dir, "hypervisor") is None:
+    with ReadyPipe() as ready:
+        pid = _spawn(run_dir, "hypervisor", argv + ready.argv, ready.pass_fds).pid
+        ready.spawned()
+        if not ready.started_blocking(10):
             raise CliError(f"the hypervisor did not start; see {os.path.join(run_dir, 'hypervisor.log')}")
-        time.sleep(0.05)
-    return {"started": "hypervisor", "pid": pid, "socket": sock}
+    return {"started": "hypervisor", "pid": pid, "socket": protocol.socket_path(run_dir)}
 
 
 #: How long ``stop`` waits for pagers and listeners to exit once their hypervisor is gone.

@@ -900,7 +900,7 @@ def main(argv: list[str] | None = None) -> int:
     def ready() -> None:
         janitor.arm()
         if args.ready_fd is not None:
-            os.write(args.ready_fd, b"R")
+            os.write(args.ready_fd, procs.ReadyPipe.READY)
             os.close(args.ready_fd)
 
     try:

@@ -43,7 +43,7 @@ import uvloop
 from hvemu import abi, protocol
 from hvemu.abi import Errno
 from hvemu.client import Connection, ControlError, root_cause
-from hvemu.procs import die_with_parent, status_bytes, stop_process
+from hvemu.procs import ReadyPipe, die_with_parent, status_bytes, stop_process
 
 PATTERNS = ("uniform", "hotcold", "phases", "sequential")
 #: Lines in the hypervisor's log that fail a soak.
@@ -60,11 +60,11 @@ class Proc:
         self.log_path = path
 
     @classmethod
-    async def start(cls, name: str, log_dir: str, *argv: str) -> Proc:
+    async def start(cls, name: str, log_dir: str, *argv: str, pass_fds: tuple[int, ...] = ()) -> Proc:
         path = os.path.join(log_dir, f"{name}.log")
         log = open(path, "ab")  # noqa: SIM115 - closed by stop()
         proc = await asyncio.create_subprocess_exec(sys.executable, *argv, stdout=asyncio.subprocess.PIPE,
-                                                    stderr=log, start_new_session=True,
+                                                    stderr=log, start_new_session=True, pass_fds=pass_fds,
                                                     preexec_fn=die_with_parent)
         return cls(name, proc, log, path)
 
@@ -215,18 +215,15 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     gfns = int(args.memory * (1 << 20)) // abi.PAGE_SIZE
     ok = False
     try:
-        hv = await Proc.start("hypervisor", log_dir, "-m", "hvemu.daemon", "--run-dir", run_dir, "--memory",
-                              str(args.host_memory), "--policy", args.policy)
-        procs.append(hv)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                tool = await _tool(path)
-                break
-            except OSError:
-                if hv.proc.returncode is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the hypervisor did not start: {hv.stderr()[-2000:]}") from None
-                await asyncio.sleep(0.05)
+        with ReadyPipe() as ready:
+            hv = await Proc.start("hypervisor", log_dir, "-m", "hvemu.daemon", "--run-dir", run_dir, "--memory",
+                                  str(args.host_memory), "--policy", args.policy, *ready.argv,
+                                  pass_fds=ready.pass_fds)
+            procs.append(hv)
+            ready.spawned()
+            if not await ready.started(15):
+                raise RuntimeError(f"the hypervisor did not start: {hv.stderr()[-2000:]}")
+        tool = await _tool(path)
         domids: list[int] = []
         for i in range(args.domains):
             reply, _ = await tool.call(protocol.DomainCreate(max_vcpus=args.vcpus, gfns=gfns, name=f"soak{i}"))
