@@ -662,3 +662,24 @@ async def test_calls_from_many_tasks_are_serialised(served: tuple[ControlServer,
     async with await Connection.connect(server.path) as conn:
         replies = await asyncio.gather(*(conn.call(protocol.GetTarget(domid=i)) for i in range(50)))
     assert [r[0] for r in replies] == [protocol.TargetReply(domid=i, pages=i + 1) for i in range(50)]
+
+
+async def test_fail_ends_the_server_with_its_error(sock_dir: str) -> None:
+    """What the server's owner learns outside any task (a reader callback) ends the ``async with``, body first."""
+    toy = Toy()
+    path = os.path.join(sock_dir, "c.sock")
+    before = asyncio.all_tasks()
+    with pytest.raises(BaseExceptionGroup) as info:
+        async with ControlServer(path, toy.handle, on_disconnect=toy.on_disconnect) as server:
+            conn = await Connection.connect(path)
+            pending = asyncio.create_task(conn.call(protocol.DomainCreate(max_vcpus=1, gfns=1)))
+            await asyncio.wait_for(toy.started.wait(), 2)
+            server.fail(LookupError("a bug met in a callback"))
+            await asyncio.sleep(10)  # cancelled by the server's task group
+    assert info.value.subgroup(LookupError) is not None
+    assert toy.cancelled == 1 and len(toy.disconnected) == 1
+    assert not os.path.exists(path)
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(pending, 2)
+    await conn.close()
+    assert asyncio.all_tasks() == before, "the server left a task behind"
