@@ -70,6 +70,15 @@ def _reply_of(frame: Frame, request: Msg | None) -> tuple[Msg, list[int]]:
     return reply, frame.fds
 
 
+def _broken(request: Msg, exc: OSError | ProtocolError) -> BaseException:
+    """What a call raises when its connection broke (and was closed): a :class:`TransportError`, caused by ``exc``."""
+    if isinstance(exc, TransportError):
+        return exc
+    err = TransportError(f"{type(request).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
 class Connection:
     """An async request/reply connection to a :class:`ControlServer`.
 
@@ -108,31 +117,24 @@ class Connection:
         data = protocol.encode(msg)  # may refuse an oversized message: nothing sent
         async with self._lock:
             stream = self._stream
+            sent = False
             try:
                 while self._stale:
                     stale = await stream.recv_frame()
                     close_fds(stale.fds)
                     self._stale -= 1
                 await stream.send(data, fds)
+                sent = True
+                frame = await stream.recv_frame()
             except asyncio.CancelledError:
-                if stream.broken is not None:
+                if sent:
+                    self._stale += 1  # its reply is skipped when it comes
+                elif stream.broken is not None:
                     self._abort()
                 raise
             except (OSError, ProtocolError) as exc:
                 self._abort()
-                if isinstance(exc, TransportError):
-                    raise
-                raise TransportError(f"{type(msg).__name__}: {exc}") from exc
-            try:
-                frame = await stream.recv_frame()
-            except asyncio.CancelledError:
-                self._stale += 1
-                raise
-            except (OSError, ProtocolError) as exc:
-                self._abort()
-                if isinstance(exc, TransportError):
-                    raise
-                raise TransportError(f"{type(msg).__name__}: {exc}") from exc
+                raise _broken(msg, exc)  # noqa: B904 - _broken sets its cause
             return _reply_of(frame, msg)
 
     def _abort(self) -> None:
@@ -216,6 +218,7 @@ class SyncConnection:
         if sock is None:
             raise ConnectionClosed("connection closed")
         data = protocol.encode(msg)  # may refuse an oversized message: nothing sent
+        sent = False
         try:
             while self._stale:
                 close_fds(self._recv_frame(sock).fds)
@@ -226,21 +229,14 @@ class SyncConnection:
                 n = send_some(sock, view, pending)
                 pending = []
                 view = view[n:]
-        except (OSError, ProtocolError) as exc:
-            self.close()
-            if isinstance(exc, TransportError):
-                raise
-            raise TransportError(f"{type(msg).__name__}: {exc}") from exc
-        try:
+            sent = True
             frame = self._recv_frame(sock)
-        except TimeoutError:
-            self._stale += 1
-            raise
         except (OSError, ProtocolError) as exc:
-            self.close()
-            if isinstance(exc, TransportError):
+            if sent and isinstance(exc, TimeoutError):
+                self._stale += 1  # its reply is skipped when it comes
                 raise
-            raise TransportError(f"{type(msg).__name__}: {exc}") from exc
+            self.close()
+            raise _broken(msg, exc)  # noqa: B904 - _broken sets its cause
         return _reply_of(frame, msg)
 
     def close(self) -> None:

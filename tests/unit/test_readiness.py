@@ -27,11 +27,17 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
             s.close()
 
 
+async def _waiting(fd: int) -> asyncio.Task[None]:
+    """A task waiting for ``fd`` to be readable, and waiting already."""
+    task = asyncio.create_task(readiness.wait_readable(fd))
+    await asyncio.sleep(0.01)
+    assert not task.done()
+    return task
+
+
 async def test_wait_readable_returns_when_data_arrives(pair: tuple[socket.socket, socket.socket]) -> None:
     a, b = pair
-    waiter = asyncio.create_task(readiness.wait_readable(b.fileno()))
-    await asyncio.sleep(0.02)
-    assert not waiter.done()
+    waiter = await _waiting(b.fileno())
     a.send(b"x")
     await asyncio.wait_for(waiter, 1)
     assert b.recv(1) == b"x"
@@ -44,8 +50,7 @@ async def test_wait_writable(pair: tuple[socket.socket, socket.socket]) -> None:
 
 async def test_one_waiter_per_fd_and_direction(pair: tuple[socket.socket, socket.socket]) -> None:
     a, b = pair
-    first = asyncio.create_task(readiness.wait_readable(b.fileno()))
-    await asyncio.sleep(0.01)
+    first = await _waiting(b.fileno())
     with pytest.raises(BusyResourceError):
         await readiness.wait_readable(b.fileno())
     await asyncio.wait_for(readiness.wait_writable(b.fileno()), 1)  # the other direction is free
@@ -55,26 +60,22 @@ async def test_one_waiter_per_fd_and_direction(pair: tuple[socket.socket, socket
 
 async def test_cancelled_wait_leaves_no_waiter(pair: tuple[socket.socket, socket.socket]) -> None:
     a, b = pair
-    first = asyncio.create_task(readiness.wait_readable(b.fileno()))
-    await asyncio.sleep(0.01)
+    first = await _waiting(b.fileno())
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first
-    second = asyncio.create_task(readiness.wait_readable(b.fileno()))
-    await asyncio.sleep(0.01)
+    second = await _waiting(b.fileno())
     a.send(b"x")
     await asyncio.wait_for(second, 1)
 
 
 async def test_notify_closing_wakes_the_waiter_with_an_error(pair: tuple[socket.socket, socket.socket]) -> None:
     _, b = pair
-    waiter = asyncio.create_task(readiness.wait_readable(b.fileno()))
-    await asyncio.sleep(0.01)
+    waiter = await _waiting(b.fileno())
     readiness.notify_closing(b.fileno())
     with pytest.raises(ClosedResourceError):
         await asyncio.wait_for(waiter, 1)
-    waiter = asyncio.create_task(readiness.wait_readable(b.fileno()))
-    await asyncio.sleep(0.01)
+    waiter = await _waiting(b.fileno())
     readiness.notify_closing(b.fileno(), ConnectionResetError("gone"))  # the caller's own error
     with pytest.raises(ConnectionResetError, match="gone"):
         await asyncio.wait_for(waiter, 1)
