@@ -24,11 +24,11 @@ from guest.exits import connect_vcpu
 from guest.memory import open_guest
 from guest.vcpu import Vcpu, VcpuReport
 from guest.workload import WorkloadConfig, accesses
-from hvemu import logs, protocol
+from hvemu import logs, protocol, readiness
 from hvemu.abi import Errno
+from hvemu.client import Connection, ControlError, SyncConnection, root_cause
 from hvemu.histogram import Histogram
 from hvemu.names import PATTERNS
-from hvemu.transport import Connection, ControlError, SyncConnection, root_cause
 
 
 class GuestReport(msgspec.Struct):
@@ -86,19 +86,7 @@ async def _lifeline(conn: Connection, domid: int) -> None:
     becoming readable can only mean EOF: the hypervisor is gone or has
     destroyed the domain, and vCPUs that never fault would not notice.
     """
-    loop = asyncio.get_running_loop()
-    gone: asyncio.Future[None] = loop.create_future()
-    fd = conn.fileno()
-
-    def readable() -> None:
-        if not gone.done():
-            gone.set_result(None)
-
-    loop.add_reader(fd, readable)
-    try:
-        await gone
-    finally:
-        loop.remove_reader(fd)
+    await readiness.wait_readable(conn.fileno())
     raise HypervisorGone(f"the hypervisor closed domain {domid}'s connection")
 
 

@@ -25,8 +25,9 @@ from hvemu.abi import (
     RESULT_ERROR,
     RESULT_TRAP_INJECTED,
 )
+from hvemu.client import Connection, ControlError
 from hvemu.evtchn import EventChannel
-from hvemu.transport import Connection, ControlError, close_fds
+from hvemu.fdpass import close_fds
 
 
 class ExitPort:
@@ -61,7 +62,7 @@ class ExitPort:
     async def _exit_locked(self, kind: int, a: int, gla: int | None, c: int, d: int) -> int | None:
         """Exit and wait to be resumed; the vector of a trap a tool injected meanwhile, or None.
 
-        A refused exit raises :class:`~hvemu.transport.ControlError` with its
+        A refused exit raises :class:`~hvemu.client.ControlError` with its
         errno name, as the same exit over the control socket would.
         """
         if self._waiter is not None:

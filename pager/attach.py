@@ -59,9 +59,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from hvemu import abi, logs, protocol
+from hvemu import abi, logs, protocol, readiness
 from hvemu.abi import Errno, MemEventReason, P2MAccess, RingKind
-from hvemu.transport import Connection, ControlError, TransportError, root_cause
+from hvemu.client import Connection, ControlError, root_cause
+from hvemu.fdpass import TransportError
 from pager.sdk import DomainGone, Domctl, SdkError, pages_out
 
 log = logging.getLogger("pager.attach")
@@ -559,24 +560,14 @@ class Attach:
     @staticmethod
     async def _wait_child(child: subprocess.Popen[bytes]) -> int:
         """Wait for the program without blocking the loop: a pidfd becomes readable when it exits."""
-        loop = asyncio.get_running_loop()
         try:
             pidfd = os.pidfd_open(child.pid)
         except ProcessLookupError:  # already reaped (a forwarded signal polls it)
             return child.wait()
         try:
-            exited: asyncio.Future[None] = loop.create_future()
-
-            def readable() -> None:
-                if not exited.done():
-                    exited.set_result(None)
-
-            loop.add_reader(pidfd, readable)
-            try:
-                await exited
-            finally:
-                loop.remove_reader(pidfd)
+            await readiness.wait_readable(pidfd)
         finally:
+            readiness.notify_closing(pidfd)
             os.close(pidfd)
         return child.wait()
 

@@ -17,7 +17,8 @@ import msgspec
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno, MemEventReason, RingKind
-from hvemu.transport import Connection, ControlError, TransportError
+from hvemu.client import Connection, ControlError
+from hvemu.fdpass import TransportError
 
 
 class SdkError(Exception):

@@ -36,9 +36,9 @@ from types import TracebackType
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno, MemEvent, MemEventFlag, MemEventReason, MemEventType, RingKind
+from hvemu.client import Connection, ControlError
 from hvemu.evtchn import EventChannel
 from hvemu.ring import BackRing, RingCorruptError, SharedRing
-from hvemu.transport import Connection, ControlError
 from pager.domctl import (
     AttachError,
     DomainGone,

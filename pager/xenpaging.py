@@ -19,8 +19,8 @@ import sys
 
 from hvemu import logs, protocol
 from hvemu.abi import RingKind
+from hvemu.client import ControlError, root_cause
 from hvemu.names import VICTIM_POLICIES
-from hvemu.transport import ControlError, root_cause
 from pager.base import Pager, PageStore
 from pager.defaults import EVICT_BATCH, EVICT_POLICY
 from pager.gfns import GfnsOfType
@@ -132,7 +132,7 @@ async def _live_handles(client: MemEventClient) -> set[str]:
 
 async def _hypervisor_alive(socket_path: str) -> bool:
     """Does anything still answer on the control socket?"""
-    from hvemu.transport import Connection
+    from hvemu.client import Connection
 
     try:
         conn = await asyncio.wait_for(Connection.connect(socket_path), 2)

@@ -100,7 +100,7 @@ def _members(cls: type, names: list[str] | None) -> list[tuple[str, Any]]:
 async def _stats_keys() -> tuple[list[str], list[str]]:
     """The keys of a live Stats reply: of the domain, and of each enabled ring's dict."""
     from hvemu.hypervisor.daemon import HypervisorDaemon
-    from hvemu.transport import ConnState
+    from hvemu.hypervisor.server import ConnState
 
     with tempfile.TemporaryDirectory() as run_dir:
         daemon = HypervisorDaemon(run_dir, 64)

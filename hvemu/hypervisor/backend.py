@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-from hvemu import abi
+from hvemu import abi, readiness
 from hvemu.abi import (
     EXIT_ACCESS,
     IOREQ_INPROCESS,
@@ -85,8 +85,12 @@ class RingBackend:
         self._load_words: memoryview | None = None
         self._owner_pidfd = -1
 
-    def set_owner(self, owner: object, pid: int, on_exit: Callable[[], object]) -> None:
-        """``owner`` (a connection of process ``pid``) owns the ring; ``on_exit()`` runs when ``pid`` exits."""
+    def set_owner(self, owner: object, pid: int, on_exit: Callable[[], object],
+                  on_error: Callable[[BaseException], object]) -> None:
+        """``owner`` (a connection of process ``pid``) owns the ring; ``on_exit()`` runs when ``pid`` exits.
+
+        ``on_error`` gets what ``on_exit`` raises (:func:`hvemu.readiness.add_reader`).
+        """
         self.clear_owner()
         self.owner = owner
         self.owner_pid = max(pid, 0)
@@ -102,7 +106,7 @@ class RingBackend:
                         "connection closes", self.domid, self.kind, pid, exc)
             return
         self._owner_pidfd = fd
-        asyncio.get_running_loop().add_reader(fd, on_exit)
+        readiness.add_reader(fd, on_exit, on_error)
 
     def clear_owner(self) -> None:
         """No daemon owns the ring (orphaned, or about to be closed)."""
@@ -110,7 +114,7 @@ class RingBackend:
         self.owner_pid = 0
         fd, self._owner_pidfd = self._owner_pidfd, -1
         if fd >= 0:
-            asyncio.get_running_loop().remove_reader(fd)
+            readiness.notify_closing(fd)
             os.close(fd)
 
     def open_load_area(self, slots: int) -> None:
@@ -186,17 +190,28 @@ class RingBackend:
             idx = (idx + 1) & _RING_MASK
         return enomem
 
-    def new_channel(self) -> int:
-        """A fresh event channel pair; returns the remote fd to hand to the daemon."""
+    def new_channel(self, on_kick: Callable[[], None], on_hangup: Callable[[], None],
+                    on_error: Callable[[BaseException], object]) -> int:
+        """A fresh event channel pair, watched; returns the remote fd to hand to the daemon.
+
+        ``on_kick()`` runs when the daemon notifies, ``on_hangup()`` once when
+        its end is gone (the channel stops being read then), ``on_error`` gets
+        what either raises (:meth:`hvemu.evtchn.EventChannel.watch`).
+        """
         self.close_channel()
         local, remote = EventChannel.pair(self.port)
+        try:
+            local.watch(lambda _ports: on_kick(), on_close=on_hangup, on_error=on_error)
+        except BaseException:
+            local.close()
+            remote.close()
+            raise
         self.evtchn = local
         return remote.detach()
 
     def close_channel(self) -> None:
         if self.evtchn is not None:
-            loop = asyncio.get_running_loop()
-            loop.remove_reader(self.evtchn.fileno())
+            self.evtchn.unwatch()  # closing it here is no hang-up of the daemon's
             self.evtchn.close()
             self.evtchn = None
 
@@ -251,12 +266,16 @@ class VcpuExits:
         #: vCPUs of deferred exits that the core made runnable: the driver runs their exits now.
         self.runnable_deferred: list[int] = []
 
-    def bind(self, vcpu: int, port: int, on_kick: Callable[[int], None]) -> int:
-        """A fresh event channel for ``vcpu``, watched by ``on_kick(vcpu)``; returns the guest's end."""
+    def bind(self, vcpu: int, port: int, on_kick: Callable[[int], None],
+             on_error: Callable[[BaseException], object]) -> int:
+        """A fresh event channel for ``vcpu``, watched by ``on_kick(vcpu)``; returns the guest's end.
+
+        ``on_error`` gets what ``on_kick`` raises (:func:`hvemu.readiness.add_reader`).
+        """
         self.unbind(vcpu)
         local, remote = EventChannel.pair(port)
         try:
-            local.watch(lambda _ports: on_kick(vcpu))
+            local.watch(lambda _ports: on_kick(vcpu), on_error=on_error)
         except BaseException:
             local.close()
             remote.close()

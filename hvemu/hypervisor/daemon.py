@@ -9,6 +9,17 @@ for it.  The guest's first connection owns the domain: when it goes away the
 domain is destroyed (the guest process died).  A ring's daemon connection
 owns the ring: when it goes away without disabling, the ring is kept,
 orphaned, for the next daemon to re-attach.
+
+Concurrency.  Every task runs in the control server's task group
+(:class:`hvemu.hypervisor.server.ControlServer`): its accept loop, each connection's
+reader and worker, each request's handler.  The fault path starts no task:
+vCPU exits and ring kicks are persistent reader callbacks on the event
+channels (:meth:`hvemu.evtchn.EventChannel.watch`, registered through
+:func:`hvemu.readiness.add_reader` like every reader), and so is the pidfd of
+each ring's daemon.  An exception escaping one of them crashes the domain it
+belongs to (:meth:`HypervisorDaemon._event_failed` says why); one that cannot
+be pinned on a domain ends the server's task group and the hypervisor.
+SIGTERM, SIGINT and SIGHUP stop it cleanly (:meth:`HypervisorDaemon.serve`).
 """
 
 from __future__ import annotations
@@ -35,14 +46,15 @@ from hvemu.core.domain import MAX_GFNS, MAX_VCPUS
 from hvemu.core.errors import HypervisorError
 from hvemu.core.hypervisor import Hypervisor
 from hvemu.core.mem_event import NOTIFY_MODES
+from hvemu.fdpass import FdLike, OwnedFd
 from hvemu.hypervisor.backend import DomainBackend, Exit, RingBackend, apply_effects
 from hvemu.hypervisor.janitor import Janitor
+from hvemu.hypervisor.server import ConnState, ControlServer
 from hvemu.hypervisor.shm import PosixSegment, Segment
 from hvemu.hypervisor.trace_writer import TraceWriter
 from hvemu.names import ADMISSION_POLICIES
 from hvemu.stats import VcpuStats
 from hvemu.trace import ALL_EVENTS, NO_RING, NO_VCPU, RING_CODES, TraceEvent
-from hvemu.transport import ConnState, ControlServer, FdLike, OwnedFd
 
 log = logging.getLogger("hvemu.hypervisor.daemon")
 
@@ -312,7 +324,8 @@ class HypervisorDaemon:
             # ioreq page and this channel, not through this connection (which
             # still takes control-socket exits, and whose end unbinds the channel).
             port = self._next_port
-            remote = be.exits.bind(msg.vcpu, port, functools.partial(self._on_vcpu_exit, be))
+            remote = be.exits.bind(msg.vcpu, port, functools.partial(self._on_vcpu_exit, be),
+                                   functools.partial(self._event_failed, be.domid))
             self._next_port += 1
             be.vcpu_conns[msg.vcpu] = ctx
             ctx.vcpu = msg.vcpu
@@ -442,11 +455,11 @@ class HypervisorDaemon:
             if msg.ring == RingKind.paging:
                 ring.open_load_area(be.dom.rings_size(msg.ring))
             self._trace_state(be, msg.ring)
-        remote = ring.new_channel()
+        on_error = functools.partial(self._event_failed, be.domid)
+        remote = ring.new_channel(functools.partial(self._on_kick, be.domid, msg.ring),
+                                  functools.partial(self._on_kick, be.domid, msg.ring, hung_up=True), on_error)
         assert ring.evtchn is not None
-        loop = asyncio.get_running_loop()
-        loop.add_reader(ring.evtchn.fileno(), self._on_kick, be.domid, msg.ring)
-        ring.set_owner(ctx, ctx.state.pid, lambda: self._owner_exited(be.domid, msg.ring, ctx))
+        ring.set_owner(ctx, ctx.state.pid, lambda: self._owner_exited(be.domid, msg.ring, ctx), on_error)
         if reattached:
             front = be.dom.rings[msg.ring].front
             if front is not None:
@@ -467,15 +480,11 @@ class HypervisorDaemon:
             fds.append(ring.load.fd)
         return reply, fds
 
-    def _on_kick(self, domid: int, kind: RingKind) -> None:
-        """A daemon notified the ring's event channel: resume (drain every response)."""
+    def _on_kick(self, domid: int, kind: RingKind, hung_up: bool = False) -> None:
+        """A daemon notified the ring's event channel (or its end is gone): resume (drain every response)."""
         be = self.backends.get(domid)
         ring = be.rings.get(kind) if be else None
         if be is None or ring is None or ring.evtchn is None:
-            return
-        pending = ring.evtchn.drain()
-        hung_up = ring.evtchn.peer_closed
-        if not hung_up and not pending:
             return
         try:
             self._resume(be, kind)
@@ -489,6 +498,34 @@ class HypervisorDaemon:
             # connection) is released with it.  A re-attach gets a new channel.
             ring.close_channel()
         self._after_op()
+
+    def _event_failed(self, domid: int, exc: BaseException) -> None:
+        """An exception escaped a reader callback of domain ``domid`` (:mod:`hvemu.readiness` logged its traceback).
+
+        The callbacks (a vCPU's exit, a ring's kick, a ring daemon's exit)
+        answer what a guest or a daemon can cause themselves (a
+        :class:`HypervisorError` refuses an exit, or is logged); what escapes
+        them is a hypervisor bug met while handling this domain's event, which
+        may have left the domain half-changed.  So, as Xen's ``domain_crash``
+        for a state it cannot go on from: the domain is crashed (its vCPUs'
+        exits fail ``ESRCH``, its guest is hung up on) and the other domains
+        go on.  If the domain is already gone, or crashing it fails too, the
+        hypervisor's own state is in doubt: the error is raised in the control
+        server's task group, which ends :meth:`serve` (every domain destroyed,
+        exit status 1).
+        """
+        try:
+            be = self.backends.get(domid)
+            if be is None:
+                raise RuntimeError(f"a reader callback of domain {domid}, which is gone, failed") from exc
+            if not be.dom.crashed:
+                self.hv.crash_domain(domid, f"hypervisor error handling an event: {type(exc).__name__}: {exc}")
+            self._after_op()
+        except Exception as bug:
+            log.critical("domain %d: cannot contain a failed event callback: stopping", domid, exc_info=bug)
+            if self.server is None:
+                raise
+            self.server.fail(bug)
 
     @staticmethod
     def _resume(be: DomainBackend, kind: RingKind) -> None:
@@ -891,7 +928,7 @@ def main(argv: list[str] | None = None) -> int:
     def ready() -> None:
         janitor.arm()
         if args.ready_fd is not None:
-            os.write(args.ready_fd, b"R")
+            os.write(args.ready_fd, procs.ReadyPipe.READY)
             os.close(args.ready_fd)
 
     try:

@@ -46,11 +46,12 @@ import uvloop
 import hvemu
 from hvemu import abi, protocol
 from hvemu.abi import Errno
+from hvemu.client import Connection, ControlError, root_cause
 from hvemu.names import ADMISSION_POLICIES as POLICIES
 from hvemu.names import VICTIM_POLICIES
+from hvemu.procs import ReadyPipe
 from hvemu.stats import DomainStats
 from hvemu.toolstack.sizes import SIZE_HELP, MiB, Size, SizeError, mib_text, parse_size
-from hvemu.transport import Connection, ControlError, root_cause
 from pager.defaults import EVICT_BATCH, EVICT_POLICY
 
 
@@ -215,7 +216,7 @@ def _read_pid(run_dir: str, name: str) -> int | None:
 
 
 def _spawn(run_dir: str, name: str, argv: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
-    """Start a detached background process logging to ``<run_dir>/<name>.log``."""
+    """Start a detached background process logging to ``<run_dir>/<name>.log`` (inheriting ``pass_fds``)."""
     if _read_pid(run_dir, name) is not None:
         raise CliError(f"{name} is already running", "EBUSY")
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
@@ -388,14 +389,12 @@ def cmd_start(args: argparse.Namespace) -> Any:
     argv += ["-v"] * args.verbose
     if args.foreground:
         os.execv(sys.executable, [sys.executable, *argv])
-    pid = _spawn(run_dir, "hypervisor", argv).pid
-    sock = protocol.socket_path(run_dir)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(sock):
-        if time.monotonic() > deadline or _read_pid(run_dir, "hypervisor") is None:
+    with ReadyPipe() as ready:
+        pid = _spawn(run_dir, "hypervisor", argv + ready.argv, ready.pass_fds).pid
+        ready.spawned()
+        if not ready.started_blocking(10):
             raise CliError(f"the hypervisor did not start; see {os.path.join(run_dir, 'hypervisor.log')}")
-        time.sleep(0.05)
-    return {"started": "hypervisor", "pid": pid, "socket": sock}
+    return {"started": "hypervisor", "pid": pid, "socket": protocol.socket_path(run_dir)}
 
 
 #: How long ``stop`` waits for pagers and listeners to exit once their hypervisor is gone.

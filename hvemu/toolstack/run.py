@@ -32,7 +32,8 @@ import uvloop
 
 import hvemu
 from hvemu import abi, protocol
-from hvemu.procs import child_setup, stop_process
+from hvemu.client import Connection, ControlError
+from hvemu.procs import ReadyPipe, child_setup, stop_process
 from hvemu.stats import DomainStats
 from hvemu.toolstack.run_options import (
     PROGRESS_AFTER_S,
@@ -45,7 +46,6 @@ from hvemu.toolstack.run_options import (
     settings_of,
 )
 from hvemu.toolstack.run_summary import DomainResult, Summary, _print_summary, progress_line
-from hvemu.transport import Connection, ControlError
 
 #: The signals that stop a run cleanly: Ctrl-C, ``kill``, and the terminal going away.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -59,8 +59,10 @@ class Child:
         self.proc = proc
 
     @classmethod
-    async def start(cls, name: str, *argv: str, cpus: set[int] | None = None) -> Child:
+    async def start(cls, name: str, *argv: str, cpus: set[int] | None = None,
+                    pass_fds: tuple[int, ...] = ()) -> Child:
         proc = await asyncio.create_subprocess_exec(sys.executable, *argv, stdout=asyncio.subprocess.PIPE,
+                                                    pass_fds=pass_fds,
                                                     start_new_session=True, preexec_fn=child_setup(cpus))
         return cls(name, proc)
 
@@ -80,25 +82,18 @@ class Child:
 
 async def start_hypervisor(run_dir: str, memory_mib: float, admission: str, *, cpus: set[int] | None = None,
                            verbose: int = 0) -> Child:
-    """Start ``hvemu.hypervisor.daemon`` and return once its control socket answers."""
+    """Start ``hvemu.hypervisor.daemon`` and return once it listens on its control socket (its ``--ready-fd``)."""
     args = ["-m", "hvemu.hypervisor.daemon", "--run-dir", run_dir, "--memory", str(memory_mib),
             "--admission", admission]
     args += ["-v"] * verbose
-    hv = await Child.start("hypervisor", *args, cpus=cpus)
-    path = protocol.socket_path(run_dir)
-    for _ in range(200):
-        if hv.proc.returncode is not None:
-            raise RuntimeError(f"the hypervisor {_exit_cause(hv.proc.returncode)} while starting")
-        if os.path.exists(path):
-            try:
-                conn = await Connection.connect(path)
-            except OSError:
-                pass
-            else:
-                await conn.close()
-                return hv
-        await asyncio.sleep(0.05)
-    await hv.stop()
+    with ReadyPipe() as ready:
+        hv = await Child.start("hypervisor", *args, *ready.argv, cpus=cpus, pass_fds=ready.pass_fds)
+        ready.spawned()
+        if await ready.started(10):
+            return hv
+    returncode = await hv.stop()  # at once if it died (EOF on the pipe); else our SIGTERM ends the wait
+    if returncode != -signal.SIGTERM:
+        raise RuntimeError(f"the hypervisor {_exit_cause(returncode)} while starting")
     raise RuntimeError("hypervisor did not start listening within 10 s")
 
 

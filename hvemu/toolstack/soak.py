@@ -42,9 +42,9 @@ import uvloop
 
 from hvemu import abi, names, protocol
 from hvemu.abi import Errno
-from hvemu.procs import die_with_parent, status_bytes, stop_process
+from hvemu.client import Connection, ControlError, root_cause
+from hvemu.procs import ReadyPipe, die_with_parent, status_bytes, stop_process
 from hvemu.stats import DomainStats
-from hvemu.transport import Connection, ControlError, root_cause
 
 #: The guests' patterns, one per domain in turn (random first: it pages the most).
 PATTERNS = ("uniform", "hotcold", "phases", "sequential")
@@ -63,11 +63,11 @@ class Proc:
         self.log_path = path
 
     @classmethod
-    async def start(cls, name: str, log_dir: str, *argv: str) -> Proc:
+    async def start(cls, name: str, log_dir: str, *argv: str, pass_fds: tuple[int, ...] = ()) -> Proc:
         path = os.path.join(log_dir, f"{name}.log")
         log = open(path, "ab")  # noqa: SIM115 - closed by stop()
         proc = await asyncio.create_subprocess_exec(sys.executable, *argv, stdout=asyncio.subprocess.PIPE,
-                                                    stderr=log, start_new_session=True,
+                                                    stderr=log, start_new_session=True, pass_fds=pass_fds,
                                                     preexec_fn=die_with_parent)
         return cls(name, proc, log, path)
 
@@ -218,18 +218,15 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     gfns = abi.mib_to_pages(args.memory)
     ok = False
     try:
-        hv = await Proc.start("hypervisor", log_dir, "-m", "hvemu.hypervisor.daemon", "--run-dir", run_dir, "--memory",
-                              str(args.host_memory), "--admission", args.admission)
-        procs.append(hv)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                tool = await _tool(path)
-                break
-            except OSError:
-                if hv.proc.returncode is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the hypervisor did not start: {hv.stderr()[-2000:]}") from None
-                await asyncio.sleep(0.05)
+        with ReadyPipe() as ready:
+            hv = await Proc.start("hypervisor", log_dir, "-m", "hvemu.hypervisor.daemon", "--run-dir", run_dir,
+                                  "--memory", str(args.host_memory), "--admission", args.admission, *ready.argv,
+                                  pass_fds=ready.pass_fds)
+            procs.append(hv)
+            ready.spawned()
+            if not await ready.started(15):
+                raise RuntimeError(f"the hypervisor did not start: {hv.stderr()[-2000:]}")
+        tool = await _tool(path)
         domids: list[int] = []
         for i in range(args.domains):
             reply, _ = await tool.call(protocol.DomainCreate(max_vcpus=args.vcpus, gfns=gfns, name=f"soak{i}"))

@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from hvemu import abi, protocol
+from hvemu import abi, protocol, readiness
+from hvemu.client import Connection, ControlError
 from hvemu.stats import DomainStats
 from hvemu.toolstack.sizes import mib_text
-from hvemu.transport import Connection, ControlError
 
 
 class HypervisorGone(ConnectionError):
@@ -263,18 +263,17 @@ def _keys(quit_: asyncio.Event) -> Iterator[None]:
         yield
         return
     saved = termios.tcgetattr(fd)
-    loop = asyncio.get_running_loop()
 
     def key() -> None:
         if os.read(fd, 32).lower().startswith(b"q"):
             quit_.set()
 
     tty.setcbreak(fd)
-    loop.add_reader(fd, key)
+    readiness.add_reader(fd, key, lambda _exc: quit_.set())  # a terminal that fails to read ends top
     try:
         yield
     finally:
-        loop.remove_reader(fd)
+        readiness.remove_reader(fd)
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 

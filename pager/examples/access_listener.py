@@ -42,7 +42,7 @@ import uvloop
 
 from hvemu import abi
 from hvemu.abi import MemEvent, MemEventReason, P2MAccess, RingKind
-from hvemu.transport import root_cause
+from hvemu.client import root_cause
 from pager.sdk import DomainGone, MemEventClient, RequestBatch, SdkError, failures
 
 _TRAPS = {"cr0": MemEventReason.CR0, "cr3": MemEventReason.CR3, "cr4": MemEventReason.CR4,

@@ -31,8 +31,9 @@ import uvloop
 
 from hvemu import protocol
 from hvemu.abi import Errno
+from hvemu.fdpass import FdLike, OwnedFd
+from hvemu.hypervisor.server import ConnState, ControlServer
 from hvemu.stats import DomainStats
-from hvemu.transport import ConnState, ControlServer, FdLike, OwnedFd
 
 
 class NoSuchDomain(Exception):

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -17,8 +16,8 @@ from typing import Any
 import msgspec
 
 from hvemu import protocol
-from hvemu.procs import die_with_parent
-from hvemu.transport import Connection
+from hvemu.client import Connection
+from hvemu.procs import ReadyPipe, die_with_parent
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -112,19 +111,13 @@ class Hypervisor:
         self.socket = protocol.socket_path(run_dir)
         # A started-handshake, not a poll for the socket file: a stale file from a
         # dead hypervisor exists before the new one has unlinked it and bound its own.
-        ready_r, ready_w = os.pipe()
-        try:
+        with ReadyPipe() as ready:
             self.proc = Proc("-m", "hvemu.hypervisor.daemon", "--run-dir", run_dir, "--memory", str(memory_mib),
-                             "--admission", policy, "--ready-fd", str(ready_w), pass_fds=(ready_w,))
-            os.close(ready_w)
-            ready_w = -1
-            if not select.select([ready_r], [], [], 30)[0] or os.read(ready_r, 1) != b"R":
+                             "--admission", policy, *ready.argv, pass_fds=ready.pass_fds)
+            ready.spawned()
+            if not ready.started_blocking(30):
                 self.proc.stop()
                 raise RuntimeError(f"hypervisor did not listen within 30 s: {self.proc.stderr()[-2000:]}")
-        finally:
-            os.close(ready_r)
-            if ready_w >= 0:
-                os.close(ready_w)
 
     def stop(self) -> int:
         return self.proc.stop()

@@ -1,6 +1,6 @@
 """The control protocol across two real processes, bad clients included.
 
-A :class:`~hvemu.transport.ControlServer` runs on uvloop in its own process
+A :class:`~hvemu.hypervisor.server.ControlServer` runs on uvloop in its own process
 (``control_server.py``, a toy handler); the clients are here.  Every bad client
 gets a clear ``Error`` or a clean close, and after each one a fresh client is
 still served (the ``server`` fixture checks it after every test).  The server
@@ -30,14 +30,9 @@ import pytest
 
 from hvemu import protocol
 from hvemu.abi import Errno
+from hvemu.client import Connection, ControlError, SyncConnection
+from hvemu.fdpass import TruncatedControlData, sendmsg_fds
 from hvemu.protocol import MAX_FRAME, FrameDecoder
-from hvemu.transport import (
-    Connection,
-    ControlError,
-    SyncConnection,
-    TruncatedControlData,
-    sendmsg_fds,
-)
 
 SERVER = Path(__file__).with_name("control_server.py")
 #: Log lines that mean an error escaped the server's own handling.

@@ -28,7 +28,7 @@ import pytest
 
 from hvemu import protocol
 from hvemu.abi import RingKind
-from hvemu.transport import ControlError
+from hvemu.client import ControlError
 from tests.integration.crashy_pager import POINTS
 from tests.integration.hostile import CRASH_CASES_ENV, env_count, env_seed, open_fds, wait_proc
 from tests.integration.system import Hypervisor, Proc, ring_enabled, shm_segments, stats, wait_until

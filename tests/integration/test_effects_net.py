@@ -14,8 +14,8 @@ import tempfile
 import pytest
 
 from hvemu import protocol
+from hvemu.client import Connection
 from hvemu.hypervisor.daemon import HypervisorDaemon
-from hvemu.transport import Connection
 
 
 async def _domain_with_guest(daemon: HypervisorDaemon) -> tuple[int, Connection, Connection]:

@@ -19,7 +19,7 @@ from typing import cast
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno, MemEvent, RingKind
-from hvemu.transport import Connection
+from hvemu.client import Connection
 from pager.sdk import MemEventClient, RequestBatch, response_for
 from tests.integration.system import Hypervisor, stats
 

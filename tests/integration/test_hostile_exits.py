@@ -38,8 +38,8 @@ import pytest
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno, MemEvent, RingKind
+from hvemu.client import Connection, ControlError
 from hvemu.evtchn import EventChannel
-from hvemu.transport import Connection, ControlError
 from pager.sdk import MemEventClient
 from tests.integration.hostile import FUZZ_CASES_ENV, Bystander, env_count, env_seed, open_fds, wait_proc
 from tests.integration.system import Hypervisor, ring_enabled, stats

@@ -61,9 +61,9 @@ import pytest
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno, MemEvent, MemEventCodec, MemEventFlag, P2MType, RingKind
+from hvemu.client import Connection, ControlError
 from hvemu.evtchn import EventChannel
 from hvemu.ring import SharedRing
-from hvemu.transport import Connection, ControlError
 from tests.integration.hostile import FUZZ_CASES_ENV, Bystander, Trend, env_count, env_seed, open_fds
 from tests.integration.system import ROOT, Hypervisor, stats
 

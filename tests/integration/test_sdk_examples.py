@@ -18,7 +18,7 @@ import pytest
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno, MemEventReason, P2MAccess, P2MType, RingKind
-from hvemu.transport import Connection
+from hvemu.client import Connection
 from pager.sdk import AttachError, MemEventClient, response_for
 from tests.integration.system import ROOT, Hypervisor, Proc, ring_enabled, stats, wait_until
 

@@ -29,8 +29,9 @@ import pytest
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno
+from hvemu.client import Connection, ControlError
 from hvemu.hypervisor.daemon import HypervisorDaemon, prepare_run_dir
-from hvemu.transport import Connection, ControlError, ControlServer
+from hvemu.hypervisor.server import ControlServer
 from tests.integration.hostile import fd_targets
 from tests.integration.system import Hypervisor, shm_segments
 

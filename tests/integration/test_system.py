@@ -7,7 +7,7 @@ import signal
 import time
 
 from hvemu import protocol
-from hvemu.transport import Connection
+from hvemu.client import Connection
 from tests.integration.system import Hypervisor, Proc, ring_enabled, stats, wait_until
 
 GFNS_8M = 2048

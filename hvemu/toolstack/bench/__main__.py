@@ -28,9 +28,9 @@ from typing import Any
 
 import uvloop
 
+from hvemu.client import ControlError
 from hvemu.toolstack.bench import report, suites
 from hvemu.toolstack.bench.common import BenchError, Placement, format_cpus, parse_cpus
-from hvemu.transport import ControlError
 
 
 def machine() -> dict[str, Any]:

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from typing import IO, Any, NamedTuple
 
 from hvemu import procs, protocol
-from hvemu.procs import child_setup, status_bytes, status_field, stop_process
+from hvemu.client import Connection
+from hvemu.procs import ReadyPipe, child_setup, status_bytes, status_field, stop_process
 from hvemu.stats import DomainStats
 from hvemu.toolstack.bench import profile
-from hvemu.transport import Connection
 
 #: Process roles a placement names.
 ROLES = ("hypervisor", "guest", "daemon")
@@ -320,20 +320,13 @@ class Host:
                     "--admission", self.policy]
             if self.ring_size is not None:
                 args += ["--ring-size", str(self.ring_size)]
-            self.hv = await Proc.start("hypervisor", args, cpus=self.placement.hypervisor)
-            deadline = time.monotonic() + 15
-            while True:
-                if self.hv.proc.returncode is not None:
-                    raise BenchError(f"hypervisor exited ({self.hv.proc.returncode}): {self.hv.stderr_tail()}")
-                if os.path.exists(self.socket):
-                    try:
-                        self.tool = await Connection.connect(self.socket)
-                        break
-                    except OSError:
-                        pass
-                if time.monotonic() > deadline:
-                    raise BenchError("hypervisor did not listen within 15 s")
-                await asyncio.sleep(0.02)
+            with ReadyPipe() as ready:
+                self.hv = await Proc.start("hypervisor", [*args, *ready.argv], cpus=self.placement.hypervisor,
+                                           pass_fds=ready.pass_fds)
+                ready.spawned()
+                if not await ready.started(15):
+                    raise BenchError(f"hypervisor did not listen within 15 s: {self.hv.stderr_tail()}")
+            self.tool = await Connection.connect(self.socket)
             await self.tool.call(protocol.ToolHello(client="bench"))
             self.placement.observed.setdefault("hypervisor", observed_affinity(self.hv.pid))
         except BaseException:

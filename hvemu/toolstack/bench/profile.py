@@ -94,7 +94,7 @@ def _wrap(out: str, argv: list[str]) -> int:
 
 
 def _module(file: str, func: str) -> str:
-    """Where a function lives, short: ``hvemu/transport.py``, ``asyncio/queues.py``, ``<socket.send>``."""
+    """Where a function lives, short: ``hvemu/client.py``, ``asyncio/queues.py``, ``<socket.send>``."""
     if file == "~":  # a built-in: name its type or module
         return f"<{func.split(' of ')[-1].strip('>')}>" if " of " in func else "<builtins>"
     parts = file.split(os.sep)

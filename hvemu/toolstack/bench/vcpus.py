@@ -41,8 +41,8 @@ from guest.exits import ExitPort, connect_vcpu
 from guest.memory import GuestMemory, open_guest
 from guest.stamp import StampError, make_page, verify_page
 from hvemu import abi, protocol
+from hvemu.client import Connection
 from hvemu.toolstack.bench.common import latency_summary
-from hvemu.transport import Connection
 
 
 class BenchGuest:
