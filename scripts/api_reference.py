@@ -99,12 +99,11 @@ def _members(cls: type, names: list[str] | None) -> list[tuple[str, Any]]:
 
 async def _stats_keys() -> tuple[list[str], list[str]]:
     """The keys of a live Stats reply: of the domain, and of each enabled ring's dict."""
-    from hvemu.hypervisor.daemon import HypervisorDaemon
-    from hvemu.hypervisor.server import ConnState
+    from hvemu.hypervisor.daemon import ConnCtx, HypervisorDaemon
 
     with tempfile.TemporaryDirectory() as run_dir:
         daemon = HypervisorDaemon(run_dir, 64)
-        state = ConnState(os.getpid(), os.getuid(), os.getgid())
+        state = ConnCtx(os.getpid(), os.getuid(), os.getgid())
         await daemon.handle(state, protocol.ToolHello(client="api-reference"))
         created, _ = await daemon.handle(state, protocol.DomainCreate(max_vcpus=1, gfns=16))
         assert isinstance(created, protocol.DomainCreated)

@@ -69,12 +69,11 @@ _EXIT_ACCESS = int(abi.ExitType.ACCESS)
 _EXIT_TRAP = int(abi.ExitType.TRAP)
 
 
-class ConnCtx:
-    """What the hypervisor knows about one control connection."""
+class ConnCtx(ConnState):
+    """One control connection as the hypervisor knows it: the server's state, and who the peer is to us."""
 
-    def __init__(self, state: ConnState) -> None:
-        self.state = state
-        self.uid = state.uid
+    def __init__(self, pid: int, uid: int, gid: int) -> None:
+        super().__init__(pid, uid, gid)
         self.role: str | None = None
         self.domid: int | None = None
         self.vcpu: int | None = None
@@ -97,7 +96,7 @@ def _cpu_seconds(guest: object | None) -> float | None:
     if not isinstance(guest, ConnCtx):
         return None
     try:
-        user, system = procs.cpu_ticks(guest.state.pid)
+        user, system = procs.cpu_ticks(guest.pid)
     except OSError:
         return None
     return round((user + system) / procs.CLK_TCK, 1)
@@ -163,11 +162,9 @@ class HypervisorDaemon:
     # ------------------------------------------------------------ plumbing
     @staticmethod
     def ctx(state: ConnState) -> ConnCtx:
-        ctx = state.data.get("ctx")
-        if ctx is None:
-            ctx = state.data["ctx"] = ConnCtx(state)
-        assert isinstance(ctx, ConnCtx)
-        return ctx
+        """The connection's state, which the server made with ``new_state=ConnCtx``."""
+        assert isinstance(state, ConnCtx), state
+        return state
 
     async def handle(self, state: ConnState, msg: protocol.Msg) -> Reply:
         ctx = self.ctx(state)
@@ -242,9 +239,7 @@ class HypervisorDaemon:
                 del self._held_load_replies[domid]
 
     def on_disconnect(self, state: ConnState) -> None:
-        ctx = state.data.pop("ctx", None)
-        if not isinstance(ctx, ConnCtx):
-            return
+        ctx = self.ctx(state)
         for domid, held in ctx.mappings.items():  # a mapper's process is gone: so are its mappings
             if domid in self.backends and not self.backends[domid].dom.crashed:
                 self.backends[domid].dom.foreign_unmap(list(held.elements()))
@@ -271,7 +266,7 @@ class HypervisorDaemon:
         if ring is None or ring.owner is not ctx:
             return
         log.warning("daemon of domain %d %s ring (pid %d) exited: ring kept for re-attach",
-                    domid, kind, ctx.state.pid)
+                    domid, kind, ctx.pid)
         ring.clear_owner()
 
     def check_peer(self, uid: int) -> bool:
@@ -367,8 +362,8 @@ class HypervisorDaemon:
             return
         current = asyncio.current_task()
         for ctx in [be.guest, *be.vcpu_conns.values()]:
-            if isinstance(ctx, ConnCtx) and ctx.state.task is not current:
-                self.server.disconnect(ctx.state)
+            if isinstance(ctx, ConnCtx) and ctx.task is not current:
+                self.server.disconnect(ctx)
 
     def _destroy(self, domid: int) -> None:
         be = self.backends.pop(domid, None)
@@ -459,7 +454,7 @@ class HypervisorDaemon:
         remote = ring.new_channel(functools.partial(self._on_kick, be.domid, msg.ring),
                                   functools.partial(self._on_kick, be.domid, msg.ring, hung_up=True), on_error)
         assert ring.evtchn is not None
-        ring.set_owner(ctx, ctx.state.pid, lambda: self._owner_exited(be.domid, msg.ring, ctx), on_error)
+        ring.set_owner(ctx, ctx.pid, lambda: self._owner_exited(be.domid, msg.ring, ctx), on_error)
         if reattached:
             front = be.dom.rings[msg.ring].front
             if front is not None:
@@ -854,7 +849,7 @@ class HypervisorDaemon:
             loop.add_signal_handler(sig, stop.set)
         try:
             async with ControlServer(self.socket_path, self.handle, on_disconnect=self.on_disconnect,
-                                     check_peer=self.check_peer) as server:
+                                     check_peer=self.check_peer, new_state=ConnCtx) as server:
                 self.server = server
                 log.info("hypervisor listening on %s (%d frames, %s policy)", self.socket_path,
                          self.hv.budget.total, self.hv.policy)

@@ -69,7 +69,7 @@ def errno_of(exc: BaseException) -> Errno:
 
 
 class ConnState:
-    """What the server knows about one connection; handlers may keep their own data in ``data``."""
+    """What the server knows about one connection; a server's owner may know more in a subclass (``new_state``)."""
 
     _ids = itertools.count(1)
 
@@ -82,7 +82,6 @@ class ConnState:
         self.gid = gid
         self.connected_at = time.monotonic()
         self.requests = 0
-        self.data: dict[str, Any] = {}
         #: The task serving this connection (see :meth:`ControlServer.disconnect`).
         self.task: asyncio.Task[Any] | None = None
 
@@ -145,12 +144,15 @@ class ControlServer:
 
     def __init__(self, path: str, handler: Handler, *,
                  on_disconnect: Callable[[ConnState], object] | None = None,
+                 new_state: Callable[[int, int, int], ConnState] = ConnState,
                  check_peer: Callable[[int], bool] | None = None,
                  backlog: int = 128, mode: int = 0o600, max_frame: int = MAX_FRAME,
                  queue_depth: int = 64, max_buffered: int = MAX_BUFFERED) -> None:
         self.path = path
         self._handler = handler
         self._on_disconnect = on_disconnect
+        #: Makes each connection's state from the peer's pid, uid and gid (the one object per connection).
+        self._new_state = new_state
         self._check_peer = check_peer
         self._backlog = backlog
         self._mode = mode
@@ -324,7 +326,7 @@ class ControlServer:
                 await asyncio.wait_for(stream.send(protocol.encode(err)), 5)
                 stream.discard_input()
                 return
-            state = ConnState(pid, uid, gid)
+            state = self._new_state(pid, uid, gid)
             state.task = asyncio.current_task()
             self._conns[state.id] = state
             log.debug("connection %s", state)
