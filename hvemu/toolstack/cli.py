@@ -51,6 +51,7 @@ from hvemu.names import ADMISSION_POLICIES as POLICIES
 from hvemu.names import VICTIM_POLICIES
 from hvemu.procs import ReadyPipe
 from hvemu.stats import DomainStats
+from hvemu.toolstack.host import HYPERVISOR_MODULE, PAGER_MODULE, hypervisor_argv, pager_argv
 from hvemu.toolstack.sizes import SIZE_HELP, MiB, Size, SizeError, mib_text, parse_size
 from pager.defaults import EVICT_BATCH, EVICT_POLICY
 
@@ -174,7 +175,7 @@ def _pidfile(run_dir: str, name: str) -> str:
 
 
 #: The module each kind of background daemon runs (``hypervisor``, ``pager-N``, ``listener-N``).
-_MODULES = {"hypervisor": "hvemu.hypervisor.daemon", "pager": "pager.xenpaging",
+_MODULES = {"hypervisor": HYPERVISOR_MODULE, "pager": PAGER_MODULE,
             "listener": "pager.examples.access_listener"}
 #: A pidfile of a daemon a domain has (``pager-3.pid``).
 _DOMAIN_PIDFILE = re.compile(r"(pager|listener)-\d+\.pid")
@@ -378,15 +379,12 @@ SIZE_UNITS = SIZE_HELP
          arg("-v", "--verbose", action="count", default=0, help="log INFO (-vv: DEBUG) to the log file"))
 def cmd_start(args: argparse.Namespace) -> Any:
     run_dir = _run_dir(args)
-    argv = ["-m", _MODULES["hypervisor"], "--run-dir", run_dir, "--memory", repr(args.memory.mib),
-            "--admission", args.admission]
     if args.memory.pages < 1:
         raise CliError(f"--memory {args.memory} is less than one page", "EINVAL")
-    if args.ring_size is not None:
-        argv += ["--ring-size", str(args.ring_size)]
+    argv = hypervisor_argv(run_dir, args.memory.mib, args.admission, ring_size=args.ring_size,
+                           verbose=args.verbose)
     if args.trace:
         argv += ["--trace", os.path.abspath(args.trace)]
-    argv += ["-v"] * args.verbose
     if args.foreground:
         os.execv(sys.executable, [sys.executable, *argv])
     with ReadyPipe() as ready:
@@ -429,9 +427,8 @@ def cmd_stop(args: argparse.Namespace) -> Any:
 def cmd_pager_attach(args: argparse.Namespace) -> Any:
     domid = _domid(args)
     run_dir = _run_dir(args)
-    argv = ["-m", _MODULES["pager"], "--run-dir", run_dir, "--domid", str(domid),
-            "--pagefile", os.path.abspath(args.pagefile or os.path.join(run_dir, f"dom{domid}.pagefile")),
-            "--policy", args.policy, "--batch", str(args.batch)]
+    argv = pager_argv(run_dir, domid, os.path.abspath(args.pagefile or os.path.join(run_dir, f"dom{domid}.pagefile")),
+                      "--policy", args.policy, "--batch", str(args.batch))
     if args.keep:
         argv.append("--keep")
     if args.target is not None:

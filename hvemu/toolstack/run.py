@@ -33,8 +33,9 @@ import uvloop
 import hvemu
 from hvemu import abi, protocol
 from hvemu.client import Connection, ControlError
-from hvemu.procs import ReadyPipe, child_setup, stop_process
+from hvemu.procs import ReadyPipe
 from hvemu.stats import DomainStats
+from hvemu.toolstack.host import Child, guest_argv, hypervisor_argv, pager_argv
 from hvemu.toolstack.run_options import (
     PROGRESS_AFTER_S,
     PROGRESS_EVERY_S,
@@ -51,43 +52,13 @@ from hvemu.toolstack.run_summary import DomainResult, Summary, _print_summary, p
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-class Child:
-    """A child process whose stdout we read line by line."""
-
-    def __init__(self, name: str, proc: asyncio.subprocess.Process) -> None:
-        self.name = name
-        self.proc = proc
-
-    @classmethod
-    async def start(cls, name: str, *argv: str, cpus: set[int] | None = None,
-                    pass_fds: tuple[int, ...] = ()) -> Child:
-        proc = await asyncio.create_subprocess_exec(sys.executable, *argv, stdout=asyncio.subprocess.PIPE,
-                                                    pass_fds=pass_fds,
-                                                    start_new_session=True, preexec_fn=child_setup(cpus))
-        return cls(name, proc)
-
-    async def readline(self, timeout: float) -> str:
-        assert self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        return line.decode().strip()
-
-    async def stop(self, timeout: float = 30.0, sig: int = signal.SIGTERM) -> int:
-        """Send ``sig`` (0: none, just wait) and wait; kill after ``timeout``."""
-        return await stop_process(self.proc, sig=sig, timeout=timeout) or 0
-
-    async def output(self) -> str:
-        assert self.proc.stdout is not None
-        return (await self.proc.stdout.read()).decode()
-
-
 async def start_hypervisor(run_dir: str, memory_mib: float, admission: str, *, cpus: set[int] | None = None,
                            verbose: int = 0) -> Child:
     """Start ``hvemu.hypervisor.daemon`` and return once it listens on its control socket (its ``--ready-fd``)."""
-    args = ["-m", "hvemu.hypervisor.daemon", "--run-dir", run_dir, "--memory", str(memory_mib),
-            "--admission", admission]
-    args += ["-v"] * verbose
+    args = hypervisor_argv(run_dir, memory_mib, admission, verbose=verbose)
     with ReadyPipe() as ready:
-        hv = await Child.start("hypervisor", *args, *ready.argv, cpus=cpus, pass_fds=ready.pass_fds)
+        hv = await Child.start("hypervisor", [*args, *ready.argv], cpus=cpus, pass_fds=ready.pass_fds,
+                               inherit_stderr=True)
         ready.spawned()
         if await ready.started(10):
             return hv
@@ -170,20 +141,18 @@ class Run:
         for domid in self.domids:
             self.created[domid] = await _stats(tool, domid)
         for domid in self.domids:
-            pager = await Child.start(f"pager{domid}", "-m", "pager.xenpaging", "--domid", str(domid),
-                                      "--run-dir", self.run_dir, "--pagefile",
-                                      os.path.join(self.run_dir, f"dom{domid}.pagefile"),
-                                      "--batch", str(s.batch), "--progress", "off", cpus=self.cpus)
+            pager = await Child.start(f"pager{domid}", pager_argv(
+                self.run_dir, domid, os.path.join(self.run_dir, f"dom{domid}.pagefile"), "--batch", str(s.batch),
+                "--progress", "off"), cpus=self.cpus, inherit_stderr=True)
             self.children.append(pager)
             self.pagers[domid] = pager
             await _wait_ring(tool, domid, pager)
         loop = asyncio.get_running_loop()
         self.started_at = loop.time()
         for domid in self.domids:
-            guest = await Child.start(f"guest{domid}", "-m", "guest", "--domid", str(domid), "--run-dir",
-                                      self.run_dir, "--duration", str(s.duration_s), "--pattern", s.pattern,
-                                      "--write-ratio", str(s.write_ratio), "--seed", str(s.seed + domid),
-                                      "--linger", cpus=self.cpus)
+            guest = await Child.start(f"guest{domid}", guest_argv(
+                self.run_dir, domid, "--duration", str(s.duration_s), "--pattern", s.pattern, "--write-ratio",
+                str(s.write_ratio), "--seed", str(s.seed + domid), "--linger"), cpus=self.cpus, inherit_stderr=True)
             self.children.append(guest)
             self.guests[domid] = guest
         _say(f"run.sh: {s.domains} guest(s) running for {_num(s.duration_s)} s ({s.pattern}, seed {s.seed}); "
@@ -207,7 +176,7 @@ class Run:
         progress = asyncio.ensure_future(self._progress())
         try:
             for domid, guest in self.guests.items():
-                line_task = asyncio.ensure_future(guest.readline(timeout=self.s.duration_s + 120))
+                line_task = asyncio.ensure_future(guest.line(timeout=self.s.duration_s + 120))
                 await asyncio.wait({line_task, hv_exit}, return_when=asyncio.FIRST_COMPLETED)
                 if not line_task.done():
                     line_task.cancel()

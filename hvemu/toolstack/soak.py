@@ -36,53 +36,22 @@ import signal
 import sys
 import tempfile
 import time
-from typing import IO, Any
+from typing import Any
 
 import uvloop
 
 from hvemu import abi, names, protocol
 from hvemu.abi import Errno
 from hvemu.client import Connection, ControlError, root_cause
-from hvemu.procs import ReadyPipe, die_with_parent, status_bytes, stop_process
+from hvemu.procs import ReadyPipe, status_bytes
 from hvemu.stats import DomainStats
+from hvemu.toolstack.host import Child, guest_argv, hypervisor_argv, log_file, pager_argv
 
 #: The guests' patterns, one per domain in turn (random first: it pages the most).
 PATTERNS = ("uniform", "hotcold", "phases", "sequential")
 assert set(PATTERNS) == set(names.PATTERNS)
 #: Lines in the hypervisor's log that fail a soak.
 BAD_LOG = ("crashed", "response rejected", "Traceback", "handler failed")
-
-
-class Proc:
-    """A child process, its stdout kept in memory, its stderr in a log file."""
-
-    def __init__(self, name: str, proc: asyncio.subprocess.Process, log: IO[bytes], path: str) -> None:
-        self.name = name
-        self.proc = proc
-        self.log = log
-        self.log_path = path
-
-    @classmethod
-    async def start(cls, name: str, log_dir: str, *argv: str, pass_fds: tuple[int, ...] = ()) -> Proc:
-        path = os.path.join(log_dir, f"{name}.log")
-        log = open(path, "ab")  # noqa: SIM115 - closed by stop()
-        proc = await asyncio.create_subprocess_exec(sys.executable, *argv, stdout=asyncio.subprocess.PIPE,
-                                                    stderr=log, start_new_session=True, pass_fds=pass_fds,
-                                                    preexec_fn=die_with_parent)
-        return cls(name, proc, log, path)
-
-    async def line(self, timeout: float) -> str:
-        assert self.proc.stdout is not None
-        return (await asyncio.wait_for(self.proc.stdout.readline(), timeout)).decode().strip()
-
-    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        await stop_process(self.proc, sig=sig, timeout=timeout)
-        self.log.close()
-        return self.proc.returncode if self.proc.returncode is not None else -1
-
-    def stderr(self) -> str:
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
 
 
 async def _tool(path: str) -> Connection:
@@ -97,11 +66,11 @@ async def _stats(conn: Connection, domid: int) -> DomainStats:
     return reply.stats
 
 
-async def _wait_attached(conn: Connection, domid: int, pager: Proc, timeout: float = 20.0) -> None:
+async def _wait_attached(conn: Connection, domid: int, pager: Child, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pager.proc.returncode is not None:
-            raise RuntimeError(f"{pager.name} exited {pager.proc.returncode}: {pager.stderr()[-1000:]}")
+            raise RuntimeError(f"{pager.name} exited {pager.proc.returncode}: {pager.stderr_tail(1000)}")
         st = await _stats(conn, domid)
         if st.ring_owned("paging", pager.proc.pid):
             return
@@ -214,18 +183,18 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     os.makedirs(log_dir, exist_ok=True)
     path = protocol.socket_path(run_dir)
     rng = random.Random(args.seed)
-    procs: list[Proc] = []
+    procs: list[Child] = []
     gfns = abi.mib_to_pages(args.memory)
     ok = False
     try:
         with ReadyPipe() as ready:
-            hv = await Proc.start("hypervisor", log_dir, "-m", "hvemu.hypervisor.daemon", "--run-dir", run_dir,
-                                  "--memory", str(args.host_memory), "--admission", args.admission, *ready.argv,
-                                  pass_fds=ready.pass_fds)
+            hv = await Child.start("hypervisor", [*hypervisor_argv(run_dir, args.host_memory, args.admission),
+                                                  *ready.argv],
+                                   pass_fds=ready.pass_fds, log_path=log_file(log_dir, "hypervisor"))
             procs.append(hv)
             ready.spawned()
             if not await ready.started(15):
-                raise RuntimeError(f"the hypervisor did not start: {hv.stderr()[-2000:]}")
+                raise RuntimeError(f"the hypervisor did not start: {hv.stderr_tail(2000)}")
         tool = await _tool(path)
         domids: list[int] = []
         for i in range(args.domains):
@@ -233,24 +202,25 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             assert isinstance(reply, protocol.DomainCreated)
             domids.append(reply.domid)
             await tool.call(protocol.SetTarget(domid=reply.domid, pages=args.target))
-        pagers: dict[int, Proc] = {}
+        pagers: dict[int, Child] = {}
         pagefiles = {d: os.path.join(page_dir, f"dom{d}.pages") for d in domids}
 
-        async def start_pager(domid: int, n: int) -> Proc:
-            p = await Proc.start(f"pager{domid}.{n}", log_dir, "-m", "pager.xenpaging", "--domid", str(domid),
-                                 "--run-dir", run_dir, "--pagefile", pagefiles[domid], "--batch", str(args.batch))
+        async def start_pager(domid: int, n: int) -> Child:
+            name = f"pager{domid}.{n}"
+            p = await Child.start(name, pager_argv(run_dir, domid, pagefiles[domid], "--batch", str(args.batch)),
+                                  log_path=log_file(log_dir, name))
             procs.append(p)
             await _wait_attached(tool, domid, p)
             return p
 
         for d in domids:
             pagers[d] = await start_pager(d, 0)
-        guests: dict[int, Proc] = {}
+        guests: dict[int, Child] = {}
         for i, d in enumerate(domids):
-            g = await Proc.start(f"guest{d}", log_dir, "-m", "guest", "--domid", str(d), "--run-dir", run_dir,
-                                 "--duration", str(args.seconds), "--pattern", PATTERNS[i % len(PATTERNS)],
-                                 "--write-ratio", str(args.write_ratio), "--seed", str(args.seed + d),
-                                 "--balloon", str(args.balloon), "--linger")
+            g = await Child.start(f"guest{d}", guest_argv(
+                run_dir, d, "--duration", str(args.seconds), "--pattern", PATTERNS[i % len(PATTERNS)],
+                "--write-ratio", str(args.write_ratio), "--seed", str(args.seed + d), "--balloon", str(args.balloon),
+                "--linger"), log_path=log_file(log_dir, f"guest{d}"))
             procs.append(g)
             guests[d] = g
         started = time.monotonic()
@@ -269,7 +239,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 if time.monotonic() >= until - 2:
                     break
                 d = rng.choice(domids)
-                await pagers[d].stop(signal.SIGKILL)
+                await pagers[d].stop(sig=signal.SIGKILL)
                 kills += 1
                 pagers[d] = await start_pager(d, kills)
                 next_kill = time.monotonic() + args.kill_pagers_every
@@ -289,18 +259,18 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             for d, g in guests.items():
                 line = await g.line(timeout=args.seconds + 300)
                 if not line:
-                    raise RuntimeError(f"guest of domain {d} exited {await g.stop(0)}: {g.stderr()[-2000:]}")
+                    raise RuntimeError(f"guest of domain {d} exited {await g.stop(sig=0)}: {g.stderr_tail(2000)}")
                 reports[d] = json.loads(line)
             sampler.cancel()
         hv_stats = {d: await _stats(tool, d) for d in domids}
         guest_exit = {d: await g.stop() for d, g in guests.items()}  # their domains go with them
-        pager_exit = {d: await p.stop(0, timeout=30) for d, p in pagers.items()}
+        pager_exit = {d: await p.stop(timeout=30, sig=0) for d, p in pagers.items()}
         await tool.close()
         hv_exit = await hv.stop()
         # Everything has exited: nothing of the run may be left behind.
         leftovers = {"dev_shm": sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"hvemu-{hv_pid}-")),
                      "run_dir": sorted(os.listdir(run_dir))}
-        hv_log = hv.stderr()
+        hv_log = hv.stderr_tail(0)
         bad_log = sorted({b for b in BAD_LOG if b in hv_log})
         domains = []
         for d in domids:
@@ -334,6 +304,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for p in reversed(procs):
             await p.stop(timeout=20)
+            p.close()
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.rmtree(page_dir, ignore_errors=True)
         if ok and not args.log_dir:

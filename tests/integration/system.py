@@ -18,6 +18,7 @@ import msgspec
 from hvemu import protocol
 from hvemu.client import Connection
 from hvemu.procs import ReadyPipe, die_with_parent
+from hvemu.toolstack.host import guest_argv, hypervisor_argv, pager_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -112,8 +113,7 @@ class Hypervisor:
         # A started-handshake, not a poll for the socket file: a stale file from a
         # dead hypervisor exists before the new one has unlinked it and bound its own.
         with ReadyPipe() as ready:
-            self.proc = Proc("-m", "hvemu.hypervisor.daemon", "--run-dir", run_dir, "--memory", str(memory_mib),
-                             "--admission", policy, *ready.argv, pass_fds=ready.pass_fds)
+            self.proc = Proc(*hypervisor_argv(run_dir, memory_mib, policy), *ready.argv, pass_fds=ready.pass_fds)
             ready.spawned()
             if not ready.started_blocking(30):
                 self.proc.stop()
@@ -140,11 +140,10 @@ class Hypervisor:
             await conn.close()
 
     def pager(self, domid: int, pagefile: str, *extra: str) -> Proc:
-        return Proc("-m", "pager.xenpaging", "--run-dir", self.run_dir, "--domid", str(domid),
-                    "--pagefile", pagefile, *extra)
+        return Proc(*pager_argv(self.run_dir, domid, pagefile, *extra))
 
     def guest(self, domid: int, *extra: str) -> Proc:
-        return Proc("-m", "guest", "--run-dir", self.run_dir, "--domid", str(domid), *extra)
+        return Proc(*guest_argv(self.run_dir, domid, *extra))
 
 
 async def stats(conn: Connection, domid: int) -> dict[str, Any]:

@@ -30,7 +30,8 @@ import uvloop
 
 from hvemu.client import ControlError
 from hvemu.toolstack.bench import report, suites
-from hvemu.toolstack.bench.common import BenchError, Placement, format_cpus, parse_cpus
+from hvemu.toolstack.bench.common import Placement, format_cpus, parse_cpus
+from hvemu.toolstack.host import ChildError
 
 
 def machine() -> dict[str, Any]:
@@ -110,7 +111,7 @@ async def run(args: argparse.Namespace, placement: Placement) -> dict[str, Any]:
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         try:
             section = await getattr(suites, name)(cfg, placement, totals)
-        except (BenchError, ControlError, OSError, KeyError, AssertionError) as exc:
+        except (ChildError, ControlError, OSError, KeyError, AssertionError) as exc:
             errors[name] = f"{type(exc).__name__}: {exc}"
             print(f"bench: {name} failed: {exc}", file=sys.stderr, flush=True)
             if os.environ.get("HVEMU_BENCH_TRACEBACK"):

@@ -10,29 +10,28 @@ temporary file that is shown only when something fails.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from hvemu import procs, protocol
 from hvemu.client import Connection
-from hvemu.procs import ReadyPipe, child_setup, status_bytes, status_field, stop_process
+from hvemu.procs import ReadyPipe, status_bytes, status_field
 from hvemu.stats import DomainStats
 from hvemu.toolstack.bench import profile
+from hvemu.toolstack.host import Child, ChildError, hypervisor_argv, pager_argv
 
 #: Process roles a placement names.
 ROLES = ("hypervisor", "guest", "daemon")
 
 
-class BenchError(RuntimeError):
+class BenchError(ChildError):
     """A benchmark could not run (a child failed, a deadline passed); the message says which."""
 
 
@@ -215,78 +214,18 @@ def latency_summary(samples_ns: list[int]) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 
 
-class Proc:
-    """A child Python process: stdout read by lines, stdin written by lines, stderr kept aside."""
-
-    def __init__(self, name: str, proc: asyncio.subprocess.Process, err: IO[bytes]) -> None:
-        self.name = name
-        self.proc = proc
-        self._err = err
+class Proc(Child):
+    """A benchmark's child: a :class:`~hvemu.toolstack.host.Child`, run under the profiler when profiling."""
 
     @classmethod
-    async def start(cls, name: str, argv: Sequence[str], *, cpus: set[int] | None = None,
-                    stdin: bool = False, pass_fds: Sequence[int] = (), executable: str | None = None) -> Proc:
-        cmd = [executable] if executable else [sys.executable]
-        cmd += list(argv) if executable else profile.wrap_argv(name, list(argv))
-        err = tempfile.TemporaryFile()
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *cmd, stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=err, start_new_session=True,
-                preexec_fn=child_setup(cpus), pass_fds=tuple(pass_fds),
-                limit=1 << 22)
-        except BaseException:
-            err.close()
-            raise
-        return cls(name, proc, err)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stderr_tail(self, limit: int = 3000) -> str:
-        try:
-            self._err.seek(0)
-            return self._err.read().decode(errors="replace")[-limit:]
-        except (OSError, ValueError):
-            return ""
-
-    async def line(self, timeout: float) -> str:
-        assert self.proc.stdout is not None
-        try:
-            data = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        except TimeoutError:
-            raise BenchError(f"{self.name}: no output within {timeout:.0f} s; stderr:\n{self.stderr_tail()}") \
-                from None
-        return data.decode().strip()
-
-    async def json_line(self, timeout: float) -> dict[str, Any]:
-        """The next stdout line that is a JSON object (others, e.g. from a library, are skipped)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            line = await self.line(max(0.1, deadline - time.monotonic()))
-            if line.startswith("{"):
-                data: dict[str, Any] = json.loads(line)
-                return data
-            if not line and self.proc.stdout is not None and self.proc.stdout.at_eof():
-                status = await self.stop(timeout=5, sig=0)
-                raise BenchError(f"{self.name} exited (status {status}) without a report; stderr:\n"
-                                 f"{self.stderr_tail()}")
-
-    async def send(self, text: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(text.encode() + b"\n")
-        await self.proc.stdin.drain()
-
-    async def stop(self, timeout: float = 20.0, sig: int = signal.SIGTERM) -> int:
-        """Send ``sig`` (0: none, just wait) and reap; SIGKILL after ``timeout``."""
-        await stop_process(self.proc, sig=sig, timeout=timeout)
-        if self.proc.stdin is not None and not self.proc.stdin.is_closing():
-            self.proc.stdin.close()
-        return self.proc.returncode or 0
-
-    def close(self) -> None:
-        self._err.close()
+    async def start(cls, name: str, argv: Sequence[str], *, cpus: set[int] | None = None, stdin: bool = False,
+                    pass_fds: Sequence[int] = (), executable: str | None = None,
+                    log_path: str | None = None, inherit_stderr: bool = False) -> Proc:
+        argv = list(argv) if executable else profile.wrap_argv(name, list(argv))
+        child = await super().start(name, argv, cpus=cpus, stdin=stdin, pass_fds=pass_fds, executable=executable,
+                                    log_path=log_path, inherit_stderr=inherit_stderr)
+        assert isinstance(child, Proc)
+        return child
 
 
 class Host:
@@ -316,10 +255,7 @@ class Host:
         self.run_dir = tempfile.mkdtemp(prefix="hvemu-bench-")
         os.chmod(self.run_dir, 0o700)
         try:
-            args = ["-m", "hvemu.hypervisor.daemon", "--run-dir", self.run_dir, "--memory", str(self.memory_mib),
-                    "--admission", self.policy]
-            if self.ring_size is not None:
-                args += ["--ring-size", str(self.ring_size)]
+            args = hypervisor_argv(self.run_dir, self.memory_mib, self.policy, ring_size=self.ring_size)
             with ReadyPipe() as ready:
                 self.hv = await Proc.start("hypervisor", [*args, *ready.argv], cpus=self.placement.hypervisor,
                                            pass_fds=ready.pass_fds)
@@ -419,9 +355,7 @@ class Host:
 
     async def pager(self, domid: int, *extra: str, name: str = "pager") -> Proc:
         """The real pager (``pager.xenpaging``) on ``domid``; returns once its ring is enabled."""
-        proc = await self.start(name, "daemon", [
-            "-m", "pager.xenpaging", "--run-dir", self.run_dir, "--domid", str(domid),
-            "--pagefile", self.pagefile(domid), *extra])
+        proc = await self.start(name, "daemon", pager_argv(self.run_dir, domid, self.pagefile(domid), *extra))
         await self.wait_for(domid, lambda st: st.ring_owned("paging", proc.pid), "pager attach", timeout=20,
                             watch=proc)
         return proc

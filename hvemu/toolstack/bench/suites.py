@@ -39,6 +39,7 @@ from hvemu.toolstack.bench.common import (
     open_window,
     rss_bytes,
 )
+from hvemu.toolstack.host import guest_argv
 from pager.defaults import EVICT_BATCH, EVICT_POLICY
 
 
@@ -85,10 +86,6 @@ class Totals:
 
     lost_guest_events: int = 0
     integrity_failures: int = 0
-
-
-def _guest_args(host: Host, domid: int, *extra: str) -> list[str]:
-    return ["-m", "guest", "--run-dir", host.run_dir, "--domid", str(domid), *extra]
 
 
 def _bench_guest_args(host: Host, mode: str, domid: int, *extra: str) -> list[str]:
@@ -287,8 +284,8 @@ async def fault_roundtrip(cfg: Config, placement: Placement, totals: Totals) -> 
         pager = await host.pager(domid)
         await host.wait_for(domid, lambda st: st.resident <= cfg.fault_target, "initial eviction",
                             watch=pager)
-        guest = await host.start("guest", "guest", _guest_args(
-            host, domid, "--vcpus", "1", "--duration", str(cfg.fault_duration), "--pattern", "uniform",
+        guest = await host.start("guest", "guest", guest_argv(
+            host.run_dir, domid, "--vcpus", "1", "--duration", str(cfg.fault_duration), "--pattern", "uniform",
             "--write-ratio", "0.3", "--seed", "1", "--no-verify-all", "--linger"))
         pids = {"hypervisor": host.hv.pid, "daemon": pager.pid, "guest": guest.pid}
         faults0, before = await _first_faults(host, domid, guest, pids)
@@ -535,9 +532,9 @@ async def fairness(cfg: Config, placement: Placement, totals: Totals) -> dict[st
         pager = await host.pager(domid)
         await host.wait_for(domid, lambda st: st.resident <= cfg.fairness_target, "initial eviction",
                             watch=pager)
-        guest = await host.start("guest", "guest", _guest_args(
-            host, domid, "--duration", str(cfg.fairness_duration), "--pattern", "uniform", "--write-ratio", "0.3",
-            "--seed", "3", "--no-verify-all", "--linger"))
+        guest = await host.start("guest", "guest", guest_argv(
+            host.run_dir, domid, "--duration", str(cfg.fairness_duration), "--pattern", "uniform",
+            "--write-ratio", "0.3", "--seed", "3", "--no-verify-all", "--linger"))
         stop = asyncio.Event()
         mapper = asyncio.create_task(_foreign_mapper(host, domid, cfg.fairness_gfns,
                                                      cfg.fairness_foreign_batch, stop))
