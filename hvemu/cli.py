@@ -530,7 +530,9 @@ class _Literal(str):
          arg("--memory", type=_size, default=_size("16"), metavar="SIZE", help=f"memory, {SIZE_UNITS}"),
          arg("--target", type=_size, default=None, metavar="SIZE",
              help=f"paging target, {SIZE_UNITS} (default: all of --memory)"),
-         arg("--name", default="", help="a name to use instead of the id (default: none)"))
+         arg("--name", default="", help="a name to use instead of the id (default: none)"),
+         arg("--abi", choices=abi.RING_ABIS, default=abi.DEFAULT_RING_ABI,
+             help="ring entry layout: the seed's mem_event, Xen 4.2.0's, or Xen 4.17's vm_event (for Xen's tools)"))
 async def cmd_create(args: argparse.Namespace) -> Any:
     memory: Size = args.memory
     gfns = memory.pages
@@ -542,7 +544,8 @@ async def cmd_create(args: argparse.Namespace) -> Any:
         raise CliError(f"--name {args.name} is a number: it would read as a domain id", "EINVAL")
     conn = await _tool(args.run_dir)
     try:
-        reply, _ = await conn.call(protocol.DomainCreate(max_vcpus=args.vcpus, gfns=gfns, name=args.name))
+        reply, _ = await conn.call(protocol.DomainCreate(max_vcpus=args.vcpus, gfns=gfns, name=args.name,
+                                                         abi=args.abi))
         assert isinstance(reply, protocol.DomainCreated)
         if args.target is not None:
             await conn.call(protocol.SetTarget(domid=reply.domid, pages=args.target.pages))
@@ -553,7 +556,7 @@ async def cmd_create(args: argparse.Namespace) -> Any:
         _warn(args, f"domain {reply.domid} starts with {mib_text(resident * abi.PAGE_SIZE)} of its {memory} "
                     f"resident (the host memory budget is spent); attach a pager (hvemu pager-attach "
                     f"{reply.domid}) before a guest runs, or its first fault crashes the domain")
-    return {"domid": reply.domid, "vcpus": args.vcpus, "gfns": gfns}
+    return {"domid": reply.domid, "vcpus": args.vcpus, "gfns": gfns, "abi": args.abi}
 
 
 @command("destroy", "destroy a domain (its guest and daemons exit; its pagefile is removed)", DOMAIN)

@@ -309,9 +309,12 @@ class HypervisorDaemon:
             raise _err(Errno.EEXIST, f"a domain with handle {handle} exists")
         memory = PosixSegment(msg.gfns * abi.PAGE_SIZE, tag="mem")
         p2m = Segment(abi.p2m_table_size(msg.gfns), tag="p2m", read_only_twin=True)
+        if msg.abi not in abi.RING_ABIS:
+            raise _err(Errno.EINVAL, f"unknown ring ABI {msg.abi!r} (one of {', '.join(abi.RING_ABIS)})")
         inflight = Segment(abi.inflight_table_size(msg.max_vcpus), tag="inflight")
         try:
-            dom = self.hv.create_domain(msg.max_vcpus, msg.gfns, p2m_buffer=p2m.map, name=msg.name)
+            dom = self.hv.create_domain(msg.max_vcpus, msg.gfns, p2m_buffer=p2m.map, name=msg.name,
+                                        ring_abi=msg.abi)
         except BaseException:
             for seg in (memory, p2m, inflight):
                 seg.close()
@@ -351,7 +354,8 @@ class HypervisorDaemon:
             st = be.dom.stats()
             out.append(protocol.DomainSummary(domid=be.domid, name=getattr(be.dom, "name", ""), handle=be.handle,
                                               max_vcpus=be.dom.max_vcpus, gfns=be.dom.gfns,
-                                              resident=int(st.get("resident", 0)), crashed=be.dom.crashed))
+                                              resident=int(st.get("resident", 0)), crashed=be.dom.crashed,
+                                              abi=be.dom.ring_abi))
         return protocol.DomainListReply(domains=out), []
 
     async def _stats(self, ctx: ConnCtx, msg: protocol.Stats | protocol.DomainInfo) -> Reply:
@@ -431,7 +435,7 @@ class HypervisorDaemon:
         reply = protocol.MemEventEnabled(
             domid=be.domid, ring=msg.ring, port=ring.port, ring_size=be.dom.rings_size(msg.ring),
             max_vcpus=be.dom.max_vcpus, gfns=be.dom.gfns, reattached=reattached, domain_handle=be.handle,
-            fds=["ring", "evtchn", "memory", "p2m"])
+            abi=be.dom.ring_abi, fds=["ring", "evtchn", "memory", "p2m"])
         log.info("domain %d %s ring %s (port %d)", be.domid, msg.ring,
                  "re-attached" if reattached else "enabled", ring.port)
         fds: list[FdLike] = [ring.page.fd, OwnedFd(remote), be.memory.fd, be.p2m.ro_fd]

@@ -70,6 +70,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     seed: int
     #: CPUs every process was pinned to (``taskset -c`` form), None: not pinned.
     cpus: str | None = None
+    #: The domains' ring ABI (``abi.RING_ABIS``).
+    abi: str = "seed"
 
     def argv(self) -> list[str]:
         """The ``run.sh`` options that give these settings."""
@@ -77,6 +79,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 "--host-memory", _num(self.host_memory_mib), "--target", _num(self.target_mib),
                 "--duration", _num(self.duration_s), "--pattern", self.pattern, "--write-ratio",
                 _num(self.write_ratio), "--policy", self.policy, "--batch", str(self.batch), "--seed", str(self.seed)]
+        argv += ["--abi", self.abi] if self.abi != "seed" else []
         return argv + (["--cpus", self.cpus] if self.cpus else [])
 
 
@@ -244,7 +247,8 @@ class Run:
         gfns = int(s.memory_mib * MiB) // abi.PAGE_SIZE
         target = int(s.target_mib * MiB) // abi.PAGE_SIZE
         for i in range(s.domains):
-            reply, _ = await tool.call(protocol.DomainCreate(max_vcpus=s.vcpus, gfns=gfns, name=f"guest{i}"))
+            reply, _ = await tool.call(protocol.DomainCreate(max_vcpus=s.vcpus, gfns=gfns, name=f"guest{i}",
+                                                             abi=s.abi))
             assert isinstance(reply, protocol.DomainCreated)
             self.domids.append(reply.domid)
             await tool.call(protocol.SetTarget(domid=reply.domid, pages=target))
@@ -554,6 +558,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="fraction of the guests' accesses that write, 0 to 1")
     p.add_argument("--policy", choices=POLICIES, default=POLICIES[0],
                    help="mem_event admission policy of the hypervisor")
+    p.add_argument("--abi", choices=abi.RING_ABIS, default=abi.DEFAULT_RING_ABI,
+                   help="the domains' ring ABI: the seed's mem_event, Xen 4.2.0's, or Xen 4.17's vm_event")
     p.add_argument("--batch", type=int, default=EVICT_BATCH, metavar="PAGES", help="pages per pager eviction batch")
     p.add_argument("--seed", type=int, default=1, help="workload seed (domain N's guest uses seed + N)")
     p.add_argument("--cpus", default=None, metavar="LIST",
@@ -670,7 +676,7 @@ def settings_of(args: argparse.Namespace) -> Settings:
     return Settings(domains=args.domains, vcpus=args.vcpus, memory_mib=args.memory.mib,
                     host_memory_mib=args.host_memory.mib, target_mib=args.target.mib, duration_s=args.duration,
                     pattern=args.pattern, write_ratio=args.write_ratio, policy=args.policy, batch=args.batch,
-                    seed=args.seed, cpus=format_cpus(args.cpus) if args.cpus is not None else None)
+                    seed=args.seed, cpus=format_cpus(args.cpus) if args.cpus is not None else None, abi=args.abi)
 
 
 def _from_file(path: str) -> list[str]:
