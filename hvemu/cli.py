@@ -297,7 +297,8 @@ class Command:
 #: Every subcommand, in the order ``hvemu --help`` lists them.
 COMMANDS: dict[str, Command] = {}
 #: Help of the groups of actions (``trace``).
-GROUPS = {"trace": "record ring events (xentrace-like); print, summarise, export and plot them"}
+GROUPS = {"trace": "record ring events (xentrace-like); print, summarise, export and plot them",
+          "xenstore": "the hypervisor's xenstore: read, write, rm, ls, watch (xenstore-read and friends)"}
 
 
 def command(name: str, help: str, *args: Arg, epilog: str = "",
@@ -723,7 +724,8 @@ async def cmd_vcpu_list(args: argparse.Namespace) -> Any:
     return rows
 
 
-@command("mem-set", "set a domain's paging target (xl mem-set)",
+@command("mem-set", "set a domain's paging target (xl mem-set: also memory/target and, for xenpaging, "
+                    "memory/target-tot_pages in xenstore, in KiB)",
          DOMAIN, arg("memory", type=_size, metavar="SIZE", help=f"the target, {SIZE_UNITS}"))
 async def cmd_mem_set(args: argparse.Namespace) -> Any:
     conn = await _tool(args.run_dir)
@@ -758,6 +760,76 @@ async def cmd_map(args: argparse.Namespace) -> Any:
     return {"domid": domid, "retries": retries,
             "pages": {str(g): {"crc32": f"{zlib.crc32(p):08x}", "head": p[:24].hex()}
                       for g, p in sorted(pages.items())}}
+
+
+def _xenstore(args: argparse.Namespace) -> Any:
+    from hvemu.xenstore import XsClient, socket_path
+
+    path = socket_path(_run_dir(args))
+    try:
+        return XsClient(path, timeout=None if getattr(args, "count", None) is not None else 30.0)
+    except OSError as exc:
+        raise CliError(f"no hypervisor xenstore at {path}: {exc.strerror}", "ENOENT") from None
+
+
+def _xs_call(args: argparse.Namespace, what: Callable[[Any], Any]) -> Any:
+    from hvemu.xenstore import XsError
+
+    with _xenstore(args) as xs:
+        try:
+            return what(xs)
+        except XsError as exc:
+            raise CliError(f"xenstore {args.path}: {exc}", exc.errno) from None
+
+
+XS_PATH = arg("path", metavar="PATH", help="a xenstore path (relative ones are under /local/domain/0)")
+
+
+@command("xenstore read", "read a xenstore key (xenstore-read)", XS_PATH, text=str)
+def cmd_xenstore_read(args: argparse.Namespace) -> Any:
+    return _xs_call(args, lambda xs: xs.read(args.path).decode(errors="replace"))
+
+
+@command("xenstore write", "write a xenstore key (xenstore-write); watches on it and above it fire",
+         XS_PATH, arg("value", metavar="VALUE"))
+def cmd_xenstore_write(args: argparse.Namespace) -> Any:
+    _xs_call(args, lambda xs: xs.write(args.path, args.value.encode()))
+    return {"path": args.path, "value": args.value}
+
+
+@command("xenstore rm", "remove a xenstore key and everything below it (xenstore-rm)", XS_PATH)
+def cmd_xenstore_rm(args: argparse.Namespace) -> Any:
+    _xs_call(args, lambda xs: xs.rm(args.path))
+    return {"removed": args.path}
+
+
+@command("xenstore ls", "list a xenstore directory with values (xenstore-ls)", XS_PATH,
+         text=lambda rows: "\n".join(f"{r['key']} = \"{r['value']}\"" for r in rows))
+def cmd_xenstore_ls(args: argparse.Namespace) -> Any:
+    def listing(xs: Any) -> list[dict[str, str]]:
+        base = args.path.rstrip("/") or "/"
+        rows = []
+        for child in xs.directory(base):
+            key = f"{base.rstrip('/')}/{child}"
+            rows.append({"key": key, "value": xs.read(key).decode(errors="replace")})
+        return rows
+
+    return _xs_call(args, listing)
+
+
+@command("xenstore watch", "print PATH and TOKEN of each event of a watch (xenstore-watch); it fires once at once",
+         XS_PATH, arg("--count", "-n", type=int, default=0, metavar="N", help="stop after N events (0: never)"))
+def cmd_xenstore_watch(args: argparse.Namespace) -> Any:
+    def watching(xs: Any) -> None:
+        xs.watch(args.path, "hvemu")
+        seen = 0
+        while not args.count or seen < args.count:
+            path, _token = xs.read_watch()
+            print(path, flush=True)
+            seen += 1
+
+    _xs_call(args, watching)
+    return None
 
 
 @command("top", "live view of every domain and ring (xentop); q quits",

@@ -40,6 +40,7 @@ from hvemu.janitor import Janitor
 from hvemu.shm import PosixSegment, Segment
 from hvemu.trace import ALL_EVENTS, NO_RING, NO_VCPU, RING_CODES, TraceEvent, TraceWriter
 from hvemu.transport import ConnState, ControlServer, FdLike, OwnedFd
+from hvemu.xenstored import XenstoreServer
 
 log = logging.getLogger("hvemu.daemon")
 
@@ -141,6 +142,8 @@ class HypervisorDaemon:
         }
         self.trace: TraceWriter | None = None
         self.server: ControlServer | None = None
+        #: The hypervisor's xenstore (``xenstored.sock``): domains' names and memory targets for Xen's tools.
+        self.xenstored = XenstoreServer(run_dir)
 
     # ------------------------------------------------------------ plumbing
     @staticmethod
@@ -320,6 +323,8 @@ class HypervisorDaemon:
                 seg.close()
             raise
         self.backends[dom.domid] = DomainBackend(dom, memory, p2m, inflight, handle)
+        kib = msg.gfns * abi.PAGE_SIZE // 1024
+        self.xenstored.send(self.xenstored.store.introduce_domain(dom.domid, msg.name, kib, kib))
         log.info("created domain %d: %d vCPUs, %d pages", dom.domid, msg.max_vcpus, msg.gfns)
         return protocol.DomainCreated(domid=dom.domid), []
 
@@ -341,6 +346,7 @@ class HypervisorDaemon:
             self.hv.destroy_domain(domid)
         self._after_op()
         be.close()
+        self.xenstored.send(self.xenstored.store.release_domain(domid))
         log.info("destroyed domain %d", domid)
 
     async def _domain_destroy(self, ctx: ConnCtx, msg: protocol.DomainDestroy) -> Reply:
@@ -387,6 +393,7 @@ class HypervisorDaemon:
         if not 0 <= msg.pages <= be.dom.gfns:
             raise _err(Errno.EINVAL, f"target must be within 0..{be.dom.gfns}")
         be.target = msg.pages
+        self.xenstored.send(self.xenstored.store.set_target(be.domid, msg.pages * abi.PAGE_SIZE // 1024))
         if self.trace is not None:
             self.trace(TraceEvent.TARGET, be.domid, NO_RING, NO_VCPU, 0, msg.pages)
         return protocol.Ok(), []
@@ -796,6 +803,7 @@ class HypervisorDaemon:
             async with ControlServer(self.socket_path, self.handle, on_disconnect=self.on_disconnect,
                                      check_peer=self.check_peer) as server:
                 self.server = server
+                await self.xenstored.start()
                 log.info("hypervisor listening on %s (%d frames, %s policy)", self.socket_path,
                          self.hv.budget.total, self.hv.policy)
                 if ready is not None:
@@ -807,6 +815,7 @@ class HypervisorDaemon:
             for domid in list(self.backends):
                 self._destroy(domid)
             self.stop_trace()
+            await self.xenstored.stop()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             try:
