@@ -742,6 +742,30 @@ async def cmd_mem_set(args: argparse.Namespace) -> Any:
     return {"domid": domid, "target_pages": pages}
 
 
+@command("xen-tool", "run Xen 4.17's own xenpaging or xen-access against a domain (created with --abi vm_event), "
+                     "through hvemu's drop-in libraries",
+         arg("--path", default=None, metavar="FILE",
+             help="the binary to run (default: the one of Debian's xen-utils-4.17, fetched into the cache on "
+                  "first use with apt-get download + dpkg -x, never installed)"),
+         arg("tool", metavar="TOOL", help="xenpaging or xen-access"),
+         arg("tool_args", nargs=argparse.REMAINDER, metavar="ARGS", help="its arguments, as Xen's docs give them"),
+         epilog="examples: hvemu xen-tool xenpaging -d 1 -f /tmp/dom1.paging; hvemu xen-tool xen-access 1 write")
+def cmd_xen_tool(args: argparse.Namespace) -> Any:
+    from hvemu.xentools.build import BuildError
+    from hvemu.xentools.tools import ToolUnavailable, find_tool, tool_env
+
+    run_dir = _run_dir(args)
+    if not os.path.exists(protocol.socket_path(run_dir)):
+        raise CliError(f"no hypervisor runs in {run_dir} (hvemu start)", "ENOENT")
+    try:
+        binary = find_tool(args.tool, args.path)
+        env = tool_env(run_dir)
+    except (ToolUnavailable, BuildError) as exc:
+        raise CliError(str(exc)) from None
+    sys.stdout.flush()
+    os.execve(binary, [args.tool, *args.tool_args], env)
+
+
 @command("map", "foreign-map guest pages (retrying paged-out ones) and checksum them",
          DOMAIN, arg("gfns", type=_gfn, nargs="+", metavar="GFN", help="gfns: 16 or 0x10"),
          arg("--timeout", type=_finite, default=10.0, metavar="SECONDS", help="give up after, seconds"))
