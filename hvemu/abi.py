@@ -499,7 +499,12 @@ class VmEventAbiCodec:
     Responses: ``VCPU_PAUSED``, ``MEM_PAGING_DROP_PAGE`` and the gfn are
     obeyed; a response of another interface version is skipped as Xen skips
     it (decoded as ``DUMMY``); flags hvemu does not model set
-    :data:`UNKNOWN_VM_EVENT_FLAGS`.
+    :data:`UNKNOWN_VM_EVENT_FLAGS`.  One exception, on purpose: on the
+    paging ring every response is a paging response whatever its ``version``
+    and ``reason`` say, because Xen 4.17's own xenpaging never fills them in
+    (its ``rsp`` is a stack variable of which it sets ``flags``, ``vcpu_id``
+    and ``u.mem_paging.gfn`` only); Xen 4.17 skips such a response and leaves
+    the vCPU paused (see docs/differences-from-xen.md).
     """
 
     size = VM_EVENT_SIZE
@@ -551,10 +556,11 @@ class VmEventAbiCodec:
                 flags |= mem
         if vflags & ~(VM_EVENT_FLAG_VCPU_PAUSED | VM_EVENT_FLAG_FOREIGN):
             flags |= UNKNOWN_VM_EVENT_FLAGS
-        if version != VM_EVENT_INTERFACE_VERSION:
+        paging_ring = self.event_type == MemEventType.PAGING
+        if version != VM_EVENT_INTERFACE_VERSION and not paging_ring:
             return MemEvent(self.event_type, int(MemEventFlag.DUMMY), vcpu)
         ev = MemEvent(self.event_type, flags, vcpu)
-        if reason == VmEventReason.MEM_PAGING:
+        if reason == VmEventReason.MEM_PAGING or paging_ring:
             ev.type = MemEventType.PAGING
             ev.gfn, ev.p2mt, pflags = _VM_PAGING.unpack_from(buf, u)
             if pflags & MEM_PAGING_DROP_PAGE:
@@ -582,7 +588,10 @@ class VmEventAbiCodec:
         return ev
 
 
-def entry_codec(ring_abi: str, ring: RingKind | str = "paging") -> EntryCodec:
+MemEventEntryCodec = MemEventCodec | MemEvent42Codec | VmEventAbiCodec
+
+
+def entry_codec(ring_abi: str, ring: RingKind | str = "paging") -> MemEventEntryCodec:
     """The codec of ``ring``'s entries in a domain of ABI ``ring_abi`` (``ValueError`` if unknown)."""
     event_type = RING_EVENT_TYPE[RingKind(ring)]
     if ring_abi == "seed":

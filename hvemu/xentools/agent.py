@@ -123,9 +123,12 @@ class Agent:
             return await self._enable(domid, args[1])
         if op in ("disable", "resume"):
             ring = RingKind(args[1])
-            msg = (protocol.MemEventDisable(domid=domid, ring=ring) if op == "disable"
-                   else protocol.MemEventResume(domid=domid, ring=ring))
-            await self.call(msg)
+            # Xen consumes the responses a notify announced before xenevtchn_notify returns (the ring's
+            # consumer runs in the hypercall); here the kick is read later, so drain before a disable, or
+            # the responses a tool pushed just before it would never unpause their vCPUs.
+            await self.call(protocol.MemEventResume(domid=domid, ring=ring))
+            if op == "disable":
+                await self.call(protocol.MemEventDisable(domid=domid, ring=ring))
             return "ok", b"", []
         if op in ("nominate", "evict", "prep", "load"):
             gfn = _int(args[1], "gfn")

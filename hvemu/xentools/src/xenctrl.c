@@ -19,6 +19,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -296,12 +297,56 @@ static int map_chunk(uint32_t dom, const xen_pfn_t *arr, int num, int memfd, uin
  * on its way in with no request for the pager: xenpaging's page-in thread maps up to 64 gfns at a time on
  * an 8-slot ring, and would then wait for those pages for ever.  So when this process holds the domain's
  * paging ring, a gfn the p2m shows paged (or nominated) is mapped alone, once the ring has more free
- * slots than the domain has vCPUs (each vCPU has at most one request outstanding, so the request will
- * find a slot).  The bound is read from the ring page: the hypervisor sets rsp_event = rsp_cons + 1
+ * slots than the domain has vCPUs plus one (each vCPU has at most one request outstanding, one slot is
+ * left for one other foreign mapper's populate, so the request will find a slot; with more vCPUs than
+ * that the ring must be empty).  The bound is read from the ring page: the hypervisor sets rsp_event = rsp_cons + 1
  * whenever it consumes a response, so slots - (req_prod - (rsp_event - 1)) never exceeds its free count. */
 #define P2M_PAGING_OUT 9
 #define P2M_PAGED 10
 #define WAIT_FOR_SLOT_NS (30ll * 1000000000ll)
+
+/* Gfns this process nominated and has not evicted yet.  Xen maps a nominated page's frame even once the
+ * guest touched it (ram_paging_in with the frame still there: PV dom0's mmu_update refuses only
+ * ram_paged), and xenpaging copies a page out between its nominate and its evict: an ENOENT there is
+ * fatal to it.  hvemu's MapForeign answers ENOENT for every ram_paging_in gfn (a prepared frame may be
+ * half filled), so the library maps a gfn it nominated straight from guest memory, which the guest
+ * cannot write since the nominate; the evict then fails with EBUSY if the guest touched it, as on Xen. */
+#define NOMINATED_MAX 64
+static pthread_mutex_t nominated_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct { uint32_t domid; uint64_t gfn; } nominated[NOMINATED_MAX];
+static int n_nominated;
+
+static void nominated_set(uint32_t domid, uint64_t gfn, int on)
+{
+    pthread_mutex_lock(&nominated_lock);
+    for (int i = 0; i < n_nominated; i++)
+        if (nominated[i].domid == domid && nominated[i].gfn == gfn) {
+            if (!on)
+                nominated[i] = nominated[--n_nominated];
+            pthread_mutex_unlock(&nominated_lock);
+            return;
+        }
+    if (on) {
+        if (n_nominated == NOMINATED_MAX) { /* the oldest goes: a pager evicts what it nominates */
+            memmove(nominated, nominated + 1, sizeof(nominated[0]) * (NOMINATED_MAX - 1));
+            n_nominated--;
+        }
+        nominated[n_nominated].domid = domid;
+        nominated[n_nominated].gfn = gfn;
+        n_nominated++;
+    }
+    pthread_mutex_unlock(&nominated_lock);
+}
+
+static int is_nominated(uint32_t domid, uint64_t gfn)
+{
+    int yes = 0;
+    pthread_mutex_lock(&nominated_lock);
+    for (int i = 0; i < n_nominated && !yes; i++)
+        yes = nominated[i].domid == domid && nominated[i].gfn == gfn;
+    pthread_mutex_unlock(&nominated_lock);
+    return yes;
+}
 
 static int populates(const struct hvemu_paging_ring *ring, xen_pfn_t gfn)
 {
@@ -318,7 +363,8 @@ static void wait_for_slot(const struct hvemu_paging_ring *ring)
         uint32_t req_prod = __atomic_load_n(&ring->sring[0], __ATOMIC_ACQUIRE);
         uint32_t rsp_event = __atomic_load_n(&ring->sring[3], __ATOMIC_ACQUIRE);
         uint32_t used = req_prod - (rsp_event - 1u);
-        if (used < ring->slots && ring->slots - used > ring->max_vcpus)
+        uint32_t margin = ring->max_vcpus + 1u < ring->slots ? ring->max_vcpus + 1u : ring->slots - 1u;
+        if (used < ring->slots && ring->slots - used > margin)
             return;
         nanosleep(&nap, NULL);
     }
@@ -354,11 +400,16 @@ HVEMU_EXPORT void *xc_map_foreign_pages(xc_interface *xch, uint32_t dom, int pro
     }
     for (int i = 0; i < num;) {
         int k = 0;
+        if (memfd >= 0 && arr[i] < gfns && is_nominated(dom, arr[i])) {
+            err[i++] = 0; /* mapped from guest memory below */
+            continue;
+        }
         if (populates(ring, arr[i])) {
             wait_for_slot(ring);
             k = 1;
         } else {
-            while (i + k < num && k < MAP_CHUNK && !populates(ring, arr[i + k]))
+            while (i + k < num && k < MAP_CHUNK && !populates(ring, arr[i + k]) &&
+                   !(memfd >= 0 && arr[i + k] < gfns && is_nominated(dom, arr[i + k])))
                 k++;
         }
         if (map_chunk(dom, arr + i, k, memfd, base + (size_t)i * HVEMU_PAGE, err + i) < 0) {
@@ -493,12 +544,16 @@ static int one_gfn(const char *op, uint32_t domid, uint64_t gfn, const void *pag
 HVEMU_EXPORT int xc_mem_paging_nominate(xc_interface *xch, uint32_t domain_id, uint64_t gfn)
 {
     (void)xch;
-    return one_gfn("nominate", domain_id, gfn, NULL);
+    int rc = one_gfn("nominate", domain_id, gfn, NULL);
+    if (rc == 0)
+        nominated_set(domain_id, gfn, 1);
+    return rc;
 }
 
 HVEMU_EXPORT int xc_mem_paging_evict(xc_interface *xch, uint32_t domain_id, uint64_t gfn)
 {
     (void)xch;
+    nominated_set(domain_id, gfn, 0);
     return one_gfn("evict", domain_id, gfn, NULL);
 }
 
