@@ -126,7 +126,11 @@ class Agent:
             # Xen consumes the responses a notify announced before xenevtchn_notify returns (the ring's
             # consumer runs in the hypercall); here the kick is read later, so drain before a disable, or
             # the responses a tool pushed just before it would never unpause their vCPUs.
-            await self.call(protocol.MemEventResume(domid=domid, ring=ring))
+            try:
+                await self.call(protocol.MemEventResume(domid=domid, ring=ring))
+            except AgentError:
+                if op == "resume":
+                    raise
             if op == "disable":
                 await self.call(protocol.MemEventDisable(domid=domid, ring=ring))
             return "ok", b"", []
