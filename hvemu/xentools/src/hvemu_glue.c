@@ -72,7 +72,13 @@ static int agent_start(void)
         return -1;
     }
     if (pid == 0) {
-        /* The agent outlives no one: it exits when our end closes (EOF), whatever killed us. */
+        /* The agent outlives no one: it exits when our end closes (EOF), whatever killed us.  A tool's
+         * SIGINT/SIGTERM (a Ctrl-C to its group included) is for the tool, which still needs the agent
+         * while it cleans up: the agent has a group of its own and ignores them from its first instruction. */
+        setpgid(0, 0);
+        signal(SIGINT, SIG_IGN);
+        signal(SIGTERM, SIG_IGN);
+        signal(SIGHUP, SIG_IGN);
         if (dup2(sv[1], 3) < 0)
             _exit(127);
         for (int fd = 4; fd < 1024; fd++)
