@@ -40,6 +40,7 @@ from hvemu.janitor import Janitor
 from hvemu.shm import PosixSegment, Segment
 from hvemu.trace import ALL_EVENTS, NO_RING, NO_VCPU, RING_CODES, TraceEvent, TraceWriter
 from hvemu.transport import ConnState, ControlServer, FdLike, OwnedFd
+from hvemu.xenstore import socket_path as xenstore_socket_path
 from hvemu.xenstored import XenstoreServer
 
 log = logging.getLogger("hvemu.daemon")
@@ -872,9 +873,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # Forked before anything is opened: removes the socket file if we are killed.
     janitor = Janitor.start(protocol.socket_path(run_dir))
+    xs_janitor = Janitor.start(xenstore_socket_path(run_dir))  # the xenstore's socket, likewise
 
     def ready() -> None:
         janitor.arm()
+        xs_janitor.arm()
         if args.ready_fd is not None:
             os.write(args.ready_fd, b"R")
             os.close(args.ready_fd)
@@ -890,6 +893,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         janitor.reap()
+        xs_janitor.reap()
     return 0
 
 
