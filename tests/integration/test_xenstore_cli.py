@@ -33,7 +33,7 @@ def test_xenstore_follows_domains_and_targets(started: str) -> None:  # noqa: F8
     assert out.split() == [f"/local/domain/{domid}/memory", f"/local/domain/{domid}/memory/target",
                            f"/local/domain/{domid}/memory/target-tot_pages"], out
     rows = hv_json(run_dir, "xenstore", "ls", f"/local/domain/{domid}/memory")
-    assert {r["key"].rsplit("/", 1)[1]: r["value"] for r in rows} == {  # type: ignore[union-attr, index]
+    assert {r["key"].rsplit("/", 1)[1]: r["value"] for r in rows} == {  # type: ignore[attr-defined, index]
         "static-max": "4096", "target": "2048", "target-tot_pages": "2048"}
     hvemu(run_dir, "xenstore", "write", "/local/domain/0/device-model/1/command", "flush-cache")
     hvemu(run_dir, "xenstore", "rm", "/local/domain/0/device-model")
