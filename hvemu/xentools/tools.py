@@ -48,6 +48,11 @@ def fetch_package(timeout: float = 300.0) -> Path:
         try:
             got = subprocess.run([apt, "download", PACKAGE], cwd=tmp, capture_output=True, text=True,
                                  timeout=timeout)
+            if got.returncode and os.geteuid() == 0:
+                # A fresh machine has no package lists yet (root may fetch them; nothing is installed).
+                subprocess.run([apt, "update", "-qq"], capture_output=True, text=True, timeout=timeout)
+                got = subprocess.run([apt, "download", PACKAGE], cwd=tmp, capture_output=True, text=True,
+                                     timeout=timeout)
         except subprocess.TimeoutExpired:
             raise ToolUnavailable(f"apt-get download {PACKAGE} took more than {timeout:.0f} s") from None
         debs = sorted(Path(tmp).glob("*.deb"))
