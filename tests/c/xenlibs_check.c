@@ -1,6 +1,7 @@
 /* xenlibs_check.c -- every function of hvemu's drop-in Xen libraries, called as Xen's tools call them.
  *
  *   xenlibs_check DOMID GFNS     (HVEMU_RUN_DIR names the hypervisor; DOMID has the vm_event ABI, no guest)
+ *   xenlibs_check DOMID GFNS map 5   (afterwards, in a process without a ring: gfn 5 holds 0xab, gfn 6 zeros)
  *
  * Prints "ok <function>" for each check that held and "FAIL <function>: why" for each that did not; exits 1
  * if any failed.  The prototypes are Xen 4.17's, written here: the test links against the drop-in libraries
@@ -368,14 +369,29 @@ static void store(void)
     check("xs_daemon_close", xs != NULL, "");
 }
 
+/* A process that holds no ring of the domain: its foreign mappings are copies. */
+static int map_copy(xen_pfn_t gfn)
+{
+    xc_interface *xch = xc_interface_open(NULL, NULL, 0);
+    xen_pfn_t both[2] = {gfn, gfn + 1};
+    uint8_t *p = xch ? xc_map_foreign_pages(xch, dom, PROT_READ, both, 2) : NULL;
+    check("xc_map_foreign_pages(copy)", p && p[0] == 0xab && p[4095] == 0xab && p[4096] == 0, "gfn %lu", gfn);
+    if (p)
+        munmap(p, 2 * 4096);
+    xc_interface_close(xch);
+    return failures ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s DOMID GFNS\n", argv[0]);
+    if (argc != 3 && !(argc == 5 && !strcmp(argv[3], "map"))) {
+        fprintf(stderr, "usage: %s DOMID GFNS [map GFN]\n", argv[0]);
         return 2;
     }
     dom = (uint32_t)strtoul(argv[1], NULL, 10);
     gfns = strtoul(argv[2], NULL, 10);
+    if (argc == 5)
+        return map_copy(strtoul(argv[4], NULL, 10));
     toollog();
     xc_interface *xch = xc_interface_open(NULL, NULL, 0);
     check("xc_interface_open", xch != NULL, "cannot open");

@@ -62,6 +62,10 @@ async def test_every_library_function(hv: Hypervisor, xen_libs: Path, check_prog
     domid = await create_vm_event_domain(hv, 1, GFNS)
     run = subprocess.run([str(check_program), str(domid), str(GFNS)], env=tool_env(hv.run_dir),
                          capture_output=True, text=True, timeout=120)
+    # Then a process without a ring of the domain maps gfn 5 (loaded with 0xab above) and 6: copies.
+    copy = subprocess.run([str(check_program), str(domid), str(GFNS), "map", "5"], env=tool_env(hv.run_dir),
+                          capture_output=True, text=True, timeout=60)
+    assert copy.returncode == 0 and copy.stdout == "ok xc_map_foreign_pages(copy)\n", copy.stdout + copy.stderr
     lines = run.stdout.splitlines()
     failed = [line for line in lines if not line.startswith("ok ")]
     assert not failed and run.returncode == 0, "\n".join(failed) + run.stderr[-2000:]

@@ -273,9 +273,13 @@ static int map_chunk(uint32_t dom, const xen_pfn_t *arr, int num, int memfd, uin
     int n = snprintf(line, sizeof(line), "map %u %s", dom, memfd >= 0 ? "shared" : "copy");
     for (int i = 0; i < num; i++)
         n += snprintf(line + n, sizeof(line) - (size_t)n, " %lu", arr[i]);
-    static uint8_t pages[MAP_CHUNK * HVEMU_PAGE];
-    if (hvemu_call_data(line, reply, sizeof(reply), memfd >= 0 ? NULL : pages, sizeof(pages)) < 0)
+    uint8_t *pages = NULL; /* the copies, when the pages cannot be shared (threads may map at once) */
+    if (memfd < 0 && !(pages = malloc((size_t)num * HVEMU_PAGE)))
         return -1;
+    if (hvemu_call_data(line, reply, sizeof(reply), pages, pages ? (size_t)num * HVEMU_PAGE : 0) < 0) {
+        free(pages);
+        return -1;
+    }
     char *p = reply;
     for (int i = 0; i < num; i++) {
         while (*p == ' ')
@@ -289,6 +293,7 @@ static int map_chunk(uint32_t dom, const xen_pfn_t *arr, int num, int memfd, uin
         }
         p += strcspn(p, " ");
     }
+    free(pages);
     return 0;
 }
 
