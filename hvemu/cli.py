@@ -660,6 +660,7 @@ def summarise_info(st: dict[str, Any]) -> dict[str, Any]:
     vcpus = int(st.get("max_vcpus", 0))
     return {
         "domid": st.get("domid"), "name": st.get("name", ""), "crashed": st.get("crashed", False),
+        "ring_abi": st.get("abi", abi.DEFAULT_RING_ABI),
         "vcpus": {"total": vcpus, "paused": st.get("vcpus_paused", 0), "blocked": st.get("vcpus_blocked", 0),
                   "running": vcpus - int(st.get("vcpus_paused", 0))},
         "pages": {"total": st.get("gfns", 0), "resident": st.get("resident", 0), "paged": st.get("paged", 0),
