@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--balloon", type=int, default=0, help="give back this many pages halfway through")
     p.add_argument("--trap-every", type=int, default=0, help="write CR3 every N accesses (0: never)")
     p.add_argument("--int3-every", type=int, default=0, help="hit a breakpoint (INT3) every N accesses (0: never)")
+    p.add_argument("--exec-every", type=int, default=0,
+                   help="fetch instructions from the page just accessed every N accesses (0: never)")
     p.add_argument("--report", default="-", help="where to write the JSON report ('-' = stdout)")
     p.add_argument("--no-verify-all", dest="verify_all", action="store_false",
                    help="skip the final pass that reads back every page written")
@@ -118,7 +120,7 @@ async def run_guest(args: argparse.Namespace, outcome: Outcome) -> GuestReport:
             lifeline = tg.create_task(_lifeline(main_conn, args.domid), name="lifeline")
             tasks = [tg.create_task(v.run(accesses(cfg, usable, v.vcpu_id), deadline,
                                           max_accesses=args.max_accesses, trap_every=args.trap_every,
-                                          int3_every=args.int3_every))
+                                          int3_every=args.int3_every, exec_every=args.exec_every))
                      for v in vcpus]
             if balloon:
                 await asyncio.sleep(args.duration / 2)

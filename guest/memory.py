@@ -68,12 +68,15 @@ class GuestMemory:
         """Has a tool set this vCPU to single-step (it then reports every step)?"""
         return bool(self._debug[vcpu] & abi.VCPU_DEBUG_SINGLE_STEP)
 
-    def try_read(self, vcpu: int, gfn: int) -> bytes | None:
-        """The page's bytes, or None if the access must exit to the hypervisor."""
+    def try_read(self, vcpu: int, gfn: int, right: int = abi.ACCESS_R) -> bytes | None:
+        """The page's bytes, or None if the access must exit to the hypervisor.
+
+        ``right``: ``ACCESS_R`` for a read, ``ACCESS_X`` for an instruction fetch.
+        """
         inflight = self._inflight
         inflight[vcpu] = gfn + 1
         mb()
-        if _READ_OK[self._types[gfn]] and _RIGHTS[self._access[gfn]] & abi.ACCESS_R:
+        if _READ_OK[self._types[gfn]] and _RIGHTS[self._access[gfn]] & right:
             off = gfn * PAGE
             data = self._mem[off:off + PAGE].tobytes()
             inflight[vcpu] = abi.INFLIGHT_IDLE

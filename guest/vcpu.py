@@ -38,6 +38,8 @@ class VcpuReport(msgspec.Struct):
     steps: int = 0
     #: Traps a tool injected (xen-access re-injecting an INT3), delivered to the guest's own handler.
     traps_delivered: int = 0
+    #: Instruction fetches (``--exec-every``): reads that need the execute right.
+    fetches: int = 0
     integrity_failures: int = 0
     errors: list[str] = []
     latency: dict[str, float] = {}
@@ -83,15 +85,19 @@ class Vcpu:
         self._resumed(await self.port.trap(int(abi.MemEventReason.INT3), gfn, 0, gfn * abi.PAGE_SIZE))
         self.report.traps += 1
 
-    async def read(self, gfn: int) -> None:
+    async def read(self, gfn: int, right: int = abi.ACCESS_R) -> None:
+        """Read the page (``right=ACCESS_X``: fetch instructions from it) and check its stamp."""
         start = 0
-        while (data := self.mem.try_read(self.vcpu_id, gfn)) is None:
+        while (data := self.mem.try_read(self.vcpu_id, gfn, right)) is None:
             if not start:
                 start = time.perf_counter_ns()
-            await self._exit(gfn, abi.ACCESS_R)
+            await self._exit(gfn, right)
         if start:
             self._fault_done(start)
-        self.report.reads += 1
+        if right == abi.ACCESS_X:
+            self.report.fetches += 1
+        else:
+            self.report.reads += 1
         try:
             verify_page(data, gfn, self.versions[gfn])
         except StampError as exc:
@@ -129,7 +135,8 @@ class Vcpu:
             self.report.errors.append(why)
 
     async def run(self, stream: Iterator[tuple[int, bool]], deadline: float, *,
-                  max_accesses: int = 0, trap_every: int = 0, int3_every: int = 0) -> VcpuReport:
+                  max_accesses: int = 0, trap_every: int = 0, int3_every: int = 0,
+                  exec_every: int = 0) -> VcpuReport:
         n = 0
         cr3 = 0x1000
         while time.monotonic() < deadline and (not max_accesses or n < max_accesses):
@@ -144,6 +151,8 @@ class Vcpu:
                     await self._call(protocol.GuestYield(vcpu=self.vcpu_id))
                 if self.mem.single_stepping(self.vcpu_id):
                     await self.step(gfn)
+            if exec_every and n % exec_every == 0:
+                await self.read(gfn, abi.ACCESS_X)
             if int3_every and n % int3_every == 0:
                 await self.breakpoint(gfn)
             if trap_every and n % trap_every == 0:

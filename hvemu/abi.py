@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import errno as _errno
 import struct
-from typing import Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 import msgspec
 
@@ -366,6 +366,265 @@ class VmEventCodec:
 
 VM_EVENT_RING_SIZE = ring_size(VM_EVENT_SIZE)
 assert VM_EVENT_RING_SIZE == 8
+
+# --------------------------------------------------------------------------
+# The ring ABIs a domain may choose at create (``hvemu create --abi``).
+#
+# The core speaks :class:`MemEvent` whatever the ABI; each ABI is a codec
+# between that and the entry on the page, so the core's rules stay one
+# implementation.  The page header (``ring.h``'s four indices, the pad, then
+# ``ring[]``) is the same for all three.
+#
+# ``seed``      the seed's ``mem_event_st`` (u16 ``type`` + u16 ``flags``), 40 bytes, 64 slots.
+# ``4.2``       Xen 4.2.0 as released: ``mem_event_st`` with a u32 ``flags`` and no ``type``
+#               (the ring says what it carries), otherwise the seed's, 40 bytes, 64 slots.
+# ``vm_event``  Xen 4.17's ``vm_event_st``, ``VM_EVENT_INTERFACE_VERSION`` 7, 400 bytes,
+#               8 slots (what fits a page: Xen's tools do ``BACK_RING_INIT(.., XC_PAGE_SIZE)``).
+# --------------------------------------------------------------------------
+
+RingAbi = Literal["seed", "4.2", "vm_event"]
+RING_ABIS: tuple[RingAbi, ...] = ("seed", "4.2", "vm_event")
+DEFAULT_RING_ABI: RingAbi = "seed"
+
+# Xen 4.2.0 ``public/mem_event.h``: the same bits as the seed's flags, in a u32.
+_MEM_EVENT_42_STRUCT = struct.Struct("<IIQQQIHH")
+assert _MEM_EVENT_42_STRUCT.size == MEM_EVENT_SIZE
+
+
+def _access_bits(ev: MemEvent) -> int:
+    return ((BIT_ACCESS_R if ev.access_r else 0) | (BIT_ACCESS_W if ev.access_w else 0)
+            | (BIT_ACCESS_X if ev.access_x else 0) | (BIT_GLA_VALID if ev.gla_valid else 0)
+            | (ev.reserved_bits << 4))
+
+
+class MemEvent42Codec:
+    """Xen 4.2.0's ``mem_event_st``: u32 ``flags`` at 0, no ``type`` (taken from the ring)."""
+
+    size = MEM_EVENT_SIZE
+
+    def __init__(self, event_type: int = MemEventType.PAGING) -> None:
+        self.event_type = int(event_type)
+
+    def pack_into(self, buf: memoryview | bytearray, offset: int, ev: MemEvent) -> None:
+        _MEM_EVENT_42_STRUCT.pack_into(buf, offset, ev.flags, ev.vcpu_id, ev.gfn, ev.offset, ev.gla, ev.p2mt,
+                                       _access_bits(ev), ev.reason)
+
+    def unpack_from(self, buf: memoryview | bytes | bytearray, offset: int) -> MemEvent:
+        fl, vcpu, gfn, off, gla, p2mt, bits, reason = _MEM_EVENT_42_STRUCT.unpack_from(buf, offset)
+        return MemEvent(self.event_type, fl, vcpu, gfn, off, gla, p2mt,
+                        bool(bits & BIT_ACCESS_R), bool(bits & BIT_ACCESS_W),
+                        bool(bits & BIT_ACCESS_X), bool(bits & BIT_GLA_VALID), reason, bits >> 4)
+
+
+# Xen 4.17 ``public/vm_event.h`` (VM_EVENT_INTERFACE_VERSION 7).
+VM_EVENT_FLAG_VCPU_PAUSED = 1 << 0
+VM_EVENT_FLAG_FOREIGN = 1 << 1
+VM_EVENT_FLAG_EMULATE = 1 << 2
+VM_EVENT_FLAG_TOGGLE_SINGLESTEP = 1 << 4
+VM_EVENT_FLAG_DENY = 1 << 6
+VM_EVENT_FLAG_ALTERNATE_P2M = 1 << 7
+VM_EVENT_FLAG_SET_REGISTERS = 1 << 8
+
+
+class VmEventReason(enum.IntEnum):
+    UNKNOWN = 0
+    MEM_ACCESS = 1
+    MEM_SHARING = 2
+    MEM_PAGING = 3
+    WRITE_CTRLREG = 4
+    MOV_TO_MSR = 5
+    SOFTWARE_BREAKPOINT = 6
+    SINGLESTEP = 7
+    GUEST_REQUEST = 8
+    DEBUG_EXCEPTION = 9
+    CPUID = 10
+    PRIVILEGED_CALL = 11
+    INTERRUPT = 12
+    DESCRIPTOR_ACCESS = 13
+    EMUL_UNIMPLEMENTED = 14
+    VMEXIT = 15
+
+
+#: ``vm_event_write_ctrlreg.index``.
+VM_EVENT_X86_CR0 = 0
+VM_EVENT_X86_CR3 = 1
+VM_EVENT_X86_CR4 = 2
+#: ``vm_event_mem_access.flags``.
+MEM_ACCESS_R = 1 << 0
+MEM_ACCESS_W = 1 << 1
+MEM_ACCESS_X = 1 << 2
+MEM_ACCESS_GLA_VALID = 1 << 3
+#: ``vm_event_paging.flags``.
+MEM_PAGING_DROP_PAGE = 1 << 0
+MEM_PAGING_EVICT_FAIL = 1 << 1
+#: ``HVMOP_TRAP_sw_exc`` / ``X86_EVENTTYPE_SW_EXCEPTION``: the ``type`` of a software breakpoint.
+X86_EVENTTYPE_SW_EXCEPTION = 6
+
+#: Field offsets inside one 400-byte ``vm_event_st``: the header, the union ``u`` (32 bytes) at 24,
+#: the union ``data`` (the x86 register block, 344 bytes) at 56.
+VM_EVENT_FIELDS: dict[str, tuple[int, int]] = {
+    "version": (0, 4),
+    "flags": (4, 4),
+    "reason": (8, 4),
+    "vcpu_id": (12, 4),
+    "altp2m_idx": (16, 2),
+    "u": (24, 32),
+    "data": (56, 344),
+}
+VM_EVENT_U_OFFSET = 24
+VM_EVENT_DATA_OFFSET = 56
+#: ``data.regs.x86``: the offsets of the registers hvemu fills (every other one is zero: the guest
+#: model has no registers beyond these).
+VM_EVENT_REGS_X86_SIZE = 344
+VM_EVENT_REGS_X86_RIP = 19 * 8
+VM_EVENT_REGS_X86_CR0 = 20 * 8
+VM_EVENT_REGS_X86_CR3 = 22 * 8
+VM_EVENT_REGS_X86_CR4 = 23 * 8
+# The payloads, each at VM_EVENT_U_OFFSET.
+_VM_HEAD = struct.Struct("<IIIIH6x")
+_VM_PAGING = struct.Struct("<QII")          # gfn, p2mt, flags
+_VM_SHARING = struct.Struct("<QII")         # gfn, p2mt, _pad
+_VM_MEM_ACCESS = struct.Struct("<QQQII")    # gfn, offset, gla, flags, _pad
+_VM_CTRLREG = struct.Struct("<IIQQ")        # index, _pad, new_value, old_value
+_VM_DEBUG = struct.Struct("<QQIB3x")        # gfn, pending_dbg, insn_length, type
+_VM_SINGLESTEP = struct.Struct("<Q")        # gfn
+_U64 = struct.Struct("<Q")
+#: What our vm_event flags and MemEvent flags share, bit for bit (the rest is translated).
+_VM_FLAG_TO_MEM = {VM_EVENT_FLAG_VCPU_PAUSED: int(MemEventFlag.VCPU_PAUSED),
+                   VM_EVENT_FLAG_FOREIGN: int(MemEventFlag.FOREIGN)}
+_CTRLREG_INDEX = {MemEventReason.CR0: VM_EVENT_X86_CR0, MemEventReason.CR3: VM_EVENT_X86_CR3,
+                  MemEventReason.CR4: VM_EVENT_X86_CR4}
+_CTRLREG_REASON = {v: k for k, v in _CTRLREG_INDEX.items()}
+_CTRLREG_REG = {MemEventReason.CR0: VM_EVENT_REGS_X86_CR0, MemEventReason.CR3: VM_EVENT_REGS_X86_CR3,
+                MemEventReason.CR4: VM_EVENT_REGS_X86_CR4}
+#: A MemEvent flag bit outside the seed's set: a response carried vm_event flags hvemu does not obey
+#: (EMULATE, SET_REGISTERS, ...).  The core counts it as unknown bits and obeys the rest, as Xen.
+UNKNOWN_VM_EVENT_FLAGS = 1 << 15
+
+
+class VmEventAbiCodec:
+    """:class:`MemEvent` <-> Xen 4.17's ``vm_event_st``, for domains created with ``abi="vm_event"``.
+
+    Requests: ``reason`` and the payload follow the event (paging, sharing,
+    mem_access, write_ctrlreg with ``old_value`` 0 as the seed does not carry
+    it, software_breakpoint with ``insn_length`` 1, singlestep); the register
+    block is zero except ``rip`` (the gla of an access or breakpoint when
+    valid) and the control register a write_ctrlreg event names.
+    Responses: ``VCPU_PAUSED``, ``MEM_PAGING_DROP_PAGE`` and the gfn are
+    obeyed; a response of another interface version is skipped as Xen skips
+    it (decoded as ``DUMMY``); flags hvemu does not model set
+    :data:`UNKNOWN_VM_EVENT_FLAGS`.  One exception, on purpose: on the
+    paging ring every response is a paging response whatever its ``version``
+    and ``reason`` say, because Xen 4.17's own xenpaging never fills them in
+    (its ``rsp`` is a stack variable of which it sets ``flags``, ``vcpu_id``
+    and ``u.mem_paging.gfn`` only); Xen 4.17 skips such a response and leaves
+    the vCPU paused (see docs/differences-from-xen.md).
+    """
+
+    size = VM_EVENT_SIZE
+
+    def __init__(self, event_type: int = MemEventType.PAGING) -> None:
+        self.event_type = int(event_type)
+
+    def pack_into(self, buf: memoryview | bytearray, offset: int, ev: MemEvent) -> None:
+        buf[offset:offset + VM_EVENT_SIZE] = bytes(VM_EVENT_SIZE)
+        flags = 0
+        for vm, mem in _VM_FLAG_TO_MEM.items():
+            if ev.flags & mem:
+                flags |= vm
+        u = offset + VM_EVENT_U_OFFSET
+        regs = offset + VM_EVENT_DATA_OFFSET
+        if ev.type == MemEventType.PAGING:
+            reason = VmEventReason.MEM_PAGING
+            pflags = ((MEM_PAGING_DROP_PAGE if ev.flags & MemEventFlag.DROP_PAGE else 0)
+                      | (MEM_PAGING_EVICT_FAIL if ev.flags & MemEventFlag.EVICT_FAIL else 0))
+            _VM_PAGING.pack_into(buf, u, ev.gfn, ev.p2mt, pflags)
+        elif ev.type == MemEventType.SHARED:
+            reason = VmEventReason.MEM_SHARING
+            _VM_SHARING.pack_into(buf, u, ev.gfn, ev.p2mt, 0)
+        elif ev.reason in _CTRLREG_INDEX:
+            reason = VmEventReason.WRITE_CTRLREG
+            _VM_CTRLREG.pack_into(buf, u, _CTRLREG_INDEX[MemEventReason(ev.reason)], 0, ev.gfn, 0)
+            _U64.pack_into(buf, regs + _CTRLREG_REG[MemEventReason(ev.reason)], ev.gfn)
+        elif ev.reason == MemEventReason.INT3:
+            reason = VmEventReason.SOFTWARE_BREAKPOINT
+            _VM_DEBUG.pack_into(buf, u, ev.gfn, 0, 1, X86_EVENTTYPE_SW_EXCEPTION)
+        elif ev.reason == MemEventReason.SINGLESTEP:
+            reason = VmEventReason.SINGLESTEP
+            _VM_SINGLESTEP.pack_into(buf, u, ev.gfn)
+        else:
+            reason = VmEventReason.MEM_ACCESS
+            aflags = ((MEM_ACCESS_R if ev.access_r else 0) | (MEM_ACCESS_W if ev.access_w else 0)
+                      | (MEM_ACCESS_X if ev.access_x else 0) | (MEM_ACCESS_GLA_VALID if ev.gla_valid else 0))
+            _VM_MEM_ACCESS.pack_into(buf, u, ev.gfn, ev.offset, ev.gla, aflags, 0)
+        if ev.gla_valid:
+            _U64.pack_into(buf, regs + VM_EVENT_REGS_X86_RIP, ev.gla)
+        _VM_HEAD.pack_into(buf, offset, VM_EVENT_INTERFACE_VERSION, flags, reason, ev.vcpu_id, 0)
+
+    def unpack_from(self, buf: memoryview | bytes | bytearray, offset: int) -> MemEvent:
+        version, vflags, reason, vcpu, _idx = _VM_HEAD.unpack_from(buf, offset)
+        u = offset + VM_EVENT_U_OFFSET
+        flags = 0
+        for vm, mem in _VM_FLAG_TO_MEM.items():
+            if vflags & vm:
+                flags |= mem
+        if vflags & ~(VM_EVENT_FLAG_VCPU_PAUSED | VM_EVENT_FLAG_FOREIGN):
+            flags |= UNKNOWN_VM_EVENT_FLAGS
+        paging_ring = self.event_type == MemEventType.PAGING
+        if version != VM_EVENT_INTERFACE_VERSION and not paging_ring:
+            return MemEvent(self.event_type, int(MemEventFlag.DUMMY), vcpu)
+        ev = MemEvent(self.event_type, flags, vcpu)
+        if reason == VmEventReason.MEM_PAGING or paging_ring:
+            ev.type = MemEventType.PAGING
+            ev.gfn, ev.p2mt, pflags = _VM_PAGING.unpack_from(buf, u)
+            if pflags & MEM_PAGING_DROP_PAGE:
+                ev.flags |= MemEventFlag.DROP_PAGE
+            if pflags & MEM_PAGING_EVICT_FAIL:
+                ev.flags |= MemEventFlag.EVICT_FAIL
+        elif reason == VmEventReason.MEM_SHARING:
+            ev.type = MemEventType.SHARED
+            ev.gfn, ev.p2mt, _pad = _VM_SHARING.unpack_from(buf, u)
+        elif reason == VmEventReason.MEM_ACCESS:
+            ev.type, ev.reason = MemEventType.ACCESS, MemEventReason.VIOLATION
+            ev.gfn, ev.offset, ev.gla, aflags, _pad = _VM_MEM_ACCESS.unpack_from(buf, u)
+            ev.access_r, ev.access_w = bool(aflags & MEM_ACCESS_R), bool(aflags & MEM_ACCESS_W)
+            ev.access_x, ev.gla_valid = bool(aflags & MEM_ACCESS_X), bool(aflags & MEM_ACCESS_GLA_VALID)
+        elif reason == VmEventReason.WRITE_CTRLREG:
+            index, _pad, new, _old = _VM_CTRLREG.unpack_from(buf, u)
+            ev.type, ev.gfn = MemEventType.ACCESS, new
+            ev.reason = _CTRLREG_REASON.get(index, MemEventReason.UNKNOWN)
+        elif reason == VmEventReason.SOFTWARE_BREAKPOINT:
+            ev.type, ev.reason = MemEventType.ACCESS, MemEventReason.INT3
+            ev.gfn = _VM_DEBUG.unpack_from(buf, u)[0]
+        elif reason == VmEventReason.SINGLESTEP:
+            ev.type, ev.reason = MemEventType.ACCESS, MemEventReason.SINGLESTEP
+            ev.gfn = _VM_SINGLESTEP.unpack_from(buf, u)[0]
+        return ev
+
+
+MemEventEntryCodec = MemEventCodec | MemEvent42Codec | VmEventAbiCodec
+
+
+def entry_codec(ring_abi: str, ring: RingKind | str = "paging") -> MemEventEntryCodec:
+    """The codec of ``ring``'s entries in a domain of ABI ``ring_abi`` (``ValueError`` if unknown)."""
+    event_type = RING_EVENT_TYPE[RingKind(ring)]
+    if ring_abi == "seed":
+        return MemEventCodec()
+    if ring_abi == "4.2":
+        return MemEvent42Codec(event_type)
+    if ring_abi == "vm_event":
+        return VmEventAbiCodec(event_type)
+    raise ValueError(f"unknown ring ABI {ring_abi!r} (one of {', '.join(RING_ABIS)})")
+
+
+def abi_ring_slots(ring_abi: str, wanted: int = MEM_EVENT_RING_SIZE) -> int:
+    """Slots of a ring of this ABI: ``wanted`` (the host's ring size) for the 40-byte entries,
+    the whole page's for ``vm_event`` (Xen's tools size their back ring for the page)."""
+    if ring_abi == "vm_event":
+        return VM_EVENT_RING_SIZE
+    entry_codec(ring_abi)  # validates the name
+    return wanted
+
 
 # --------------------------------------------------------------------------
 # Errno names: the only error vocabulary of put_request and the control plane.

@@ -122,6 +122,8 @@ class DomainCreate(Msg):
     #: Domain ids are reused across hypervisor runs, handles are not: a
     #: pager's store records the handle of the domain whose pages it holds.
     handle: str = ""
+    #: The layout of the domain's ring entries: ``seed``, ``4.2`` or ``vm_event`` (``abi.RING_ABIS``).
+    abi: str = "seed"
 
 
 class DomainCreated(Msg):
@@ -144,6 +146,7 @@ class DomainSummary(msgspec.Struct):
     resident: int
     crashed: bool = False
     handle: str = ""
+    abi: str = "seed"
 
 
 class DomainListReply(Msg):
@@ -168,6 +171,8 @@ class MemEventEnabled(Msg):
     reattached: bool = False
     #: The domain's handle (see :class:`DomainCreate`).
     domain_handle: str = ""
+    #: The domain's ring ABI: build the ring with ``abi.entry_codec(abi, ring)``.
+    abi: str = "seed"
     fds: list[str] = []
 
 

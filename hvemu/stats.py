@@ -115,6 +115,8 @@ class DomainStats(DomainCounters, kw_only=True):
     name: str = ""
     #: The admission policy of its rings (``seed`` or ``claim``).
     policy: str = "seed"
+    #: The layout of its rings' entries (``abi.RING_ABIS``: ``seed``, ``4.2``, ``vm_event``).
+    abi: str = "seed"
     max_vcpus: int = 0
     gfns: int = 0
     crashed: bool = False

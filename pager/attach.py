@@ -16,6 +16,7 @@ full contract; in short:
 Environment of PROGRAM (numbers in decimal)
     ``HVEMU_RING_FD``      the ring page: ``mmap(PAGE_SIZE, PROT_READ|PROT_WRITE, MAP_SHARED)``
     ``HVEMU_RING_SIZE``    slots in ``ring[]`` (a power of two, 64 unless the hypervisor was told otherwise)
+    ``HVEMU_RING_ABI``     the entry layout: ``seed`` (hvemu_mem_event.h), ``4.2`` or ``vm_event`` (docs/contract.md)
     ``HVEMU_EVTCHN_FD``    the event channel (``AF_UNIX`` ``SOCK_SEQPACKET``; see :mod:`hvemu.evtchn`)
     ``HVEMU_PORT``         its port (the 4-byte little-endian message a notify writes)
     ``HVEMU_MEMORY_FD``    guest memory, ``HVEMU_GFNS * HVEMU_PAGE_SIZE`` bytes, read-write
@@ -361,6 +362,7 @@ def child_env(base: dict[str, str], reply: protocol.MemEventEnabled, fds: dict[s
         "HVEMU_RING": str(reply.ring),
         "HVEMU_RING_FD": str(fds["ring"]),
         "HVEMU_RING_SIZE": str(reply.ring_size),
+        "HVEMU_RING_ABI": reply.abi,
         "HVEMU_EVTCHN_FD": str(fds["evtchn"]),
         "HVEMU_PORT": str(reply.port),
         "HVEMU_MEMORY_FD": str(fds["memory"]),

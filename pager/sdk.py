@@ -224,7 +224,8 @@ class MemEventClient:
                 self._load_view = memoryview(load_map)
                 self._load_words = self._load_view[:abi.LOAD_WORD_SIZE * reply.ring_size].cast("Q")
             self.p2m = memoryview(p2m_map)
-            self.sring = SharedRing(ring_map, abi.MemEventCodec, page_size=abi.ring_bytes(reply.ring_size))
+            codec = abi.entry_codec(reply.abi, reply.ring)
+            self.sring = SharedRing(ring_map, codec, page_size=abi.ring_bytes(reply.ring_size, codec.size))
             # A fresh ring has every index at 0; a re-attached one resumes at
             # rsp_prod: every request after it is unanswered.
             self.back = BackRing.attach(self.sring)

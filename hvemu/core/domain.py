@@ -156,8 +156,13 @@ class Domain:
 
     def __init__(self, domid: int, max_vcpus: int, gfns: int, *, budget: FrameBudget,
                  emit: Callable[[Effect], None], policy: Policy, ring_size: int, resident: int,
-                 p2m_buffer: Any = None, name: str = "", notify: Notify = "ring.h") -> None:
+                 p2m_buffer: Any = None, name: str = "", notify: Notify = "ring.h",
+                 ring_abi: str = abi.DEFAULT_RING_ABI) -> None:
+        if ring_abi not in abi.RING_ABIS:
+            raise ValueError(f"unknown ring ABI {ring_abi!r} (one of {', '.join(abi.RING_ABIS)})")
         self.domid = domid
+        #: The layout of this domain's ring entries (``abi.RING_ABIS``), chosen at create.
+        self.ring_abi = ring_abi
         self.name = name
         self.max_vcpus = max_vcpus
         self.gfns = gfns
@@ -634,7 +639,8 @@ class Domain:
         rings = (paging, access, sharing)
         return DomainStats(
             **msgspec.structs.asdict(self.counters), paging=paging, access=access, sharing=sharing,
-            domid=self.domid, name=self.name, policy=self.policy, max_vcpus=self.max_vcpus, gfns=self.gfns,
+            domid=self.domid, name=self.name, policy=self.policy, abi=self.ring_abi, max_vcpus=self.max_vcpus,
+            gfns=self.gfns,
             crashed=self.crashed, paused=self.paused_by_controller, resident=p2m.resident,
             ram_rw=p2m.type_count(P2MType.ram_rw), paging_out=p2m.type_count(P2MType.ram_paging_out),
             paged=p2m.type_count(P2MType.ram_paged), paging_in=p2m.type_count(P2MType.ram_paging_in),

@@ -92,7 +92,7 @@ class Hypervisor:
             raise HypervisorError(Errno.ESRCH, f"no domain {domid!r}") from None
 
     def create_domain(self, max_vcpus: int, gfns: int, *, resident: int | None = None,
-                      p2m_buffer: Any = None, name: str = "") -> Domain:
+                      p2m_buffer: Any = None, name: str = "", ring_abi: str = abi.DEFAULT_RING_ABI) -> Domain:
         """A new domain; ``resident`` gfns (default all, clamped to the free budget) start ``ram_rw``.
 
         The rest start ``ram_paged`` without a frame: a pager asked for one it
@@ -112,7 +112,7 @@ class Hypervisor:
         try:
             dom = Domain(domid, max_vcpus, gfns, budget=self.budget, emit=self._emit,
                          policy=self.policy, ring_size=self.ring_size, resident=resident,
-                         p2m_buffer=p2m_buffer, name=name, notify=self.notify)
+                         p2m_buffer=p2m_buffer, name=name, notify=self.notify, ring_abi=ring_abi)
         except (TypeError, ValueError) as exc:
             raise HypervisorError(Errno.EINVAL, str(exc)) from exc
         dom.tracer = self._tracer

@@ -109,8 +109,10 @@ class MemEventDomain:
         self.policy: Policy = policy
         #: The admission rules (:mod:`hvemu.core.admission`): the seed's or the claim's.
         self.admission: Admission = ADMISSIONS[policy]
-        self.ring_size = ring_size
-        self.ring_bytes = abi.ring_bytes(ring_size)
+        #: The entry layout on the page: the domain's ring ABI (``abi.RING_ABIS``).
+        self.codec = abi.entry_codec(domain.ring_abi, kind)
+        self.ring_size = abi.abi_ring_slots(domain.ring_abi, ring_size)
+        self.ring_bytes = abi.ring_bytes(self.ring_size, self.codec.size)
         self.front: FrontRing[MemEvent] | None = None
         #: The page's bytes past the last slot of a ring smaller than the page (None otherwise):
         #: no correct daemon writes there.
@@ -262,7 +264,7 @@ class MemEventDomain:
         self.counters.responses += 1
         if self.domain.tracer is not None:
             self.trace(TraceEvent.RESPONSE, rsp.vcpu_id, rsp.gfn)
-        if rsp.flags & ~abi.MEM_EVENT_KNOWN_FLAGS or rsp.reserved_bits:
+        if rsp.flags & ~abi.MEM_EVENT_KNOWN_FLAGS or rsp.reserved_bits:  # (vm_event: abi.UNKNOWN_VM_EVENT_FLAGS)
             # Xen tests the bits it knows and never looks at the others.
             self.counters.responses_unknown_bits += 1
             rsp.flags &= abi.MEM_EVENT_KNOWN_FLAGS
@@ -318,7 +320,7 @@ class MemEventDomain:
         if self.front is not None:
             raise HypervisorError(Errno.EBUSY, f"the {self.kind} ring is already enabled")
         try:
-            sring: SharedRing[MemEvent] = SharedRing(buffer, abi.MemEventCodec, page_size=self.ring_bytes)
+            sring: SharedRing[MemEvent] = SharedRing(buffer, self.codec, page_size=self.ring_bytes)
         except (TypeError, ValueError) as exc:
             raise HypervisorError(Errno.EINVAL, f"unusable ring buffer: {exc}") from exc
         sring.init()

@@ -52,9 +52,11 @@ from hvemu.hypervisor.janitor import Janitor
 from hvemu.hypervisor.server import ConnState, ControlServer
 from hvemu.hypervisor.shm import PosixSegment, Segment
 from hvemu.hypervisor.trace_writer import TraceWriter
+from hvemu.hypervisor.xenstored import XenstoreServer
 from hvemu.names import ADMISSION_POLICIES
 from hvemu.stats import VcpuStats
 from hvemu.trace import ALL_EVENTS, NO_RING, NO_VCPU, RING_CODES, TraceEvent
+from hvemu.xenstore import socket_path as xenstore_socket_path
 
 log = logging.getLogger("hvemu.hypervisor.daemon")
 
@@ -158,6 +160,8 @@ class HypervisorDaemon:
         }
         self.trace: TraceWriter | None = None
         self.server: ControlServer | None = None
+        #: The hypervisor's xenstore (``xenstored.sock``): domains' names and memory targets for Xen's tools.
+        self.xenstored = XenstoreServer(run_dir)
 
     # ------------------------------------------------------------ plumbing
     @staticmethod
@@ -345,14 +349,19 @@ class HypervisorDaemon:
             raise _err(Errno.EEXIST, f"a domain with handle {handle} exists")
         memory = PosixSegment(msg.gfns * abi.PAGE_SIZE, tag="mem")
         p2m = Segment(abi.p2m_table_size(msg.gfns), tag="p2m", read_only_twin=True)
+        if msg.abi not in abi.RING_ABIS:
+            raise _err(Errno.EINVAL, f"unknown ring ABI {msg.abi!r} (one of {', '.join(abi.RING_ABIS)})")
         inflight = Segment(abi.inflight_table_size(msg.max_vcpus), tag="inflight")
         try:
-            dom = self.hv.create_domain(msg.max_vcpus, msg.gfns, p2m_buffer=p2m.map, name=msg.name)
+            dom = self.hv.create_domain(msg.max_vcpus, msg.gfns, p2m_buffer=p2m.map, name=msg.name,
+                                        ring_abi=msg.abi)
         except BaseException:
             for seg in (memory, p2m, inflight):
                 seg.close()
             raise
         self.backends[dom.domid] = DomainBackend(dom, memory, p2m, inflight, handle)
+        kib = msg.gfns * abi.PAGE_SIZE // 1024
+        self.xenstored.send(self.xenstored.store.introduce_domain(dom.domid, msg.name, kib, kib))
         log.info("created domain %d: %d vCPUs, %d pages", dom.domid, msg.max_vcpus, msg.gfns)
         return protocol.DomainCreated(domid=dom.domid), []
 
@@ -374,6 +383,7 @@ class HypervisorDaemon:
             self.hv.destroy_domain(domid)
         self._after_op()
         be.close()
+        self.xenstored.send(self.xenstored.store.release_domain(domid))
         log.info("destroyed domain %d", domid)
 
     async def _domain_destroy(self, ctx: ConnCtx, msg: protocol.DomainDestroy) -> Reply:
@@ -384,7 +394,8 @@ class HypervisorDaemon:
     async def _domain_list(self, ctx: ConnCtx, msg: protocol.DomainList) -> Reply:
         out = [protocol.DomainSummary(domid=be.domid, name=be.dom.name, handle=be.handle,
                                       max_vcpus=be.dom.max_vcpus, gfns=be.dom.gfns,
-                                      resident=be.dom.p2m.resident, crashed=be.dom.crashed)
+                                      resident=be.dom.p2m.resident, crashed=be.dom.crashed,
+                                      abi=be.dom.ring_abi)
                for be in self.backends.values()]
         return protocol.DomainListReply(domains=out), []
 
@@ -418,6 +429,7 @@ class HypervisorDaemon:
         if not 0 <= msg.pages <= be.dom.gfns:
             raise _err(Errno.EINVAL, f"target must be within 0..{be.dom.gfns}")
         be.target = msg.pages
+        self.xenstored.send(self.xenstored.store.set_target(be.domid, msg.pages * abi.PAGE_SIZE // 1024))
         if self.trace is not None:
             self.trace(TraceEvent.TARGET, be.domid, NO_RING, NO_VCPU, 0, msg.pages)
         return protocol.Ok(), []
@@ -466,7 +478,7 @@ class HypervisorDaemon:
         reply = protocol.MemEventEnabled(
             domid=be.domid, ring=msg.ring, port=ring.port, ring_size=be.dom.rings_size(msg.ring),
             max_vcpus=be.dom.max_vcpus, gfns=be.dom.gfns, reattached=reattached, domain_handle=be.handle,
-            fds=["ring", "evtchn", "memory", "p2m"])
+            abi=be.dom.ring_abi, fds=["ring", "evtchn", "memory", "p2m"])
         log.info("domain %d %s ring %s (port %d)", be.domid, msg.ring,
                  "re-attached" if reattached else "enabled", ring.port)
         fds: list[FdLike] = [ring.page.fd, OwnedFd(remote), be.memory.fd, be.p2m.ro_fd]
@@ -851,6 +863,7 @@ class HypervisorDaemon:
             async with ControlServer(self.socket_path, self.handle, on_disconnect=self.on_disconnect,
                                      check_peer=self.check_peer, new_state=ConnCtx) as server:
                 self.server = server
+                await self.xenstored.start()
                 log.info("hypervisor listening on %s (%d frames, %s policy)", self.socket_path,
                          self.hv.budget.total, self.hv.policy)
                 if ready is not None:
@@ -862,6 +875,7 @@ class HypervisorDaemon:
             for domid in list(self.backends):
                 self._destroy(domid)
             self.stop_trace()
+            await self.xenstored.stop()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             try:
@@ -919,9 +933,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # Forked before anything is opened: removes the socket file if we are killed.
     janitor = Janitor.start(protocol.socket_path(run_dir))
+    xs_janitor = Janitor.start(xenstore_socket_path(run_dir))  # the xenstore's socket, likewise
 
     def ready() -> None:
         janitor.arm()
+        xs_janitor.arm()
         if args.ready_fd is not None:
             os.write(args.ready_fd, procs.ReadyPipe.READY)
             os.close(args.ready_fd)
@@ -937,6 +953,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         janitor.reap()
+        xs_janitor.reap()
     return 0
 
 

@@ -304,7 +304,8 @@ class Command:
 #: Every subcommand, in the order ``hvemu --help`` lists them.
 COMMANDS: dict[str, Command] = {}
 #: Help of the groups of actions (``trace``).
-GROUPS = {"trace": "record ring events (xentrace-like); print, summarise, export and plot them"}
+GROUPS = {"trace": "record ring events (xentrace-like); print, summarise, export and plot them",
+          "xenstore": "the hypervisor's xenstore: read, write, rm, ls, watch (xenstore-read and friends)"}
 
 
 def command(name: str, help: str, *args: Arg, epilog: str = "",
@@ -549,7 +550,9 @@ class _Literal(str):
          arg("--memory", type=_size, default=_size("16"), metavar="SIZE", help=f"memory, {SIZE_UNITS}"),
          arg("--target", type=_size, default=None, metavar="SIZE",
              help=f"paging target, {SIZE_UNITS} (default: all of --memory)"),
-         arg("--name", default="", help="a name to use instead of the id (default: none)"))
+         arg("--name", default="", help="a name to use instead of the id (default: none)"),
+         arg("--abi", choices=abi.RING_ABIS, default=abi.DEFAULT_RING_ABI,
+             help="ring entry layout: the seed's mem_event, Xen 4.2.0's, or Xen 4.17's vm_event (for Xen's tools)"))
 async def cmd_create(args: argparse.Namespace) -> Any:
     memory: Size = args.memory
     gfns = memory.pages
@@ -561,7 +564,8 @@ async def cmd_create(args: argparse.Namespace) -> Any:
         raise CliError(f"--name {args.name} is a number: it would read as a domain id", "EINVAL")
     conn = await _tool(args.run_dir)
     try:
-        reply, _ = await conn.call(protocol.DomainCreate(max_vcpus=args.vcpus, gfns=gfns, name=args.name))
+        reply, _ = await conn.call(protocol.DomainCreate(max_vcpus=args.vcpus, gfns=gfns, name=args.name,
+                                                         abi=args.abi))
         assert isinstance(reply, protocol.DomainCreated)
         if args.target is not None:
             await conn.call(protocol.SetTarget(domid=reply.domid, pages=args.target.pages))
@@ -572,7 +576,7 @@ async def cmd_create(args: argparse.Namespace) -> Any:
         _warn(args, f"domain {reply.domid} starts with {mib_text(resident * abi.PAGE_SIZE)} of its {memory} "
                     f"resident (the host memory budget is spent); attach a pager (hvemu pager-attach "
                     f"{reply.domid}) before a guest runs, or its first fault crashes the domain")
-    return {"domid": reply.domid, "vcpus": args.vcpus, "gfns": gfns}
+    return {"domid": reply.domid, "vcpus": args.vcpus, "gfns": gfns, "abi": args.abi}
 
 
 @command("destroy", "destroy a domain (its guest and daemons exit; its pagefile is removed)", DOMAIN)
@@ -668,7 +672,7 @@ def summarise_info(st: DomainStats) -> dict[str, Any]:
                                                    "blocked_now", "blocked_ever", "responses", "responses_rejected")}
              for kind in abi.RingKind if (r := st.ring(kind)).enabled}
     return {
-        "domid": st.domid, "name": st.name, "crashed": st.crashed,
+        "domid": st.domid, "name": st.name, "crashed": st.crashed, "ring_abi": st.abi,
         "vcpus": {"total": st.max_vcpus, "paused": st.vcpus_paused, "blocked": st.vcpus_blocked,
                   "running": st.max_vcpus - st.vcpus_paused},
         "pages": {"total": st.gfns, "resident": st.resident, "paged": st.paged, "paging_out": st.paging_out,
@@ -730,7 +734,8 @@ async def cmd_vcpu_list(args: argparse.Namespace) -> Any:
     return rows
 
 
-@command("mem-set", "set a domain's paging target (xl mem-set)",
+@command("mem-set", "set a domain's paging target (xl mem-set: also memory/target and, for xenpaging, "
+                    "memory/target-tot_pages in xenstore, in KiB)",
          DOMAIN, arg("memory", type=_size, metavar="SIZE", help=f"the target, {SIZE_UNITS}"))
 async def cmd_mem_set(args: argparse.Namespace) -> Any:
     conn = await _tool(args.run_dir)
@@ -745,6 +750,30 @@ async def cmd_mem_set(args: argparse.Namespace) -> Any:
     finally:
         await conn.close()
     return {"domid": domid, "target_pages": pages}
+
+
+@command("xen-tool", "run Xen 4.17's own xenpaging or xen-access against a domain (created with --abi vm_event), "
+                     "through hvemu's drop-in libraries",
+         arg("--path", default=None, metavar="FILE",
+             help="the binary to run (default: the one of Debian's xen-utils-4.17, fetched into the cache on "
+                  "first use with apt-get download + dpkg -x, never installed)"),
+         arg("tool", metavar="TOOL", help="xenpaging or xen-access"),
+         arg("tool_args", nargs=argparse.REMAINDER, metavar="ARGS", help="its arguments, as Xen's docs give them"),
+         epilog="examples: hvemu xen-tool xenpaging -d 1 -f /tmp/dom1.paging; hvemu xen-tool xen-access 1 write")
+def cmd_xen_tool(args: argparse.Namespace) -> Any:
+    from hvemu.toolstack.xentools.build import BuildError
+    from hvemu.toolstack.xentools.tools import ToolUnavailable, find_tool, tool_env
+
+    run_dir = _run_dir(args)
+    if not os.path.exists(protocol.socket_path(run_dir)):
+        raise CliError(f"no hypervisor runs in {run_dir} (hvemu start)", "ENOENT")
+    try:
+        binary = find_tool(args.tool, args.path)
+        env = tool_env(run_dir)
+    except (ToolUnavailable, BuildError) as exc:
+        raise CliError(str(exc)) from None
+    sys.stdout.flush()
+    os.execve(binary, [args.tool, *args.tool_args], env)
 
 
 @command("map", "foreign-map guest pages (retrying paged-out ones) and checksum them",
@@ -765,6 +794,76 @@ async def cmd_map(args: argparse.Namespace) -> Any:
     return {"domid": domid, "retries": retries,
             "pages": {str(g): {"crc32": f"{zlib.crc32(p):08x}", "head": p[:24].hex()}
                       for g, p in sorted(pages.items())}}
+
+
+def _xenstore(args: argparse.Namespace) -> Any:
+    from hvemu.xenstore import XsClient, socket_path
+
+    path = socket_path(_run_dir(args))
+    try:
+        return XsClient(path, timeout=None if getattr(args, "count", None) is not None else 30.0)
+    except OSError as exc:
+        raise CliError(f"no hypervisor xenstore at {path}: {exc.strerror}", "ENOENT") from None
+
+
+def _xs_call(args: argparse.Namespace, what: Callable[[Any], Any]) -> Any:
+    from hvemu.xenstore import XsError
+
+    with _xenstore(args) as xs:
+        try:
+            return what(xs)
+        except XsError as exc:
+            raise CliError(f"xenstore {args.path}: {exc}", exc.errno) from None
+
+
+XS_PATH = arg("path", metavar="PATH", help="a xenstore path (relative ones are under /local/domain/0)")
+
+
+@command("xenstore read", "read a xenstore key (xenstore-read)", XS_PATH, text=str)
+def cmd_xenstore_read(args: argparse.Namespace) -> Any:
+    return _xs_call(args, lambda xs: xs.read(args.path).decode(errors="replace"))
+
+
+@command("xenstore write", "write a xenstore key (xenstore-write); watches on it and above it fire",
+         XS_PATH, arg("value", metavar="VALUE"))
+def cmd_xenstore_write(args: argparse.Namespace) -> Any:
+    _xs_call(args, lambda xs: xs.write(args.path, args.value.encode()))
+    return {"path": args.path, "value": args.value}
+
+
+@command("xenstore rm", "remove a xenstore key and everything below it (xenstore-rm)", XS_PATH)
+def cmd_xenstore_rm(args: argparse.Namespace) -> Any:
+    _xs_call(args, lambda xs: xs.rm(args.path))
+    return {"removed": args.path}
+
+
+@command("xenstore ls", "list a xenstore directory with values (xenstore-ls)", XS_PATH,
+         text=lambda rows: "\n".join(f"{r['key']} = \"{r['value']}\"" for r in rows))
+def cmd_xenstore_ls(args: argparse.Namespace) -> Any:
+    def listing(xs: Any) -> list[dict[str, str]]:
+        base = args.path.rstrip("/") or "/"
+        rows = []
+        for child in xs.directory(base):
+            key = f"{base.rstrip('/')}/{child}"
+            rows.append({"key": key, "value": xs.read(key).decode(errors="replace")})
+        return rows
+
+    return _xs_call(args, listing)
+
+
+@command("xenstore watch", "print PATH and TOKEN of each event of a watch (xenstore-watch); it fires once at once",
+         XS_PATH, arg("--count", "-n", type=int, default=0, metavar="N", help="stop after N events (0: never)"))
+def cmd_xenstore_watch(args: argparse.Namespace) -> Any:
+    def watching(xs: Any) -> None:
+        xs.watch(args.path, "hvemu")
+        seen = 0
+        while not args.count or seen < args.count:
+            path, _token = xs.read_watch()
+            print(path, flush=True)
+            seen += 1
+
+    _xs_call(args, watching)
+    return None
 
 
 @command("top", "live view of every domain and ring (xentop); q quits",

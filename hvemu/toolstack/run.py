@@ -134,7 +134,8 @@ class Run:
         gfns = abi.mib_to_pages(s.memory_mib)
         target = abi.mib_to_pages(s.target_mib)
         for i in range(s.domains):
-            reply, _ = await tool.call(protocol.DomainCreate(max_vcpus=s.vcpus, gfns=gfns, name=f"guest{i}"))
+            reply, _ = await tool.call(protocol.DomainCreate(max_vcpus=s.vcpus, gfns=gfns, name=f"guest{i}",
+                                                             abi=s.abi))
             assert isinstance(reply, protocol.DomainCreated)
             self.domids.append(reply.domid)
             await tool.call(protocol.SetTarget(domid=reply.domid, pages=target))

@@ -51,6 +51,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     seed: int
     #: CPUs every process was pinned to (``taskset -c`` form), None: not pinned.
     cpus: str | None = None
+    #: The domains' ring ABI (``abi.RING_ABIS``).
+    abi: str = "seed"
 
     def argv(self) -> list[str]:
         """The ``run.sh`` options that give these settings."""
@@ -59,6 +61,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 "--duration", _num(self.duration_s), "--pattern", self.pattern, "--write-ratio",
                 _num(self.write_ratio), "--admission", self.admission, "--batch", str(self.batch),
                 "--seed", str(self.seed)]
+        argv += ["--abi", self.abi] if self.abi != "seed" else []
         return argv + (["--cpus", self.cpus] if self.cpus else [])
 
 
@@ -94,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="fraction of the guests' accesses that write, 0 to 1")
     p.add_argument("--admission", choices=POLICIES, default=POLICIES[0],
                    help="mem_event admission policy of the hypervisor")
+    p.add_argument("--abi", choices=abi.RING_ABIS, default=abi.DEFAULT_RING_ABI,
+                   help="the domains' ring ABI: the seed's mem_event, Xen 4.2.0's, or Xen 4.17's vm_event")
     p.add_argument("--batch", type=int, default=EVICT_BATCH, metavar="PAGES", help="pages per pager eviction batch")
     p.add_argument("--seed", type=int, default=1, help="workload seed (domain N's guest uses seed + N)")
     p.add_argument("--cpus", default=None, metavar="LIST",
@@ -210,7 +215,7 @@ def settings_of(args: argparse.Namespace) -> Settings:
     return Settings(domains=args.domains, vcpus=args.vcpus, memory_mib=args.memory.mib,
                     host_memory_mib=args.host_memory.mib, target_mib=args.target.mib, duration_s=args.duration,
                     pattern=args.pattern, write_ratio=args.write_ratio, admission=args.admission, batch=args.batch,
-                    seed=args.seed, cpus=format_cpus(args.cpus) if args.cpus is not None else None)
+                    seed=args.seed, cpus=format_cpus(args.cpus) if args.cpus is not None else None, abi=args.abi)
 
 
 def _from_file(path: str) -> list[str]:

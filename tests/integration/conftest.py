@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.integration.system import Hypervisor, shm_segments
+from tests.integration.xen_tools import xen_bin, xen_libs  # noqa: F401 - fixtures of the Xen tools' tests
 
 
 @pytest.fixture

@@ -12,11 +12,14 @@ the generated SDK reference must be up to date.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import tempfile
 from typing import Any
 
 import pytest
@@ -27,7 +30,7 @@ from tests.integration.system import ROOT, Hypervisor
 
 GUIDE = os.path.join(ROOT, "docs", "writing-a-daemon.md")
 _BLOCK = re.compile(r"(?:<!-- test: (?P<name>[\w-]+) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)```", re.S)
-RUN = {"pager", "store", "client", "attach-shell", "c-command", "usage"}
+RUN = {"pager", "store", "client", "attach-shell", "c-command", "usage", "xen-tools"}
 
 
 def snippets() -> dict[str, tuple[str, str]]:
@@ -198,3 +201,28 @@ def test_the_usage_snippet_matches_the_attach_options() -> None:
     assert named and named <= set(re.findall(r"--[\w-]+", help_text)), (named, help_text)
     choices = re.search(r"--ring (\S+)\]", code)
     assert choices is not None and choices[1].split("|") == [k.value for k in abi.RingKind]
+
+
+@pytest.mark.timeout(180)
+async def test_the_xen_tools_snippet(guided: Hypervisor, xen_bin: object, xen_libs: object) -> None:
+    """Xen 4.17's xenpaging and xen-access, as the guide runs them (skipped without the Debian package)."""
+    lang, code = snippets()["xen-tools"]
+    assert lang == "sh"
+    with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
+        proc = await asyncio.create_subprocess_exec("bash", "-ec", code, cwd=ROOT, stdout=out_f, stderr=err_f,
+                                                    start_new_session=True,
+                                                    env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:"
+                                                         f"{os.environ['PATH']}"})
+        try:
+            await asyncio.wait_for(proc.wait(), 120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever the snippet left running
+            out_f.seek(0)
+            err_f.seek(0)
+            out, err = out_f.read(), err_f.read()
+    text = out.decode()
+    assert proc.returncode == 0, text + err.decode()[-3000:]
+    assert "\n2048\n" in text, text  # target-tot_pages, in KiB
+    assert "xenpaging exited 0" in text, text + err.decode()[-3000:]
+    assert text.count("Breakpoint: rip=") == 3, text
