@@ -20,6 +20,14 @@ each ring's daemon.  An exception escaping one of them crashes the domain it
 belongs to (:meth:`HypervisorDaemon._event_failed` says why); one that cannot
 be pinned on a domain ends the server's task group and the hypervisor.
 SIGTERM, SIGINT and SIGHUP stop it cleanly (:meth:`HypervisorDaemon.serve`).
+
+Why one module of ~950 lines: :class:`HypervisorDaemon` is the one object the
+control server and the event-channel readers call, and nearly every handler
+touches the same state (the backends, the held load replies, the outbox's
+drain, the connections' roles); its sections follow the protocol's groups
+(hellos, domains, rings, paging, tracing, guest exits).  The work itself is
+elsewhere: the rules in :mod:`hvemu.core`, a domain's resources in
+:mod:`~hvemu.hypervisor.backend`, the sockets in :mod:`~hvemu.hypervisor.server`.
 """
 
 from __future__ import annotations
