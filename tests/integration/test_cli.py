@@ -59,7 +59,7 @@ def started(tmp_path: object) -> Iterator[str]:
 def test_domain_lifecycle_and_reads(started: str) -> None:
     run_dir = started
     created = hv_json(run_dir, "create", "--vcpus", "2", "--memory", "4", "--name", "web")
-    assert created == {"domid": 1, "vcpus": 2, "gfns": 1024}
+    assert created == {"domid": 1, "vcpus": 2, "gfns": 1024, "abi": "seed"}
     listing = hv_json(run_dir, "list")
     assert isinstance(listing, list) and listing[0]["name"] == "web" and listing[0]["memory_mib"] == 4
     info = hv_json(run_dir, "info", "1")

@@ -39,7 +39,7 @@ def test_xl_habits(tmp_path: object) -> None:
         assert run(run_dir, "list").stdout.split() == ["Name", "ID", "Mem", "VCPUs", "State", "Time(s)", "Resident",
                                                        "Target"], "a header when empty"
         created = hv_json(run_dir, "create", "--memory", "4096k", "--vcpus", "2", "--name", "web")
-        assert created == {"domid": 1, "vcpus": 2, "gfns": 1024}, created
+        assert created == {"domid": 1, "vcpus": 2, "gfns": 1024, "abi": "seed"}, created
         assert hv_json(run_dir, "mem-set", "web", "512k") == {"domid": 1, "target_pages": 128}
         too_big = run(run_dir, "mem-set", "web", "1g", check=False)
         assert too_big.returncode == 1 and "target 1g is above domain web's memory (4 MiB)" in too_big.stderr

@@ -571,6 +571,7 @@ def test_child_env_names_every_fact() -> None:
     assert env["PATH"] == "/bin"
     assert {k: v for k, v in env.items() if k.startswith("HVEMU_")} == {
         "HVEMU_DOMID": "3", "HVEMU_RING": "access", "HVEMU_RING_FD": "10", "HVEMU_RING_SIZE": "8",
+        "HVEMU_RING_ABI": "seed",
         "HVEMU_EVTCHN_FD": "11", "HVEMU_PORT": "9", "HVEMU_MEMORY_FD": "12", "HVEMU_P2M_FD": "13",
         "HVEMU_CTL_FD": "14", "HVEMU_GFNS": "100", "HVEMU_MAX_VCPUS": "2", "HVEMU_PAGE_SIZE": str(abi.PAGE_SIZE),
         "HVEMU_REATTACHED": "1", "HVEMU_DOMAIN_HANDLE": "ab" * 16, "HVEMU_RUN_DIR": "/run/hv",
