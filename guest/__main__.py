@@ -24,10 +24,11 @@ from guest.exits import connect_vcpu
 from guest.memory import open_guest
 from guest.vcpu import Vcpu, VcpuReport
 from guest.workload import WorkloadConfig, accesses
-from hvemu import logs, protocol
+from hvemu import logs, protocol, readiness
 from hvemu.abi import Errno
+from hvemu.client import Connection, ControlError, SyncConnection, root_cause
 from hvemu.histogram import Histogram
-from hvemu.transport import Connection, ControlError, SyncConnection, root_cause
+from hvemu.names import PATTERNS
 
 
 class GuestReport(msgspec.Struct):
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vcpus", type=int, default=0, help="vCPUs to run (default: the domain's max_vcpus)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds to run")
     p.add_argument("--max-accesses", type=int, default=0, help="stop each vCPU after this many accesses")
-    p.add_argument("--pattern", choices=["sequential", "uniform", "hotcold", "phases"], default="hotcold")
+    p.add_argument("--pattern", choices=PATTERNS, default="hotcold")
     p.add_argument("--write-ratio", type=float, default=0.3)
     p.add_argument("--hot-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=1)
@@ -69,8 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-class _Done(Exception):
-    """Raised inside the task group to stop the lifeline once the work is done."""
+class Outcome:
+    """What ``main`` needs however the run ends (a signal while lingering too): the report, once written."""
+
+    def __init__(self) -> None:
+        self.report: GuestReport | None = None
 
 
 class HypervisorGone(ConnectionError):
@@ -84,23 +88,11 @@ async def _lifeline(conn: Connection, domid: int) -> None:
     becoming readable can only mean EOF: the hypervisor is gone or has
     destroyed the domain, and vCPUs that never fault would not notice.
     """
-    loop = asyncio.get_running_loop()
-    gone: asyncio.Future[None] = loop.create_future()
-    fd = conn.fileno()
-
-    def readable() -> None:
-        if not gone.done():
-            gone.set_result(None)
-
-    loop.add_reader(fd, readable)
-    try:
-        await gone
-    finally:
-        loop.remove_reader(fd)
+    await readiness.wait_readable(conn.fileno())
     raise HypervisorGone(f"the hypervisor closed domain {domid}'s connection")
 
 
-async def run_guest(args: argparse.Namespace) -> GuestReport:
+async def run_guest(args: argparse.Namespace, outcome: Outcome) -> GuestReport:
     path = protocol.socket_path(args.run_dir)
     main_conn, memory, welcome = await open_guest(path, args.domid)
     args.welcomed = True  # the domain was ours: an ESRCH from now on means it ended under us
@@ -125,7 +117,7 @@ async def run_guest(args: argparse.Namespace) -> GuestReport:
         deadline = time.monotonic() + args.duration
         ballooned = 0
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(_lifeline(main_conn, args.domid), name="lifeline")
+            lifeline = tg.create_task(_lifeline(main_conn, args.domid), name="lifeline")
             tasks = [tg.create_task(v.run(accesses(cfg, usable, v.vcpu_id), deadline,
                                           max_accesses=args.max_accesses, trap_every=args.trap_every,
                                           int3_every=args.int3_every, exec_every=args.exec_every))
@@ -144,13 +136,11 @@ async def run_guest(args: argparse.Namespace) -> GuestReport:
                     if versions[gfn]:
                         await checker.read(gfn)
             reports = [t.result() for t in tasks]
-            report = _summarise(args.domid, vcpus, reports, ballooned)
+            report = outcome.report = _summarise(args.domid, vcpus, reports, ballooned)
             _write_report(args.report, report)
             if args.linger:
                 await asyncio.Event().wait()  # until cancelled by SIGTERM/SIGINT
-            raise _Done
-    except* _Done:
-        pass
+            lifeline.cancel()  # the work is done: the task group ends with it
     finally:
         for v in vcpus:
             v.port.close()
@@ -173,12 +163,7 @@ def _summarise(domid: int, vcpus: list[Vcpu], reports: list[VcpuReport], balloon
     )
 
 
-_last_report: GuestReport | None = None
-
-
 def _write_report(dest: str, report: GuestReport) -> None:
-    global _last_report
-    _last_report = report
     text = json.dumps(msgspec.to_builtins(report), indent=None)
     if dest == "-":
         print(text, flush=True)
@@ -207,7 +192,7 @@ def _why_gone(args: argparse.Namespace, root: BaseException) -> tuple[str, int]:
     try:
         conn.call(protocol.ToolHello(client="guest:probe"))
         reply, _ = conn.call(protocol.Stats(domid=args.domid))
-        if isinstance(reply, protocol.StatsReply) and reply.stats.get("crashed"):
+        if isinstance(reply, protocol.StatsReply) and reply.stats.crashed:
             return "the domain crashed (see the hypervisor's log)", EXIT_LOST
         return f"the hypervisor closed the domain's connection ({root})", EXIT_LOST
     except ControlError as exc:
@@ -224,19 +209,21 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.setup("guest", args.verbose)
 
+    outcome = Outcome()
+
     async def _main() -> GuestReport:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, task.cancel)
-        return await run_guest(args)
+        return await run_guest(args, outcome)
 
     try:
         report = uvloop.run(_main())
     except asyncio.CancelledError:
-        if _last_report is not None and args.linger:
-            return 0 if _last_report.ok else 1
+        if outcome.report is not None and args.linger:
+            return 0 if outcome.report.ok else 1
         print("hvemu-guest: stopped by signal", file=sys.stderr)
         return 3
     except BaseException as exc:  # noqa: BLE001 - every failure becomes one clear line

@@ -16,16 +16,18 @@ import asyncio
 import mmap
 
 from hvemu import abi, protocol
+from hvemu.abi import (
+    EXIT_ACCESS,
+    EXIT_TRAP,
+    IOREQ_NONE,
+    IOREQ_READY,
+    IOREQ_RESP_READY,
+    RESULT_ERROR,
+    RESULT_TRAP_INJECTED,
+)
+from hvemu.client import Connection, ControlError
 from hvemu.evtchn import EventChannel
-from hvemu.transport import Connection, ControlError, close_fds
-
-_READY = int(abi.IoreqState.READY)
-_RESP_READY = int(abi.IoreqState.RESP_READY)
-_NONE = int(abi.IoreqState.NONE)
-_ACCESS = int(abi.ExitType.ACCESS)
-_TRAP = int(abi.ExitType.TRAP)
-_TRAP_INJECTED = int(abi.ExitResult.TRAP_INJECTED)
-_ERROR = int(abi.ExitResult.ERROR)
+from hvemu.fdpass import close_fds
 
 
 class ExitPort:
@@ -45,7 +47,7 @@ class ExitPort:
 
     def _kicked(self, _ports: set[int]) -> None:
         fut = self._waiter
-        if fut is not None and not fut.done() and self._states[self._word] == _RESP_READY:
+        if fut is not None and not fut.done() and self._states[self._word] == IOREQ_RESP_READY:
             fut.set_result(None)
 
     def _closed(self) -> None:
@@ -60,7 +62,7 @@ class ExitPort:
     async def _exit_locked(self, kind: int, a: int, gla: int | None, c: int, d: int) -> int | None:
         """Exit and wait to be resumed; the vector of a trap a tool injected meanwhile, or None.
 
-        A refused exit raises :class:`~hvemu.transport.ControlError` with its
+        A refused exit raises :class:`~hvemu.client.ControlError` with its
         errno name, as the same exit over the control socket would.
         """
         if self._waiter is not None:
@@ -69,7 +71,7 @@ class ExitPort:
         if evtchn.closed or evtchn.peer_closed:
             raise ConnectionResetError(f"the hypervisor closed vCPU {self.vcpu}'s event channel")
         abi.ioreq_pack_exit(self._view, self.vcpu, kind, a, gla, c, d)
-        self._states[self._word] = _READY
+        self._states[self._word] = IOREQ_READY
         fut = self._waiter = asyncio.get_running_loop().create_future()
         try:
             evtchn.notify()  # a syscall: the full barrier between the slot's stores and the hypervisor's loads
@@ -77,21 +79,21 @@ class ExitPort:
         finally:
             self._waiter = None
         result, value = abi.ioreq_unpack_response(self._view, self.vcpu)
-        self._states[self._word] = _NONE
-        if result == _TRAP_INJECTED:
+        self._states[self._word] = IOREQ_NONE
+        if result == RESULT_TRAP_INJECTED:
             return value
-        if result == _ERROR:
+        if result == RESULT_ERROR:
             errno = abi.ERRNO_NAMES.get(value, abi.Errno.EINVAL)
             raise ControlError(errno, f"vCPU {self.vcpu}'s exit was refused")
         return None
 
     async def access(self, gfn: int, access: int, gla: int | None = None, offset: int = 0) -> int | None:
         """An EPT violation on ``gfn`` (``access``: ACCESS_R/W/X bits)."""
-        return await self._exit(_ACCESS, gfn, gla, offset, access)
+        return await self._exit(EXIT_ACCESS, gfn, gla, offset, access)
 
     async def trap(self, reason: int, value: int = 0, old: int = 0, gla: int | None = None) -> int | None:
         """A CR write, an INT3 or a single step (``hvm_memory_event_traps``)."""
-        return await self._exit(_TRAP, value, gla, old, reason)
+        return await self._exit(EXIT_TRAP, value, gla, old, reason)
 
     def close(self) -> None:
         """Stop the reader and close the channel (an exit waiting is failed)."""

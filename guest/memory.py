@@ -21,8 +21,8 @@ import mmap
 import os
 
 from hvemu import abi, protocol
+from hvemu.client import Connection
 from hvemu.ring import mb
-from hvemu.transport import Connection
 
 PAGE = abi.PAGE_SIZE
 

@@ -19,8 +19,8 @@ from guest.exits import ExitPort
 from guest.memory import GuestMemory
 from guest.stamp import StampError, make_page, verify_page
 from hvemu import abi, protocol
+from hvemu.client import Connection
 from hvemu.histogram import Histogram
-from hvemu.transport import Connection
 
 #: Accesses between voluntary yields, so that vCPUs that never fault still
 #: take turns (and the process stays responsive).

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
-from typing import Literal
 
 import msgspec
 
-Pattern = Literal["sequential", "uniform", "hotcold", "phases"]
+from hvemu.names import Pattern
 
 
 class WorkloadConfig(msgspec.Struct, frozen=True):

@@ -7,6 +7,9 @@ ring in :mod:`hvemu.ring` is shown to work with a second ABI.
 
 Everything here is plain data and pure functions: the guest, the pager and any
 third-party daemon may import it freely.
+
+Why one module of ~600 lines: it is the ABI, every byte offset and number the processes and
+the C header share, and one place for each of them is the point (the layout tests read it whole).
 """
 
 from __future__ import annotations
@@ -24,6 +27,17 @@ import msgspec
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
+MiB = 1 << 20
+
+
+def mib_to_pages(mib: float) -> int:
+    """Whole pages in ``mib`` MiB (rounded down: a size never claims memory it was not given)."""
+    return int(mib * MiB) // PAGE_SIZE
+
+
+def pages_to_mib(pages: float) -> float:
+    return pages * PAGE_SIZE / MiB
+
 
 #: Offsets of the four u32 indices of the shared ring header.
 REQ_PROD_OFFSET = 0
@@ -743,6 +757,10 @@ class ExitResult(enum.IntEnum):
     #: The exit was refused; ``value`` is the Linux errno number of an :class:`Errno` name.
     ERROR = 2
 
+#: The same numbers as plain ints, for the compares made on every exit (an IntEnum's cost more).
+IOREQ_NONE, IOREQ_READY, IOREQ_INPROCESS, IOREQ_RESP_READY = (int(s) for s in IoreqState)
+EXIT_ACCESS, EXIT_TRAP = int(ExitType.ACCESS), int(ExitType.TRAP)
+RESULT_OK, RESULT_TRAP_INJECTED, RESULT_ERROR = (int(r) for r in ExitResult)
 
 IOREQ_SLOT_SIZE = 64
 IOREQ_STATE_OFFSET = 0

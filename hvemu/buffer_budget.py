@@ -1,6 +1,6 @@
 """How many request bytes a control server may hold for its clients, all together and each.
 
-Every connection of :class:`hvemu.transport.ControlServer` holds bytes: the
+Every connection of :class:`hvemu.hypervisor.server.ControlServer` holds bytes: the
 start of a frame still arriving (up to ``MAX_FRAME``, 8 MiB) and complete
 frames waiting for, or being served by, the connection's worker.  Without a
 cap, fifty clients that each send all of an 8 MiB frame but its last byte
@@ -43,7 +43,7 @@ log = logging.getLogger("hvemu.buffers")
 
 #: Seconds a reader waits for room before the oldest holding is reclaimed.
 STALL = 0.5
-#: Holdings smaller than this are never reclaimed (one read's worth: ``transport.RECV_SIZE``).
+#: Holdings smaller than this are never reclaimed (one read's worth: ``stream.RECV_SIZE``).
 RECLAIM_MIN = 64 * 1024
 
 

@@ -2,7 +2,7 @@
 
 A channel is a *port* number plus one end of an ``AF_UNIX`` ``SOCK_SEQPACKET``
 socket pair.  The hypervisor keeps one end; the other is handed to a daemon
-with ``SCM_RIGHTS`` (see :mod:`hvemu.transport`).  Either side may notify the
+with ``SCM_RIGHTS`` (see :mod:`hvemu.fdpass`).  Either side may notify the
 other.
 
 Wire contract (what a program in C needs to know)
@@ -37,21 +37,24 @@ receiver runs are one event.  The sender never blocks and never raises because
 the peer is slow or gone; :meth:`EventChannel.notify` returns whether a message
 was actually queued.  :meth:`EventChannel.drain` is non-blocking and returns
 the *set* of pending ports (each once).  For asyncio (uvloop included),
-:meth:`EventChannel.wait` sleeps on ``loop.add_reader`` until something is
-pending, tolerating spurious wake-ups; :meth:`EventChannel.watch` installs a
-persistent callback instead.  Both remove their reader on close and on
-cancellation.
+:meth:`EventChannel.wait` sleeps until something is pending
+(:func:`hvemu.readiness.wait_readable`), tolerating spurious wake-ups;
+:meth:`EventChannel.watch` installs a persistent callback instead
+(:func:`hvemu.readiness.add_reader`: no task, no future per notification).
+Closing the channel wakes a waiter with :class:`ChannelClosed` and removes
+the reader.
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import socket
 import struct
 from collections.abc import Callable
 from types import TracebackType
+
+from hvemu import readiness
 
 log = logging.getLogger("hvemu.evtchn")
 
@@ -109,8 +112,6 @@ class EventChannel:
         self.coalesced = 0
         #: Messages read by :meth:`drain` (several may make one event).
         self.received = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiter: asyncio.Future[None] | None = None
         self._watch_cb: Callable[[set[int]], object] | None = None
         self._watch_close_cb: Callable[[], object] | None = None
 
@@ -209,18 +210,30 @@ class EventChannel:
     def detach(self) -> int:
         """Give up the fd without closing it (e.g. to pass it on); the channel is closed."""
         sock = self._socket()
-        self._stop_reader(ChannelClosed(f"event channel {self.port} detached"))
         self._sock = None
-        return sock.detach()
+        try:
+            self._release_fd(ChannelClosed(f"event channel {self.port} detached"))
+        finally:
+            fd = sock.detach()
+        return fd
 
     def close(self) -> None:
         """Close this end (idempotent); a pending :meth:`wait` raises :class:`ChannelClosed`."""
         sock = self._sock
         if sock is None:
             return
-        self._stop_reader(ChannelClosed(f"event channel {self.port} closed"))
         self._sock = None
-        sock.close()
+        try:
+            self._release_fd(ChannelClosed(f"event channel {self.port} closed"))
+        finally:
+            sock.close()
+
+    def _release_fd(self, exc: BaseException) -> None:
+        """Before the fd goes: end a watch (calling its ``on_close``), fail a waiter with ``exc``."""
+        try:
+            self._stop_watch(True)
+        finally:
+            readiness.notify_closing(self._fd, exc)
 
     def __enter__(self) -> EventChannel:
         return self
@@ -232,9 +245,9 @@ class EventChannel:
     def __del__(self) -> None:
         # A loop may still have our fd registered: never leave it polling a
         # closed (and soon reused) fd.  Only possible if close() was skipped.
-        if getattr(self, "_loop", None) is not None and self._sock is not None:
+        if getattr(self, "_sock", None) is not None:
             try:
-                self._stop_reader(None)
+                readiness.notify_closing(self._fd)
             except Exception:  # the loop may be closed already
                 pass
 
@@ -243,38 +256,13 @@ class EventChannel:
         return f"<EventChannel port={self.port} {state}{' peer-closed' if self.peer_closed else ''}>"
 
     # ----------------------------------------------------------------- asyncio
-    def _stop_reader(self, exc: BaseException | None) -> None:
-        loop = self._loop
-        if loop is None:
-            return
-        self._loop = None
-        if not loop.is_closed():
-            loop.remove_reader(self._fd)
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done() and exc is not None:
-            waiter.set_exception(exc)
-        close_cb, self._watch_close_cb = self._watch_close_cb, None
-        self._watch_cb = None
-        if close_cb is not None and exc is not None:
-            try:
-                close_cb()
-            except Exception:
-                log.exception("port %d: on_close callback failed", self.port)
-
-    def _start_reader(self, callback: Callable[[], None]) -> None:
-        if self._loop is not None:
-            raise RuntimeError(f"event channel {self.port} already has a waiter or a watcher")
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self._fd, callback)
-        self._loop = loop
-
     async def wait(self) -> set[int]:
         """Sleep until something is pending; return the pending ports (drained).
 
         Returns at once if notifications are already queued.  Raises
         :class:`ChannelClosed` if the channel is closed while waiting or the
-        peer has closed its end with nothing pending.  Cancellation removes the
-        reader.  Only one task may wait on a channel at a time.
+        peer has closed its end with nothing pending.  Only one task may wait
+        on a channel at a time (:class:`~hvemu.readiness.BusyResourceError`).
         """
         while True:
             ports = self.drain()
@@ -282,54 +270,52 @@ class EventChannel:
                 return ports
             if self.peer_closed:
                 raise ChannelClosed(f"event channel {self.port}: peer closed")
-            loop = asyncio.get_running_loop()
-            fut: asyncio.Future[None] = loop.create_future()
-
-            def wake(fut: asyncio.Future[None] = fut) -> None:
-                if not fut.done():
-                    fut.set_result(None)
-
-            self._start_reader(wake)
-            self._waiter = fut
-            try:
-                await fut
-            finally:
-                if self._waiter is fut:
-                    self._waiter = None
-                    self._stop_reader(None)
+            await readiness.wait_readable(self._fd)
             # Readable, but maybe only spuriously: drain and check again.
 
-    def watch(self, callback: Callable[[set[int]], object],
-              on_close: Callable[[], object] | None = None) -> None:
+    def watch(self, callback: Callable[[set[int]], object], on_close: Callable[[], object] | None = None,
+              *, on_error: Callable[[BaseException], object] | None = None) -> None:
         """Call ``callback(ports)`` from the running loop whenever ports become pending.
 
         The callback runs with the notifications already drained.  When the
         peer closes its end the reader is removed (so a dead peer cannot make
         the loop spin on an always-readable fd) and ``on_close()`` is called;
         it is also called when this end is closed.  :meth:`unwatch` stops
-        watching without calling it.
+        watching without calling it.  An exception escaping ``callback`` or
+        ``on_close`` is logged with its traceback and given to ``on_error``
+        (:func:`hvemu.readiness.add_reader`); without one it is only logged.
         """
+        if self._watch_cb is not None:
+            raise readiness.BusyResourceError(f"event channel {self.port} is already watched")
+        fd = self._fd
 
         def readable() -> None:
             if self._sock is None:
                 return
             ports = self.drain()
             if ports:
-                cb = self._watch_cb
-                if cb is not None:
-                    try:
-                        cb(ports)
-                    except Exception:
-                        log.exception("port %d: event callback failed", self.port)
-            if self.peer_closed and self._loop is not None and self._watch_cb is not None:
-                self._stop_reader(ChannelClosed(f"event channel {self.port}: peer closed"))
+                callback(ports)
+            if self.peer_closed and self._watch_cb is callback:
+                self._stop_watch(True)
 
-        self._start_reader(readable)
+        readiness.add_reader(fd, readable, on_error or _only_logged)
         self._watch_cb = callback
         self._watch_close_cb = on_close
 
     def unwatch(self) -> None:
         """Stop a :meth:`watch` (no-op if not watching)."""
-        if self._watch_cb is not None:
-            self._watch_close_cb = None
-            self._stop_reader(None)
+        self._stop_watch(False)
+
+    def _stop_watch(self, closing: bool) -> None:
+        """Remove the reader of a :meth:`watch`; ``closing``: call its ``on_close``."""
+        if self._watch_cb is None:
+            return
+        close_cb = self._watch_close_cb
+        self._watch_cb = self._watch_close_cb = None
+        readiness.remove_reader(self._fd)
+        if closing and close_cb is not None:
+            close_cb()
+
+
+def _only_logged(exc: BaseException) -> None:
+    """The ``on_error`` of a watch that was given none: :mod:`hvemu.readiness` has logged ``exc``."""

@@ -2,7 +2,8 @@
 
 Shared by everything that starts hvemu processes (``run.sh``, the soak, the
 benchmarks, the raw attach, the tests): one way to tie a child's life to its
-parent and one way to stop it (signal, wait, SIGKILL after a deadline).
+parent, one way to know a daemon has started (:class:`ReadyPipe`) and one
+way to stop it (signal, wait, SIGKILL after a deadline).
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import select
 import signal
 from collections.abc import Callable
+from types import TracebackType
+
+from hvemu import readiness
 
 _PR_SET_PDEATHSIG = 1
 
@@ -84,3 +89,71 @@ async def stop_process(proc: asyncio.subprocess.Process, *, sig: int = signal.SI
                 proc.kill()
             await proc.wait()
     return proc.returncode
+
+
+class ReadyPipe:
+    """The started-handshake of a daemon that takes ``--ready-fd`` (the hypervisor): one byte once it listens.
+
+    Looking for the control socket's file instead races with the stale file
+    of a hypervisor that was killed (it exists before the new one has
+    unlinked it and bound its own) and costs a connection per look.  The
+    pipe says it once: the byte when the daemon serves, EOF if it died
+    first.  Usage::
+
+        with ReadyPipe() as ready:
+            child = start([..., *ready.argv], pass_fds=ready.pass_fds)
+            ready.spawned()
+            if not await ready.started(timeout): ...   # or ready.started_blocking(timeout)
+    """
+
+    #: What the daemon writes (:func:`hvemu.hypervisor.daemon.main`).
+    READY = b"R"
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()  # both close-on-exec: a child gets the write end only by pass_fds
+
+    @property
+    def argv(self) -> list[str]:
+        return ["--ready-fd", str(self._write)]
+
+    @property
+    def pass_fds(self) -> tuple[int, ...]:
+        return (self._write,) if self._write >= 0 else ()
+
+    def spawned(self) -> None:
+        """The child has its copy of the write end: drop ours, so that its death reads as EOF."""
+        if self._write >= 0:
+            os.close(self._write)
+            self._write = -1
+
+    def _answer(self) -> bool:
+        return os.read(self._read, 1) == self.READY
+
+    async def started(self, timeout: float) -> bool:
+        """True once the daemon said it serves; False if it exited first or ``timeout`` passed."""
+        try:
+            async with asyncio.timeout(timeout):
+                await readiness.wait_readable(self._read)
+        except TimeoutError:
+            return False
+        return self._answer()
+
+    def started_blocking(self, timeout: float) -> bool:
+        """:meth:`started` for a caller without an event loop (the CLI)."""
+        if not select.select([self._read], [], [], timeout)[0]:
+            return False
+        return self._answer()
+
+    def close(self) -> None:
+        self.spawned()
+        if self._read >= 0:
+            readiness.notify_closing(self._read)
+            os.close(self._read)
+            self._read = -1
+
+    def __enter__(self) -> ReadyPipe:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -10,16 +10,20 @@ their transport.
 File descriptors (ring page, event channel, guest memory, p2m) travel beside a
 reply with ``SCM_RIGHTS``; the reply says how many and in which order
 (``fds`` field names), so a receiver can check it got what was announced.
+
+Why one module of ~500 lines: every message of the control protocol is declared here and only
+here, so that a reader (and the fuzzers) find the whole wire format in one file.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
 from hvemu.abi import Errno, RingKind
+from hvemu.stats import DomainStats
 
 #: A body larger than this is refused (and the connection closed): it can only
 #: be a bug or an attack, the largest legitimate message is a batch of pages.
@@ -281,23 +285,8 @@ class Stats(Msg):
 
 class StatsReply(Msg):
     domid: int
-    #: Counters and facts; nested per ring (plain msgpack data, no schema).
-    stats: dict[str, Any]
-
-
-def ring_owned(stats: dict[str, Any], ring: str, pid: int | None = None) -> bool:
-    """Whether a daemon (process ``pid``, if given) owns ``ring``, from a :class:`StatsReply`'s ``stats``.
-
-    An enabled ring whose daemon died stays enabled (orphaned) until the
-    hypervisor notices the death; only ``ring_owners`` says whose it is now,
-    so a waiter for a new daemon compares pids (0: the owner's pid is not
-    known, e.g. it is in another pid namespace).
-    """
-    info = stats.get(ring)
-    if not (isinstance(info, dict) and info.get("enabled")) or ring in stats.get("rings_orphaned", ()):
-        return False
-    owner = stats.get("ring_owners", {}).get(ring, 0)
-    return pid is None or owner in (0, pid)
+    #: Counters and facts (:mod:`hvemu.stats`); nested per ring.
+    stats: DomainStats
 
 
 class GetTarget(Msg):

@@ -1,4 +1,4 @@
-"""Ring event traces, in the spirit of ``xentrace``: the file format and its writer.
+"""Ring event traces, in the spirit of ``xentrace``: the file format and the events.
 
 A trace file is a 16-byte header followed by fixed-size little-endian records,
 so it can be read from any language and appended to cheaply while the
@@ -24,17 +24,16 @@ record (32 bytes)::
                   size in slots (ring); the paging target in pages (target)
     28  4         zero
 
-The core (sans-I/O) calls a tracer callback; :class:`TraceWriter` is the
-driver side that timestamps, filters by event mask and buffers records.
-Reading and analysing traces (numpy, vectorised) is :mod:`hvemu.tracetools`.
+The core (sans-I/O) calls a tracer callback; the hypervisor's
+:class:`hvemu.hypervisor.trace_writer.TraceWriter` is the driver side that timestamps,
+filters by event mask and buffers records.
+Reading and analysing traces (numpy, vectorised) is :mod:`hvemu.toolstack.tracetools`.
 """
 
 from __future__ import annotations
 
 import enum
-import os
 import struct
-import time
 from collections.abc import Callable, Iterable
 
 from hvemu.abi import RingKind
@@ -43,7 +42,7 @@ MAGIC = b"HVTRACE1"
 VERSION = 1
 HEADER = struct.Struct("<8sII")
 #: The record's fields, in order, with their struct codes: the one description both the writer's
-#: :data:`RECORD` and the reader's numpy dtype (:func:`hvemu.tracetools.record_dtype`) are built from.
+#: :data:`RECORD` and the reader's numpy dtype (:func:`hvemu.toolstack.tracetools.record_dtype`) are built from.
 FIELDS: tuple[tuple[str, str], ...] = (("ts_ns", "Q"), ("domid", "H"), ("ring", "B"), ("event", "B"),
                                        ("vcpu", "I"), ("gfn", "Q"), ("arg", "I"))
 RECORD = struct.Struct("<" + "".join(code for _, code in FIELDS) + "4x")
@@ -91,48 +90,6 @@ def event_mask(names: Iterable[str]) -> int:
             known = ", ".join(e.name.lower() for e in TraceEvent)
             raise ValueError(f"no trace event {name.strip()!r} (events: {known})") from None
     return mask
-
-
-class TraceWriter:
-    """Buffered writer: the hypervisor's tracer callback."""
-
-    FLUSH_AT = 1 << 16
-
-    def __init__(self, path: str, *, exclusive: bool = False, mask: int = ALL_EVENTS) -> None:
-        """Open ``path`` owner-only; ``exclusive``: only as a new file (never truncate one, never follow a link).
-
-        Only the events in ``mask`` (bit ``1 << event``) are written, and the
-        state events (:data:`STATE_EVENTS`) always.
-        """
-        self.path = path
-        self.mask = mask | STATE_EVENTS
-        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
-        flags |= os.O_EXCL | os.O_NOFOLLOW if exclusive else os.O_TRUNC
-        self._fd = os.open(path, flags, 0o600)
-        self._buf = bytearray(HEADER.pack(MAGIC, VERSION, RECORD.size))
-        self.records = 0
-
-    def __call__(self, event: int, domid: int, ring: int, vcpu: int, gfn: int, arg: int) -> None:
-        if not self.mask >> event & 1:
-            return
-        self._buf += RECORD.pack(time.monotonic_ns(), domid & 0xFFFF, ring, event,
-                                 vcpu & 0xFFFFFFFF, gfn & 0xFFFFFFFFFFFFFFFF, arg & 0xFFFFFFFF)
-        self.records += 1
-        if len(self._buf) >= self.FLUSH_AT:
-            self.flush()
-
-    def flush(self) -> None:
-        data = bytes(self._buf)
-        self._buf.clear()
-        done = 0
-        while done < len(data):
-            done += os.write(self._fd, data[done:])
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            self.flush()
-            os.close(self._fd)
-            self._fd = -1
 
 
 class TraceFormatError(ValueError):

@@ -38,6 +38,9 @@ Command channel (``HVEMU_CTL_FD``, a stream socket)
     errno name plus a message.  Batched commands answer one word per gfn:
     ``0`` for success or the errno name.  ``load G...`` is followed, right
     after its newline, by one raw page per gfn.  See :data:`HELP`.
+
+Why one module of ~630 lines: the raw attach is one program (ring, child process, command channel,
+teardown); its command table is the bulk of it and is read by the help, the parser and the executor.
 """
 
 from __future__ import annotations
@@ -53,13 +56,15 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from hvemu import abi, logs, protocol
+from hvemu import abi, logs, protocol, readiness
 from hvemu.abi import Errno, MemEventReason, P2MAccess, RingKind
-from hvemu.transport import Connection, ControlError, TransportError, root_cause
-from pager.sdk import DomainGone, Domctl, SdkError
+from hvemu.client import Connection, ControlError, root_cause
+from hvemu.fdpass import TransportError
+from pager.sdk import DomainGone, Domctl, SdkError, pages_out
 
 log = logging.getLogger("pager.attach")
 
@@ -72,24 +77,6 @@ MAX_BATCH = 1024
 #: Signals forwarded to the program.
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-HELP = """\
-hello                      -> ok hvemu-attach <version>
-ping                       -> ok
-nominate G...              -> ok R...    ram_rw -> ram_paging_out; then copy the page out
-evict G...                 -> ok R...    free nominated frames (EBUSY: touched since nominate)
-prep G...                  -> ok R...    zeroed frames for paged gfns; fill them via HVEMU_MEMORY_FD
-load G... <pages>          -> ok R...    allocate and fill from the raw pages after the line
-map G...                   -> ok R...    foreign map: a paged gfn is populated and answers ENOENT
-resume                     -> ok         have the hypervisor drain responses (instead of a notify)
-access ACCESS G...         -> ok R...    set p2m access (n r w rw x rx wx rwx rx2rw n2rwx, or 0-9)
-access-required 0|1        -> ok
-hvm-param REASON MODE [onchangeonly] -> ok   REASON cr0 cr3 cr4 int3; MODE disabled async sync
-target [PAGES]             -> ok PAGES   read (or set) the paging target
-stats                      -> ok {json}
-help                       -> ok <this text on one line>
-R is 0 for success or an errno name; a failed command answers ERRNO message."""
-
-_BATCH = frozenset({"nominate", "evict", "prep", "load", "map"})
 _REASONS = {"cr0": MemEventReason.CR0, "cr3": MemEventReason.CR3, "cr4": MemEventReason.CR4,
             "int3": MemEventReason.INT3}
 _MODES = {"disabled": abi.HVMPME_MODE_DISABLED, "async": abi.HVMPME_MODE_ASYNC, "sync": abi.HVMPME_MODE_SYNC}
@@ -146,44 +133,59 @@ def parse_command(line: bytes) -> Command:
     if not words:
         raise CommandError(Errno.EINVAL, "empty command")
     name, rest = words[0], words[1:]
-    cmd = Command(name, pages=data_pages(line))
-    if name in _BATCH:
-        if not rest:
-            raise CommandError(Errno.EINVAL, f"{name} needs at least one gfn")
-        if len(rest) > MAX_BATCH:
-            raise CommandError(Errno.EINVAL, f"{name}: at most {MAX_BATCH} gfns per command")
-        cmd.gfns = [_number(w, "gfn") for w in rest]
-    elif name == "access":
-        if len(rest) < 2:
-            raise CommandError(Errno.EINVAL, "usage: access ACCESS GFN...")
-        if len(rest) - 1 > MAX_BATCH:
-            raise CommandError(Errno.EINVAL, f"access: at most {MAX_BATCH} gfns per command")
-        cmd.args = [str(parse_access(rest[0]))]
-        cmd.gfns = [_number(w, "gfn") for w in rest[1:]]
-    elif name == "access-required":
-        if rest not in (["0"], ["1"]):
-            raise CommandError(Errno.EINVAL, "usage: access-required 0|1")
-        cmd.args = rest
-    elif name == "hvm-param":
-        if len(rest) not in (2, 3) or (len(rest) == 3 and rest[2] != "onchangeonly"):
-            raise CommandError(Errno.EINVAL, "usage: hvm-param cr0|cr3|cr4|int3 disabled|async|sync [onchangeonly]")
-        reason = _REASONS.get(rest[0].lower())
-        mode = _MODES.get(rest[1].lower())
-        if reason is None or mode is None:
-            raise CommandError(Errno.EINVAL, "usage: hvm-param cr0|cr3|cr4|int3 disabled|async|sync [onchangeonly]")
-        if len(rest) == 3:
-            mode |= abi.HVMPME_ONCHANGEONLY
-        cmd.args = [str(int(reason)), str(mode)]
-    elif name == "target":
-        if len(rest) > 1:
-            raise CommandError(Errno.EINVAL, "usage: target [PAGES]")
-        cmd.args = [str(_number(w, "target")) for w in rest]
-    elif name in ("hello", "ping", "resume", "stats", "help"):
-        if rest:
-            raise CommandError(Errno.EINVAL, f"{name} takes no arguments")
-    else:
+    spec = COMMANDS.get(name)
+    if spec is None:
         raise CommandError(Errno.EINVAL, f"unknown command {name!r} (try 'help')")
+    cmd = Command(name, pages=data_pages(line))
+    spec.parse(cmd, rest)
     return cmd
+
+
+def _no_args(cmd: Command, rest: list[str]) -> None:
+    if rest:
+        raise CommandError(Errno.EINVAL, f"{cmd.name} takes no arguments")
+
+
+def _gfns(cmd: Command, rest: list[str]) -> None:
+    if not rest:
+        raise CommandError(Errno.EINVAL, f"{cmd.name} needs at least one gfn")
+    if len(rest) > MAX_BATCH:
+        raise CommandError(Errno.EINVAL, f"{cmd.name}: at most {MAX_BATCH} gfns per command")
+    cmd.gfns = [_number(w, "gfn") for w in rest]
+
+
+def _access(cmd: Command, rest: list[str]) -> None:
+    if len(rest) < 2:
+        raise CommandError(Errno.EINVAL, "usage: access ACCESS GFN...")
+    if len(rest) - 1 > MAX_BATCH:
+        raise CommandError(Errno.EINVAL, f"access: at most {MAX_BATCH} gfns per command")
+    cmd.args = [str(parse_access(rest[0]))]
+    cmd.gfns = [_number(w, "gfn") for w in rest[1:]]
+
+
+def _access_required(cmd: Command, rest: list[str]) -> None:
+    if rest not in (["0"], ["1"]):
+        raise CommandError(Errno.EINVAL, "usage: access-required 0|1")
+    cmd.args = rest
+
+
+def _hvm_param(cmd: Command, rest: list[str]) -> None:
+    usage = "usage: hvm-param cr0|cr3|cr4|int3 disabled|async|sync [onchangeonly]"
+    if len(rest) not in (2, 3) or (len(rest) == 3 and rest[2] != "onchangeonly"):
+        raise CommandError(Errno.EINVAL, usage)
+    reason = _REASONS.get(rest[0].lower())
+    mode = _MODES.get(rest[1].lower())
+    if reason is None or mode is None:
+        raise CommandError(Errno.EINVAL, usage)
+    if len(rest) == 3:
+        mode |= abi.HVMPME_ONCHANGEONLY
+    cmd.args = [str(int(reason)), str(mode)]
+
+
+def _target(cmd: Command, rest: list[str]) -> None:
+    if len(rest) > 1:
+        raise CommandError(Errno.EINVAL, "usage: target [PAGES]")
+    cmd.args = [str(_number(w, "target")) for w in rest]
 
 
 def parse_access(word: str) -> int:
@@ -221,47 +223,12 @@ class CommandServer:
     async def execute(self, cmd: Command, data: bytes = b"") -> str:
         """The reply line (without its newline) for one command."""
         self.commands += 1
-        d = self.domctl
         try:
-            if cmd.name == "hello":
-                return f"ok hvemu-attach {PROTOCOL_VERSION}"
-            if cmd.name == "ping":
-                return "ok"
-            if cmd.name == "help":
-                return "ok " + " | ".join(line.strip() for line in HELP.splitlines())
-            if cmd.name == "nominate":
-                return format_results(await d.nominate(cmd.gfns))
-            if cmd.name == "evict":
-                return format_results(await d.evict(cmd.gfns))
-            if cmd.name == "prep":
-                return format_results(await d.prep(cmd.gfns))
-            if cmd.name == "load":
-                pages = [data[i * abi.PAGE_SIZE:(i + 1) * abi.PAGE_SIZE] for i in range(len(cmd.gfns))]
-                return format_results(await d.load(cmd.gfns, pages))
-            if cmd.name == "map":
-                return format_results((await d.map_foreign(cmd.gfns)).results)
-            if cmd.name == "resume":
-                await d.resume(self.ring)
-                return "ok"
-            if cmd.name == "access":
-                return format_results(await d.access_set(cmd.gfns, int(cmd.args[0])))
-            if cmd.name == "access-required":
-                await d.access_required(cmd.args[0] == "1")
-                return "ok"
-            if cmd.name == "hvm-param":
-                await d.set_hvm_param(int(cmd.args[0]), int(cmd.args[1]))
-                return "ok"
-            if cmd.name == "target":
-                if cmd.args:
-                    await d.set_target(int(cmd.args[0]))
-                return f"ok {await d.get_target()}"
-            if cmd.name == "stats":
-                return "ok " + json.dumps(await d.stats(), separators=(",", ":"), default=str)
+            return await COMMANDS[cmd.name].run(self, cmd, data)
         except DomainGone as exc:
             return format_error(Errno.ESRCH, str(exc))
         except SdkError as exc:
             return format_error(exc.errno, str(exc))
-        return format_error(Errno.ENOSYS, f"command {cmd.name!r} not implemented")
 
     async def handle_line(self, line: bytes, data: bytes) -> str:
         """Parse and run one line; malformed commands become error replies."""
@@ -299,6 +266,86 @@ class CommandServer:
                 await writer.drain()
         except (ConnectionError, BrokenPipeError):
             return
+
+async def _pages(server: CommandServer, cmd: Command, data: bytes) -> str:
+    pages = [data[i * abi.PAGE_SIZE:(i + 1) * abi.PAGE_SIZE] for i in range(len(cmd.gfns))]
+    return format_results(await server.domctl.load(cmd.gfns, pages))
+
+
+async def _target_run(server: CommandServer, cmd: Command, data: bytes) -> str:
+    if cmd.args:
+        await server.domctl.set_target(int(cmd.args[0]))
+    return f"ok {await server.domctl.get_target()}"
+
+
+class CommandSpec(NamedTuple):
+    """One command of the channel: its help line, how its words parse, and what it runs."""
+
+    usage: str
+    parse: Callable[[Command, list[str]], None]
+    run: Callable[[CommandServer, Command, bytes], Awaitable[str]]
+
+
+#: The command channel, one row per command: the help text, the parser and the executor all read it.
+COMMANDS: dict[str, CommandSpec] = {
+    "hello": CommandSpec("hello                      -> ok hvemu-attach <version>", _no_args,
+                         lambda s, c, d: _ok_text(f"ok hvemu-attach {PROTOCOL_VERSION}")),
+    "ping": CommandSpec("ping                       -> ok", _no_args, lambda s, c, d: _ok_text("ok")),
+    "nominate": CommandSpec("nominate G...              -> ok R...    ram_rw -> ram_paging_out; then copy the "
+                            "page out", _gfns, lambda s, c, d: _results(s.domctl.nominate(c.gfns))),
+    "evict": CommandSpec("evict G...                 -> ok R...    free nominated frames (EBUSY: touched since "
+                         "nominate)", _gfns, lambda s, c, d: _results(s.domctl.evict(c.gfns))),
+    "prep": CommandSpec("prep G...                  -> ok R...    zeroed frames for paged gfns; fill them via "
+                        "HVEMU_MEMORY_FD", _gfns, lambda s, c, d: _results(s.domctl.prep(c.gfns))),
+    "load": CommandSpec("load G... <pages>          -> ok R...    allocate and fill from the raw pages after the "
+                        "line", _gfns, _pages),
+    "map": CommandSpec("map G...                   -> ok R...    foreign map: a paged gfn is populated and "
+                       "answers ENOENT", _gfns, lambda s, c, d: _mapped(s, c)),
+    "resume": CommandSpec("resume                     -> ok         have the hypervisor drain responses (instead "
+                          "of a notify)", _no_args, lambda s, c, d: _then_ok(s.domctl.resume(s.ring))),
+    "access": CommandSpec("access ACCESS G...         -> ok R...    set p2m access (n r w rw x rx wx rwx rx2rw "
+                          "n2rwx, or 0-9)", _access,
+                          lambda s, c, d: _results(s.domctl.access_set(c.gfns, int(c.args[0])))),
+    "access-required": CommandSpec("access-required 0|1        -> ok", _access_required,
+                                   lambda s, c, d: _then_ok(s.domctl.access_required(c.args[0] == "1"))),
+    "hvm-param": CommandSpec("hvm-param REASON MODE [onchangeonly] -> ok   REASON cr0 cr3 cr4 int3; MODE disabled "
+                             "async sync", _hvm_param,
+                             lambda s, c, d: _then_ok(s.domctl.set_hvm_param(int(c.args[0]), int(c.args[1])))),
+    "target": CommandSpec("target [PAGES]             -> ok PAGES   read (or set) the paging target", _target,
+                          _target_run),
+    "stats": CommandSpec("stats                      -> ok {json}", _no_args, lambda s, c, d: _stats(s)),
+    "help": CommandSpec("help                       -> ok <this text on one line>", _no_args,
+                        lambda s, c, d: _ok_text("ok " + " | ".join(line.strip() for line in _help().splitlines()))),
+}
+
+HELP: str = "\n".join(spec.usage for spec in COMMANDS.values()) + \
+    "\nR is 0 for success or an errno name; a failed command answers ERRNO message."
+
+
+def _help() -> str:
+    return HELP
+
+
+async def _ok_text(text: str) -> str:
+    return text
+
+
+async def _results(results: Awaitable[Sequence[Errno | None]]) -> str:
+    return format_results(await results)
+
+
+async def _then_ok(done: Awaitable[None]) -> str:
+    await done
+    return "ok"
+
+
+async def _mapped(server: CommandServer, cmd: Command) -> str:
+    return format_results((await server.domctl.map_foreign(cmd.gfns)).results)
+
+
+async def _stats(server: CommandServer) -> str:
+    return "ok " + json.dumps(await server.domctl.stats(), separators=(",", ":"), default=str)
+
 
 
 def exit_status(returncode: int) -> int:
@@ -356,6 +403,8 @@ class Attach:
         self.child: subprocess.Popen[bytes] | None = None
         self.ring_view: memoryview | None = None
         self._ring_map: mmap.mmap | None = None
+        self._p2m_map: mmap.mmap | None = None
+        self._gfns = 0
         self._pending_signal: int | None = None
 
     # ------------------------------------------------------------ signals
@@ -386,6 +435,9 @@ class Attach:
         # attach only looks at the indices (to know whether a disable would strand vCPUs).
         self._ring_map = mmap.mmap(named["ring"], abi.PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
         self.ring_view = memoryview(self._ring_map)[:abi.RING_ENTRIES_OFFSET].cast("I")
+        # ...and at the p2m types, to know whether pages are out when the program is done.
+        self._p2m_map = mmap.mmap(named["p2m"], abi.p2m_table_size(reply.gfns), mmap.MAP_SHARED, mmap.PROT_READ)
+        self._gfns = reply.gfns
         return reply, named
 
     async def _teardown(self) -> None:
@@ -413,11 +465,10 @@ class Attach:
         if left:
             log.warning("disabling dom%d %s ring with %d requests unanswered: their vCPUs stay paused",
                         self.args.domid, self.ring, left)
-        out = await self._pages_out(domctl)
+        out = self._pages_out()
         if out and not self.args.force_disable:
-            what = f"{out} pages are still out" if out > 0 else "whether pages are out is unknown"
-            log.warning("dom%d: %s; the paging ring is kept for the pager that holds them (--force-disable "
-                        "to disable it anyway)", self.args.domid, what)
+            log.warning("dom%d: %d pages are still out; the paging ring is kept for the pager that holds them "
+                        "(--force-disable to disable it anyway)", self.args.domid, out)
             return
         try:
             await domctl.call(protocol.MemEventDisable(domid=self.args.domid, ring=self.ring))
@@ -427,23 +478,20 @@ class Attach:
         except SdkError as exc:
             log.warning("disable of dom%d %s ring failed: %s", self.args.domid, self.ring, exc)
 
-    async def _pages_out(self, domctl: Domctl) -> int:
-        """Paged gfns (and ones on their way back) if this is the paging ring, else 0."""
-        if self.ring != RingKind.paging:
+    def _pages_out(self) -> int:
+        """Pages out (the SDK's count, from the p2m table) if this is the paging ring, else 0."""
+        if self.ring != RingKind.paging or self._p2m_map is None:
             return 0
-        try:
-            st = await domctl.stats()
-        except DomainGone:
-            return 0
-        except SdkError:
-            return -1  # unknown: keep the ring rather than risk disabling it with pages out
-        paged, paging_in = st.get("paged", 0), st.get("paging_in", 0)
-        return (paged if isinstance(paged, int) else 0) + (paging_in if isinstance(paging_in, int) else 0)
+        start = abi.p2m_type_index(self._gfns, 0)
+        return pages_out(self._p2m_map[start:start + self._gfns])
 
     async def _close(self) -> None:
         if self.ring_view is not None:
             self.ring_view.release()
             self.ring_view = None
+        if self._p2m_map is not None:
+            self._p2m_map.close()
+            self._p2m_map = None
         if self._ring_map is not None:
             self._ring_map.close()
             self._ring_map = None
@@ -514,24 +562,14 @@ class Attach:
     @staticmethod
     async def _wait_child(child: subprocess.Popen[bytes]) -> int:
         """Wait for the program without blocking the loop: a pidfd becomes readable when it exits."""
-        loop = asyncio.get_running_loop()
         try:
             pidfd = os.pidfd_open(child.pid)
         except ProcessLookupError:  # already reaped (a forwarded signal polls it)
             return child.wait()
         try:
-            exited: asyncio.Future[None] = loop.create_future()
-
-            def readable() -> None:
-                if not exited.done():
-                    exited.set_result(None)
-
-            loop.add_reader(pidfd, readable)
-            try:
-                await exited
-            finally:
-                loop.remove_reader(pidfd)
+            await readiness.wait_readable(pidfd)
         finally:
+            readiness.notify_closing(pidfd)
             os.close(pidfd)
         return child.wait()
 

@@ -18,6 +18,9 @@ batches (nominate, copy to the pagefile, evict: a page touched in between
 fails its evict and stays).  On a clean stop it pages everything back in
 before the ring is disabled.  Killed, it leaves ring and pagefile behind; a
 new pager on the same pagefile picks up every unanswered request.
+
+Why one module of ~580 lines: the pager's request loop, its eviction task and its stop are one
+object whose invariants (a gfn busy while its page is copied, the hooks' order) span all three.
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ class Pager:
         #: on a terminal, plain lines otherwise; see :mod:`pager.progress`).
         self.progress = progress
         #: Eviction's own connection (set by :meth:`run`): page-ins never queue behind it.
-        self.evictor: Domctl = client
+        self.evictor: Domctl = client.domctl
         self.pagefile = pagefile
         self.batch = batch
         #: Pages per load domctl when loading without a request (stranded gfns,
@@ -320,7 +323,8 @@ class Pager:
         for _attempt in range(8):
             if not pending:
                 break
-            results = await self.client.load(pending, [self.pagefile.read(g) for g in pending], resume=not resumed)
+            results = await self.client.domctl.load(pending, [self.pagefile.read(g) for g in pending],
+                                                    resume=not resumed)
             retry = []
             for g, r in zip(pending, results, strict=True):
                 if r is None:
@@ -504,7 +508,7 @@ class Pager:
                 chunk = [g for g in out[i:i + self.load_batch] if g not in self._busy]
                 self._busy.update(chunk)
                 try:
-                    results = await client.load(chunk, [self.pagefile.read(g) for g in chunk])
+                    results = await client.domctl.load(chunk, [self.pagefile.read(g) for g in chunk])
                     if abi.Errno.ENOMEM in results:
                         raise SdkError(f"dom{client.domid}: host memory exhausted while paging everything in",
                                        abi.Errno.ENOMEM)
@@ -519,7 +523,7 @@ class Pager:
                 for i in range(0, len(nominated), self.batch):
                     chunk = nominated[i:i + self.batch]
                     copy_out(self.pagefile, mem, chunk)  # the frames are final: nominated pages cannot be written
-                    results = await client.evict(chunk)
+                    results = await client.domctl.evict(chunk)
                     kept = [g for g, r in zip(chunk, results, strict=True) if r is not None]
                     if kept:
                         self.pagefile.discard(kept)  # touched (or mapped) since: the frame stays, not the copy
@@ -554,8 +558,9 @@ class Pager:
             self.gone = _first(gone)
             log.info("dom%d: %s", self.client.domid, self.gone)
         finally:
-            await self.evictor.close()
-            self.evictor = self.client
+            if self.evictor is not self.client.domctl:  # the ring's own connection is the client's to close
+                await self.evictor.close()
+            self.evictor = self.client.domctl
 
     async def drain_unanswered(self) -> None:
         """Answer every request left on the ring before it is disabled.

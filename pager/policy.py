@@ -10,11 +10,12 @@ from __future__ import annotations
 import random
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from typing import Literal, Protocol
+from typing import Protocol
 
+from hvemu.names import VictimPolicyName
 from pager.gfns import gfns_in
 
-PolicyName = Literal["random", "clock"]
+PolicyName = VictimPolicyName
 
 
 class VictimPolicy(Protocol):

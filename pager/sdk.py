@@ -19,6 +19,9 @@ a domctl that fails as a whole raises :class:`DomctlError` whose ``errno`` is
 the errno name.  :class:`pager.base.Pager` is a paging daemon built on this
 module, with hooks for a custom victim policy.  ``docs/writing-a-daemon.md``
 explains the protocol and the pitfalls.
+
+Why one module of ~630 lines: :class:`MemEventClient` is one object with a run-state, and its
+attach, request loop, responses and detach share that state (its domctls are :mod:`pager.domctl`).
 """
 
 from __future__ import annotations
@@ -33,13 +36,26 @@ from types import TracebackType
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno, MemEvent, MemEventFlag, MemEventReason, MemEventType, RingKind
+from hvemu.client import Connection, ControlError
 from hvemu.evtchn import EventChannel
 from hvemu.ring import BackRing, RingCorruptError, SharedRing
-from hvemu.transport import Connection, ControlError, TransportError
+from pager.domctl import (
+    AttachError,
+    DomainGone,
+    Domctl,
+    DomctlError,
+    SdkError,
+    StateError,
+    pages_out,
+)
 from pager.gfns import GfnsOfType
 from pager.pagefile import PageStore
 
 log = logging.getLogger("pager.sdk")
+
+#: What daemons import from here (the domctls and errors live in :mod:`pager.domctl`).
+__all__ = ["ECHO_FLAGS", "AttachError", "DomainGone", "Domctl", "DomctlError", "MemEventClient", "RequestBatch",
+           "RunState", "SdkError", "StateError", "failures", "pages_out", "response_for"]
 
 #: The request flags a response echoes back.  The hypervisor acts on
 #: ``VCPU_PAUSED`` (unpause that vCPU) and ``DROP_PAGE`` (nothing to page in);
@@ -123,210 +139,25 @@ class RunState(enum.Enum):
     DETACHED = "detached"
 
 
-class SdkError(Exception):
-    """Base of the SDK's errors; ``errno`` is an :class:`~hvemu.abi.Errno` name when known."""
-
-    def __init__(self, message: str, errno: Errno | None = None) -> None:
-        super().__init__(message)
-        self.errno = errno
-
-
-class AttachError(SdkError):
-    """Enabling or mapping the ring failed; ``__cause__`` says why."""
-
-
-class StateError(SdkError):
-    """The client is not in a state that allows this call."""
-
-
-class DomctlError(SdkError):
-    """A whole domctl failed (per-gfn failures come back as results instead)."""
-
-
-class DomainGone(SdkError):
-    """The domain was destroyed (or the hypervisor stopped): the ring is gone.
-
-    For a daemon this is the normal end of its work, as for ``xenpaging``
-    when its guest shuts down.
-    """
-
-
-class Domctl:
-    """The domctls a daemon issues for one domain, each on a batch of gfns.
-
-    A :class:`MemEventClient` is one (on the connection that owns its ring);
-    :meth:`MemEventClient.open_domctl` gives another on its own connection, so
-    that slow background work (eviction) never delays page-ins.
-    """
-
-    def __init__(self, domid: int, conn: Connection | None = None) -> None:
-        self.domid = domid
-        self._conn = conn
-        #: Set once a call found the domain gone (:class:`DomainGone`): nothing more to do for it.
-        self.gone = False
-
-    @classmethod
-    async def open(cls, domid: int, socket_path: str) -> Domctl:
-        """A connection of its own (a tool connection: it owns no ring); :meth:`close` it."""
-        conn = await Connection.connect(socket_path)
-        try:
-            await conn.call(protocol.ToolHello(client="sdk:domctl"))
-        except BaseException:
-            await conn.close()
-            raise
-        return cls(domid, conn)
-
-    async def close(self) -> None:
-        """Close the connection (a :class:`MemEventClient` closes its own on :meth:`~MemEventClient.detach`)."""
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
-
-    # --------------------------------------------------------------- domctls
-    def _connection(self) -> Connection:
-        if self._conn is None:
-            raise StateError("not connected")
-        return self._conn
-
-    async def call(self, msg: protocol.Msg) -> protocol.Msg:
-        """Send one domctl; ESRCH or a lost hypervisor raise :class:`DomainGone`."""
-        conn = self._connection()
-        try:
-            reply, fds = await conn.call(msg)
-        except ControlError as exc:
-            if exc.errno == Errno.ESRCH:
-                self.gone = True
-                raise DomainGone(f"dom{self.domid} is gone ({type(msg).__name__}: {exc})", exc.errno) from exc
-            raise DomctlError(f"{type(msg).__name__} on dom{self.domid}: {exc}", exc.errno) from exc
-        except TransportError as exc:
-            raise DomainGone(f"lost the hypervisor during {type(msg).__name__}: {exc}") from exc
-        for fd in fds:
-            os.close(fd)
-        return reply
-
-    async def _batch(self, msg: protocol.Msg) -> list[Errno | None]:
-        reply = await self.call(msg)
-        if not isinstance(reply, protocol.BatchResult):
-            raise DomctlError(f"unexpected reply {type(reply).__name__} to {type(msg).__name__}")
-        return reply.results
-
-    async def nominate(self, gfns: Sequence[int]) -> list[Errno | None]:
-        """``ram_rw`` -> ``ram_paging_out`` (``EBUSY``: not pageable).  Copy the page out only after this."""
-        return await self._batch(protocol.PagingNominate(domid=self.domid, gfns=list(gfns)))
-
-    async def evict(self, gfns: Sequence[int]) -> list[Errno | None]:
-        """Free the frames of nominated gfns (``EBUSY``: touched since nominate, keep the page)."""
-        return await self._batch(protocol.PagingEvict(domid=self.domid, gfns=list(gfns)))
-
-    async def prep(self, gfns: Sequence[int]) -> list[Errno | None]:
-        """Give paged gfns a zeroed frame (``ENOMEM``: host budget spent; ``ENOENT``: not paged).
-
-        Fill the frame through :attr:`MemEventClient.memory` (:meth:`MemEventClient.fill`),
-        then respond and push: the hypervisor's resume, on the kick, makes the
-        gfn ``ram_rw``.  No page travels in a message.  Never fill a gfn whose
-        prep failed, and never respond for one whose fill failed.
-        """
-        return await self._batch(protocol.PagingPrep(domid=self.domid, gfns=list(gfns)))
-
-    async def load(self, gfns: Sequence[int], pages: Sequence[bytes], *, resume: bool = False) -> list[Errno | None]:
-        """Allocate and fill frames; ``resume``: then drain the paging ring (unless a gfn got ``ENOMEM``).
-
-        With ``resume``, publish the responses first (:meth:`MemEventClient.push`
-        with ``notify=False``): the page-in then costs one domctl and no kick.
-        """
-        return await self._batch(protocol.PagingLoad(domid=self.domid, gfns=list(gfns), pages=list(pages),
-                                                     resume=resume))
-
-    async def resume(self, ring: RingKind = RingKind.paging) -> None:
-        """The domctl twin of an event-channel kick: the hypervisor drains the ring's responses."""
-        await self.call(protocol.MemEventResume(domid=self.domid, ring=ring))
-
-    async def access_set(self, gfns: Sequence[int], access: int) -> list[Errno | None]:
-        """Set the ``p2m_access_t`` (:class:`~hvemu.abi.P2MAccess`) of each gfn.
-
-        When it returns, no vCPU can still use a right it removed.
-        """
-        return await self._batch(protocol.AccessSet(domid=self.domid, gfns=list(gfns), access=int(access)))
-
-    async def access_required(self, required: bool) -> None:
-        """``access_required``: with no access listener, a violation crashes the domain
-        (else the restriction is dropped and the guest goes on)."""
-        await self.call(protocol.AccessRequired(domid=self.domid, required=required))
-
-    async def set_hvm_param(self, reason: MemEventReason | int, mode: int) -> None:
-        """``HVM_PARAM_MEMORY_EVENT_{CR0,CR3,CR4,INT3}``: send those events on the access ring.
-
-        ``mode`` is ``abi.HVMPME_MODE_SYNC`` (the vCPU waits for the response),
-        ``HVMPME_MODE_ASYNC`` (it does not) or ``HVMPME_MODE_DISABLED``, plus
-        ``HVMPME_ONCHANGEONLY`` to skip writes of an unchanged value.
-        """
-        await self.call(protocol.SetHvmParam(domid=self.domid, reason=int(reason), mode=int(mode)))
-
-    async def set_target(self, pages: int) -> None:
-        """The paging target (resident pages), as xenstore's ``memory/target``."""
-        await self.call(protocol.SetTarget(domid=self.domid, pages=pages))
-
-    async def map_foreign(self, gfns: Sequence[int], *, keep: bool = False) -> protocol.ForeignPages:
-        """Map gfns as a tool: a paged gfn is populated (no vCPU paused) and answers ``ENOENT``; retry it.
-
-        With ``keep`` each mapped page stays referenced (its nominate and evict
-        answer ``EBUSY``, as on Xen) until :meth:`unmap_foreign` or the connection ends.
-        """
-        reply = await self.call(protocol.MapForeign(domid=self.domid, gfns=list(gfns), keep=keep))
-        if not isinstance(reply, protocol.ForeignPages):
-            raise DomctlError(f"unexpected reply {type(reply).__name__} to MapForeign")
-        return reply
-
-    async def unmap_foreign(self, gfns: Sequence[int]) -> list[Errno | None]:
-        """Drop mappings this connection kept (``ENOENT`` per gfn it did not map)."""
-        return await self._batch(protocol.UnmapForeign(domid=self.domid, gfns=list(gfns)))
-
-    async def access_get(self, gfn: int) -> int:
-        """``xc_hvm_get_mem_access``: a gfn's access (``abi.DEFAULT_ACCESS_GFN``: the default)."""
-        reply = await self.call(protocol.AccessGet(domid=self.domid, gfn=gfn))
-        if not isinstance(reply, protocol.AccessReply):
-            raise DomctlError(f"unexpected reply {type(reply).__name__} to AccessGet")
-        return reply.access
-
-    async def inject_trap(self, vcpu: int, vector: int) -> None:
-        """``xc_hvm_inject_trap``: the vCPU takes ``vector`` on its next entry (re-inject an INT3: 3)."""
-        await self.call(protocol.InjectTrap(domid=self.domid, vcpu=vcpu, vector=vector))
-
-    async def debug_control(self, vcpu: int, single_step: bool) -> None:
-        """``xc_domain_debug_control`` SINGLE_STEP_ON/OFF: the vCPU reports every step (``SINGLESTEP``)."""
-        await self.call(protocol.DebugControl(domid=self.domid, vcpu=vcpu, single_step=single_step))
-
-    async def get_target(self) -> int:
-        """The paging target in pages (follow it: the toolstack may change it at run time)."""
-        reply = await self.call(protocol.GetTarget(domid=self.domid))
-        if not isinstance(reply, protocol.TargetReply):
-            raise DomctlError(f"unexpected reply {type(reply).__name__} to GetTarget")
-        return reply.pages
-
-    async def stats(self) -> dict[str, object]:
-        """The hypervisor's counters for the domain (p2m counts, per-ring counters, target...)."""
-        reply = await self.call(protocol.Stats(domid=self.domid))
-        if not isinstance(reply, protocol.StatsReply):
-            raise DomctlError(f"unexpected reply {type(reply).__name__} to Stats")
-        return dict(reply.stats)
-
-
-
-class MemEventClient(Domctl):
+class MemEventClient:
     """A daemon's attachment to one mem_event ring of one domain.
 
     ``async with MemEventClient(domid, ring) as client`` enables the ring (or
     re-attaches to one whose daemon died: ``client.info.reattached``) and maps
     the ring page, the guest's memory (:attr:`memory`) and its p2m table
     (:attr:`p2m`, read-only); leaving the block disables the ring, even when
-    the block raised.  The client is also the :class:`Domctl` of its domain,
-    on the connection that owns the ring.  It is meant for one task reading
-    :meth:`requests`; domctls may come from any task of the same loop.
+    the block raised.  Its :attr:`domctl` is the :class:`Domctl` of its
+    domain on the connection that owns the ring.  It is meant for one task
+    reading :meth:`requests`; domctls may come from any task of the same loop.
     """
 
     def __init__(self, domid: int, ring: RingKind = RingKind.paging, *, run_dir: str | None = None,
                  disable_on_exit: bool = True) -> None:
-        super().__init__(domid)
+        self.domid = domid
+        #: The domain's domctls on the connection that owns the ring (not connected outside an attachment).
+        self.domctl = Domctl(domid)
+        self._conn: Connection | None = None
+        self._gone = False
         self.ring_kind = RingKind(ring)
         self.socket_path = protocol.socket_path(run_dir)
         #: Disable the ring on exit; False leaves it for another daemon (as a crash would).
@@ -375,6 +206,7 @@ class MemEventClient(Domctl):
         fds: list[int] = []
         try:
             self._conn = await Connection.connect(self.socket_path)
+            self.domctl.use(self._conn)
             await self._conn.call(protocol.ToolHello(client=f"sdk:{self.ring_kind}"))
             reply, fds = await self._conn.call(protocol.MemEventEnable(domid=self.domid, ring=self.ring_kind))
             if not isinstance(reply, protocol.MemEventEnabled):
@@ -497,6 +329,7 @@ class MemEventClient(Domctl):
             # disabled is then orphaned): a successor may attach at once.
             await self._conn.hang_up()
             self._conn = None
+            self.domctl.use(None)
 
     def _on_kick(self, _ports: set[int]) -> None:
         """The channel's reader: the hypervisor notified (it put requests, or woke us to look)."""
@@ -544,7 +377,16 @@ class MemEventClient(Domctl):
 
     async def resume(self, ring: RingKind | None = None) -> None:
         """Make the hypervisor drain this ring's responses now (a domctl instead of a kick)."""
-        await super().resume(self.ring_kind if ring is None else ring)
+        await self.domctl.resume(self.ring_kind if ring is None else ring)
+
+    @property
+    def gone(self) -> bool:
+        """The domain is gone (a domctl got ``ESRCH``, or the hypervisor closed the ring): nothing more to do."""
+        return self._gone or self.domctl.gone
+
+    @gone.setter
+    def gone(self, value: bool) -> None:
+        self._gone = value
 
     # -------------------------------------------------------------- requests
     def rewind_unanswered(self) -> int:
@@ -787,8 +629,7 @@ class MemEventClient(Domctl):
 
     def pages_out(self) -> int:
         """Gfns paged out or on their way back in (their bytes are not in guest memory)."""
-        types = self.p2m_types()
-        return types.count(abi.P2MType.ram_paged) + types.count(abi.P2MType.ram_paging_in)
+        return pages_out(self.p2m_types())
 
     async def stored_pages_out(self) -> int:
         """Pages out (paged, or on their way back) whose bytes a pager stored; 0 if none was ever evicted.
@@ -798,7 +639,7 @@ class MemEventClient(Domctl):
         never written anywhere (they read as zeros): those need no store.
         """
         out = self.pages_out()
-        evicted = (await self.stats()).get("evicted", 0) if out else 0
+        evicted = (await self.domctl.stats()).get("evicted", 0) if out else 0
         return out if isinstance(evicted, int) and evicted > 0 else 0
 
     def count_type(self, p2mt: abi.P2MType) -> int:

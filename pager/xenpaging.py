@@ -19,9 +19,9 @@ import sys
 
 from hvemu import logs, protocol
 from hvemu.abi import RingKind
-from hvemu.transport import ControlError, root_cause
-from pager.base import Pager as BasePager
-from pager.base import PageStore
+from hvemu.client import ControlError, root_cause
+from hvemu.names import VICTIM_POLICIES
+from pager.base import Pager, PageStore
 from pager.defaults import EVICT_BATCH, EVICT_POLICY
 from pager.gfns import GfnsOfType
 from pager.pagefile import Pagefile, PagefileMismatch
@@ -31,7 +31,7 @@ from pager.sdk import MemEventClient, SdkError
 log = logging.getLogger("pager")
 
 
-class Pager(BasePager):
+class PolicyPager(Pager):
     """The built-in pager: :class:`pager.base.Pager` with a victim policy from :mod:`pager.policy`."""
 
     def __init__(self, client: MemEventClient, pagefile: PageStore, policy: VictimPolicy, *,
@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                                                      "domain is destroyed, unless --keep)")
     p.add_argument("--keep", action="store_true", help="keep the pagefile when the domain is destroyed")
     p.add_argument("--target", type=int, default=None, help="resident pages to keep (default: the hypervisor's)")
-    p.add_argument("--policy", choices=["clock", "random"], default=EVICT_POLICY,
+    p.add_argument("--policy", choices=VICTIM_POLICIES, default=EVICT_POLICY,
                    help="victim policy: clock (xenpaging's sweeping hand, the default) or random")
     p.add_argument("--batch", type=int, default=EVICT_BATCH,
                    help=f"pages per eviction batch (default {EVICT_BATCH})")
@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
                    help="show the initial page-out and the final page-in (auto: when stderr is a terminal)")
     p.add_argument("--run-dir", default=None)
+    p.add_argument("--ready-fd", type=int, default=None,
+                   help="write a byte to this fd once the ring is ours and the pagefile accepted")
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p
 
@@ -92,10 +94,14 @@ async def _main(args: argparse.Namespace) -> dict[str, int]:
             client.disable_on_exit = False  # keep the ring, and its requests, for the right pager
             raise SdkError(f"dom{args.domid}: {exc}; the ring is left as it is") from exc
         if args.target is not None:
-            await client.call(protocol.SetTarget(domid=args.domid, pages=args.target))
+            await client.domctl.call(protocol.SetTarget(domid=args.domid, pages=args.target))
+        if args.ready_fd is not None:
+            # Attached *and* accepted: owning the ring is not enough (the pagefile check above may refuse it).
+            os.write(args.ready_fd, b"R")
+            os.close(args.ready_fd)
         progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
-        pager = Pager(client, pagefile, make_policy(policy_name, seed=args.seed), batch=args.batch,
-                      unbatched=args.unbatched, progress=progress)
+        pager = PolicyPager(client, pagefile, make_policy(policy_name, seed=args.seed), batch=args.batch,
+                            unbatched=args.unbatched, progress=progress)
         try:
             await pager.run(stop)
             gone = pager.gone
@@ -120,13 +126,13 @@ async def _main(args: argparse.Namespace) -> dict[str, int]:
 
 async def _live_handles(client: MemEventClient) -> set[str]:
     """The handles of the domains alive now (a pagefile of one of them must not be taken over)."""
-    reply = await client.call(protocol.DomainList())
+    reply = await client.domctl.call(protocol.DomainList())
     return {d.handle for d in reply.domains} if isinstance(reply, protocol.DomainListReply) else set()
 
 
 async def _hypervisor_alive(socket_path: str) -> bool:
     """Does anything still answer on the control socket?"""
-    from hvemu.transport import Connection
+    from hvemu.client import Connection
 
     try:
         conn = await asyncio.wait_for(Connection.connect(socket_path), 2)

@@ -26,6 +26,8 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import msgspec  # noqa: E402
+
 from hvemu import abi, protocol  # noqa: E402
 from pager import base, gfns, pagefile, sdk  # noqa: E402
 
@@ -34,6 +36,7 @@ OUT = os.path.join(ROOT, "docs", "sdk-reference.md")
 #: (title, class, members to list: None for every public one defined or inherited from the SDK).
 CLASSES: list[tuple[str, type, list[str] | None]] = [
     ("pager.sdk.MemEventClient", sdk.MemEventClient, None),
+    ("pager.sdk.Domctl", sdk.Domctl, None),
     ("pager.sdk.RequestBatch", sdk.RequestBatch, None),
     ("pager.base.Pager", base.Pager, None),
     ("pager.pagefile.PageStore", pagefile.PageStore, ["write", "read", "discard"]),
@@ -96,12 +99,11 @@ def _members(cls: type, names: list[str] | None) -> list[tuple[str, Any]]:
 
 async def _stats_keys() -> tuple[list[str], list[str]]:
     """The keys of a live Stats reply: of the domain, and of each enabled ring's dict."""
-    from hvemu.daemon import HypervisorDaemon
-    from hvemu.transport import ConnState
+    from hvemu.hypervisor.daemon import ConnCtx, HypervisorDaemon
 
     with tempfile.TemporaryDirectory() as run_dir:
         daemon = HypervisorDaemon(run_dir, 64)
-        state = ConnState(os.getpid(), os.getuid(), os.getgid())
+        state = ConnCtx(os.getpid(), os.getuid(), os.getgid())
         await daemon.handle(state, protocol.ToolHello(client="api-reference"))
         created, _ = await daemon.handle(state, protocol.DomainCreate(max_vcpus=1, gfns=16))
         assert isinstance(created, protocol.DomainCreated)
@@ -112,10 +114,11 @@ async def _stats_keys() -> tuple[list[str], list[str]]:
         reply, _ = await daemon.handle(state, protocol.Stats(domid=created.domid))
         assert isinstance(reply, protocol.StatsReply)
         daemon._destroy(created.domid)
-    ring = reply.stats["paging"]
+    stats = msgspec.to_builtins(reply.stats)  # what the SDK's stats() gives a daemon
+    ring = stats["paging"]
     assert isinstance(ring, dict)
     rings = {str(k) for k in abi.RingKind}
-    return sorted(k for k in reply.stats if k not in rings), sorted(ring)
+    return sorted(k for k in stats if k not in rings), sorted(ring)
 
 
 def render() -> str:

@@ -3,4 +3,4 @@
 # Usage: scripts/soak.sh --minutes N [--domains 3 --vcpus 8 --target 64 --kill-pagers-every S ...]
 # Options: see `scripts/soak.sh --help`.
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
-exec python -m hvemu.soak "$@"
+exec python -m hvemu.toolstack.soak "$@"

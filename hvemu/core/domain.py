@@ -15,6 +15,10 @@ hypervisor's effect outbox.  Guest-originated calls (``guest_access``,
 vCPU: when one returns, the driver replies to the guest at once if
 ``vcpus[i].runnable``, and otherwise when a :class:`VcpuRunnable` effect names
 it (none is emitted for a pause taken and dropped within the call).
+
+Why one module of ~650 lines: it is Xen's ``struct domain`` and ``struct vcpu`` with the entry
+points a guest, a tool and a daemon reach; the rules themselves are in the modules it calls
+(:mod:`~hvemu.core.paging`, :mod:`~hvemu.core.access`, :mod:`~hvemu.core.mem_event`...).
 """
 
 from __future__ import annotations
@@ -24,19 +28,22 @@ import enum
 import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from hvemu import abi
 from hvemu.abi import Errno, MemEventReason, P2MType, RingKind
 from hvemu.core import access as _access
 from hvemu.core import paging as _paging
 from hvemu.core import sharing as _sharing
+from hvemu.core.admission import Policy
 from hvemu.core.budget import FrameBudget
 from hvemu.core.effects import DomainCrashed, Effect, FramesReleased, VcpuRunnable
 from hvemu.core.errors import HypervisorError
-from hvemu.core.mem_event import MemEventDomain, Notify, Policy, ResponseFixup
+from hvemu.core.mem_event import MemEventDomain, Notify, ResponseFixup
 from hvemu.core.p2m import DEFAULT_ACCESS, P2M, REMOVED_TYPE
+from hvemu.stats import DomainCounters, DomainStats
 from hvemu.trace import NO_RING, NO_VCPU, RING_CODES, TraceEvent, Tracer
 
 log = logging.getLogger("hvemu.core.domain")
@@ -132,33 +139,6 @@ class Vcpu:
         return (f"Vcpu(d{self.domain.domid}v{self.vcpu_id}, pause={self.pause_count}, "
                 f"event={self.event_pause_count}, flags={self.pause_flags}, waits={self.waits}, "
                 f"spinning_on={self.spinning_on})")
-
-
-@dataclass
-class DomainCounters:
-    """Per-domain counters (ring counters live with each ring)."""
-
-    faults: int = 0
-    access_violations: int = 0
-    populates: int = 0
-    foreign_populates: int = 0
-    foreign_maps: int = 0
-    nominated: int = 0
-    #: Populates of a nominated gfn: its evict will fail (``EVICT_FAIL``), a fault the batch caused.
-    evict_fails: int = 0
-    evicted: int = 0
-    prepped: int = 0
-    loaded: int = 0
-    paged_in: int = 0
-    dropped: int = 0
-    ballooned: int = 0
-    traps: int = 0
-    single_steps: int = 0
-    traps_injected: int = 0
-    #: Guest accesses to a ``ram_paging_in`` gfn: re-executed until it settles, no request put.
-    spins: int = 0
-    unshare_enomem: int = 0
-    finalized_on_disable: int = 0
 
 
 #: Reasons ``hvm_memory_event_traps`` knows, each with its own HVM param.
@@ -651,30 +631,20 @@ class Domain:
             self.crash(f"{med.kind} resume failed: {exc!r}")
 
     # ------------------------------------------------------------------ stats
-    def stats(self) -> dict[str, Any]:
-        """Counters for users; ring counters under each ring's name (a ``dict[str, int]`` each)."""
+    def stats(self) -> DomainStats:
+        """Counters for users, each ring's under its name (the hypervisor process adds its own facts)."""
         p2m = self.p2m
-        out: dict[str, Any] = {
-            "domid": self.domid,
-            "name": self.name,
-            "policy": self.policy,
-            "abi": self.ring_abi,
-            "max_vcpus": self.max_vcpus,
-            "gfns": self.gfns,
-            "crashed": self.crashed,
-            "paused": self.paused_by_controller,
-            "resident": p2m.resident,
-            "ram_rw": p2m.type_count(P2MType.ram_rw),
-            "paging_out": p2m.type_count(P2MType.ram_paging_out),
-            "paged": p2m.type_count(P2MType.ram_paged),
-            "paging_in": p2m.type_count(P2MType.ram_paging_in),
-            "removed": p2m.type_count(REMOVED_TYPE),
-            "vcpus_paused": sum(1 for v in self.vcpus if v.pause_count),
-            "vcpus_blocked": sum(1 for v in self.vcpus if v.pause_flags),
-        }
-        out.update(vars(self.counters))  # flat ints: no need for asdict's deep copy
-        rings = {str(kind): med.stats() for kind, med in self.rings.items()}
-        out["events_put"] = sum(r["put"] for r in rings.values())
-        out["events_lost"] = sum(r["lost"] for r in rings.values())
-        out.update(rings)
-        return out
+        paging, access, sharing = (self.rings[k].stats() for k in (RingKind.paging, RingKind.access,
+                                                                   RingKind.sharing))
+        rings = (paging, access, sharing)
+        return DomainStats(
+            **msgspec.structs.asdict(self.counters), paging=paging, access=access, sharing=sharing,
+            domid=self.domid, name=self.name, policy=self.policy, abi=self.ring_abi, max_vcpus=self.max_vcpus,
+            gfns=self.gfns,
+            crashed=self.crashed, paused=self.paused_by_controller, resident=p2m.resident,
+            ram_rw=p2m.type_count(P2MType.ram_rw), paging_out=p2m.type_count(P2MType.ram_paging_out),
+            paged=p2m.type_count(P2MType.ram_paged), paging_in=p2m.type_count(P2MType.ram_paging_in),
+            removed=p2m.type_count(REMOVED_TYPE),
+            vcpus_paused=sum(1 for v in self.vcpus if v.pause_count),
+            vcpus_blocked=sum(1 for v in self.vcpus if v.pause_flags),
+            events_put=sum(r.put for r in rings), events_lost=sum(r.lost for r in rings))

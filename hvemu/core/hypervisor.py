@@ -4,20 +4,27 @@ Everything here is synchronous and touches no OS resource.  The daemon calls
 an operation, then drains :meth:`Hypervisor.take_effects` and carries the
 effects out in order (resume a blocked guest access, kick an event channel,
 punch holes where frames were released, fail a crashed domain's exits).
+
+A driver that forgets to drain must not leave a vCPU paused for ever: the
+outbox calls :attr:`Hypervisor.on_effects` when it stops being empty, and
+the daemon schedules a drain from it, so an effect waits at most until the
+end of the event loop's current iteration.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from hvemu import abi
 from hvemu.abi import Errno
+from hvemu.core.admission import POLICIES, Policy
 from hvemu.core.budget import FrameBudget
 from hvemu.core.domain import MAX_GFNS, MAX_VCPUS, Domain, PauseFlag, Vcpu
 from hvemu.core.effects import Effect
 from hvemu.core.errors import HypervisorError
-from hvemu.core.mem_event import NOTIFY_MODES, POLICIES, Notify, Policy
+from hvemu.core.mem_event import NOTIFY_MODES, Notify
 from hvemu.trace import Tracer
 
 __all__ = ["Domain", "Hypervisor", "HypervisorError", "PauseFlag", "Policy", "Vcpu"]
@@ -46,6 +53,9 @@ class Hypervisor:
         self.ring_size = ring_size
         self.domains: dict[int, Domain] = {}
         self._effects: list[Effect] = []
+        #: Called (no arguments) when the outbox goes from empty to not empty: the driver's cue
+        #: to make sure a drain follows (None: the caller drains after each operation itself).
+        self.on_effects: Callable[[], object] | None = None
         self._next_domid = 1  # domain 0 is the toolstack's
         self._tracer: Tracer | None = None
 
@@ -60,10 +70,19 @@ class Hypervisor:
         for dom in self.domains.values():
             dom.tracer = tracer
 
+    def _emit(self, effect: Effect) -> None:
+        if not self._effects and self.on_effects is not None:
+            self.on_effects()
+        self._effects.append(effect)
+
+    def pending_effects(self) -> bool:
+        """Whether the outbox holds effects not yet taken."""
+        return bool(self._effects)
+
     def take_effects(self) -> list[Effect]:
         """Drain the outbox, oldest first."""
         out = self._effects.copy()
-        self._effects.clear()  # in place: every domain holds this list's append
+        self._effects.clear()
         return out
 
     def domain(self, domid: int) -> Domain:
@@ -91,7 +110,7 @@ class Hypervisor:
         resident = min(resident, gfns, self.budget.free)
         domid = self._next_domid
         try:
-            dom = Domain(domid, max_vcpus, gfns, budget=self.budget, emit=self._effects.append,
+            dom = Domain(domid, max_vcpus, gfns, budget=self.budget, emit=self._emit,
                          policy=self.policy, ring_size=self.ring_size, resident=resident,
                          p2m_buffer=p2m_buffer, name=name, notify=self.notify, ring_abi=ring_abi)
         except (TypeError, ValueError) as exc:

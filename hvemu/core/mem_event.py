@@ -1,4 +1,7 @@
-"""One mem_event ring of a domain (``struct mem_event_domain``) and its admission policies.
+"""One mem_event ring of a domain (``struct mem_event_domain``), and the rules of its admission policies.
+
+The policies' code is :mod:`hvemu.core.admission` (one object per rule set);
+the ring's mechanism, which both use, is here.
 
 The hypervisor is the *front* end of each ring: it produces requests and
 consumes responses, with :class:`hvemu.ring.FrontRing` over the page the daemon
@@ -59,14 +62,17 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
 
 from hvemu import abi
 from hvemu.abi import Errno, MemEvent, MemEventFlag, RingKind
+from hvemu.core.admission import ADMISSIONS, POLICIES, Admission, Policy
 from hvemu.core.effects import RingNotify
 from hvemu.core.errors import HypervisorError
 from hvemu.ring import FrontRing, RingCorruptError, SharedRing
+from hvemu.stats import RingCounters, RingStats
 from hvemu.trace import NO_VCPU, RING_CODES, TraceEvent
 
 if TYPE_CHECKING:
@@ -74,7 +80,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hvemu.core.mem_event")
 
-Policy = Literal["seed", "claim"]
 #: When the hypervisor kicks a daemon after a put: as ``ring.h`` says (default), or every time (Xen 4.2).
 Notify = Literal["ring.h", "every-put"]
 NOTIFY_MODES: tuple[Notify, ...] = ("ring.h", "every-put")
@@ -82,51 +87,10 @@ NOTIFY_MODES: tuple[Notify, ...] = ("ring.h", "every-put")
 _DUMMY = int(MemEventFlag.DUMMY)
 _VCPU_PAUSED = int(MemEventFlag.VCPU_PAUSED)
 _FOREIGN = int(MemEventFlag.FOREIGN)
-POLICIES: tuple[Policy, ...] = ("seed", "claim")
 
 #: A ring-specific response step (the paging ring's p2m fix-up).  It returns
 #: False to reject the whole response (its gfn is not one the domain has).
 ResponseFixup = Callable[[MemEvent], bool]
-
-
-@dataclass
-class RingCounters:
-    """What a user watching a ring wants to know, all monotonic."""
-
-    #: Requests copied onto the ring.
-    put: int = 0
-    #: Events not put because the ring was full (seed ``EAGAIN``): gone for good.
-    lost: int = 0
-    lost_foreign: int = 0
-    lost_guest: int = 0
-    #: Claim policy: foreign producers told ``EBUSY`` (nothing changed, they retry).
-    refused: int = 0
-    #: Events with no ring to go to (``ENOSYS``).
-    no_ring: int = 0
-    #: Guest vCPUs marked and paused for ring congestion.
-    blocked_ever: int = 0
-    #: ...and released by the wake-up rule (or disable).
-    woken: int = 0
-    #: Claim policy: guest producers that slept on the wait queue for a slot.
-    waited: int = 0
-    #: Largest number of unanswered requests ever on the ring.
-    max_occupancy: int = 0
-    #: Event-channel kicks asked for.
-    notifies: int = 0
-    #: Responses consumed (every kind, valid or not).
-    responses: int = 0
-    #: Responses refused as a whole: no such vCPU, gfn out of range.
-    responses_rejected: int = 0
-    #: Responses carrying flag or bitfield bits this ABI does not define (ignored, the rest obeyed, as Xen).
-    responses_unknown_bits: int = 0
-    #: Paging responses for a gfn its load had already made ``ram_rw`` (the load-then-respond path).
-    responses_loaded: int = 0
-    #: Paging responses whose gfn was neither prepared nor loaded: p2m left alone.
-    responses_stale: int = 0
-    #: ``DUMMY`` responses: consumed and otherwise ignored.
-    responses_dummy: int = 0
-    #: ``VCPU_PAUSED`` responses that found no event pause to release.
-    unpause_ignored: int = 0
 
 
 class MemEventDomain:
@@ -143,6 +107,8 @@ class MemEventDomain:
         self.kind = kind
         self.pause_flag = pause_flag
         self.policy: Policy = policy
+        #: The admission rules (:mod:`hvemu.core.admission`): the seed's or the claim's.
+        self.admission: Admission = ADMISSIONS[policy]
         #: The entry layout on the page: the domain's ring ABI (``abi.RING_ABIS``).
         self.codec = abi.entry_codec(domain.ring_abi, kind)
         self.ring_size = abi.abi_ring_slots(domain.ring_abi, ring_size)
@@ -160,7 +126,7 @@ class MemEventDomain:
         self.counters = RingCounters()
         self._ring_code = RING_CODES[kind]
 
-    def _trace(self, event: TraceEvent, vcpu: int, gfn: int = 0) -> None:
+    def trace(self, event: TraceEvent, vcpu: int, gfn: int = 0) -> None:
         tracer = self.domain.tracer
         if tracer is not None:
             tracer(event, self.domain.domid, self._ring_code, vcpu, gfn, self.occupancy())
@@ -200,11 +166,7 @@ class MemEventDomain:
         """
         if self.front is None:
             return Errno.ENOSYS
-        if self.policy == "claim" and vcpu is None and self.available() == 0:
-            self.counters.refused += 1
-            self._trace(TraceEvent.REFUSED, NO_VCPU)
-            return Errno.EBUSY
-        return None
+        return self.admission.admit(self, vcpu)
 
     def put_request(self, req: MemEvent, vcpu: Vcpu | None) -> Errno | None:
         """``mem_event_put_request``; ``vcpu`` is the producing guest vCPU, None for a foreign one.
@@ -221,67 +183,16 @@ class MemEventDomain:
         except RingCorruptError as exc:
             self.domain.crash(f"{self.kind} ring corrupt: {exc}")
             return Errno.ENOSYS
-        if self.policy == "claim":
-            return self._put_request_claim(req, vcpu)
-        return self._put_request_seed(req, vcpu)
+        return self.admission.put_request(self, req, vcpu)
 
-    def _put_request_seed(self, req: MemEvent, vcpu: Vcpu | None) -> Errno | None:
-        ret: Errno | None = None
-        if self.free_requests() == 0:
-            # "This *may* happen, but only when foreign mappings generate events."
-            log.warning("dom%d %s ring: possible lost mem_event (ring full, %s producer)",
-                        self.domain.domid, self.kind, "foreign" if vcpu is None else f"vcpu{vcpu.vcpu_id}")
-            self.counters.lost += 1
-            if vcpu is None:
-                self.counters.lost_foreign += 1
-            else:
-                self.counters.lost_guest += 1
-            self._trace(TraceEvent.LOST, NO_VCPU if vcpu is None else vcpu.vcpu_id, req.gfn)
-            ret = Errno.EAGAIN
-        else:
-            self._produce(req)
-        # Every vCPU must keep a slot for one event that cannot be replayed:
-        # pause this one, *after* its event, if that is no longer true.
-        if vcpu is not None and self.free_requests() < self.domain.max_vcpus:
-            self.mark_and_pause(vcpu)
-            ret = Errno.EBUSY  # for a guest vCPU, overwrites EAGAIN
-        return ret
-
-    def _put_request_claim(self, req: MemEvent, vcpu: Vcpu | None) -> Errno | None:
-        if self.available() == 0:
-            if vcpu is None:
-                self.counters.refused += 1
-                self._trace(TraceEvent.REFUSED, NO_VCPU, req.gfn)
-                return Errno.EBUSY
-            # wait_event(med->wq, grab_slot() != -EBUSY): the vCPU sleeps with
-            # its request; _wake_queued puts it when a slot is granted.
-            self.waiters.append((vcpu, req))
-            vcpu.waits += 1
-            vcpu.pause()
-            self.counters.waited += 1
-            return None
-        self._produce(req)
-        self._wake()  # vm_event_release_slot: "Kick any waiters"
-        self._black_eye(vcpu)
-        return None
-
-    def _black_eye(self, vcpu: Vcpu | None) -> None:
-        """Claim policy: mark a guest vCPU on its way out if the ring is overly full.
-
-        Not one already paused for its event: its response will free the slot it used.
-        """
-        if (vcpu is not None and self.available() < self.domain.max_vcpus
-                and not vcpu.event_pause_count):
-            self.mark_and_pause(vcpu)
-
-    def _produce(self, req: MemEvent) -> None:
+    def produce(self, req: MemEvent) -> None:
         """Copy the request into the ring, push it and kick the daemon if ``ring.h`` says so."""
         front = self.front
         assert front is not None
         front.put_request(req)
         self.counters.put += 1
         if self.domain.tracer is not None:
-            self._trace(TraceEvent.PUT, NO_VCPU if req.flags & _FOREIGN else req.vcpu_id, req.gfn)
+            self.trace(TraceEvent.PUT, NO_VCPU if req.flags & _FOREIGN else req.vcpu_id, req.gfn)
         if front.push_requests_and_check_notify() or self.notify_every_put:
             self.counters.notifies += 1
             self.domain.emit(RingNotify(self.domain.domid, self.kind))
@@ -295,7 +206,7 @@ class MemEventDomain:
             vcpu.pause()
             self.blocked += 1
             self.counters.blocked_ever += 1
-            self._trace(TraceEvent.BLOCK, vcpu.vcpu_id)
+            self.trace(TraceEvent.BLOCK, vcpu.vcpu_id)
 
     # ------------------------------------------------------------------ consuming
     def get_response(self) -> MemEvent | None:
@@ -313,8 +224,7 @@ class MemEventDomain:
             return None
         rsp: MemEvent = front.get_response()
         front.sring.rsp_event = front.rsp_cons + 1  # as the seed: ask to be told of the next one
-        if self.policy == "claim":
-            self._wake()  # a slot just freed: kick any waiters (vm_event_get_response)
+        self.admission.response_taken(self)
         return rsp
 
     def resume(self, fixup: ResponseFixup | None = None) -> None:
@@ -347,13 +257,13 @@ class MemEventDomain:
 
     def _reject(self, rsp: MemEvent, why: str) -> None:
         self.counters.responses_rejected += 1
-        self._trace(TraceEvent.REJECTED, rsp.vcpu_id, rsp.gfn)
+        self.trace(TraceEvent.REJECTED, rsp.vcpu_id, rsp.gfn)
         log.warning("dom%d %s ring: response rejected (%s): %s", self.domain.domid, self.kind, why, rsp)
 
     def _handle_response(self, rsp: MemEvent, fixup: ResponseFixup | None) -> None:
         self.counters.responses += 1
         if self.domain.tracer is not None:
-            self._trace(TraceEvent.RESPONSE, rsp.vcpu_id, rsp.gfn)
+            self.trace(TraceEvent.RESPONSE, rsp.vcpu_id, rsp.gfn)
         if rsp.flags & ~abi.MEM_EVENT_KNOWN_FLAGS or rsp.reserved_bits:  # (vm_event: abi.UNKNOWN_VM_EVENT_FLAGS)
             # Xen tests the bits it knows and never looks at the others.
             self.counters.responses_unknown_bits += 1
@@ -376,78 +286,33 @@ class MemEventDomain:
     # ------------------------------------------------------------------ waking
     def unpause_vcpus(self) -> None:
         """Wake vCPUs waiting for ring space, by the policy's rule."""
-        if self.front is None:
-            return
-        if self.policy == "claim":
-            self._wake()
-        else:
-            self._unpause_vcpus_seed()
+        if self.front is not None:
+            self.admission.unpause_vcpus(self)
 
-    def _wake(self) -> None:
-        """``vm_event_wake``: queued producers first, then vCPUs marked for congestion."""
-        if self.waiters:
-            self._wake_queued()
-        else:
-            self._wake_blocked()
+    def wake_marked(self, limit: int) -> None:
+        """Release up to ``limit`` vCPUs marked for congestion, round-robin from ``last_vcpu_wake_up + 1``.
 
-    def _unpause_vcpus_seed(self) -> None:
-        """The seed's ``mem_event_unpause_vcpus``: round-robin while online < free."""
-        if not self.blocked:
-            return
-        vcpus = self.domain.vcpus
-        n = len(vcpus)
-        free = self.free_requests()
-        online = n - sum(1 for v in vcpus if v.test_flag(self.pause_flag))
-        i = self.last_vcpu_wake_up + 1
-        for j in range(n):
-            k = (i + j) % n
-            if not self.blocked or online >= free:
-                break
-            v = vcpus[k]
-            if v.test_and_clear_flag(self.pause_flag):
-                self.blocked -= 1
-                online += 1
-                self.last_vcpu_wake_up = k
-                self.counters.woken += 1
-                self._trace(TraceEvent.WAKE, v.vcpu_id)
-                v.unpause()
-
-    def _wake_blocked(self) -> None:
-        """``vm_event_wake_blocked`` after the 2017 fix: release up to as many as there are free slots."""
-        avail = self.available()
-        if avail == 0 or not self.blocked:
-            return
-        vcpus = self.domain.vcpus
-        n = len(vcpus)
-        i = self.last_vcpu_wake_up + 1
-        for j in range(n):
-            k = (i + j) % n
-            if not self.blocked or avail == 0:
-                break
-            v = vcpus[k]
-            if v.test_and_clear_flag(self.pause_flag):
-                self.blocked -= 1
-                avail -= 1
-                self.last_vcpu_wake_up = k
-                self.counters.woken += 1
-                self._trace(TraceEvent.WAKE, v.vcpu_id)
-                v.unpause()
-
-    def _wake_queued(self) -> None:
-        """``wake_up_nr(&med->wq, avail)``: each woken waiter grabs a slot and finishes its put.
-
-        Its put wakes again ("they will go through code paths that will
-        eventually call vm_event_wake() again"): once the queue is empty,
-        marked vCPUs get the slots that are left.
+        The one loop of both policies' wake-ups (the seed's
+        ``mem_event_unpause_vcpus``, 4.2's ``vm_event_wake_blocked``); they
+        differ only in the limit.
         """
-        while self.waiters and self.available() > 0:
-            vcpu, req = self.waiters.popleft()
-            vcpu.waits -= 1
-            self._produce(req)
-            self._black_eye(vcpu)  # before the unpause, so the vCPU never runs in between
-            vcpu.unpause()
-        if not self.waiters:
-            self._wake_blocked()
+        if limit <= 0 or not self.blocked:
+            return
+        vcpus = self.domain.vcpus
+        n = len(vcpus)
+        i = self.last_vcpu_wake_up + 1
+        for j in range(n):
+            if not self.blocked or limit <= 0:
+                break
+            k = (i + j) % n
+            v = vcpus[k]
+            if v.test_and_clear_flag(self.pause_flag):
+                self.blocked -= 1
+                limit -= 1
+                self.last_vcpu_wake_up = k
+                self.counters.woken += 1
+                self.trace(TraceEvent.WAKE, v.vcpu_id)
+                v.unpause()
 
     # ------------------------------------------------------------------ life
     def enable(self, buffer: Any) -> None:
@@ -478,7 +343,7 @@ class MemEventDomain:
         for v in self.domain.vcpus:
             if v.test_and_clear_flag(self.pause_flag):
                 self.counters.woken += 1
-                self._trace(TraceEvent.WAKE, v.vcpu_id)
+                self.trace(TraceEvent.WAKE, v.vcpu_id)
                 v.unpause()
         self.blocked = 0
 
@@ -498,14 +363,7 @@ class MemEventDomain:
             self.front = None
 
     # ------------------------------------------------------------------ stats
-    def stats(self) -> dict[str, int]:
-        out = dict(vars(self.counters))  # flat ints: no need for asdict's deep copy
-        out.update(
-            enabled=int(self.enabled),
-            size=self.ring_size,
-            occupancy=self.occupancy(),
-            free=self.free_requests(),
-            blocked_now=self.blocked,
-            waiting_now=len(self.waiters),
-        )
-        return out
+    def stats(self) -> RingStats:
+        return RingStats(**msgspec.structs.asdict(self.counters), enabled=self.enabled, size=self.ring_size,
+                         occupancy=self.occupancy(), free=self.free_requests(), blocked_now=self.blocked,
+                         waiting_now=len(self.waiters))

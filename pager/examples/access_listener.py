@@ -42,7 +42,7 @@ import uvloop
 
 from hvemu import abi
 from hvemu.abi import MemEvent, MemEventReason, P2MAccess, RingKind
-from hvemu.transport import root_cause
+from hvemu.client import root_cause
 from pager.sdk import DomainGone, MemEventClient, RequestBatch, SdkError, failures
 
 _TRAPS = {"cr0": MemEventReason.CR0, "cr3": MemEventReason.CR3, "cr4": MemEventReason.CR4,
@@ -100,11 +100,11 @@ class Listener:
         try:
             relaxed_to = None
             if self.relax is not None and (relax := sorted({r.gfn for r in batch.violations})):
-                await self.client.access_set(relax, self.relax)
+                await self.client.domctl.access_set(relax, self.relax)
                 relaxed_to = P2MAccess(self.relax).name
             for req in batch:
                 if req.reason == MemEventReason.INT3:
-                    await self.client.inject_trap(req.vcpu_id, _BREAKPOINT_VECTOR)
+                    await self.client.domctl.inject_trap(req.vcpu_id, _BREAKPOINT_VECTOR)
                     self.counts["reinjected"] += 1
                 try:
                     name = MemEventReason(req.reason).name
@@ -148,20 +148,20 @@ async def _listen(args: argparse.Namespace, stop: asyncio.Event, relax: int | No
         listener = Listener(client, relax, out)
         restricted = parse_gfns(args.gfns, client.gfns) if args.gfns else []
         if args.required:
-            await client.access_required(True)
+            await client.domctl.access_required(True)
         if args.gfns == "all":  # xen-access: the default access first, so a page given back keeps it
-            await client.access_set([abi.DEFAULT_ACCESS_GFN], int(P2MAccess[args.access]))
+            await client.domctl.access_set([abi.DEFAULT_ACCESS_GFN], int(P2MAccess[args.access]))
         for i in range(0, len(restricted), 1024):
             chunk = restricted[i:i + 1024]
-            bad = failures(chunk, await client.access_set(chunk, int(P2MAccess[args.access])))
+            bad = failures(chunk, await client.domctl.access_set(chunk, int(P2MAccess[args.access])))
             if bad:
                 raise SdkError(f"cannot restrict {len(bad)} gfns, e.g. {next(iter(bad.items()))}")
         for reason in traps:
             onchange = args.onchangeonly and reason not in _NO_ONCHANGEONLY
-            await client.set_hvm_param(reason, mode | (abi.HVMPME_ONCHANGEONLY if onchange else 0))
+            await client.domctl.set_hvm_param(reason, mode | (abi.HVMPME_ONCHANGEONLY if onchange else 0))
         if MemEventReason.SINGLESTEP in traps:
             for vcpu in range(client.max_vcpus):
-                await client.debug_control(vcpu, True)
+                await client.domctl.debug_control(vcpu, True)
         print(json.dumps({"ready": True, "domid": args.domid, "restricted": len(restricted),
                           "access": args.access, "traps": [t.name for t in traps]}), flush=True)
         serving = asyncio.create_task(listener.serve(), name="serve")
@@ -177,15 +177,15 @@ async def _listen(args: argparse.Namespace, stop: asyncio.Event, relax: int | No
             try:
                 if MemEventReason.SINGLESTEP in traps:
                     for vcpu in range(client.max_vcpus):
-                        await client.debug_control(vcpu, False)
+                        await client.domctl.debug_control(vcpu, False)
                 for reason in traps:
-                    await client.set_hvm_param(reason, abi.HVMPME_MODE_DISABLED)
+                    await client.domctl.set_hvm_param(reason, abi.HVMPME_MODE_DISABLED)
                 if args.gfns == "all":
-                    await client.access_set([abi.DEFAULT_ACCESS_GFN], int(P2MAccess.rwx))
+                    await client.domctl.access_set([abi.DEFAULT_ACCESS_GFN], int(P2MAccess.rwx))
                 for i in range(0, len(restricted), 1024):
-                    await client.access_set(restricted[i:i + 1024], int(P2MAccess.rwx))
+                    await client.domctl.access_set(restricted[i:i + 1024], int(P2MAccess.rwx))
                 if args.required:
-                    await client.access_required(False)
+                    await client.domctl.access_required(False)
             except DomainGone:
                 gone = True
             # ... then answer what is still on the ring, and let the client disable it.

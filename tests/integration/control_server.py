@@ -16,6 +16,7 @@ The handler answers:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -30,7 +31,9 @@ import uvloop
 
 from hvemu import protocol
 from hvemu.abi import Errno
-from hvemu.transport import ConnState, ControlServer, FdLike, OwnedFd
+from hvemu.fdpass import FdLike, OwnedFd
+from hvemu.hypervisor.server import ConnState, ControlServer
+from hvemu.stats import DomainStats
 
 
 class NoSuchDomain(Exception):
@@ -59,7 +62,8 @@ class Toy:
             return protocol.Welcome(role="tool", fds=["memfd"]), [OwnedFd(fd)]
         if isinstance(msg, protocol.Stats):
             assert self.server is not None
-            return protocol.StatsReply(domid=msg.domid, stats={
+            # The toy's own figures ride in the name of a DomainStats (a real Stats reply is typed).
+            return protocol.StatsReply(domid=msg.domid, stats=DomainStats(domid=msg.domid, name=json.dumps({
                 "connections": len(self.accepted),
                 "disconnects": self.disconnects,
                 "active": len(self.server.connections),
@@ -71,7 +75,7 @@ class Toy:
                 "pid": state.pid,
                 "requests": state.requests,
                 "loop": type(asyncio.get_running_loop()).__module__,
-            }), []
+            }))), []
         if isinstance(msg, protocol.DomainCreate):
             self.slow_started += 1
             try:

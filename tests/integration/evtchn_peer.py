@@ -32,7 +32,7 @@ if __name__ == "__main__":
 import uvloop
 
 from hvemu.evtchn import EventChannel
-from hvemu.transport import TruncatedControlData, recvmsg_fds, sendmsg_fds
+from hvemu.fdpass import TruncatedControlData, recvmsg_fds, sendmsg_fds
 
 
 def open_fds() -> list[int]:

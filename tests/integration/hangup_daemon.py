@@ -24,7 +24,7 @@ import subprocess
 
 from hvemu import protocol
 from hvemu.abi import RingKind
-from hvemu.transport import SyncConnection
+from hvemu.client import SyncConnection
 
 
 def main() -> None:

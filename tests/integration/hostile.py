@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from hvemu import protocol
-from hvemu.soak import process_sample, trend
+from hvemu.toolstack.soak import process_sample, trend
 from tests.integration.system import Hypervisor, Proc, ring_enabled
 
 #: Raise these for long runs (the default suite runs small counts).
@@ -43,7 +43,7 @@ def open_fds(pid: int) -> int:
 
 
 class Trend:
-    """The hypervisor's resident memory and open fds, sampled over a run (see :func:`hvemu.soak.trend`)."""
+    """The hypervisor's resident memory and open fds, sampled over a run (see :func:`hvemu.toolstack.soak.trend`)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid

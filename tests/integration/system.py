@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -14,9 +13,12 @@ import tempfile
 import time
 from typing import Any
 
+import msgspec
+
 from hvemu import protocol
-from hvemu.procs import die_with_parent
-from hvemu.transport import Connection
+from hvemu.client import Connection
+from hvemu.procs import ReadyPipe, die_with_parent
+from hvemu.toolstack.host import guest_argv, hypervisor_argv, pager_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -110,19 +112,12 @@ class Hypervisor:
         self.socket = protocol.socket_path(run_dir)
         # A started-handshake, not a poll for the socket file: a stale file from a
         # dead hypervisor exists before the new one has unlinked it and bound its own.
-        ready_r, ready_w = os.pipe()
-        try:
-            self.proc = Proc("-m", "hvemu.daemon", "--run-dir", run_dir, "--memory", str(memory_mib),
-                             "--policy", policy, "--ready-fd", str(ready_w), pass_fds=(ready_w,))
-            os.close(ready_w)
-            ready_w = -1
-            if not select.select([ready_r], [], [], 30)[0] or os.read(ready_r, 1) != b"R":
+        with ReadyPipe() as ready:
+            self.proc = Proc(*hypervisor_argv(run_dir, memory_mib, policy), *ready.argv, pass_fds=ready.pass_fds)
+            ready.spawned()
+            if not ready.started_blocking(30):
                 self.proc.stop()
                 raise RuntimeError(f"hypervisor did not listen within 30 s: {self.proc.stderr()[-2000:]}")
-        finally:
-            os.close(ready_r)
-            if ready_w >= 0:
-                os.close(ready_w)
 
     def stop(self) -> int:
         return self.proc.stop()
@@ -145,17 +140,18 @@ class Hypervisor:
             await conn.close()
 
     def pager(self, domid: int, pagefile: str, *extra: str) -> Proc:
-        return Proc("-m", "pager.xenpaging", "--run-dir", self.run_dir, "--domid", str(domid),
-                    "--pagefile", pagefile, *extra)
+        return Proc(*pager_argv(self.run_dir, domid, pagefile, *extra))
 
     def guest(self, domid: int, *extra: str) -> Proc:
-        return Proc("-m", "guest", "--run-dir", self.run_dir, "--domid", str(domid), *extra)
+        return Proc(*guest_argv(self.run_dir, domid, *extra))
 
 
 async def stats(conn: Connection, domid: int) -> dict[str, Any]:
+    """A domain's stats as plain data (the SDK's ``stats()`` form), for tests that index them."""
     reply, _ = await conn.call(protocol.Stats(domid=domid))
     assert isinstance(reply, protocol.StatsReply)
-    return dict(reply.stats)
+    figures: dict[str, Any] = msgspec.to_builtins(reply.stats)
+    return figures
 
 
 async def wait_until(pred: Any, timeout: float = 10.0, interval: float = 0.05) -> None:

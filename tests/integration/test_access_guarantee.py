@@ -8,15 +8,15 @@ import sys
 import time
 
 from hvemu import abi
+from hvemu.hypervisor.shm import Segment
 from hvemu.ring import mb
-from hvemu.shm import Segment
 from tests.integration.system import ROOT
 
 GFNS = 8
 
 
 def _shootdown(inflight: memoryview, gfn: int, timeout: float = 5.0) -> None:
-    """The hypervisor half (hvemu.backend.DomainBackend.shootdown, minus the event loop)."""
+    """The hypervisor half (hvemu.hypervisor.backend.DomainBackend.shootdown, minus the event loop)."""
     mb()
     deadline = time.monotonic() + timeout
     while inflight[0] == gfn + 1:

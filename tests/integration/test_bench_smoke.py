@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from hvemu.bench import relay, suites
-from hvemu.bench.common import BenchError, Placement
 from hvemu.procs import die_with_parent
+from hvemu.toolstack.bench import relay, suites
+from hvemu.toolstack.bench.common import BenchError, Placement
 from tests.integration.system import ROOT
 
 REQUIRED = [
@@ -34,6 +34,7 @@ REQUIRED = [
       for k in ("p50_us", "p99_us", "n", "checked_faults", "cpu_per_roundtrip_us.total",
                 "cpu_per_roundtrip_us.hypervisor", "cpu_per_roundtrip_us.daemon", "cpu_per_roundtrip_us.guest")),
     "system_exit_overhead.p50_us", "system_exit_overhead.p99_us", "system_exit_overhead.cpu_per_exit_us.total",
+    "core_work.fault_us", "core_work.evict_us", "core_work.total_us", "core_vs_relay_p50",
     "fault_vs_relay_p50", "fault_vs_relay_p99", "cpu_per_fault_vs_relay", "fault_vs_exit_overhead_p50",
     "native_uffd.p50_us",
     *(f"pagein.{v}.{k}" for v in (1, 4, 16) for k in ("batched_pages_per_s", "unbatched_pages_per_s")),
@@ -73,7 +74,7 @@ def test_bench_smoke_reports_every_key(tmp_path: object) -> None:
     out = os.path.join(str(tmp_path), "bench.json")
     scratch = os.path.join(str(tmp_path), "scratch")  # run directories, pagefiles, the C handler
     os.mkdir(scratch)
-    proc = subprocess.run([sys.executable, "-m", "hvemu.bench", "--smoke", "--json", out], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "hvemu.toolstack.bench", "--smoke", "--json", out], cwd=ROOT,
                           env={**os.environ, "TMPDIR": scratch}, capture_output=True, text=True,
                           timeout=120, preexec_fn=die_with_parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -168,7 +169,7 @@ async def test_relay_that_loses_a_process_fails_at_once_and_leaves_nothing() -> 
     cfg = dataclasses.replace(suites.SMOKE, relay_iterations=10**7)  # its warm-up alone would take minutes
     run = asyncio.ensure_future(suites.relay_floor(cfg, Placement(), suites.Totals()))
     deadline = time.monotonic() + 30
-    while not (daemons := _children_running("hvemu.bench.relay daemon")):
+    while not (daemons := _children_running("hvemu.toolstack.bench.relay daemon")):
         assert not run.done(), run.exception()
         assert time.monotonic() < deadline, "the relay's daemon did not start"
         await asyncio.sleep(0.02)
@@ -176,5 +177,5 @@ async def test_relay_that_loses_a_process_fails_at_once_and_leaves_nothing() -> 
     os.kill(daemons[0], signal.SIGKILL)
     with pytest.raises(BenchError, match="relay-uvloop-daemon exited"):
         await asyncio.wait_for(run, 20)
-    assert not _children_running("hvemu.bench.relay"), "relay processes left running"
+    assert not _children_running("hvemu.toolstack.bench.relay"), "relay processes left running"
     assert _relay_fds() <= fds, "relay fds left open"

@@ -26,6 +26,8 @@ import pytest
 from hvemu import abi
 from hvemu.abi import MemEvent, MemEventCodec, MemEventFlag
 from hvemu.ring import FrontRing, SharedRing
+from tests.integration.helpers import shm_ring
+from tests.integration.helpers.shm_ring import shm_path
 
 C_DIR = Path(__file__).resolve().parents[1] / "c"
 INCLUDE_DIR = Path(__file__).resolve().parents[2] / "hvemu" / "include"
@@ -52,9 +54,6 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert res.returncode == 0, res.stderr
     return exe
 
-
-def shm_path(name: str) -> Path:
-    return Path("/dev/shm") / name.lstrip("/")
 
 
 def request(i: int) -> MemEvent:
@@ -169,17 +168,7 @@ def run_c_backend(
             child.communicate(timeout=10)
         os.close(kick_back)
         os.close(kick_front)
-        if sring is not None:
-            sring.release()
-        if mm is not None:
-            mm.close()
-        try:
-            shm.unlink()
-        except posix_ipc.ExistentialError:
-            pass
-        if shm.fd >= 0:
-            shm.close_fd()
-        assert not shm_path(name).exists()
+        shm_ring.release(name, shm, sring, mm)
 
 
 def parse_stats(out: str) -> dict[str, int]:

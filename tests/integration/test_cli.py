@@ -12,13 +12,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from hvemu.plots import PLOTS
+from hvemu.toolstack.plots import PLOTS
 from tests.integration.system import ROOT, Proc, shm_segments
 
 
 def hvemu(run_dir: str, *args: str, check: bool = True,
           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([sys.executable, "-m", "hvemu.cli", "--run-dir", run_dir, *args], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "hvemu.toolstack.cli", "--run-dir", run_dir, *args], cwd=ROOT,
                          capture_output=True, text=True, timeout=90, env=env)
     if check:
         assert res.returncode == 0, res.stderr
@@ -31,7 +31,7 @@ def hv_json(run_dir: str, *args: str) -> object:
 
 def into_closed_pipe(run_dir: str, *args: str) -> tuple[int, str]:
     """Run ``hvemu`` with stdout a pipe whose reader is already gone (``| head`` after head exited)."""
-    proc = subprocess.Popen([sys.executable, "-m", "hvemu.cli", "--run-dir", run_dir, *args], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "hvemu.toolstack.cli", "--run-dir", run_dir, *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()  # before the child has written anything: its every write is EPIPE
@@ -316,7 +316,7 @@ def test_stop_leaves_only_logs_and_pagefiles(tmp_path: object) -> None:
         again = hvemu(run_dir, "stop", check=False)
         assert again.returncode == 1 and "not running" in again.stderr
     finally:
-        if "hvemu.daemon" in _cmdline(hv_pid):
+        if "hvemu.hypervisor.daemon" in _cmdline(hv_pid):
             os.kill(hv_pid, 9)
 
 

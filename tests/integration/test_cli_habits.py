@@ -107,7 +107,7 @@ def test_destroy_and_stop_are_clean_ends(tmp_path: object) -> None:
             g.stop()
         if run(run_dir, "stop", check=False).returncode != 0 and os.path.exists(f"/proc/{pid}"):
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"hvemu.daemon" in f.read():
+                if b"hvemu.hypervisor.daemon" in f.read():
                     os.kill(pid, 9)
 
 
@@ -144,7 +144,7 @@ def test_top_quits_on_q_and_says_when_the_hypervisor_goes(tmp_path: object) -> N
         leader, follower = pty.openpty()
         os.set_blocking(leader, False)
         env = {**os.environ, "COLUMNS": "80", "LINES": "24"}
-        proc = subprocess.Popen([sys.executable, "-m", "hvemu.cli", "--run-dir", run_dir, "top", "-d", "0.2"],
+        proc = subprocess.Popen([sys.executable, "-m", "hvemu.toolstack.cli", "--run-dir", run_dir, "top", "-d", "0.2"],
                                 cwd=ROOT, stdin=follower, stdout=follower, stderr=subprocess.PIPE, env=env)
         os.close(follower)
         screen = b""
@@ -162,7 +162,8 @@ def test_top_quits_on_q_and_says_when_the_hypervisor_goes(tmp_path: object) -> N
         os.close(leader)
         text = screen.decode(errors="replace")
         assert all(len(line) <= 80 for line in text.replace("\x1b[H\x1b[2J", "").splitlines()), text
-        batch = subprocess.Popen([sys.executable, "-m", "hvemu.cli", "--run-dir", run_dir, "top", "-b", "-d", "0.2"],
+        batch = subprocess.Popen([sys.executable, "-m", "hvemu.toolstack.cli", "--run-dir", run_dir,
+                                  "top", "-b", "-d", "0.2"],
                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         time.sleep(1.0)
         run(run_dir, "stop")
@@ -171,7 +172,7 @@ def test_top_quits_on_q_and_says_when_the_hypervisor_goes(tmp_path: object) -> N
     finally:
         if run(run_dir, "stop", check=False).returncode != 0 and os.path.exists(f"/proc/{pid}"):
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"hvemu.daemon" in f.read():
+                if b"hvemu.hypervisor.daemon" in f.read():
                     os.kill(pid, 9)
 
 
@@ -184,7 +185,8 @@ def test_sighup_stops_the_hypervisor_its_guest_and_pager_cleanly(tmp_path: objec
     from tests.integration.system import ROOT
 
     run_dir = os.path.join(str(tmp_path), "run")
-    hv = subprocess.Popen([sys.executable, "-m", "hvemu.daemon", "--run-dir", run_dir, "--memory", "16"], cwd=ROOT,
+    hv = subprocess.Popen([sys.executable, "-m", "hvemu.hypervisor.daemon", "--run-dir", run_dir, "--memory", "16"],
+                          cwd=ROOT,
                           stderr=subprocess.PIPE, text=True)
     guest: Proc | None = None
     try:

@@ -1,6 +1,6 @@
 """The control protocol across two real processes, bad clients included.
 
-A :class:`~hvemu.transport.ControlServer` runs on uvloop in its own process
+A :class:`~hvemu.hypervisor.server.ControlServer` runs on uvloop in its own process
 (``control_server.py``, a toy handler); the clients are here.  Every bad client
 gets a clear ``Error`` or a clean close, and after each one a fresh client is
 still served (the ``server`` fixture checks it after every test).  The server
@@ -11,6 +11,7 @@ and no process behind, and never have logged an unhandled error.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -29,14 +30,9 @@ import pytest
 
 from hvemu import protocol
 from hvemu.abi import Errno
+from hvemu.client import Connection, ControlError, SyncConnection
+from hvemu.fdpass import TruncatedControlData, sendmsg_fds
 from hvemu.protocol import MAX_FRAME, FrameDecoder
-from hvemu.transport import (
-    Connection,
-    ControlError,
-    SyncConnection,
-    TruncatedControlData,
-    sendmsg_fds,
-)
 
 SERVER = Path(__file__).with_name("control_server.py")
 #: Log lines that mean an error escaped the server's own handling.
@@ -69,7 +65,8 @@ class ServerProc:
         with SyncConnection.connect(self.path, timeout=5) as conn:
             reply, _ = conn.call(protocol.Stats(domid=0))
         assert isinstance(reply, protocol.StatsReply)
-        return reply.stats
+        figures: dict[str, Any] = json.loads(reply.stats.name)  # the toy's figures (control_server.py)
+        return figures
 
     def stop(self) -> int:
         """SIGTERM, wait; kill (and report failure) if it does not go."""
@@ -189,9 +186,10 @@ def test_request_reply_sync(server: ServerProc) -> None:
         assert [d.name for d in reply.domains] == ["alpha", "beta"]
         stats, _ = conn.call(protocol.Stats(domid=0))
         assert isinstance(stats, protocol.StatsReply)
-        assert stats.stats["loop"] == "uvloop"
-        assert stats.stats["uid"] == os.getuid() and stats.stats["pid"] == os.getpid()
-        assert stats.stats["requests"] == 2
+        figures = json.loads(stats.stats.name)
+        assert figures["loop"] == "uvloop"
+        assert figures["uid"] == os.getuid() and figures["pid"] == os.getpid()
+        assert figures["requests"] == 2
 
 
 async def test_fd_passed_in_a_reply(server: ServerProc) -> None:

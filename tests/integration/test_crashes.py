@@ -28,7 +28,7 @@ import pytest
 
 from hvemu import protocol
 from hvemu.abi import RingKind
-from hvemu.transport import ControlError
+from hvemu.client import ControlError
 from tests.integration.crashy_pager import POINTS
 from tests.integration.hostile import CRASH_CASES_ENV, env_count, env_seed, open_fds, wait_proc
 from tests.integration.system import Hypervisor, Proc, ring_enabled, shm_segments, stats, wait_until
@@ -51,8 +51,9 @@ async def _attached(hv: Hypervisor, domid: int, pager: Proc, timeout: float = 15
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            st = await stats(conn, domid)
-            if protocol.ring_owned(st, "paging", pager.pid):
+            reply, _ = await conn.call(protocol.Stats(domid=domid))
+            assert isinstance(reply, protocol.StatsReply)
+            if reply.stats.ring_owned("paging", pager.pid):
                 return True
             if not pager.alive():
                 return False

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from hvemu.evtchn import EventChannel
-from hvemu.transport import TruncatedControlData, recvmsg_fds, sendmsg_fds
+from hvemu.fdpass import TruncatedControlData, recvmsg_fds, sendmsg_fds
 
 PEER = Path(__file__).with_name("evtchn_peer.py")
 PORT = 7

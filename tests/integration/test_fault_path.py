@@ -19,7 +19,7 @@ from typing import cast
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno, MemEvent, RingKind
-from hvemu.transport import Connection
+from hvemu.client import Connection
 from pager.sdk import MemEventClient, RequestBatch, response_for
 from tests.integration.system import Hypervisor, stats
 
@@ -45,7 +45,7 @@ async def _fault(hv: Hypervisor, gfns: int, *, fill_host: bool) -> None:
     client = MemEventClient(domid, RingKind.paging, run_dir=hv.run_dir)
     await client.attach()
     try:
-        assert await client.nominate([0]) == [None] and await client.evict([0]) == [None]
+        assert await client.domctl.nominate([0]) == [None] and await client.domctl.evict([0]) == [None]
         if fill_host:  # take the frame just freed: the load will find no memory
             filler, _ = await tool.call(protocol.DomainCreate(max_vcpus=1, gfns=1))
             assert isinstance(filler, protocol.DomainCreated)
@@ -57,7 +57,7 @@ async def _fault(hv: Hypervisor, gfns: int, *, fill_host: bool) -> None:
         await client.push(notify=False)
         await asyncio.sleep(0.2)
         assert not access.done(), "a published response was acted on before any resume"
-        results = await client.load([0], [PAGE], resume=True)
+        results = await client.domctl.load([0], [PAGE], resume=True)
         if not fill_host:
             assert results == [None]
             # The vCPU's exit is answered first; the pager's reply is held for
@@ -121,7 +121,7 @@ async def _staged_fault(hv: Hypervisor, gfns: int, *, fill_host: bool) -> None:
     filler = None
     try:
         assert client.can_stage_pages
-        assert await client.nominate([0]) == [None] and await client.evict([0]) == [None]
+        assert await client.domctl.nominate([0]) == [None] and await client.domctl.evict([0]) == [None]
         if fill_host:  # take the frame just freed: the staged load will find no memory
             made, _ = await tool.call(protocol.DomainCreate(max_vcpus=1, gfns=1))
             assert isinstance(made, protocol.DomainCreated)
@@ -152,7 +152,7 @@ async def _staged_fault(hv: Hypervisor, gfns: int, *, fill_host: bool) -> None:
             assert filler is not None
             await tool.call(protocol.DomainDestroy(domid=filler))  # room made
             filler = None
-            assert await client.load([0], [PAGE]) == [None]
+            assert await client.domctl.load([0], [PAGE]) == [None]
             await asyncio.wait_for(retry, 10)
             assert mem.try_read(0, 0) == PAGE
         await requests.aclose()

@@ -39,9 +39,10 @@ import pytest
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno
+from hvemu.client import Connection, ControlError
+from hvemu.hypervisor.server import MAX_BUFFERED
 from hvemu.procs import status_bytes
 from hvemu.protocol import MAX_FRAME, FrameDecoder
-from hvemu.transport import MAX_BUFFERED, Connection, ControlError
 from tests.integration.hostile import FUZZ_CASES_ENV, Bystander, Trend, env_count, env_seed, open_fds
 from tests.integration.system import Hypervisor
 
@@ -196,7 +197,7 @@ class Sandbox:
             try:
                 reply, _ = await tool.call(protocol.Stats(domid=self.domid))
                 assert isinstance(reply, protocol.StatsReply)
-                if not reply.stats["crashed"]:
+                if not reply.stats.crashed:
                     return
             except ControlError:
                 pass

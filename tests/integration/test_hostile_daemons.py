@@ -20,8 +20,8 @@ import pytest
 
 from hvemu import abi, protocol
 from hvemu.abi import RingKind
+from hvemu.client import ControlError
 from hvemu.ring import SharedRing
-from hvemu.transport import ControlError
 from pager.sdk import MemEventClient
 from tests.integration.system import Hypervisor, Proc, stats, wait_until
 

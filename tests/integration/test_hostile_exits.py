@@ -38,8 +38,8 @@ import pytest
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno, MemEvent, RingKind
+from hvemu.client import Connection, ControlError
 from hvemu.evtchn import EventChannel
-from hvemu.transport import Connection, ControlError
 from pager.sdk import MemEventClient
 from tests.integration.hostile import FUZZ_CASES_ENV, Bystander, env_count, env_seed, open_fds, wait_proc
 from tests.integration.system import Hypervisor, ring_enabled, stats
@@ -266,7 +266,7 @@ async def fuzz(hv: Hypervisor, seed: int, cases: int, workdir: str) -> dict[str,
                 # meanwhile the guest rewrites the slot (bad exits marked READY, garbage in the
                 # response words) and kicks: nothing is taken, and the one exit is answered once.
                 gfn = rng.randrange(GFNS)
-                assert await listener.access_set([gfn], abi.P2MAccess.n) == [None], ctx
+                assert await listener.domctl.access_set([gfn], abi.P2MAccess.n) == [None], ctx
                 batch = await violation(guest, listener, v, gfn)
                 handled += len(batch) + batch.populates_first
                 assert [(r.vcpu_id, r.gfn) for r in batch] == [(v, gfn)], ctx
@@ -278,7 +278,7 @@ async def fuzz(hv: Hypervisor, seed: int, cases: int, workdir: str) -> dict[str,
                     await asyncio.sleep(0)
                 await asyncio.sleep(0.02)
                 assert guest.state(v) == READY, f"{ctx}: the hypervisor answered an exit in process early"
-                await listener.access_set([gfn], abi.P2MAccess.rwx)
+                await listener.domctl.access_set([gfn], abi.P2MAccess.rwx)
                 listener.respond_all(batch)
                 await listener.push()
                 assert await guest.answer(v) == OK, ctx

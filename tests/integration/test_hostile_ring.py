@@ -11,7 +11,11 @@ being paged in, unknown flags and reserved bits, duplicates, random slots,
 ``rsp_prod`` far ahead or behind, garbage in ``req_event``/``req_prod`` (a crash: only the hypervisor writes it)/the
 pad, a whole random page, notification floods, odd datagrams and fds on the
 event channel, a re-attach over unpublished responses, a disable with
-requests outstanding.  Round 2 (issue 14) adds the life of the ring and the
+requests outstanding.  Pages staged in the paging ring's load area (issue
+13) are fuzzed too: words naming the right gfn, another gfn, garbage or the
+hypervisor's own ``LOAD_ENOMEM`` mark, beside valid and invalid responses;
+exactly the pages the contract says are loaded come in, with the staged
+bytes, and every word the hypervisor looked at is cleared.  Round 2 (issue 14) adds the life of the ring and the
 fds around it: a hang-up datagram then traffic on the dead channel, the
 daemon's own sockets and segments sent over its event channel, datagrams
 naming other ports, ``ftruncate``/seals/``/proc`` reopen on its fds, a
@@ -57,9 +61,9 @@ import pytest
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno, MemEvent, MemEventCodec, MemEventFlag, P2MType, RingKind
+from hvemu.client import Connection, ControlError
 from hvemu.evtchn import EventChannel
 from hvemu.ring import SharedRing
-from hvemu.transport import Connection, ControlError
 from tests.integration.hostile import FUZZ_CASES_ENV, Bystander, Trend, env_count, env_seed, open_fds
 from tests.integration.system import ROOT, Hypervisor, stats
 
@@ -77,6 +81,8 @@ KINDS = {
     # Round 2 (issue 14): the life of the ring and the fds around it.
     "hangup": 1, "own_fds": 1, "other_ports": 1, "fd_abuse": 1, "reattach_now": 1, "shut_wr": 1,
     "both_rings": 1, "dead_daemon": 0.3,
+    # Issue 13: the load area beside the paging ring.
+    "load_area": 4,
 }
 #: Sample the hypervisor's memory and fds every this many cases (the trend is reported).
 SAMPLE_EVERY = 50
@@ -94,6 +100,10 @@ class Prediction:
     counts: Counter[str] = field(default_factory=Counter)
     paged_in: int = 0
     runnable: set[int] = field(default_factory=set)
+    #: Gfns whose staged page the hypervisor must load (ring slot -> gfn).
+    loads: dict[int, int] = field(default_factory=dict)
+    #: Ring slots whose load word the hypervisor must clear.
+    cleared: set[int] = field(default_factory=set)
 
 
 class Victim:
@@ -126,6 +136,9 @@ class Victim:
         #: The ring and p2m fds, kept open for the fd-level abuse.
         self.ring_fd = -1
         self.p2m_fd = -1
+        #: A paging ring's load area (a staged page per slot) and guest memory, read to check loads.
+        self.load_map: mmap.mmap | None = None
+        self.memory_map: mmap.mmap | None = None
 
     # ------------------------------------------------------------ life
     async def open(self) -> None:
@@ -164,6 +177,10 @@ class Victim:
             self.port = reply.port
             self._close_fds()
             self.ring_fd, self.p2m_fd = named.pop("ring"), named.pop("p2m")
+            if "load" in named:
+                self.load_map = mmap.mmap(named["load"], abi.load_area_size(reply.ring_size), mmap.MAP_SHARED)
+            self.memory_map = self.memory_map or mmap.mmap(named["memory"], GFNS * abi.PAGE_SIZE,
+                                                           mmap.MAP_SHARED, mmap.PROT_READ)
         finally:
             for name, fd in named.items():
                 if name != "evtchn":
@@ -187,12 +204,18 @@ class Victim:
         if self._ring_map is not None:
             self._ring_map.close()
             self._ring_map = None
+        if self.load_map is not None:
+            self.load_map.close()
+            self.load_map = None
 
     async def close(self) -> None:
         self.detach_ring()
         if self._p2m_map is not None:
             self._p2m_map.close()
             self._p2m_map = None
+        if self.memory_map is not None:
+            self.memory_map.close()
+            self.memory_map = None
         for c in [self.daemon, self.guest, *self.vcpu_conns, self.tool]:
             if c is not None:
                 await c.close()  # the guest's connection going away destroys the domain
@@ -210,6 +233,12 @@ class Victim:
     def ring(self) -> SharedRing[MemEvent]:
         assert self.sring is not None
         return self.sring
+
+    def load_word(self, slot: int) -> int:
+        """The load area's word of ring slot ``slot`` (0 without a load area)."""
+        if self.load_map is None:
+            return 0
+        return int.from_bytes(self.load_map[slot * abi.LOAD_WORD_SIZE:(slot + 1) * abi.LOAD_WORD_SIZE], "little")
 
     def outstanding(self) -> int:
         return (self.req_prod - self.rsp_cons) & MASK
@@ -323,8 +352,11 @@ class Oracle:
         #: The p2m types before any response was written: the hypervisor may
         #: consume them as soon as they are published (a kick in flight).
         self.types = {g: victim.ptype(g) for g in range(GFNS)}
+        #: The load words of the published responses' slots, read by the first prediction.
+        self.words: dict[int, int] | None = None
 
-    def predict(self) -> Prediction:
+    def predict(self, enomem: frozenset[int] = frozenset()) -> Prediction:
+        """What the next resume does; ``enomem``: ring slots whose staged page found no host memory."""
         v = self.v
         sring = v.ring()
         if sring.req_prod != v.req_prod:  # only the hypervisor writes req_prod
@@ -338,6 +370,28 @@ class Oracle:
         types = dict(self.types)
         prepped = set(v.prepped)
         pause = list(v.event_pause)
+        # Staged pages load as their responses are consumed, whatever the
+        # responses' other fields say: first every published slot's page, then the responses.
+        if self.words is None:  # as staged: a second prediction comes after the resume cleared them
+            self.words = {k: v.load_word((v.rsp_cons + k) & (v.ring_size - 1)) for k in range(avail)}
+        for k in range(avail):
+            slot = (v.rsp_cons + k) & (v.ring_size - 1)
+            word = self.words.get(k, 0)
+            if not 0 < word < abi.LOAD_ENOMEM:
+                continue
+            p.cleared.add(slot)
+            rsp = MemEventCodec.decode(sring.read_slot((v.rsp_cons + k) & MASK))
+            gfn = word - 1
+            if (rsp.type == abi.MemEventType.PAGING and not rsp.flags & MemEventFlag.DROP_PAGE and gfn == rsp.gfn
+                    and gfn < GFNS and types[gfn] in (P2MType.ram_paged, P2MType.ram_paging_in)
+                    and slot not in enomem):
+                # p2m_mem_paging_load: the page comes in now (a prepared frame is kept, not filled).
+                types[gfn] = P2MType.ram_rw
+                p.paged_in += 1
+                if gfn in prepped:
+                    prepped.discard(gfn)
+                else:
+                    p.loads[slot] = gfn
         for k in range(avail):
             rsp = MemEventCodec.decode(sring.read_slot((v.rsp_cons + k) & MASK))
             p.counts["responses"] += 1
@@ -517,6 +571,8 @@ async def apply_case(kind: str, victim: Victim, rng: random.Random) -> dict[str,
         view.release()
         sring.rsp_prod = (victim.rsp_cons + rng.randint(0, n) if keep is not None
                           else int.from_bytes(page[abi.RSP_PROD_OFFSET:abi.RSP_PROD_OFFSET + 4], "little"))
+    elif kind == "load_area":
+        facts["staged"] = stage_pages(victim, reqs, rng)
     elif kind == "flood":
         write_responses(victim, [echo(r) for r in reqs])
     elif kind == "evtchn_junk":
@@ -587,6 +643,45 @@ async def apply_case(kind: str, victim: Victim, rng: random.Random) -> dict[str,
     else:  # pragma: no cover
         raise AssertionError(kind)
     return facts
+
+
+def stage_pages(victim: Victim, reqs: list[MemEvent], rng: random.Random) -> dict[int, bytes]:
+    """Stage pages with words right, wrong or garbage, beside responses valid or not; returns slot -> page."""
+    lm = victim.load_map
+    if lm is None:  # an access ring has no load area: an ordinary valid round
+        write_responses(victim, [echo(r) for r in reqs])
+        return {}
+    responses = [echo(r) for r in reqs[: rng.randint(1, len(reqs))]]
+    for rsp in responses:
+        if rng.random() < 0.2:
+            mutate(rng, rsp, victim.vcpus)
+    rescue(victim, responses)
+    staged: dict[int, bytes] = {}
+    for k in range(len(responses) + rng.randint(0, 2)):  # (and words of slots no response is in)
+        slot = (victim.rsp_cons + k) & (victim.ring_size - 1)
+        gfn = responses[k].gfn if k < len(responses) else rng.randrange(GFNS)
+        word = rng.choices([abi.load_word(gfn), abi.load_word(rng.randrange(GFNS)), rng.randrange(1 << 64),
+                            abi.LOAD_ENOMEM | abi.load_word(gfn), 0], [6, 1, 1, 1, 1])[0]
+        page = rng.randbytes(abi.PAGE_SIZE)
+        off = abi.load_page_offset(slot)
+        lm[off:off + abi.PAGE_SIZE] = page
+        word &= (1 << 64) - 1  # (a mutated gfn may be the last one: its word wraps, as a u64 does)
+        lm[slot * abi.LOAD_WORD_SIZE:(slot + 1) * abi.LOAD_WORD_SIZE] = word.to_bytes(8, "little")
+        staged[slot] = page
+    write_responses(victim, responses)
+    return staged
+
+
+def check_staged(victim: Victim, staged: dict[int, bytes], p: Prediction) -> None:
+    """Each predicted load brought its staged bytes in; every word looked at was cleared."""
+    assert victim.memory_map is not None
+    for slot, gfn in p.loads.items():
+        got = victim.memory_map[gfn * abi.PAGE_SIZE:(gfn + 1) * abi.PAGE_SIZE]
+        if got != staged[slot]:
+            raise CaseFailure(f"gfn {gfn} staged in slot {slot} came in with other bytes")
+    for slot in p.cleared:
+        if victim.load_word(slot) != 0:
+            raise CaseFailure(f"load word of slot {slot} left as {victim.load_word(slot):#x}")
 
 
 async def wait_orphaned(victim: Victim) -> None:
@@ -762,6 +857,11 @@ async def run_case(case: int, kind: str, victim: Victim, rng: random.Random, log
             raise
         after = {"crashed": True, victim.kind: before[victim.kind], "paged_in": before["paged_in"], "gone": True}
     crashed = bool(after["crashed"])
+    # A staged page that found no host memory is marked so (the oracle cannot know it beforehand).
+    enomem = frozenset(s for s, g in prediction.loads.items() if victim.load_word(s) == abi.LOAD_ENOMEM | (g + 1))
+    if enomem:
+        prediction = oracle.predict(enomem)
+        prediction.cleared -= enomem
     if prediction.crash:
         # The resume that finds the corruption crashes the domain and returns
         # (like Xen's); one that comes after the crash (a kick got there first) is ESRCH.
@@ -777,6 +877,8 @@ async def run_case(case: int, kind: str, victim: Victim, rng: random.Random, log
     if got != want or got_paged_in != prediction.paged_in:
         raise CaseFailure(f"counters {dict(got)} paged_in {got_paged_in}, oracle says {dict(want)} "
                           f"paged_in {prediction.paged_in}")
+    if kind == "load_area" and not crashed:
+        check_staged(victim, facts["staged"], prediction)  # type: ignore[arg-type]
     oracle.commit(prediction)
     if crashed:
         log.append(f"domain {victim.domid} crashed")

@@ -1,4 +1,4 @@
-"""``scripts/run.sh`` (hvemu.launcher): a whole overcommitted host, its summary, and Ctrl-C."""
+"""``scripts/run.sh`` (hvemu.toolstack.run): a whole overcommitted host, its summary, and Ctrl-C."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import time
 
 import msgspec
 
-from hvemu import launcher
 from hvemu.core.domain import MAX_GFNS, MAX_VCPUS
 from hvemu.procs import status_field
+from hvemu.toolstack import run_options, run_summary
 from pager.defaults import EVICT_BATCH
 from tests.integration.system import ROOT
 
@@ -33,12 +33,12 @@ def _children_of(pid: int) -> list[int]:
 
 def test_overcommitted_run_prints_a_summary_and_json(tmp_path: object) -> None:
     out = os.path.join(str(tmp_path), "summary.json")
-    res = subprocess.run([sys.executable, "-m", "hvemu.launcher", *SMALL, "--duration", "2", "--json", out,
+    res = subprocess.run([sys.executable, "-m", "hvemu.toolstack.run", *SMALL, "--duration", "2", "--json", out,
                           "--progress", "0.5"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "integrity OK" in res.stdout
     lines = res.stdout.splitlines()
-    assert all(len(line) <= launcher.SUMMARY_WIDTH for line in lines), lines
+    assert all(len(line) <= run_summary.SUMMARY_WIDTH for line in lines), lines
     assert "WARNING" not in res.stderr and "still out" not in res.stderr, res.stderr
     assert re.search(r"run.sh: \d+/2 s .* faults/s .* resident", res.stderr), "a progress line: " + res.stderr
     with open(out) as f:
@@ -60,11 +60,11 @@ def test_overcommitted_run_prints_a_summary_and_json(tmp_path: object) -> None:
     # Every setting is in the file, and --from runs them again.
     settings = summary["settings"]
     assert settings == {"domains": 2, "vcpus": 2, "memory_mib": 8, "host_memory_mib": 12, "target_mib": 5,
-                        "duration_s": 2, "pattern": "hotcold", "write_ratio": 0.3, "policy": "seed",
+                        "duration_s": 2, "pattern": "hotcold", "write_ratio": 0.3, "admission": "seed",
                         "batch": EVICT_BATCH, "seed": 1, "cpus": None, "abi": "seed"}
-    args = launcher._parser().parse_args(shlex.split(summary["command"])[1:])
-    assert not launcher.option_problems(args) and msgspec.to_builtins(launcher.settings_of(args)) == settings
-    assert launcher._from_file(out) == shlex.split(summary["command"])[1:]
+    args = run_options._parser().parse_args(shlex.split(summary["command"])[1:])
+    assert not run_options.option_problems(args) and msgspec.to_builtins(run_options.settings_of(args)) == settings
+    assert run_options._from_file(out) == shlex.split(summary["command"])[1:]
 
 
 def _allowed_cpus(pid: int) -> str | None:
@@ -73,7 +73,7 @@ def _allowed_cpus(pid: int) -> str | None:
 
 def test_sigint_stops_everything(tmp_path: object) -> None:
     cpu = str(min(os.sched_getaffinity(0)))
-    proc = subprocess.Popen([sys.executable, "-m", "hvemu.launcher", *SMALL, "--duration", "30", "--cpus", cpu],
+    proc = subprocess.Popen([sys.executable, "-m", "hvemu.toolstack.run", *SMALL, "--duration", "30", "--cpus", cpu],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
@@ -132,7 +132,7 @@ def test_a_closed_stdout_and_the_watch_hint(tmp_path: object) -> None:
     """``run.sh | head -1`` after head exited: no traceback, status 141, the --json file still written;
     the ``watch with:`` hint runs as printed, from anywhere."""
     out = os.path.join(str(tmp_path), "summary.json")
-    proc = subprocess.Popen([sys.executable, "-m", "hvemu.launcher", "--domains", "1", "--vcpus", "1", "--memory",
+    proc = subprocess.Popen([sys.executable, "-m", "hvemu.toolstack.run", "--domains", "1", "--vcpus", "1", "--memory",
                              "4", "--host-memory", "3", "--target", "2", "--duration", "0.5", "--json", out],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stderr is not None
@@ -152,7 +152,7 @@ def test_a_closed_stdout_and_the_watch_hint(tmp_path: object) -> None:
 
 
 def _launch(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hvemu.launcher", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "hvemu.toolstack.run", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
 
 
@@ -212,7 +212,7 @@ def _wait_children(proc: subprocess.Popen[str], n: int) -> list[int]:
 
 def test_sighup_is_a_clean_stop(tmp_path: object) -> None:
     """Closing the terminal: everything stopped, the run directory and its pagefiles removed."""
-    proc = subprocess.Popen([sys.executable, "-m", "hvemu.launcher", *SMALL, "--duration", "30"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "hvemu.toolstack.run", *SMALL, "--duration", "30"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         run_dir = _run_dir_of(proc)
@@ -230,7 +230,7 @@ def test_sighup_is_a_clean_stop(tmp_path: object) -> None:
 
 
 def test_a_killed_hypervisor_is_named_as_the_cause(tmp_path: object) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "hvemu.launcher", *SMALL, "--duration", "30"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "hvemu.toolstack.run", *SMALL, "--duration", "30"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         run_dir = _run_dir_of(proc)
@@ -257,7 +257,7 @@ def test_from_a_file_that_is_not_a_summary_is_one_line(tmp_path: object) -> None
 
 
 def test_a_hypervisor_killed_while_the_run_starts_is_named_too(tmp_path: object) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "hvemu.launcher", *SMALL, "--duration", "30"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "hvemu.toolstack.run", *SMALL, "--duration", "30"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         run_dir = _run_dir_of(proc)

@@ -43,6 +43,8 @@ if __name__ == "__main__":  # the child: make hvemu importable without an instal
 from hvemu import abi  # noqa: E402
 from hvemu.abi import MemEvent, MemEventCodec, MemEventFlag  # noqa: E402
 from hvemu.ring import BackRing, FrontRing, SharedRing  # noqa: E402
+from tests.integration.helpers import shm_ring  # noqa: E402
+from tests.integration.helpers.shm_ring import shm_path  # noqa: E402
 
 U32 = 1 << 32
 GLA_XOR = 0x5A5A_5A5A_5A5A_5A5A
@@ -106,9 +108,6 @@ def back_main(argv: list[str]) -> int:
 # The front end (this process)
 # --------------------------------------------------------------------------
 
-
-def shm_path(name: str) -> Path:
-    return Path("/dev/shm") / name.lstrip("/")
 
 
 def run_stress(
@@ -254,17 +253,7 @@ def run_stress(
         for fd in (kick_back, kick_front):
             if fd >= 0:
                 os.close(fd)
-        if sring is not None:
-            sring.release()
-        if mm is not None:
-            mm.close()
-        try:
-            shm.unlink()
-        except posix_ipc.ExistentialError:
-            pass
-        if shm.fd >= 0:
-            shm.close_fd()
-        assert not shm_path(name).exists()
+        shm_ring.release(name, shm, sring, mm)
 
 
 def test_stress_tiny_ring_many_producers(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno, MemEventReason, P2MAccess, P2MType, RingKind
-from hvemu.transport import Connection
+from hvemu.client import Connection
 from pager.sdk import AttachError, MemEventClient, response_for
 from tests.integration.system import ROOT, Hypervisor, Proc, ring_enabled, stats, wait_until
 
@@ -104,8 +104,8 @@ async def test_detach_keeps_a_paging_ring_with_pages_out_unless_forced(hyperviso
     try:
         async with MemEventClient(domid, RingKind.paging, run_dir=hypervisor.run_dir) as client:
             assert await client.stored_pages_out() == 0
-            assert await client.nominate([1, 2]) == [None, None]
-            assert await client.evict([1, 2]) == [None, None]
+            assert await client.domctl.nominate([1, 2]) == [None, None]
+            assert await client.domctl.evict([1, 2]) == [None, None]
             assert await client.stored_pages_out() == 2
         assert await ring_enabled(conn, domid, "paging"), "the ring was disabled with pages out"
 
@@ -128,7 +128,7 @@ async def test_clean_detach_publishes_queued_responses(hypervisor: Hypervisor) -
     main, vcpu = await _guest_conns(hypervisor, domid, 0)
     try:
         async with MemEventClient(domid, RingKind.access, run_dir=hypervisor.run_dir) as client:
-            assert await client.access_set([7], P2MAccess.r) == [None]
+            assert await client.domctl.access_set([7], P2MAccess.r) == [None]
             assert client.p2m_access(7) == P2MAccess.r
             access = asyncio.create_task(vcpu.call(protocol.GuestAccess(vcpu=0, gfn=7, access=abi.ACCESS_W,
                                                                         gla=0x7123, offset=0x123)))
@@ -136,7 +136,7 @@ async def test_clean_detach_publishes_queued_responses(hypervisor: Hypervisor) -
             [req] = batch.violations
             assert (req.gfn, req.access_w, req.gla_valid, req.gla, req.offset) == (7, True, True, 0x7123, 0x123)
             assert batch.paused == [req] and client.outstanding == 1
-            await client.access_set([7], P2MAccess.rwx)
+            await client.domctl.access_set([7], P2MAccess.rwx)
             client.respond(response_for(req))  # queued, never pushed by the daemon
             assert client.unanswered() == 1
         await asyncio.wait_for(access, 10)  # detach pushed and resumed before disabling
@@ -490,7 +490,7 @@ async def test_raw_attach_keeps_a_ring_with_unanswered_requests(hypervisor: Hype
             assert client.info is not None and client.info.reattached
             batch = await asyncio.wait_for(anext(client.requests()), 10)
             assert [r.gfn for r in batch.violations] == [9]
-            await client.access_set([9], P2MAccess.rwx)
+            await client.domctl.access_set([9], P2MAccess.rwx)
             client.respond_all(batch)
             await client.push()
             await asyncio.wait_for(access, 10)

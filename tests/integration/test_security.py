@@ -29,8 +29,9 @@ import pytest
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno
-from hvemu.daemon import HypervisorDaemon, prepare_run_dir
-from hvemu.transport import Connection, ControlError, ControlServer
+from hvemu.client import Connection, ControlError
+from hvemu.hypervisor.daemon import HypervisorDaemon, prepare_run_dir
+from hvemu.hypervisor.server import ControlServer
 from tests.integration.hostile import fd_targets
 from tests.integration.system import Hypervisor, shm_segments
 
@@ -289,7 +290,7 @@ async def test_guest_reaches_only_its_own_domain(hypervisor: Hypervisor) -> None
         reply, _ = await guest.call(protocol.GuestBalloonOut(vcpu=0, gfns=[40, 31]))
         assert isinstance(reply, protocol.BatchResult) and reply.results == [Errno.EINVAL, None]
         st, _ = await tool.call(protocol.Stats(domid=other))
-        assert isinstance(st, protocol.StatsReply) and st.stats["removed"] == 0, "the other domain was touched"
+        assert isinstance(st, protocol.StatsReply) and st.stats.removed == 0, "the other domain was touched"
     finally:
         _close_all(gfds)
         _close_all(ofds)
@@ -471,7 +472,7 @@ async def test_a_guest_pinning_a_page_in_flight_crashes_only_its_domain(monkeypa
     The shootdown after a nominate gives up after ``SHOOTDOWN_TIMEOUT`` and crashes that domain
     alone; while it waits it must not burn a CPU (a legitimate access ends within microseconds).
     """
-    from hvemu import backend
+    from hvemu.hypervisor import backend
 
     monkeypatch.setattr(backend, "SHOOTDOWN_TIMEOUT", 1.0)
     run = tempfile.mkdtemp(prefix="hvemu-pin")

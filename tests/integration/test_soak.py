@@ -19,7 +19,8 @@ def test_short_soak(tmp_path: object) -> None:
     out = os.path.join(str(tmp_path), "soak.json")
     logs = os.path.join(str(tmp_path), "logs")
     before = set(shm_segments())
-    run = subprocess.run([sys.executable, "-m", "hvemu.soak", "--seconds", "12", "--domains", "3", "--vcpus", "8",
+    run = subprocess.run([sys.executable, "-m", "hvemu.toolstack.soak", "--seconds", "12", "--domains", "3",
+                          "--vcpus", "8",
                           "--target", "48", "--kill-pagers-every", "4", "--json", out, "--log-dir", logs],
                          cwd=ROOT, capture_output=True, text=True, timeout=170)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -7,7 +7,7 @@ import signal
 import time
 
 from hvemu import protocol
-from hvemu.transport import Connection
+from hvemu.client import Connection
 from tests.integration.system import Hypervisor, Proc, ring_enabled, stats, wait_until
 
 GFNS_8M = 2048
@@ -137,7 +137,7 @@ async def test_guest_killed_destroys_domain_and_frees_memory(hypervisor: Hypervi
 
 
 async def test_foreign_mapper_during_heavy_faulting(hypervisor: Hypervisor, tmp_path: object) -> None:
-    from hvemu.cli import map_foreign
+    from hvemu.toolstack.cli import map_foreign
 
     domid = await _domain(hypervisor, vcpus=4, target=256)
     pager = await _start_pager(hypervisor, domid, os.path.join(str(tmp_path), "d.pages"))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from hvemu.xentools.build import LIBRARIES
-from hvemu.xentools.tools import tool_env
+from hvemu.toolstack.xentools.build import LIBRARIES
+from hvemu.toolstack.xentools.tools import tool_env
 from tests.integration.system import Hypervisor
 from tests.integration.xen_tools import create_vm_event_domain, make_hypervisor
 

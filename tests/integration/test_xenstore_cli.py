@@ -18,7 +18,7 @@ def test_xenstore_follows_domains_and_targets(started: str) -> None:  # noqa: F8
     domid = created["domid"]  # type: ignore[index]
     assert hvemu(run_dir, "xenstore", "read", f"/local/domain/{domid}/name").stdout.strip() == "xs"
     assert hvemu(run_dir, "xenstore", "read", f"/local/domain/{domid}/memory/target").stdout.strip() == "4096"
-    watch = subprocess.Popen([sys.executable, "-m", "hvemu.cli", "--run-dir", run_dir, "xenstore", "watch",
+    watch = subprocess.Popen([sys.executable, "-m", "hvemu.toolstack.cli", "--run-dir", run_dir, "xenstore", "watch",
                               f"/local/domain/{domid}/memory", "-n", "3"], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:

@@ -27,7 +27,7 @@ def unavailable(reason: str) -> None:
 @pytest.fixture(scope="session")
 def xen_bin() -> Path:
     """The directory of Xen 4.17's tools (Debian's package, fetched into the cache once)."""
-    from hvemu.xentools.tools import ToolUnavailable, fetch_package
+    from hvemu.toolstack.xentools.tools import ToolUnavailable, fetch_package
 
     try:
         return fetch_package()
@@ -38,7 +38,7 @@ def xen_bin() -> Path:
 
 @pytest.fixture(scope="session")
 def xen_libs() -> Path:
-    from hvemu.xentools.build import BuildError, ensure_built
+    from hvemu.toolstack.xentools.build import BuildError, ensure_built
 
     try:
         return ensure_built()
@@ -63,7 +63,7 @@ class XenTool:
     """A Xen tool run as ``hvemu xen-tool`` runs it: the drop-in libraries first, our hypervisor named."""
 
     def __init__(self, binary: Path, args: list[str], run_dir: str) -> None:
-        from hvemu.xentools.tools import tool_env
+        from hvemu.toolstack.xentools.tools import tool_env
 
         self.name = binary.name
         self.out = tempfile.TemporaryFile(mode="w+")

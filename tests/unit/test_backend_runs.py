@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hvemu.backend import _runs
+from hvemu.hypervisor.backend import _runs
 
 
 def test_runs_of_a_batch() -> None:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from hvemu.bench.common import format_cpus, parse_cpus
+from hvemu.toolstack.bench.common import format_cpus, parse_cpus
 
 
 def test_parse_cpus_reads_taskset_lists() -> None:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from hvemu import readiness
 from hvemu.evtchn import MESSAGE_SIZE, ChannelClosed, EventChannel
 
 
@@ -192,15 +193,11 @@ async def test_cancelled_wait_removes_its_reader(pair: tuple[EventChannel, Event
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    loop = asyncio.get_running_loop()
-    # No reader left: we may register our own on the same fd...
-    got = asyncio.Event()
-    loop.add_reader(remote.fileno(), got.set)
-    try:
-        local.notify()
-        await asyncio.wait_for(got.wait(), 1)
-    finally:
-        loop.remove_reader(remote.fileno())
+    # No waiter left: another task may wait on the same fd...
+    other = asyncio.create_task(readiness.wait_readable(remote.fileno()))
+    await asyncio.sleep(0.01)
+    local.notify()
+    await asyncio.wait_for(other, 1)
     # ...and a new wait works.
     assert await asyncio.wait_for(remote.wait(), 1) == {7}
 

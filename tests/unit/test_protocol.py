@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hvemu import protocol
 from hvemu.abi import PAGE_SIZE, Errno, RingKind
 from hvemu.protocol import HEADER_SIZE, MAX_FRAME, FrameDecoder, ProtocolError
+from hvemu.stats import DomainStats, RingStats, VcpuStats
 
 # Hand-made instances, with optional fields set where that makes a
 # difference; a message added later without one here gets a generated sample
@@ -54,8 +55,10 @@ REPLIES: list[protocol.Msg] = [
     protocol.MemEventEnabled(domid=3, ring=RingKind.paging, port=7, ring_size=64, max_vcpus=4, gfns=64,
                              reattached=True, fds=["ring", "evtchn"]),
     protocol.ForeignPages(results=[None, Errno.ENOENT], pages=[b"x" * PAGE_SIZE, None]),
-    protocol.StatsReply(domid=3, stats={"faults": 3, "p50": 1.5, "name": "g", "crashed": False,
-                                        "types": {"ram_rw": 3}}),
+    protocol.StatsReply(domid=3, stats=DomainStats(domid=3, faults=3, name="g", crashed=True,
+                                                   fault_latency_us={"p50": 1.5},
+                                                   vcpus=[VcpuStats(vcpu=0, runnable=True, pauses=0, congested=False,
+                                                                    connected=True, in_exit=False)])),
     protocol.TargetReply(domid=3, pages=42),
 ]
 
@@ -277,11 +280,11 @@ def test_socket_path_honours_run_dir(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_ring_owned_tells_a_new_daemon_from_the_dead_one() -> None:
     """An enabled ring whose dead owner is not yet noticed is not the new daemon's."""
-    base = {"paging": {"enabled": True}, "rings_orphaned": []}
-    assert protocol.ring_owned({**base, "ring_owners": {"paging": 10}}, "paging", 10)
-    assert not protocol.ring_owned({**base, "ring_owners": {"paging": 10}}, "paging", 11)
-    assert protocol.ring_owned({**base, "ring_owners": {"paging": 0}}, "paging", 11), "pid unknown"
-    assert protocol.ring_owned({**base, "ring_owners": {"paging": 10}}, "paging")
-    assert not protocol.ring_owned({"paging": {"enabled": True}, "rings_orphaned": ["paging"]}, "paging")
-    assert not protocol.ring_owned({"paging": {"enabled": False}, "rings_orphaned": []}, "paging")
-    assert not protocol.ring_owned({}, "access")
+    on = RingStats(enabled=True)
+    assert DomainStats(domid=1, paging=on, ring_owners={"paging": 10}).ring_owned("paging", 10)
+    assert not DomainStats(domid=1, paging=on, ring_owners={"paging": 10}).ring_owned("paging", 11)
+    assert DomainStats(domid=1, paging=on, ring_owners={"paging": 0}).ring_owned("paging", 11), "pid unknown"
+    assert DomainStats(domid=1, paging=on, ring_owners={"paging": 10}).ring_owned("paging")
+    assert not DomainStats(domid=1, paging=on, rings_orphaned=["paging"]).ring_owned("paging")
+    assert not DomainStats(domid=1).ring_owned("paging")
+    assert not DomainStats(domid=1, paging=on).ring_owned("access")

@@ -102,7 +102,7 @@ def test_a_domain_ring_follows_its_abi() -> None:
     seed = hv.create_domain(1, 16)
     vm = hv.create_domain(1, 16, ring_abi="vm_event")
     assert seed.rings_size("paging") == 64 and vm.rings_size("paging") == abi.VM_EVENT_RING_SIZE == 8
-    assert vm.stats()["abi"] == "vm_event"
+    assert vm.stats().abi == "vm_event"
     with pytest.raises(Exception, match="unknown ring ABI"):
         hv.create_domain(1, 16, ring_abi="4.1")
     with pytest.raises(ValueError):

@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import re
 
+import msgspec
 import pytest
 
-from hvemu import protocol, sizes, top
+from hvemu import protocol
+from hvemu.stats import DomainStats
+from hvemu.toolstack import sizes, top
 
 
 def _host() -> protocol.HostInfoReply:
     return protocol.HostInfoReply(total_frames=24576, used_frames=24000, policy="seed", ring_size=64, domains=12)
 
 
-def _stats(domid: int, big: bool) -> dict[str, object]:
+def _stats(domid: int, big: bool) -> DomainStats:
     n = 987_654_321 if big else 3
-    return {"domid": domid, "name": f"a-very-long-domain-name-{domid}", "max_vcpus": 128, "vcpus_paused": 100,
+    return msgspec.convert({
+            "domid": domid, "name": f"a-very-long-domain-name-{domid}", "max_vcpus": 128, "vcpus_paused": 100,
             "vcpus_blocked": 99, "gfns": 1 << 22, "resident": 4095, "paged": 123_456, "paging_in": 64,
             "target": 2048, "faults": n, "paged_in": n, "evicted": n, "events_put": n, "events_lost": n,
             "fault_latency_us": {"p50": 123_456.7, "p99": 9_876_543.2},
-            "paging": {"enabled": 1, "occupancy": 63, "size": 64, "max_occupancy": 64, "put": n, "lost": n,
+            "paging": {"enabled": True, "occupancy": 63, "size": 64, "max_occupancy": 64, "put": n, "lost": n,
                        "refused": n, "blocked_now": 120, "blocked_ever": n, "responses": n,
-                       "responses_rejected": n}}
+                       "responses_rejected": n}}, DomainStats)
 
 
 def test_top_fits_80x24_without_cutting_a_number() -> None:

@@ -11,15 +11,17 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from hvemu import abi, trace, tracetools
+from hvemu import abi, trace
 from hvemu.core.hypervisor import Hypervisor
+from hvemu.hypervisor.trace_writer import TraceWriter
+from hvemu.toolstack import tracetools
 from hvemu.trace import TraceEvent
 
 
-def _traced_paging_round(path: str, mask: int = trace.ALL_EVENTS) -> trace.TraceWriter:
+def _traced_paging_round(path: str, mask: int = trace.ALL_EVENTS) -> TraceWriter:
     """One guest fault served end to end on a sans-I/O core, traced to ``path``."""
     hv = Hypervisor(total_frames=64)
-    writer = trace.TraceWriter(path, mask=mask)
+    writer = TraceWriter(path, mask=mask)
     hv.tracer = writer
     dom = hv.create_domain(2, 16)
     ring = bytearray(abi.PAGE_SIZE)
@@ -82,7 +84,7 @@ def test_tracing_off_records_nothing(tmp_path: object) -> None:
     dom = hv.create_domain(1, 4)
     assert dom.tracer is None
     path = os.path.join(str(tmp_path), "t.trace")
-    hv.tracer = trace.TraceWriter(path)
+    hv.tracer = TraceWriter(path)
     assert dom.tracer is hv.tracer, "turning tracing on reaches existing domains"
     hv.tracer = None
     assert dom.tracer is None

@@ -1,4 +1,4 @@
-"""The transport in one process: fd passing, fd/frame association, Connection and ControlServer semantics.
+"""The control transport in one process: fd passing, fd/frame association, FramedStream, Connection and ControlServer.
 
 The two-process versions are in ``tests/integration/test_control.py`` and
 ``test_evtchn.py``; these cover the corners that are easier to reach in-process
@@ -20,27 +20,21 @@ import pytest
 
 from hvemu import protocol
 from hvemu.abi import Errno
-from hvemu.protocol import HEADER_SIZE, MAX_FRAME, FrameDecoder, ProtocolError
-from hvemu.transport import (
-    Connection,
+from hvemu.client import Connection, ControlError, SyncConnection
+from hvemu.fdpass import (
     ConnectionClosed,
-    ConnState,
-    ControlError,
-    ControlServer,
     FdLike,
-    FrameAssembler,
     OwnedFd,
-    SyncConnection,
     TransportError,
     TruncatedControlData,
-    TruncatedFrame,
-    errno_of,
     peer_credentials,
-    recv_msg,
     recvmsg_fds,
-    send_msg,
     sendmsg_fds,
 )
+from hvemu.framing import FrameAssembler, TruncatedFrame
+from hvemu.hypervisor.server import ConnState, ControlServer, errno_of
+from hvemu.protocol import HEADER_SIZE, MAX_FRAME, FrameDecoder, ProtocolError
+from hvemu.stream import FramedStream
 
 
 def open_fds() -> set[int]:
@@ -209,60 +203,57 @@ def test_kernel_never_glues_past_an_fd_carrying_message(
 
 
 # --------------------------------------------------------------------------
-# send_msg / recv_msg
+# FramedStream: the asyncio driver both ends use
 # --------------------------------------------------------------------------
 
 
-async def test_send_and_recv_msg_with_fds(stream_pair: tuple[socket.socket, socket.socket],
-                                          pipe: tuple[int, int]) -> None:
-    a, b = stream_pair
-    a.setblocking(False)
-    b.setblocking(False)
+async def test_framed_stream_with_fds_and_a_frame_larger_than_the_socket_buffer(
+        stream_pair: tuple[socket.socket, socket.socket], pipe: tuple[int, int]) -> None:
+    a, b = (FramedStream(s) for s in stream_pair)
     big = protocol.ForeignPages(results=[None] * 300, pages=[b"\xab" * 4096] * 300)  # > socket buffer
     welcome = protocol.Welcome(role="tool", fds=["r", "w"])
 
     async def sender() -> None:
-        await send_msg(a, welcome, pipe)
-        await send_msg(a, big)
-        await send_msg(a, protocol.Ok())
+        await a.send(protocol.encode(welcome), pipe)
+        await a.send(protocol.encode(big))
+        await a.send(protocol.encode(protocol.Ok()))
 
-    task = asyncio.create_task(sender())
-    msg, fds = await recv_msg(b)
-    assert msg == welcome and len(fds) == 2
-    for fd in fds:
-        assert not os.get_inheritable(fd)
-        os.close(fd)
-    assert (await recv_msg(b)) == (big, [])
-    assert (await recv_msg(b)) == (protocol.Ok(), [])
-    await task
-    a.close()
+    try:
+        task = asyncio.create_task(sender())
+        frame = await b.recv_frame()
+        assert protocol.decode_reply(frame.body) == welcome and len(frame.fds) == 2
+        for fd in frame.fds:
+            assert not os.get_inheritable(fd)
+            os.close(fd)
+        for expected in (big, protocol.Ok()):
+            frame = await b.recv_frame()
+            assert (protocol.decode_reply(frame.body), frame.fds) == (expected, [])
+        await task
+        a.close()
+        with pytest.raises(ConnectionClosed):
+            await b.recv_frame()
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_framed_stream_close_wakes_its_reader(stream_pair: tuple[socket.socket, socket.socket]) -> None:
+    stream = FramedStream(stream_pair[0])
+    reader = asyncio.create_task(stream.recv_frame())
+    await asyncio.sleep(0.01)
+    stream.close()
     with pytest.raises(ConnectionClosed):
-        await recv_msg(b)
+        await asyncio.wait_for(reader, 1)
 
 
-async def test_recv_msg_checks_announced_fds(stream_pair: tuple[socket.socket, socket.socket],
-                                             pipe: tuple[int, int]) -> None:
+async def test_framed_stream_truncated_frame(stream_pair: tuple[socket.socket, socket.socket]) -> None:
     a, b = stream_pair
-    b.setblocking(False)
-    before = open_fds()
-    sendmsg_fds(a, protocol.encode(protocol.Welcome(role="tool", fds=["one"])), [pipe[0], pipe[1]])
-    with pytest.raises(TransportError, match="announces 1 fds"):
-        await recv_msg(b)
-    assert open_fds() == before
-    sendmsg_fds(a, protocol.encode(protocol.Welcome(role="tool", fds=["one"])), [pipe[0], pipe[1]])
-    with pytest.raises(TruncatedControlData) as info:
-        await recv_msg(b, max_fds=1)
-    assert info.value.reply == protocol.Welcome(role="tool", fds=["one"])
-    assert open_fds() == before
-
-
-async def test_recv_msg_truncated_frame(stream_pair: tuple[socket.socket, socket.socket]) -> None:
-    a, b = stream_pair
-    b.setblocking(False)
+    stream = FramedStream(b)
     a.sendall(protocol.encode(protocol.Stats(domid=1))[:-1])
     a.close()
     with pytest.raises(TruncatedFrame):
-        await recv_msg(b, decode=protocol.decode_request)
+        await stream.recv_frame()
+    stream.close()
 
 
 # --------------------------------------------------------------------------
@@ -436,7 +427,8 @@ async def test_socket_file_mode_and_stale_socket(sock_dir: str) -> None:
     async with ControlServer(path, toy.handle) as server:
         assert os.stat(path).st_mode & 0o777 == 0o600
         with pytest.raises(RuntimeError, match="already listening"):
-            await ControlServer(path, toy.handle).start()
+            async with ControlServer(path, toy.handle):
+                pass
         assert server.serving
     assert not os.path.exists(path)
 
@@ -537,17 +529,17 @@ async def test_request_with_fds_is_refused(served: tuple[ControlServer, Toy], pi
 async def test_close_cancels_everything(sock_dir: str) -> None:
     toy = Toy()
     path = os.path.join(sock_dir, "c.sock")
-    server = ControlServer(path, toy.handle, on_disconnect=toy.on_disconnect)
-    await server.start()
-    conns = [await Connection.connect(path) for _ in range(3)]
-    calls = [asyncio.create_task(c.call(protocol.DomainCreate(max_vcpus=1, gfns=1))) for c in conns]
-    for _ in range(500):
-        if toy.running == 3:
-            break
-        await asyncio.sleep(0.01)
-    await asyncio.wait_for(server.close(), 5)
-    await server.close()  # idempotent
-    assert len(toy.disconnected) == 3 and toy.cancelled == 3
+    async with ControlServer(path, toy.handle, on_disconnect=toy.on_disconnect) as server:
+        conns = [await Connection.connect(path) for _ in range(3)]
+        calls = [asyncio.create_task(c.call(protocol.DomainCreate(max_vcpus=1, gfns=1))) for c in conns]
+        for _ in range(500):
+            if toy.running == 3:
+                break
+            await asyncio.sleep(0.01)
+        async with asyncio.timeout(5):
+            await server.close()
+        await server.close()  # idempotent
+        assert len(toy.disconnected) == 3 and toy.cancelled == 3
     assert not os.path.exists(path)
     for call in calls:
         with pytest.raises(ConnectionError):
@@ -670,3 +662,24 @@ async def test_calls_from_many_tasks_are_serialised(served: tuple[ControlServer,
     async with await Connection.connect(server.path) as conn:
         replies = await asyncio.gather(*(conn.call(protocol.GetTarget(domid=i)) for i in range(50)))
     assert [r[0] for r in replies] == [protocol.TargetReply(domid=i, pages=i + 1) for i in range(50)]
+
+
+async def test_fail_ends_the_server_with_its_error(sock_dir: str) -> None:
+    """What the server's owner learns outside any task (a reader callback) ends the ``async with``, body first."""
+    toy = Toy()
+    path = os.path.join(sock_dir, "c.sock")
+    before = asyncio.all_tasks()
+    with pytest.raises(BaseExceptionGroup) as info:
+        async with ControlServer(path, toy.handle, on_disconnect=toy.on_disconnect) as server:
+            conn = await Connection.connect(path)
+            pending = asyncio.create_task(conn.call(protocol.DomainCreate(max_vcpus=1, gfns=1)))
+            await asyncio.wait_for(toy.started.wait(), 2)
+            server.fail(LookupError("a bug met in a callback"))
+            await asyncio.sleep(10)  # cancelled by the server's task group
+    assert info.value.subgroup(LookupError) is not None
+    assert toy.cancelled == 1 and len(toy.disconnected) == 1
+    assert not os.path.exists(path)
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(pending, 2)
+    await conn.close()
+    assert asyncio.all_tasks() == before, "the server left a task behind"

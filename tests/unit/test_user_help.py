@@ -8,9 +8,9 @@ import stat
 import tomllib
 
 from guest.__main__ import _parser as guest_parser
-from hvemu import launcher
 from hvemu.core.domain import MAX_VCPUS
-from hvemu.soak import _parser as soak_parser
+from hvemu.toolstack import run, run_options, run_summary
+from hvemu.toolstack.soak import _parser as soak_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -21,7 +21,7 @@ def _help(text: str) -> str:
 
 
 def test_run_sh_help_gives_defaults_and_units() -> None:
-    text = _help(launcher._parser().format_help())
+    text = _help(run_options._parser().format_help())
     for needle in ("--duration SECONDS", "seconds (default: 10)", "--memory SIZE",
                    "memory per domain, MiB (default: 64)", "--host-memory SIZE", "(default: 96)", "--target SIZE",
                    "a bare number is MiB", "512m, 1g",
@@ -58,14 +58,14 @@ def test_the_watch_hint_runs_hvemu_from_anywhere(tmp_path: object) -> None:
     bin_dir = os.path.join(str(tmp_path), "venv dir", "bin")
     os.makedirs(bin_dir)
     python = os.path.join(bin_dir, "python")
-    # Not a venv: the interpreter runs hvemu.cli, told where the package is.
-    fallback = launcher.hvemu_command(python)
-    assert fallback.endswith("-m hvemu.cli") and f"PYTHONPATH={ROOT} " in fallback, fallback
+    # Not a venv: the interpreter runs hvemu.toolstack.cli, told where the package is.
+    fallback = run.hvemu_command(python)
+    assert fallback.endswith("-m hvemu.toolstack.cli") and f"PYTHONPATH={ROOT} " in fallback, fallback
     script = os.path.join(bin_dir, "hvemu")
     with open(script, "w") as f:
         f.write("#!/bin/sh\n")
     os.chmod(script, stat.S_IRWXU)
-    assert launcher.hvemu_command(python) == f"'{script}'", "the venv's hvemu, by its full path (quoted)"
+    assert run.hvemu_command(python) == f"'{script}'", "the venv's hvemu, by its full path (quoted)"
 
 
 def test_plot_is_an_extra_the_scripts_install() -> None:
@@ -101,10 +101,10 @@ def test_the_readme_sample_is_what_run_sh_prints() -> None:
     sample = re.search(r"The summary \(fits 100 columns\).*?:\n\n```\n(.*?)```", readme, re.S)
     assert sample is not None
     lines = sample.group(1).splitlines()
-    settings = launcher.Settings(domains=2, vcpus=4, memory_mib=64, host_memory_mib=96, target_mib=40,
-                                 duration_s=3, pattern="hotcold", write_ratio=0.3, policy="seed", batch=256, seed=1)
-    summary = launcher.Summary(ok=True, complete=True, settings=settings, command="", domains=[],
-                               host_memory_mib=96, policy="seed", duration_s=3)
-    printed = launcher.summary_lines(summary)
+    settings = run_options.Settings(domains=2, vcpus=4, memory_mib=64, host_memory_mib=96, target_mib=40,
+                                 duration_s=3, pattern="hotcold", write_ratio=0.3, admission="seed", batch=256, seed=1)
+    summary = run_summary.Summary(ok=True, complete=True, settings=settings, command="", domains=[],
+                               host_memory_mib=96, admission="seed", duration_s=3)
+    printed = run_summary.summary_lines(summary)
     assert lines[:2] == printed[:2] and lines[-1] == printed[-1]
-    assert all(len(line) <= launcher.SUMMARY_WIDTH for line in lines)
+    assert all(len(line) <= run_summary.SUMMARY_WIDTH for line in lines)

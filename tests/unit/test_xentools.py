@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hvemu.xentools import build, tools
+from hvemu.toolstack.xentools import build, tools
 from tests.integration.xen_tools import unavailable
 
 

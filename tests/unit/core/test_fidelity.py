@@ -330,7 +330,7 @@ def test_pause_by_controller_holds_one_counted_pause_per_vcpu_and_is_idempotent(
     hv.take_effects()
     dom.pause_by_controller()
     dom.pause_by_controller()
-    assert [v.pause_count for v in dom.vcpus] == [1, 2, 1] and dom.stats()["paused"]
+    assert [v.pause_count for v in dom.vcpus] == [1, 2, 1] and dom.stats().paused
     assert all(buf[abi.p2m_vcpu_debug_index(16, i)] & abi.VCPU_DEBUG_PAUSED for i in range(3))
     check_accounting(dom)
     lis.serve_all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from hvemu import abi
@@ -9,6 +10,7 @@ from hvemu.abi import Errno, MemEventReason, P2MType, RingKind
 from hvemu.core.effects import DomainCrashed, FramesReleased, RingNotify, VcpuRunnable
 from hvemu.core.errors import HypervisorError
 from hvemu.core.hypervisor import Hypervisor
+from hvemu.stats import DomainStats
 
 from ._support import Listener, R, make, page_out
 
@@ -73,7 +75,7 @@ def test_crash_stops_vcpus_tears_rings_down_returns_memory_and_spares_other_doma
     assert errno_of(a.guest_access, 1, 2, R) == Errno.ESRCH
     assert errno_of(a.paging_nominate, [2]) == Errno.ESRCH
     assert errno_of(a.mem_event_resume, RingKind.paging) == Errno.ESRCH
-    assert a.stats()["crashed"] is True
+    assert a.stats().crashed is True
     assert hv.take_effects() == [VcpuRunnable(b.domid, 0)]
     hv.destroy_domain(a.domid)
     assert hv.take_effects() == [] and hv.budget.used == 16, "b paged its gfn back in"
@@ -136,11 +138,26 @@ def test_stats_have_ring_counters_as_flat_int_dicts() -> None:
     _, dom = make()
     st = dom.stats()
     for kind in RingKind:
-        ring = st[str(kind)]
+        ring = msgspec.structs.asdict(st.ring(kind))
         assert all(isinstance(v, int) for v in ring.values())
         for key in ("put", "lost", "refused", "blocked_now", "blocked_ever", "max_occupancy", "responses",
                     "responses_rejected", "unpause_ignored"):
             assert key in ring
     for key in ("resident", "paged", "paging_in", "faults"):
-        assert isinstance(st[key], int)
-    assert st["paged"] == dom.p2m.type_count(P2MType.ram_paged)
+        assert isinstance(getattr(st, key), int)
+    assert st.paged == dom.p2m.type_count(P2MType.ram_paged)
+    assert msgspec.convert(msgspec.to_builtins(st), DomainStats) == st, "what goes on the wire comes back"
+
+
+def test_the_outbox_calls_on_effects_when_it_stops_being_empty() -> None:
+    """The driver's cue to drain: once per empty -> not empty, never for an effect behind others."""
+    hv, dom = make(max_vcpus=1, gfns=8)
+    Listener(dom)
+    cues: list[bool] = []
+    hv.on_effects = lambda: cues.append(hv.pending_effects())
+    page_out(dom, [1, 2])  # the frames go: FramesReleased
+    assert cues == [False], "called once, before the first effect is queued"
+    dom.guest_access(0, 1, R)  # a put and its kick, behind it
+    assert cues == [False] and len(hv.take_effects()) >= 2
+    dom.crash("gone")
+    assert cues == [False, False] and hv.pending_effects()

@@ -237,10 +237,10 @@ def test_p2m_counts_follow_every_transition() -> None:
     dom.foreign_map([5, 6])
     check_accounting(dom)
     st = dom.stats()
-    assert st["paging_out"] == 2 and st["paging_in"] == 6 and st["paged"] == 4
+    assert st.paging_out == 2 and st.paging_in == 6 and st.paged == 4
     lis.serve_all(rounds=2)
     check_accounting(dom)
-    assert dom.stats()["resident"] == dom.p2m.recount()[1]
+    assert dom.stats().resident == dom.p2m.recount()[1]
 
 
 _TYPES = [P2MType.ram_rw, P2MType.ram_logdirty, P2MType.ram_paging_out, P2MType.ram_paged, P2MType.ram_paging_in,

@@ -172,6 +172,7 @@ class _FakeClient:
     can_stage_pages = False
 
     def __init__(self, types: bytes) -> None:
+        self.domctl = self  # the fake plays the client's Domctl too
         self.types = bytearray(types)
         self.memory = bytearray(len(types) * abi.PAGE_SIZE)
         self.responses: list[MemEvent] = []
@@ -571,11 +572,10 @@ def test_child_env_names_every_fact() -> None:
     assert env["PATH"] == "/bin"
     assert {k: v for k, v in env.items() if k.startswith("HVEMU_")} == {
         "HVEMU_DOMID": "3", "HVEMU_RING": "access", "HVEMU_RING_FD": "10", "HVEMU_RING_SIZE": "8",
-        "HVEMU_RING_ABI": "seed",
         "HVEMU_EVTCHN_FD": "11", "HVEMU_PORT": "9", "HVEMU_MEMORY_FD": "12", "HVEMU_P2M_FD": "13",
         "HVEMU_CTL_FD": "14", "HVEMU_GFNS": "100", "HVEMU_MAX_VCPUS": "2", "HVEMU_PAGE_SIZE": str(abi.PAGE_SIZE),
         "HVEMU_REATTACHED": "1", "HVEMU_DOMAIN_HANDLE": "ab" * 16, "HVEMU_RUN_DIR": "/run/hv",
-        "HVEMU_SOCKET": "/run/hv/control.sock",
+        "HVEMU_SOCKET": "/run/hv/control.sock", "HVEMU_RING_ABI": "seed",
     }
 
 
