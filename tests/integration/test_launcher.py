@@ -61,7 +61,7 @@ def test_overcommitted_run_prints_a_summary_and_json(tmp_path: object) -> None:
     settings = summary["settings"]
     assert settings == {"domains": 2, "vcpus": 2, "memory_mib": 8, "host_memory_mib": 12, "target_mib": 5,
                         "duration_s": 2, "pattern": "hotcold", "write_ratio": 0.3, "admission": "seed",
-                        "batch": EVICT_BATCH, "seed": 1, "cpus": None}
+                        "batch": EVICT_BATCH, "seed": 1, "cpus": None, "abi": "seed"}
     args = run_options._parser().parse_args(shlex.split(summary["command"])[1:])
     assert not run_options.option_problems(args) and msgspec.to_builtins(run_options.settings_of(args)) == settings
     assert run_options._from_file(out) == shlex.split(summary["command"])[1:]

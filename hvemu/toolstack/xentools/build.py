@@ -108,10 +108,11 @@ def ensure_built() -> Path:
     target = cache_dir() / "xenlibs" / source_hash()
     if all((target / lib.soname).exists() for lib in LIBRARIES):
         return target
-    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent if target.parent.exists() else None))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))  # beside it: the rename stays on one fs
     try:
         build(staging)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        staging.chmod(0o755)  # mkdtemp made it private; the libraries are not secrets
         try:
             os.rename(staging, target)
         except OSError:  # another process built it meanwhile

@@ -44,7 +44,8 @@ def fetch_package(timeout: float = 300.0) -> Path:
     if apt is None or dpkg is None:
         raise ToolUnavailable(f"fetching {PACKAGE} needs apt-get and dpkg (give the binary's path instead)")
     package_dir().parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="hvemu-xen-utils-") as tmp:
+    # Unpacked beside its place in the cache, so that the final rename stays on one file system.
+    with tempfile.TemporaryDirectory(prefix=".xen-utils-", dir=package_dir().parent) as tmp:
         try:
             got = subprocess.run([apt, "download", PACKAGE], cwd=tmp, capture_output=True, text=True,
                                  timeout=timeout)
