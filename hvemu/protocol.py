@@ -397,11 +397,16 @@ class DebugControl(Msg):
 
 
 class SetHvmParam(Msg):
-    """HVM_PARAM_MEMORY_EVENT_{CR0,CR3,CR4,INT3}: abi.HVMPME_* mode flags."""
+    """HVM_PARAM_MEMORY_EVENT_{CR0,CR3,CR4,INT3}: abi.HVMPME_* mode flags.
+
+    ``mask``: register bits whose changes alone send no event (Xen 4.17's
+    ``write_ctrlreg_mask``, e.g. CR4.PGE); CR0/CR3/CR4 only.
+    """
 
     domid: int
     reason: int
     mode: int
+    mask: int = 0
 
 
 class TraceStart(Msg):

@@ -69,11 +69,13 @@ def p2m_mem_access_check(dom: Domain, vcpu: Vcpu, gfn: int, offset: int, access:
 
 
 def hvm_memory_event_traps(dom: Domain, vcpu: Vcpu, param: int, reason: MemEventReason, value: int,
-                           old: int, gla: int | None) -> bool:
+                           old: int, gla: int | None, mask: int = 0) -> bool:
     """A register write or INT3 under ``HVM_PARAM_MEMORY_EVENT_*``; True if it was handled.
 
     Sync mode pauses the vCPU until the listener answers, async only reports;
-    ``onchangeonly`` skips writes that do not change the value.  As in the
+    ``onchangeonly`` skips writes that do not change the value, and a
+    ``mask`` (Xen 4.17's ``write_ctrlreg_mask``) those that change only its
+    bits.  As in the
     seed, ``req.gfn`` carries the new value and ``old`` is not sent; with no
     ring the event is dropped (and a sync pause released).
     """
@@ -81,6 +83,8 @@ def hvm_memory_event_traps(dom: Domain, vcpu: Vcpu, param: int, reason: MemEvent
     if mode == abi.HVMPME_MODE_DISABLED:
         return False
     if param & abi.HVMPME_ONCHANGEONLY and value == old:
+        return True
+    if mask and not (value ^ old) & ~mask:
         return True
     req = MemEvent(type=MemEventType.ACCESS, reason=reason, gfn=value & 0xFFFFFFFFFFFFFFFF,
                    vcpu_id=vcpu.vcpu_id)

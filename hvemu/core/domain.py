@@ -184,6 +184,8 @@ class Domain:
         self.spinners: dict[int, list[Vcpu]] = {}
         #: HVM_PARAM_MEMORY_EVENT_{CR0,CR3,CR4,INT3}.
         self.hvm_params: dict[MemEventReason, int] = {}
+        #: Per control register: bits whose changes alone send no event (Xen 4.17's ``write_ctrlreg_mask``).
+        self.ctrlreg_masks: dict[MemEventReason, int] = {}
         self.counters = DomainCounters()
         self.vcpus = [Vcpu(self, i) for i in range(max_vcpus)]
         self.p2m = P2M(gfns, p2m_buffer)
@@ -399,7 +401,8 @@ class Domain:
                     return  # no monitor trap flag set: the instruction just ran
                 self.counters.single_steps += 1
             self.counters.traps += 1
-            _access.hvm_memory_event_traps(self, v, self.hvm_params.get(reason, 0), reason, value, old, gla)
+            _access.hvm_memory_event_traps(self, v, self.hvm_params.get(reason, 0), reason, value, old, gla,
+                                           self.ctrlreg_masks.get(reason, 0))
 
     def decrease_reservation(self, vcpu_id: int, gfns: Sequence[int]) -> list[Errno | None]:
         """XENMEM_decrease_reservation: the guest gives gfns back (balloon out).
@@ -569,8 +572,12 @@ class Domain:
         vector, v.pending_trap = v.pending_trap, None
         return vector
 
-    def set_hvm_param(self, reason: MemEventReason | int, mode_flags: int) -> None:
-        """HVM_PARAM_MEMORY_EVENT_*: ``abi.HVMPME_*`` mode (disabled/async/sync) and onchangeonly."""
+    def set_hvm_param(self, reason: MemEventReason | int, mode_flags: int, mask: int = 0) -> None:
+        """HVM_PARAM_MEMORY_EVENT_*: ``abi.HVMPME_*`` mode (disabled/async/sync) and onchangeonly.
+
+        ``mask`` (CR0/CR3/CR4 only): a write that changes only these bits sends
+        no event, as Xen 4.17's ``xc_monitor_write_ctrlreg(..., bitmask, ...)``.
+        """
         self._live()
         reason = self._trap_reason(reason)
         valid = abi.HVMPME_MODE_MASK | abi.HVMPME_ONCHANGEONLY
@@ -580,7 +587,10 @@ class Domain:
             raise HypervisorError(Errno.EINVAL, f"bad HVMPME mode flags {mode_flags!r}")
         if reason in NO_ONCHANGEONLY and mode_flags & abi.HVMPME_ONCHANGEONLY:
             raise HypervisorError(Errno.EINVAL, f"{reason.name} does not take onchangeonly")
+        if not isinstance(mask, int) or not 0 <= mask < 1 << 64 or (mask and reason in NO_ONCHANGEONLY):
+            raise HypervisorError(Errno.EINVAL, f"bad bitmask {mask!r} for {reason.name} (CR0/CR3/CR4 take one)")
         self.hvm_params[reason] = mode_flags
+        self.ctrlreg_masks[reason] = mask
 
     def _trap_reason(self, reason: MemEventReason | int) -> MemEventReason:
         try:

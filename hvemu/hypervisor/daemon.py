@@ -447,7 +447,7 @@ class HypervisorDaemon:
 
     async def _set_hvm_param(self, ctx: ConnCtx, msg: protocol.SetHvmParam) -> Reply:
         be = self._backend(msg.domid)
-        be.dom.set_hvm_param(msg.reason, msg.mode)  # the core answers EINVAL for a bad reason
+        be.dom.set_hvm_param(msg.reason, msg.mode, msg.mask)  # the core answers EINVAL for a bad reason
         return protocol.Ok(), []
 
     # ------------------------------------------------------------ rings

@@ -281,6 +281,9 @@ static void monitor(xc_interface *xch, xenevtchn_handle *xce)
           xc_monitor_software_breakpoint(xch, dom, 0) == 0, "on/off");
     check("xc_monitor_write_ctrlreg", xc_monitor_write_ctrlreg(xch, dom, 1 /* CR3 */, 1, 1, 0, 1) == 0 &&
           xc_monitor_write_ctrlreg(xch, dom, 1, 0, 0, 0, 0) == 0, "CR3 on/off");
+    check("xc_monitor_write_ctrlreg(CR4, PGE masked)",
+          xc_monitor_write_ctrlreg(xch, dom, 2 /* CR4 */, 1, 1, 0x80 /* X86_CR4_PGE */, 1) == 0 &&
+          xc_monitor_write_ctrlreg(xch, dom, 2, 0, 0, 0, 0) == 0, "xen-access write_ctrlreg_cr4");
     errno = 0;
     check("xc_monitor_write_ctrlreg(XCR0)", xc_monitor_write_ctrlreg(xch, dom, 3, 1, 1, 0, 0) < 0 &&
           errno == EOPNOTSUPP, "XCR0");

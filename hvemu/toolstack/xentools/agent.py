@@ -25,7 +25,7 @@ Commands (``D`` a domid, ``G`` a gfn, ``RING`` paging|access|sharing)::
     access D ACCESS default | access D ACCESS FIRST NR -> ok
     getaccess D G|default         -> ok ACCESS
     access-required D 0|1         -> ok
-    hvm-param D REASON MODE       -> ok
+    hvm-param D REASON MODE [MASK] -> ok
     inject D VCPU VECTOR          -> ok
     debug D VCPU 0|1              -> ok
 """
@@ -181,7 +181,8 @@ class Agent:
             return "ok", b"", []
         if op == "hvm-param":
             await self.call(protocol.SetHvmParam(domid=domid, reason=_int(args[1], "reason"),
-                                                 mode=_int(args[2], "mode")))
+                                                 mode=_int(args[2], "mode"),
+                                                 mask=_int(args[3], "mask") if len(args) > 3 else 0))
             return "ok", b"", []
         if op == "inject":
             await self.call(protocol.InjectTrap(domid=domid, vcpu=_int(args[1], "vcpu"),

@@ -120,6 +120,28 @@ def test_cr_write_traps_sync_async_and_onchangeonly(reason: MemEventReason) -> N
     check_accounting(dom)
 
 
+def test_a_ctrlreg_mask_hides_writes_that_change_only_its_bits() -> None:
+    """Xen 4.17's write_ctrlreg_mask (xen-access write_ctrlreg_cr4 masks CR4.PGE): only other bits report."""
+    _, dom = make()
+    lis = Listener(dom, RingKind.access)
+    pge = 0x80
+    dom.set_hvm_param(MemEventReason.CR4, abi.HVMPME_MODE_ASYNC | abi.HVMPME_ONCHANGEONLY, pge)
+    dom.hvm_trap(0, MemEventReason.CR4, 0x20 | pge, 0x20)  # a global TLB flush toggles PGE: no event
+    dom.hvm_trap(0, MemEventReason.CR4, 0x20, 0x20 | pge)
+    assert not lis.unconsumed()
+    dom.hvm_trap(0, MemEventReason.CR4, 0x20 | 0x200 | pge, 0x20)  # OSFXSR too: reported
+    assert [r.gfn for r in lis.consume()] == [0x20 | 0x200 | pge]
+    dom.set_hvm_param(MemEventReason.CR4, abi.HVMPME_MODE_ASYNC)  # the mask goes with a new setting
+    dom.hvm_trap(0, MemEventReason.CR4, 0x20 | pge, 0x20)
+    assert len(lis.consume()) == 1
+    for bad in (-1, 1 << 64, "x"):
+        with pytest.raises(HypervisorError) as err:
+            dom.set_hvm_param(MemEventReason.CR4, abi.HVMPME_MODE_ASYNC, bad)  # type: ignore[arg-type]
+        assert err.value.errno == Errno.EINVAL
+    with pytest.raises(HypervisorError):
+        dom.set_hvm_param(MemEventReason.INT3, abi.HVMPME_MODE_SYNC, pge)  # a breakpoint has no bits
+
+
 def test_int3_trap_carries_the_gla() -> None:
     _, dom = make()
     lis = Listener(dom, RingKind.access)

@@ -638,6 +638,13 @@ HVEMU_EXPORT int xc_domain_set_access_required(xc_interface *xch, uint32_t domid
     return hvemu_call(line, NULL, 0, NULL, 0, NULL, NULL);
 }
 
+static int hvm_param_masked(uint32_t domid, int reason, int mode, uint64_t mask)
+{
+    char line[96];
+    snprintf(line, sizeof(line), "hvm-param %u %d %d %llu", domid, reason, mode, (unsigned long long)mask);
+    return hvemu_call(line, NULL, 0, NULL, 0, NULL, NULL);
+}
+
 static int hvm_param(uint32_t domid, int reason, int mode)
 {
     char line[64];
@@ -664,14 +671,11 @@ HVEMU_EXPORT int xc_monitor_write_ctrlreg(xc_interface *xch, uint32_t domain_id,
         hvemu_unsupported("xc_monitor_write_ctrlreg", "only CR0, CR3 and CR4 are modelled");
         return -1;
     }
-    if (enable && bitmask) {
-        hvemu_unsupported("xc_monitor_write_ctrlreg", "a bitmask of bits to watch");
-        return -1;
-    }
     int mode = !enable ? HVMPME_MODE_DISABLED : (sync ? HVMPME_MODE_SYNC : HVMPME_MODE_ASYNC);
     if (enable && onchangeonly)
         mode |= HVMPME_ONCHANGEONLY;
-    return hvm_param(domain_id, reason, mode);
+    /* bitmask: bits whose changes alone send no event (Xen's write_ctrlreg_mask; xen-access masks CR4.PGE). */
+    return hvm_param_masked(domain_id, reason, mode, enable ? bitmask : 0);
 }
 
 /* Single steps are reported by each vCPU put in single-step mode (xc_domain_debug_control): enabling the
