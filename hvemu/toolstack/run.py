@@ -21,10 +21,8 @@ import contextlib
 import json
 import os
 import shlex
-import shutil
 import signal
 import sys
-import tempfile
 from typing import Any
 
 import msgspec
@@ -33,9 +31,8 @@ import uvloop
 import hvemu
 from hvemu import abi, protocol
 from hvemu.client import Connection, ControlError
-from hvemu.procs import ReadyPipe
 from hvemu.stats import DomainStats
-from hvemu.toolstack.host import Child, guest_argv, hypervisor_argv, pager_argv
+from hvemu.toolstack.host import Child, Host, guest_argv, pager_argv
 from hvemu.toolstack.run_options import (
     PROGRESS_AFTER_S,
     PROGRESS_EVERY_S,
@@ -50,22 +47,6 @@ from hvemu.toolstack.run_summary import DomainResult, Summary, _print_summary, p
 
 #: The signals that stop a run cleanly: Ctrl-C, ``kill``, and the terminal going away.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-async def start_hypervisor(run_dir: str, memory_mib: float, admission: str, *, cpus: set[int] | None = None,
-                           verbose: int = 0) -> Child:
-    """Start ``hvemu.hypervisor.daemon`` and return once it listens on its control socket (its ``--ready-fd``)."""
-    args = hypervisor_argv(run_dir, memory_mib, admission, verbose=verbose)
-    with ReadyPipe() as ready:
-        hv = await Child.start("hypervisor", [*args, *ready.argv], cpus=cpus, pass_fds=ready.pass_fds,
-                               inherit_stderr=True)
-        ready.spawned()
-        if await ready.started(10):
-            return hv
-    returncode = await hv.stop()  # at once if it died (EOF on the pipe); else our SIGTERM ends the wait
-    if returncode != -signal.SIGTERM:
-        raise RuntimeError(f"the hypervisor {_exit_cause(returncode)} while starting")
-    raise RuntimeError("hypervisor did not start listening within 10 s")
 
 
 async def _wait_ring(tool: Connection, domid: int, pager: Child, timeout: float = 10.0) -> None:
@@ -108,10 +89,9 @@ class Run:
         self.s = settings
         self.cpus = cpus
         self.progress_every = progress_every
-        self.run_dir = ""
-        self.children: list[Child] = []
-        self.hv: Child | None = None
-        self.tool: Connection | None = None
+        #: The hypervisor, its tool connection and every child, stopped on every exit path (:meth:`close`).
+        self.host = Host(memory_mib=settings.host_memory_mib, admission=settings.admission, cpus=lambda role: cpus,
+                         client="run.sh", run_dir_prefix="hvemu-run-", inherit_stderr=True, ready_timeout=10)
         self.domids: list[int] = []
         self.created: dict[int, DomainStats] = {}
         self.guests: dict[int, Child] = {}
@@ -123,14 +103,11 @@ class Run:
     async def scenario(self) -> Summary:
         """Start everything, let the guests run, and summarise."""
         s = self.s
-        self.run_dir = tempfile.mkdtemp(prefix="hvemu-run-")
-        os.chmod(self.run_dir, 0o700)
+        await self.host.open()
+        tool = self.tool
+        assert tool is not None
         _say(f"run.sh: run directory {self.run_dir} (watch with: {hvemu_command()} --run-dir "
              f"{shlex.quote(self.run_dir)} top)")
-        self.hv = await start_hypervisor(self.run_dir, s.host_memory_mib, s.admission, cpus=self.cpus)
-        self.children.append(self.hv)
-        self.tool = tool = await Connection.connect(protocol.socket_path(self.run_dir))
-        await tool.call(protocol.ToolHello(client="run.sh"))
         gfns = abi.mib_to_pages(s.memory_mib)
         target = abi.mib_to_pages(s.target_mib)
         for i in range(s.domains):
@@ -142,19 +119,16 @@ class Run:
         for domid in self.domids:
             self.created[domid] = await _stats(tool, domid)
         for domid in self.domids:
-            pager = await Child.start(f"pager{domid}", pager_argv(
-                self.run_dir, domid, os.path.join(self.run_dir, f"dom{domid}.pagefile"), "--batch", str(s.batch),
-                "--progress", "off"), cpus=self.cpus, inherit_stderr=True)
-            self.children.append(pager)
+            pager = await self.host.start(f"pager{domid}", "daemon", pager_argv(
+                self.run_dir, domid, self.host.pagefile(domid), "--batch", str(s.batch), "--progress", "off"))
             self.pagers[domid] = pager
             await _wait_ring(tool, domid, pager)
         loop = asyncio.get_running_loop()
         self.started_at = loop.time()
         for domid in self.domids:
-            guest = await Child.start(f"guest{domid}", guest_argv(
+            guest = await self.host.start(f"guest{domid}", "guest", guest_argv(
                 self.run_dir, domid, "--duration", str(s.duration_s), "--pattern", s.pattern, "--write-ratio",
-                str(s.write_ratio), "--seed", str(s.seed + domid), "--linger"), cpus=self.cpus, inherit_stderr=True)
-            self.children.append(guest)
+                str(s.write_ratio), "--seed", str(s.seed + domid), "--linger"))
             self.guests[domid] = guest
         _say(f"run.sh: {s.domains} guest(s) running for {_num(s.duration_s)} s ({s.pattern}, seed {s.seed}); "
              "Ctrl-C stops them and prints the summary so far")
@@ -257,15 +231,22 @@ class Run:
         return Summary(ok=ok, complete=complete, settings=s, command=shlex.join(["scripts/run.sh", *s.argv()]),
                        domains=rows, host_memory_mib=s.host_memory_mib, admission=s.admission, duration_s=s.duration_s)
 
+    @property
+    def run_dir(self) -> str:
+        return self.host.run_dir
+
+    @property
+    def hv(self) -> Child | None:
+        return self.host.hv
+
+    @property
+    def tool(self) -> Connection | None:
+        return self.host.tool
+
     async def close(self) -> None:
         """Stop every process (last started first) and remove the run directory; on every path."""
-        if self.tool is not None:
-            with contextlib.suppress(OSError):
-                await self.tool.close()
-        for child in reversed(self.children):
-            await child.stop(timeout=20)
-        if self.run_dir:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+        for problem in await self.host.close():
+            _say(f"run.sh: {problem}")
 
 
 async def run_with_signals(run: Run) -> Summary:

@@ -43,9 +43,9 @@ import uvloop
 from hvemu import abi, names, protocol
 from hvemu.abi import Errno
 from hvemu.client import Connection, ControlError, root_cause
-from hvemu.procs import ReadyPipe, status_bytes
+from hvemu.procs import status_bytes
 from hvemu.stats import DomainStats
-from hvemu.toolstack.host import Child, guest_argv, hypervisor_argv, log_file, pager_argv
+from hvemu.toolstack.host import Child, Host, guest_argv, pager_argv
 
 #: The guests' patterns, one per domain in turn (random first: it pages the most).
 PATTERNS = ("uniform", "hotcold", "phases", "sequential")
@@ -176,26 +176,19 @@ def trend(samples: list[tuple[float, int, int]]) -> dict[str, Any]:
 
 
 async def soak(args: argparse.Namespace) -> dict[str, Any]:
-    run_dir = tempfile.mkdtemp(prefix="hvemu-soak-")
     # Pagefiles apart from the run directory: what the hypervisor leaves there is checked.
     page_dir = tempfile.mkdtemp(prefix="hvemu-soak-pages-")
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="hvemu-soak-logs-")
     os.makedirs(log_dir, exist_ok=True)
-    path = protocol.socket_path(run_dir)
     rng = random.Random(args.seed)
-    procs: list[Child] = []
     gfns = abi.mib_to_pages(args.memory)
     ok = False
+    host = Host(memory_mib=args.host_memory, admission=args.admission, client="soak", run_dir_prefix="hvemu-soak-",
+                log_dir=log_dir)
     try:
-        with ReadyPipe() as ready:
-            hv = await Child.start("hypervisor", [*hypervisor_argv(run_dir, args.host_memory, args.admission),
-                                                  *ready.argv],
-                                   pass_fds=ready.pass_fds, log_path=log_file(log_dir, "hypervisor"))
-            procs.append(hv)
-            ready.spawned()
-            if not await ready.started(15):
-                raise RuntimeError(f"the hypervisor did not start: {hv.stderr_tail(2000)}")
-        tool = await _tool(path)
+        await host.open()
+        run_dir, path, hv, tool = host.run_dir, host.socket, host.hv, host.tool
+        assert hv is not None and tool is not None
         domids: list[int] = []
         for i in range(args.domains):
             reply, _ = await tool.call(protocol.DomainCreate(max_vcpus=args.vcpus, gfns=gfns, name=f"soak{i}"))
@@ -206,10 +199,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         pagefiles = {d: os.path.join(page_dir, f"dom{d}.pages") for d in domids}
 
         async def start_pager(domid: int, n: int) -> Child:
-            name = f"pager{domid}.{n}"
-            p = await Child.start(name, pager_argv(run_dir, domid, pagefiles[domid], "--batch", str(args.batch)),
-                                  log_path=log_file(log_dir, name))
-            procs.append(p)
+            p = await host.start(f"pager{domid}.{n}", "daemon",
+                                 pager_argv(run_dir, domid, pagefiles[domid], "--batch", str(args.batch)))
             await _wait_attached(tool, domid, p)
             return p
 
@@ -217,11 +208,10 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             pagers[d] = await start_pager(d, 0)
         guests: dict[int, Child] = {}
         for i, d in enumerate(domids):
-            g = await Child.start(f"guest{d}", guest_argv(
+            g = await host.start(f"guest{d}", "guest", guest_argv(
                 run_dir, d, "--duration", str(args.seconds), "--pattern", PATTERNS[i % len(PATTERNS)],
                 "--write-ratio", str(args.write_ratio), "--seed", str(args.seed + d), "--balloon", str(args.balloon),
-                "--linger"), log_path=log_file(log_dir, f"guest{d}"))
-            procs.append(g)
+                "--linger"))
             guests[d] = g
         started = time.monotonic()
         until = started + args.seconds
@@ -302,10 +292,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 "hypervisor": trend(samples),
                 "elapsed_s": round(time.monotonic() - started, 1), "log_dir": log_dir}
     finally:
-        for p in reversed(procs):
-            await p.stop(timeout=20)
-            p.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        await host.close()  # (what it would find wrong is in the summary: leftovers, the hypervisor's status)
         shutil.rmtree(page_dir, ignore_errors=True)
         if ok and not args.log_dir:
             shutil.rmtree(log_dir, ignore_errors=True)

@@ -9,23 +9,18 @@ temporary file that is shown only when something fails.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
-import shutil
-import signal
-import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from hvemu import procs, protocol
-from hvemu.client import Connection
-from hvemu.procs import ReadyPipe, status_bytes, status_field
+from hvemu import procs
+from hvemu.procs import status_bytes, status_field
 from hvemu.stats import DomainStats
+from hvemu.toolstack import host
 from hvemu.toolstack.bench import profile
-from hvemu.toolstack.host import Child, ChildError, hypervisor_argv, pager_argv
+from hvemu.toolstack.host import Child, ChildError
 
 #: Process roles a placement names.
 ROLES = ("hypervisor", "guest", "daemon")
@@ -228,137 +223,22 @@ class Proc(Child):
         return child
 
 
-class Host:
-    """A hypervisor process in a private run directory, a tool connection, and the children around it.
+class Host(host.Host):
+    """The benchmark's :class:`hvemu.toolstack.host.Host`: children placed by role, as the run asked.
 
-    ``async with Host(...)``: everything started through it is stopped and
-    reaped on exit, the run directory is removed, and no ``/dev/shm`` name
-    of the hypervisor may be left (checked).
+    Records the CPUs the kernel actually allowed one process of each role
+    (``placement.observed``), and runs every Python child under the profiler
+    when profiling (:class:`Proc`).
     """
 
     def __init__(self, placement: Placement, *, memory_mib: float = 1024.0, policy: str = "seed",
                  ring_size: int | None = None) -> None:
+        super().__init__(memory_mib=memory_mib, admission=policy, ring_size=ring_size, cpus=placement.of,
+                         client="bench", run_dir_prefix="hvemu-bench-", child_type=Proc)
         self.placement = placement
-        self.memory_mib = memory_mib
-        self.policy = policy
-        self.ring_size = ring_size
-        self.run_dir = ""
-        self.hv: Proc | None = None
-        self.tool: Connection | None = None
-        self.children: list[Proc] = []
 
-    @property
-    def socket(self) -> str:
-        return protocol.socket_path(self.run_dir)
-
-    async def __aenter__(self) -> Host:
-        self.run_dir = tempfile.mkdtemp(prefix="hvemu-bench-")
-        os.chmod(self.run_dir, 0o700)
-        try:
-            args = hypervisor_argv(self.run_dir, self.memory_mib, self.policy, ring_size=self.ring_size)
-            with ReadyPipe() as ready:
-                self.hv = await Proc.start("hypervisor", [*args, *ready.argv], cpus=self.placement.hypervisor,
-                                           pass_fds=ready.pass_fds)
-                ready.spawned()
-                if not await ready.started(15):
-                    raise BenchError(f"hypervisor did not listen within 15 s: {self.hv.stderr_tail()}")
-            self.tool = await Connection.connect(self.socket)
-            await self.tool.call(protocol.ToolHello(client="bench"))
-            self.placement.observed.setdefault("hypervisor", observed_affinity(self.hv.pid))
-        except BaseException:
-            await self._teardown()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._teardown()
-
-    async def _teardown(self) -> None:
-        for child in reversed(self.children):
-            await child.stop()
-            child.close()
-        self.children.clear()
-        if self.tool is not None:
-            await self.tool.close()
-            self.tool = None
-        leaked: list[str] = []
-        failed = ""
-        if self.hv is not None:
-            status = await self.hv.stop()
-            leaked = [n for n in os.listdir("/dev/shm") if n.startswith(f"hvemu-{self.hv.pid}-")]
-            if status not in (0, -signal.SIGTERM):
-                failed = f"hypervisor exited with status {status}: {self.hv.stderr_tail()}"
-            self.hv.close()
-            self.hv = None
-        if self.run_dir:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-        if failed:
-            raise BenchError(failed)
-        if leaked:
-            raise BenchError(f"shared-memory segments left in /dev/shm: {leaked}")
-
-    async def start(self, name: str, role: str, argv: Sequence[str], *, stdin: bool = False) -> Proc:
-        """A child of ``role`` (``guest``/``daemon``), stopped when the host is."""
-        proc = await Proc.start(name, argv, cpus=self.placement.of(role), stdin=stdin)
-        self.children.append(proc)
-        self.placement.observed.setdefault(role, observed_affinity(proc.pid))
-        return proc
-
-    async def stop_child(self, proc: Proc, *, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        status = await proc.stop(timeout=timeout, sig=sig)
-        if proc in self.children:
-            self.children.remove(proc)
-        proc.close()
-        return status
-
-    # ------------------------------------------------------------ tool calls
-    async def call(self, msg: protocol.Msg) -> protocol.Msg:
-        assert self.tool is not None
-        reply, fds = await self.tool.call(msg)
-        for fd in fds:
-            os.close(fd)
-        return reply
-
-    async def create(self, gfns: int, vcpus: int = 1, target: int | None = None, name: str = "bench") -> int:
-        reply = await self.call(protocol.DomainCreate(max_vcpus=vcpus, gfns=gfns, name=name))
-        assert isinstance(reply, protocol.DomainCreated)
-        if target is not None:
-            await self.call(protocol.SetTarget(domid=reply.domid, pages=target))
-        return reply.domid
-
-    async def stats(self, domid: int) -> DomainStats:
-        reply = await self.call(protocol.Stats(domid=domid))
-        assert isinstance(reply, protocol.StatsReply)
-        return reply.stats
-
-    async def set_target(self, domid: int, pages: int) -> None:
-        await self.call(protocol.SetTarget(domid=domid, pages=pages))
-
-    async def wait_for(self, domid: int, pred: Any, what: str, timeout: float = 60.0,
-                       interval: float = 0.01, watch: Proc | None = None) -> DomainStats:
-        """Poll the domain's stats until ``pred(stats)``; the stats that satisfied it."""
-        deadline = time.monotonic() + timeout
-        while True:
-            st = await self.stats(domid)
-            if pred(st):
-                return st
-            if watch is not None and watch.proc.returncode is not None:
-                raise BenchError(f"{watch.name} exited ({watch.proc.returncode}) while waiting for {what}: "
-                                 f"{watch.stderr_tail()}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"{what}: not reached within {timeout:.0f} s (stats: "
-                                 f"resident={st.resident} paged={st.paged})")
-            await asyncio.sleep(interval)
-
-    def pagefile(self, domid: int) -> str:
-        return os.path.join(self.run_dir, f"dom{domid}.pagefile")
-
-    async def pager(self, domid: int, *extra: str, name: str = "pager") -> Proc:
-        """The real pager (``pager.xenpaging``) on ``domid``; returns once its ring is enabled."""
-        proc = await self.start(name, "daemon", pager_argv(self.run_dir, domid, self.pagefile(domid), *extra))
-        await self.wait_for(domid, lambda st: st.ring_owned("paging", proc.pid), "pager attach", timeout=20,
-                            watch=proc)
-        return proc
+    def started(self, role: str, child: Child) -> None:
+        self.placement.observed.setdefault(role, observed_affinity(child.pid))
 
 
 def lost_guest(st: DomainStats) -> int:

@@ -39,7 +39,7 @@ from hvemu.toolstack.bench.common import (
     open_window,
     rss_bytes,
 )
-from hvemu.toolstack.host import guest_argv
+from hvemu.toolstack.host import Child, guest_argv
 from pager.defaults import EVICT_BATCH, EVICT_POLICY
 
 
@@ -92,7 +92,7 @@ def _bench_guest_args(host: Host, mode: str, domid: int, *extra: str) -> list[st
     return ["-m", "hvemu.toolstack.bench.vcpus", mode, "--run-dir", host.run_dir, "--domid", str(domid), *extra]
 
 
-async def _finish_guest(host: Host, guest: Proc, pager: Proc | None) -> None:
+async def _finish_guest(host: Host, guest: Child, pager: Child | None) -> None:
     """Stop a lingering guest (its domain goes with it), then let the daemon leave on its own."""
     status = await host.stop_child(guest)
     if status not in (0, -signal.SIGTERM):
@@ -108,7 +108,7 @@ async def _finish_guest(host: Host, guest: Proc, pager: Proc | None) -> None:
 # --------------------------------------------------------------------------
 
 
-async def _line_unless_one_dies(guest: Proc, procs: list[Proc], timeout: float) -> dict[str, Any]:
+async def _line_unless_one_dies(guest: Child, procs: list[Child], timeout: float) -> dict[str, Any]:
     """The guest's next JSON line; a :class:`BenchError` at once if any relay process exits first.
 
     A relay whose hypervisor or daemon died would otherwise leave the guest
@@ -132,7 +132,7 @@ async def _line_unless_one_dies(guest: Proc, procs: list[Proc], timeout: float) 
 async def _relay_run(cfg: Config, placement: Placement, mode: str) -> dict[str, Any]:
     """One run of :mod:`hvemu.toolstack.bench.relay`: the guest's samples (ns) and each process's CPU per fault."""
     ch = relay.make_channels(mode)
-    procs: list[Proc] = []
+    procs: list[Child] = []
     warmup = max(50, cfg.relay_iterations // 20)
     try:
         try:
@@ -252,7 +252,7 @@ async def core_work(cfg: Config, placement: Placement, totals: Totals) -> dict[s
     return rep
 
 
-async def _first_faults(host: Host, domid: int, guest: Proc,
+async def _first_faults(host: Host, domid: int, guest: Child,
                         pids: dict[str, int]) -> tuple[int, dict[str, ProcTimes]]:
     """Wait for the guest's first faults; the hypervisor's fault count and every process's CPU then.
 
@@ -321,14 +321,14 @@ async def native_uffd(cfg: Config, placement: Placement, totals: Totals) -> dict
 # --------------------------------------------------------------------------
 
 
-async def _filled_guest(host: Host, domid: int, vcpus: int) -> Proc:
+async def _filled_guest(host: Host, domid: int, vcpus: int) -> Child:
     guest = await host.start(f"bench-guest-v{vcpus}", "guest",
                              _bench_guest_args(host, "pages", domid, "--vcpus", str(vcpus)), stdin=True)
     await guest.json_line(120)  # every page written (and resident)
     return guest
 
 
-async def _read_back(host: Host, domid: int, guest: Proc, totals: Totals, timeout: float) -> dict[str, Any]:
+async def _read_back(host: Host, domid: int, guest: Child, totals: Totals, timeout: float) -> dict[str, Any]:
     await guest.send("go")
     rep = await guest.json_line(timeout)
     st = await host.stats(domid)
@@ -386,7 +386,7 @@ async def ring_floor(cfg: Config, placement: Placement, totals: Totals) -> dict[
             "ring_size": rep["ring_size"]}
 
 
-async def _evict_once(host: Host, domid: int, pages: int, pager: Proc) -> tuple[float, float]:
+async def _evict_once(host: Host, domid: int, pages: int, pager: Child) -> tuple[float, float]:
     """One page-out of a full domain to nothing: pages per second under way, and from the target change.
 
     The second rate counts from the target change to the poll that saw the
