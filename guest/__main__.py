@@ -26,7 +26,7 @@ from guest.vcpu import Vcpu, VcpuReport
 from guest.workload import WorkloadConfig, accesses
 from hvemu import logs, protocol, readiness
 from hvemu.abi import Errno
-from hvemu.client import Connection, ControlError, SyncConnection, root_cause
+from hvemu.client import ControlClient, ControlError, SyncControlClient, root_cause
 from hvemu.histogram import Histogram
 from hvemu.names import PATTERNS
 
@@ -81,7 +81,7 @@ class HypervisorGone(ConnectionError):
     """The hypervisor closed the guest's connection (it stopped, or destroyed the domain)."""
 
 
-async def _lifeline(conn: Connection, domid: int) -> None:
+async def _lifeline(conn: ControlClient, domid: int) -> None:
     """Raise :class:`HypervisorGone` when the domain's connection ends.
 
     The guest's first connection is never used after its hello, so it
@@ -106,7 +106,7 @@ async def run_guest(args: argparse.Namespace, outcome: Outcome) -> GuestReport:
     balloon = list(range(welcome.gfns - args.balloon, welcome.gfns))
     usable = list(range(welcome.gfns - args.balloon))
     versions = [0] * welcome.gfns
-    conns: list[Connection] = []
+    conns: list[ControlClient] = []
     vcpus: list[Vcpu] = []
     assert memory.ioreq is not None
     try:
@@ -186,7 +186,7 @@ def _why_gone(args: argparse.Namespace, root: BaseException) -> tuple[str, int]:
     """
     lost = (f"lost the hypervisor ({root})", EXIT_LOST)
     try:
-        conn = SyncConnection.connect(protocol.socket_path(args.run_dir), timeout=10)
+        conn = SyncControlClient.connect(protocol.socket_path(args.run_dir), timeout=10)
     except OSError:
         return lost
     try:

@@ -25,7 +25,7 @@ from hvemu.abi import (
     RESULT_ERROR,
     RESULT_TRAP_INJECTED,
 )
-from hvemu.client import Connection, ControlError
+from hvemu.client import ControlClient, ControlError
 from hvemu.evtchn import EventChannel
 from hvemu.fdpass import close_fds
 
@@ -102,13 +102,13 @@ class ExitPort:
         self._view.release()
 
 
-async def connect_vcpu(path: str, domid: int, vcpu: int, ioreq: mmap.mmap) -> tuple[Connection, ExitPort]:
+async def connect_vcpu(path: str, domid: int, vcpu: int, ioreq: mmap.mmap) -> tuple[ControlClient, ExitPort]:
     """Say the vCPU's hello on a connection of its own and bind its exit port.
 
     The connection stays open for the vCPU's life: the hypervisor unbinds the
     vCPU's channel when it ends (it still takes hypercalls such as a balloon).
     """
-    conn = await Connection.connect(path)
+    conn = await ControlClient.connect(path)
     try:
         reply, fds = await conn.call(protocol.GuestHello(domid=domid, vcpu=vcpu))
         try:

@@ -21,7 +21,7 @@ import mmap
 import os
 
 from hvemu import abi, protocol
-from hvemu.client import Connection
+from hvemu.client import ControlClient
 from hvemu.ring import mb
 
 PAGE = abi.PAGE_SIZE
@@ -104,13 +104,13 @@ class GuestMemory:
             m.close()
 
 
-async def open_guest(path: str, domid: int) -> tuple[Connection, GuestMemory, protocol.Welcome]:
+async def open_guest(path: str, domid: int) -> tuple[ControlClient, GuestMemory, protocol.Welcome]:
     """Connect as ``domid``'s guest and map what the hypervisor hands over (memory, p2m, in-flight table,
     the exit page).
 
     The returned connection is the domain's lifeline: the domain lives as long as it stays open.
     """
-    conn = await Connection.connect(path)
+    conn = await ControlClient.connect(path)
     reply, fds = await conn.call(protocol.GuestHello(domid=domid))
     assert isinstance(reply, protocol.Welcome)
     named = dict(zip(reply.fds, fds, strict=True))

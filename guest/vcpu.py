@@ -19,7 +19,7 @@ from guest.exits import ExitPort
 from guest.memory import GuestMemory
 from guest.stamp import StampError, make_page, verify_page
 from hvemu import abi, protocol
-from hvemu.client import Connection
+from hvemu.client import ControlClient
 from hvemu.histogram import Histogram
 
 #: Accesses between voluntary yields, so that vCPUs that never fault still
@@ -46,7 +46,7 @@ class VcpuReport(msgspec.Struct):
 
 
 class Vcpu:
-    def __init__(self, vcpu_id: int, memory: GuestMemory, versions: list[int], conn: Connection,
+    def __init__(self, vcpu_id: int, memory: GuestMemory, versions: list[int], conn: ControlClient,
                  port: ExitPort) -> None:
         self.vcpu_id = vcpu_id
         self.mem = memory

@@ -8,8 +8,9 @@ ring in :mod:`hvemu.ring` is shown to work with a second ABI.
 Everything here is plain data and pure functions: the guest, the pager and any
 third-party daemon may import it freely.
 
-Why one module of ~600 lines: it is the ABI, every byte offset and number the processes and
-the C header share, and one place for each of them is the point (the layout tests read it whole).
+Why one module of ~850 lines: it is the ABI, every byte offset and number the processes and
+the C headers share (the three ring entries among them), and one place for each of them is the
+point (the layout tests read it whole).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Clients of the control socket: :class:`Connection` (asyncio) and :class:`SyncConnection` (blocking).
+"""Clients of the control socket: :class:`ControlClient` (asyncio) and :class:`SyncControlClient` (blocking).
 
 A client sends one request and gets its one reply, ``(reply, fds)``; an
 :class:`~hvemu.protocol.Error` reply is raised as :class:`ControlError` (the
@@ -79,7 +79,7 @@ def _broken(request: Msg, exc: OSError | ProtocolError) -> BaseException:
     return err
 
 
-class Connection:
+class ControlClient:
     """An async request/reply connection to a :class:`ControlServer`.
 
     ``await conn.call(msg)`` sends one request and returns ``(reply, fds)``;
@@ -96,7 +96,7 @@ class Connection:
         self._stale = 0
 
     @classmethod
-    async def connect(cls, path: str, *, max_fds: int = MAX_FDS, max_frame: int = MAX_FRAME) -> Connection:
+    async def connect(cls, path: str, *, max_fds: int = MAX_FDS, max_frame: int = MAX_FRAME) -> ControlClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
@@ -159,7 +159,7 @@ class Connection:
                 log.debug("hanging up with %d replies unread", frames)
             await self._stream.hang_up(timeout)
 
-    async def __aenter__(self) -> Connection:
+    async def __aenter__(self) -> ControlClient:
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
@@ -167,8 +167,8 @@ class Connection:
         await self.close()
 
 
-class SyncConnection:
-    """The blocking twin of :class:`Connection`, for simple tools and tests."""
+class SyncControlClient:
+    """The blocking twin of :class:`ControlClient`, for simple tools and tests."""
 
     def __init__(self, sock: socket.socket, *, timeout: float | None = None, max_fds: int = MAX_FDS,
                  max_frame: int = MAX_FRAME) -> None:
@@ -182,7 +182,7 @@ class SyncConnection:
 
     @classmethod
     def connect(cls, path: str, *, timeout: float | None = None, max_fds: int = MAX_FDS,
-                max_frame: int = MAX_FRAME) -> SyncConnection:
+                max_frame: int = MAX_FRAME) -> SyncControlClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
@@ -209,7 +209,7 @@ class SyncConnection:
         return self._frames.popleft()
 
     def call(self, msg: Msg, fds: Sequence[int] = ()) -> tuple[Msg, list[int]]:
-        """Send ``msg``, wait for its reply; like :meth:`Connection.call`.
+        """Send ``msg``, wait for its reply; like :meth:`ControlClient.call`.
 
         A timeout after the request went out leaves the connection usable (the
         late reply is skipped); any other transport failure closes it.
@@ -248,7 +248,7 @@ class SyncConnection:
             self._frames.clear()
             sock.close()
 
-    def __enter__(self) -> SyncConnection:
+    def __enter__(self) -> SyncControlClient:
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,

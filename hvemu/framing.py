@@ -9,7 +9,7 @@ the end of a message that carried fds, so the frame a batch of fds belongs to
 is the last frame that starts in the chunk they arrived with.
 :class:`FrameAssembler` does that bookkeeping: it is fed what each
 ``recvmsg`` returned and gives back :class:`Frame` s, and reads or waits for
-nothing (:mod:`hvemu.stream` is its asyncio driver, :class:`hvemu.client.SyncConnection`
+nothing (:mod:`hvemu.stream` is its asyncio driver, :class:`hvemu.client.SyncControlClient`
 its blocking one).  A reply that carries fds names them in its ``fds:
 list[str]`` field; :func:`check_fd_count` holds it to that.
 """

@@ -134,7 +134,7 @@ Outbox = list[tuple[int, XsMsg]]
 class XenStore:
     """The tree (path -> value) and the watches (connection, path, token), with no I/O.
 
-    Connection ids are the caller's; id 0 is the hypervisor itself (it never
+    ControlClient ids are the caller's; id 0 is the hypervisor itself (it never
     receives anything).  Relative paths are relative to ``/local/domain/0``,
     the toolstack's domain, as xenstored resolves them for dom0's tools.
     """

@@ -62,7 +62,7 @@ from typing import NamedTuple
 
 from hvemu import abi, logs, protocol, readiness
 from hvemu.abi import Errno, MemEventReason, P2MAccess, RingKind
-from hvemu.client import Connection, ControlError, root_cause
+from hvemu.client import ControlClient, ControlError, root_cause
 from hvemu.fdpass import TransportError
 from pager.sdk import DomainGone, Domctl, SdkError, pages_out
 
@@ -399,7 +399,7 @@ class Attach:
         self.run_dir: str = args.run_dir or protocol.default_run_dir()
         self.socket_path = protocol.socket_path(self.run_dir)
         self.ring = RingKind(args.ring)
-        self.conn: Connection | None = None
+        self.conn: ControlClient | None = None
         self.child: subprocess.Popen[bytes] | None = None
         self.ring_view: memoryview | None = None
         self._ring_map: mmap.mmap | None = None
@@ -424,7 +424,7 @@ class Attach:
         return (view[abi.REQ_PROD_WORD] - view[abi.RSP_PROD_WORD]) & abi.RING_IDX_MASK
 
     async def _enable(self) -> tuple[protocol.MemEventEnabled, dict[str, int]]:
-        self.conn = await Connection.connect(self.socket_path)
+        self.conn = await ControlClient.connect(self.socket_path)
         await self.conn.call(protocol.ToolHello(client=f"attach:{self.ring}"))
         reply, fds = await self.conn.call(protocol.MemEventEnable(domid=self.args.domid, ring=self.ring))
         if not isinstance(reply, protocol.MemEventEnabled) or len(reply.fds) != len(fds):

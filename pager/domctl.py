@@ -17,7 +17,7 @@ import msgspec
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno, MemEventReason, RingKind
-from hvemu.client import Connection, ControlError
+from hvemu.client import ControlClient, ControlError
 from hvemu.fdpass import TransportError
 
 
@@ -68,7 +68,7 @@ class Domctl:
     that slow background work (eviction) never delays page-ins.
     """
 
-    def __init__(self, domid: int, conn: Connection | None = None) -> None:
+    def __init__(self, domid: int, conn: ControlClient | None = None) -> None:
         self.domid = domid
         self._conn = conn
         #: Set once a call found the domain gone (:class:`DomainGone`): nothing more to do for it.
@@ -77,7 +77,7 @@ class Domctl:
     @classmethod
     async def open(cls, domid: int, socket_path: str) -> Domctl:
         """A connection of its own (a tool connection: it owns no ring); :meth:`close` it."""
-        conn = await Connection.connect(socket_path)
+        conn = await ControlClient.connect(socket_path)
         try:
             await conn.call(protocol.ToolHello(client="sdk:domctl"))
         except BaseException:
@@ -85,7 +85,7 @@ class Domctl:
             raise
         return cls(domid, conn)
 
-    def use(self, conn: Connection | None) -> None:
+    def use(self, conn: ControlClient | None) -> None:
         """Issue the domctls on ``conn`` from now on (None: none; a :class:`~pager.sdk.MemEventClient`
         attaching and detaching).  The connection stays its owner's to close."""
         self._conn = conn
@@ -97,7 +97,7 @@ class Domctl:
             self._conn = None
 
     # --------------------------------------------------------------- domctls
-    def _connection(self) -> Connection:
+    def _connection(self) -> ControlClient:
         if self._conn is None:
             raise StateError("not connected")
         return self._conn

@@ -36,7 +36,7 @@ from types import TracebackType
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno, MemEvent, MemEventFlag, MemEventReason, MemEventType, RingKind
-from hvemu.client import Connection, ControlError
+from hvemu.client import ControlClient, ControlError
 from hvemu.evtchn import EventChannel
 from hvemu.ring import BackRing, RingCorruptError, SharedRing
 from pager.domctl import (
@@ -156,7 +156,7 @@ class MemEventClient:
         self.domid = domid
         #: The domain's domctls on the connection that owns the ring (not connected outside an attachment).
         self.domctl = Domctl(domid)
-        self._conn: Connection | None = None
+        self._conn: ControlClient | None = None
         self._gone = False
         self.ring_kind = RingKind(ring)
         self.socket_path = protocol.socket_path(run_dir)
@@ -205,7 +205,7 @@ class MemEventClient:
         self.state = RunState.ATTACHING
         fds: list[int] = []
         try:
-            self._conn = await Connection.connect(self.socket_path)
+            self._conn = await ControlClient.connect(self.socket_path)
             self.domctl.use(self._conn)
             await self._conn.call(protocol.ToolHello(client=f"sdk:{self.ring_kind}"))
             reply, fds = await self._conn.call(protocol.MemEventEnable(domid=self.domid, ring=self.ring_kind))
@@ -365,7 +365,7 @@ class MemEventClient:
             self.gone = True
             raise DomainGone(f"dom{self.domid} {self.ring_kind} ring: the hypervisor closed it", Errno.ESRCH)
 
-    def _running(self) -> tuple[BackRing[MemEvent], EventChannel, Connection]:
+    def _running(self) -> tuple[BackRing[MemEvent], EventChannel, ControlClient]:
         if self.state is not RunState.RUNNING or self.back is None or self._evtchn is None or self._conn is None:
             raise StateError(f"not attached (state {self.state.value})")
         return self.back, self._evtchn, self._conn

@@ -132,10 +132,10 @@ async def _live_handles(client: MemEventClient) -> set[str]:
 
 async def _hypervisor_alive(socket_path: str) -> bool:
     """Does anything still answer on the control socket?"""
-    from hvemu.client import Connection
+    from hvemu.client import ControlClient
 
     try:
-        conn = await asyncio.wait_for(Connection.connect(socket_path), 2)
+        conn = await asyncio.wait_for(ControlClient.connect(socket_path), 2)
     except (OSError, TimeoutError):
         return False
     try:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import IO, Any, Self
 
 from hvemu import protocol
-from hvemu.client import Connection
+from hvemu.client import ControlClient
 from hvemu.procs import ReadyPipe, child_setup, stop_process
 from hvemu.stats import DomainStats
 
@@ -195,7 +195,7 @@ class Host:
         self.ready_timeout = ready_timeout
         self.run_dir = ""
         self.hv: Child | None = None
-        self.tool: Connection | None = None
+        self.tool: ControlClient | None = None
         self.children: list[Child] = []
 
     @property
@@ -235,7 +235,7 @@ class Host:
                     status = await self.hv.stop(timeout=5)
                     raise ChildError(f"the hypervisor did not listen within {self.ready_timeout:.0f} s "
                                      f"(status {status}): {self.hv.stderr_tail()}")
-            self.tool = await Connection.connect(self.socket)
+            self.tool = await ControlClient.connect(self.socket)
             await self.tool.call(protocol.ToolHello(client=self.client))
         except BaseException:
             await self.close()

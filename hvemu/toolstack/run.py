@@ -30,7 +30,7 @@ import uvloop
 
 import hvemu
 from hvemu import abi, protocol
-from hvemu.client import Connection, ControlError
+from hvemu.client import ControlClient, ControlError
 from hvemu.stats import DomainStats
 from hvemu.toolstack.host import Child, Host, guest_argv, pager_argv
 from hvemu.toolstack.run_options import (
@@ -49,7 +49,7 @@ from hvemu.toolstack.run_summary import DomainResult, Summary, _print_summary, p
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-async def _wait_ring(tool: Connection, domid: int, pager: Child, timeout: float = 10.0) -> None:
+async def _wait_ring(tool: ControlClient, domid: int, pager: Child, timeout: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while loop.time() < end:
@@ -61,7 +61,7 @@ async def _wait_ring(tool: Connection, domid: int, pager: Child, timeout: float 
     raise RuntimeError(f"pager of domain {domid} did not attach within {timeout} s")
 
 
-async def _stats(tool: Connection, domid: int) -> DomainStats:
+async def _stats(tool: ControlClient, domid: int) -> DomainStats:
     reply, _ = await tool.call(protocol.Stats(domid=domid))
     assert isinstance(reply, protocol.StatsReply)
     return reply.stats
@@ -240,7 +240,7 @@ class Run:
         return self.host.hv
 
     @property
-    def tool(self) -> Connection | None:
+    def tool(self) -> ControlClient | None:
         return self.host.tool
 
     async def close(self) -> None:

@@ -42,7 +42,7 @@ import uvloop
 
 from hvemu import abi, names, protocol
 from hvemu.abi import Errno
-from hvemu.client import Connection, ControlError, root_cause
+from hvemu.client import ControlClient, ControlError, root_cause
 from hvemu.procs import status_bytes
 from hvemu.stats import DomainStats
 from hvemu.toolstack.host import Child, Host, guest_argv, pager_argv
@@ -54,19 +54,19 @@ assert set(PATTERNS) == set(names.PATTERNS)
 BAD_LOG = ("crashed", "response rejected", "Traceback", "handler failed")
 
 
-async def _tool(path: str) -> Connection:
-    conn = await Connection.connect(path)
+async def _tool(path: str) -> ControlClient:
+    conn = await ControlClient.connect(path)
     await conn.call(protocol.ToolHello(client="soak"))
     return conn
 
 
-async def _stats(conn: Connection, domid: int) -> DomainStats:
+async def _stats(conn: ControlClient, domid: int) -> DomainStats:
     reply, _ = await conn.call(protocol.Stats(domid=domid))
     assert isinstance(reply, protocol.StatsReply)
     return reply.stats
 
 
-async def _wait_attached(conn: Connection, domid: int, pager: Child, timeout: float = 20.0) -> None:
+async def _wait_attached(conn: ControlClient, domid: int, pager: Child, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pager.proc.returncode is not None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hvemu import abi, protocol, readiness
-from hvemu.client import Connection, ControlError
+from hvemu.client import ControlClient, ControlError
 from hvemu.stats import DomainStats
 from hvemu.toolstack.sizes import mib_text
 
@@ -220,7 +220,7 @@ def as_json_line(infos: list[DomainStats], now: float, before: dict[int, DomainS
                        "rings": ring_rows(infos, before, dt)})
 
 
-async def snapshot(conn: Connection) -> tuple[protocol.HostInfoReply, list[DomainStats]]:
+async def snapshot(conn: ControlClient) -> tuple[protocol.HostInfoReply, list[DomainStats]]:
     """The host and every domain's counters, now; :class:`HypervisorGone` if it went away."""
     try:
         host, _ = await conn.call(protocol.HostInfo())
@@ -280,7 +280,7 @@ def _keys(quit_: asyncio.Event) -> Iterator[None]:
 async def run_top(run_dir: str | None, *, interval: float = 1.0, iterations: int = 0,
                   as_json: bool = False, batch: bool = False) -> None:
     """Refresh every ``interval`` s, ``iterations`` times (0: until ``q`` or Ctrl-C)."""
-    conn = await Connection.connect(protocol.socket_path(run_dir))
+    conn = await ControlClient.connect(protocol.socket_path(run_dir))
     terminal = sys.stdout.isatty() and not batch and not as_json
     quit_ = asyncio.Event()
     try:

@@ -24,7 +24,7 @@ import subprocess
 
 from hvemu import protocol
 from hvemu.abi import RingKind
-from hvemu.client import SyncConnection
+from hvemu.client import SyncControlClient
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--how", choices=["evtchn", "child"], required=True)
     p.add_argument("--ring", choices=[k.value for k in RingKind], default="paging")
     a = p.parse_args()
-    conn = SyncConnection.connect(protocol.socket_path(a.run_dir), timeout=10)
+    conn = SyncControlClient.connect(protocol.socket_path(a.run_dir), timeout=10)
     conn.call(protocol.ToolHello(client="hangup-daemon"))
     reply, fds = conn.call(protocol.MemEventEnable(domid=a.domid, ring=RingKind(a.ring)))
     assert isinstance(reply, protocol.MemEventEnabled)

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from hvemu import protocol
-from hvemu.client import Connection
+from hvemu.client import ControlClient
 from hvemu.procs import ReadyPipe, die_with_parent
 from hvemu.toolstack.host import guest_argv, hypervisor_argv, pager_argv
 
@@ -122,8 +122,8 @@ class Hypervisor:
     def stop(self) -> int:
         return self.proc.stop()
 
-    async def tool(self) -> Connection:
-        conn = await Connection.connect(self.socket)
+    async def tool(self) -> ControlClient:
+        conn = await ControlClient.connect(self.socket)
         await conn.call(protocol.ToolHello(client="test"))
         return conn
 
@@ -146,7 +146,7 @@ class Hypervisor:
         return Proc(*guest_argv(self.run_dir, domid, *extra))
 
 
-async def stats(conn: Connection, domid: int) -> dict[str, Any]:
+async def stats(conn: ControlClient, domid: int) -> dict[str, Any]:
     """A domain's stats as plain data (the SDK's ``stats()`` form), for tests that index them."""
     reply, _ = await conn.call(protocol.Stats(domid=domid))
     assert isinstance(reply, protocol.StatsReply)
@@ -164,6 +164,6 @@ async def wait_until(pred: Any, timeout: float = 10.0, interval: float = 0.05) -
         await asyncio.sleep(interval)
 
 
-async def ring_enabled(conn: Connection, domid: int, ring: str = "paging") -> bool:
+async def ring_enabled(conn: ControlClient, domid: int, ring: str = "paging") -> bool:
     info = (await stats(conn, domid)).get(ring, {})
     return isinstance(info, dict) and bool(info.get("enabled"))

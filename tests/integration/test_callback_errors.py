@@ -25,7 +25,7 @@ import pytest
 from guest.exits import connect_vcpu
 from hvemu import abi, protocol
 from hvemu.abi import Errno
-from hvemu.client import Connection, ControlError
+from hvemu.client import ControlClient, ControlError
 from hvemu.hypervisor.backend import DomainBackend, Exit
 from hvemu.hypervisor.daemon import HypervisorDaemon
 
@@ -35,11 +35,11 @@ class Bug(Exception):
 
 
 class Host:
-    def __init__(self, daemon: HypervisorDaemon, task: asyncio.Task[None], tool: Connection) -> None:
+    def __init__(self, daemon: HypervisorDaemon, task: asyncio.Task[None], tool: ControlClient) -> None:
         self.daemon = daemon
         self.task = task
         self.tool = tool
-        self.closing: list[Connection] = [tool]
+        self.closing: list[ControlClient] = [tool]
         self.maps: list[mmap.mmap] = []
 
     async def domain(self, vcpus: int = 1, gfns: int = 16) -> int:
@@ -49,7 +49,7 @@ class Host:
 
     async def guest_exit(self, domid: int) -> None:
         """Connect a guest and its vCPU 0 and make one access exit (raises what the exit was answered)."""
-        conn = await Connection.connect(self.daemon.socket_path)
+        conn = await ControlClient.connect(self.daemon.socket_path)
         self.closing.append(conn)
         reply, fds = await conn.call(protocol.GuestHello(domid=domid))
         assert isinstance(reply, protocol.Welcome)
@@ -82,7 +82,7 @@ async def host() -> AsyncIterator[Host]:
     h: Host | None = None
     try:
         await asyncio.wait_for(started.wait(), 10)
-        tool = await Connection.connect(daemon.socket_path)
+        tool = await ControlClient.connect(daemon.socket_path)
         await tool.call(protocol.ToolHello())
         h = Host(daemon, task, tool)
         yield h

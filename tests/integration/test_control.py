@@ -30,7 +30,7 @@ import pytest
 
 from hvemu import protocol
 from hvemu.abi import Errno
-from hvemu.client import Connection, ControlError, SyncConnection
+from hvemu.client import ControlClient, ControlError, SyncControlClient
 from hvemu.fdpass import TruncatedControlData, sendmsg_fds
 from hvemu.protocol import MAX_FRAME, FrameDecoder
 
@@ -62,7 +62,7 @@ class ServerProc:
             return f.read().decode(errors="replace")
 
     def stats(self) -> dict[str, Any]:
-        with SyncConnection.connect(self.path, timeout=5) as conn:
+        with SyncControlClient.connect(self.path, timeout=5) as conn:
             reply, _ = conn.call(protocol.Stats(domid=0))
         assert isinstance(reply, protocol.StatsReply)
         figures: dict[str, Any] = json.loads(reply.stats.name)  # the toy's figures (control_server.py)
@@ -113,7 +113,7 @@ def server(server_proc: ServerProc) -> Iterator[ServerProc]:
     assert server_proc.proc.poll() is None, server_proc.log()
     yield server_proc
     assert server_proc.proc.poll() is None, f"the server died\n{server_proc.log()}"
-    with SyncConnection.connect(server_proc.path, timeout=5) as conn:
+    with SyncControlClient.connect(server_proc.path, timeout=5) as conn:
         reply, fds = conn.call(protocol.DomainList())
     assert isinstance(reply, protocol.DomainListReply) and len(reply.domains) == 2 and fds == []
 
@@ -180,7 +180,7 @@ def wait_for(pred: Any, timeout: float = 5.0) -> None:
 
 
 def test_request_reply_sync(server: ServerProc) -> None:
-    with SyncConnection.connect(server.path, timeout=5) as conn:
+    with SyncControlClient.connect(server.path, timeout=5) as conn:
         reply, fds = conn.call(protocol.DomainList())
         assert isinstance(reply, protocol.DomainListReply) and fds == []
         assert [d.name for d in reply.domains] == ["alpha", "beta"]
@@ -193,7 +193,7 @@ def test_request_reply_sync(server: ServerProc) -> None:
 
 
 async def test_fd_passed_in_a_reply(server: ServerProc) -> None:
-    async with await Connection.connect(server.path) as conn:
+    async with await ControlClient.connect(server.path) as conn:
         reply, fds = await conn.call(protocol.ToolHello(client="pytest"))
         try:
             assert reply == protocol.Welcome(role="tool", fds=["memfd"])
@@ -206,7 +206,7 @@ async def test_fd_passed_in_a_reply(server: ServerProc) -> None:
 
 
 async def test_handler_errors_are_error_replies(server: ServerProc) -> None:
-    async with await Connection.connect(server.path) as conn:
+    async with await ControlClient.connect(server.path) as conn:
         cases = [
             (protocol.DomainDestroy(domid=0), Errno.EINVAL, "cannot be destroyed"),
             (protocol.DomainDestroy(domid=1), Errno.ESRCH, "no domain 1"),
@@ -222,7 +222,7 @@ async def test_handler_errors_are_error_replies(server: ServerProc) -> None:
 
 async def test_client_allowing_too_few_fds_detects_truncation(server: ServerProc) -> None:
     before = set(os.listdir("/proc/self/fd"))
-    async with await Connection.connect(server.path, max_fds=0) as conn:
+    async with await ControlClient.connect(server.path, max_fds=0) as conn:
         with pytest.raises(TruncatedControlData) as info:
             await conn.call(protocol.ToolHello(client="x"))
         assert isinstance(info.value.reply, protocol.Welcome)
@@ -231,7 +231,7 @@ async def test_client_allowing_too_few_fds_detects_truncation(server: ServerProc
 
 
 async def test_slow_request_does_not_block_other_clients(server: ServerProc) -> None:
-    async with await Connection.connect(server.path) as slow, await Connection.connect(server.path) as fast:
+    async with await ControlClient.connect(server.path) as slow, await ControlClient.connect(server.path) as fast:
         pending = asyncio.create_task(slow.call(protocol.DomainCreate(max_vcpus=2000, gfns=1)))
         await asyncio.sleep(0.05)
         for _ in range(20):
@@ -243,7 +243,7 @@ async def test_slow_request_does_not_block_other_clients(server: ServerProc) -> 
 
 async def test_many_concurrent_clients(server: ServerProc) -> None:
     async def client(i: int) -> int:
-        async with await Connection.connect(server.path) as conn:
+        async with await ControlClient.connect(server.path) as conn:
             for _ in range(10):
                 reply, _ = await conn.call(protocol.DomainCreate(max_vcpus=i % 3, gfns=1))
                 assert reply == protocol.DomainCreated(domid=i % 3)
@@ -384,7 +384,7 @@ def test_client_not_reading_its_replies(server: ServerProc) -> None:
                 data = data[r.sock.send(data):]
         except BlockingIOError:
             pass
-        with SyncConnection.connect(server.path, timeout=5) as other:
+        with SyncControlClient.connect(server.path, timeout=5) as other:
             assert isinstance(other.call(protocol.DomainList())[0], protocol.DomainListReply)
     finally:
         r.close()
@@ -425,7 +425,7 @@ def test_no_fd_leak_in_the_server(server: ServerProc) -> None:
 async def test_sigterm_with_busy_clients_stops_cleanly() -> None:
     srv = ServerProc()
     try:
-        conns = [await Connection.connect(srv.path) for _ in range(3)]
+        conns = [await ControlClient.connect(srv.path) for _ in range(3)]
         calls = [asyncio.create_task(c.call(protocol.DomainCreate(max_vcpus=60_000, gfns=1))) for c in conns]
         await asyncio.sleep(0.1)
         t0 = time.monotonic()

@@ -14,16 +14,16 @@ import tempfile
 import pytest
 
 from hvemu import protocol
-from hvemu.client import Connection
+from hvemu.client import ControlClient
 from hvemu.hypervisor.daemon import HypervisorDaemon
 
 
-async def _domain_with_guest(daemon: HypervisorDaemon) -> tuple[int, Connection, Connection]:
-    tool = await Connection.connect(daemon.socket_path)
+async def _domain_with_guest(daemon: HypervisorDaemon) -> tuple[int, ControlClient, ControlClient]:
+    tool = await ControlClient.connect(daemon.socket_path)
     await tool.call(protocol.ToolHello())
     reply, _ = await tool.call(protocol.DomainCreate(max_vcpus=1, gfns=16))
     assert isinstance(reply, protocol.DomainCreated)
-    guest = await Connection.connect(daemon.socket_path)
+    guest = await ControlClient.connect(daemon.socket_path)
     _, fds = await guest.call(protocol.GuestHello(domid=reply.domid))
     for fd in fds:
         os.close(fd)
@@ -38,7 +38,7 @@ async def test_an_undrained_crash_still_hangs_up_on_the_guest(net: bool) -> None
         daemon.hv.on_effects = None  # what the driver was before: each path had to drain by hand
     started = asyncio.Event()
     task = asyncio.create_task(daemon.serve(started.set))
-    conns: list[Connection] = []
+    conns: list[ControlClient] = []
     try:
         await asyncio.wait_for(started.wait(), 10)
         domid, tool, guest = await _domain_with_guest(daemon)

@@ -19,19 +19,19 @@ from typing import cast
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno, MemEvent, RingKind
-from hvemu.client import Connection
+from hvemu.client import ControlClient
 from pager.sdk import MemEventClient, RequestBatch, response_for
 from tests.integration.system import Hypervisor, stats
 
 PAGE = b"\x5a" * abi.PAGE_SIZE
 
 
-async def _guest(hv: Hypervisor, domid: int) -> tuple[Connection, Connection]:
-    main = await Connection.connect(hv.socket)
+async def _guest(hv: Hypervisor, domid: int) -> tuple[ControlClient, ControlClient]:
+    main = await ControlClient.connect(hv.socket)
     _, fds = await main.call(protocol.GuestHello(domid=domid))
     for fd in fds:
         os.close(fd)
-    vcpu = await Connection.connect(hv.socket)
+    vcpu = await ControlClient.connect(hv.socket)
     await vcpu.call(protocol.GuestHello(domid=domid, vcpu=0))
     return main, vcpu
 

@@ -39,7 +39,7 @@ import pytest
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno
-from hvemu.client import Connection, ControlError
+from hvemu.client import ControlClient, ControlError
 from hvemu.hypervisor.server import MAX_BUFFERED
 from hvemu.procs import status_bytes
 from hvemu.protocol import MAX_FRAME, FrameDecoder
@@ -192,7 +192,7 @@ class Sandbox:
         self.domid = -1
         self.guest: Raw | None = None
 
-    async def ensure(self, tool: Connection) -> None:
+    async def ensure(self, tool: ControlClient) -> None:
         if self.guest is not None:
             try:
                 reply, _ = await tool.call(protocol.Stats(domid=self.domid))
@@ -345,7 +345,7 @@ async def byte_level(hv: Hypervisor, rng: random.Random) -> dict[str, int]:
     return seen
 
 
-async def role_checks(hv: Hypervisor, tool: Connection) -> None:
+async def role_checks(hv: Hypervisor, tool: ControlClient) -> None:
     """No role, a guest of another domain, a second daemon: refused, and the owners go on."""
     raw = await Raw.open(hv.socket)
     # No role yet: everything but a hello is EPERM.
@@ -360,8 +360,8 @@ async def role_checks(hv: Hypervisor, tool: Connection) -> None:
     reply, _ = await tool.call(protocol.DomainCreate(max_vcpus=2, gfns=32, name="decoy"))
     assert isinstance(reply, protocol.DomainCreated)
     domid = reply.domid
-    owner = await Connection.connect(hv.socket)
-    vcpu0 = await Connection.connect(hv.socket)
+    owner = await ControlClient.connect(hv.socket)
+    vcpu0 = await ControlClient.connect(hv.socket)
     daemon = await hv.tool()
     other = await hv.tool()
     fds: list[int] = []
@@ -401,7 +401,7 @@ async def role_checks(hv: Hypervisor, tool: Connection) -> None:
             await c.close()
 
 
-async def trace_paths(tool: Connection, scratch: str) -> None:
+async def trace_paths(tool: ControlClient, scratch: str) -> None:
     """A tool names a file and the hypervisor writes it: only a new one, never through a link."""
     existing = os.path.join(scratch, "existing")
     with open(existing, "wb") as f:
@@ -419,7 +419,7 @@ async def trace_paths(tool: Connection, scratch: str) -> None:
     assert os.stat(fresh).st_mode & 0o077 == 0
 
 
-async def random_traffic(hv: Hypervisor, rng: random.Random, cases: int, tool: Connection,
+async def random_traffic(hv: Hypervisor, rng: random.Random, cases: int, tool: ControlClient,
                          scratch: str, trend: Trend) -> dict[str, int]:
     sandbox = Sandbox(hv)
     gen = Gen(rng, [], scratch)

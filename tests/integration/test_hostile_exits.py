@@ -38,7 +38,7 @@ import pytest
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno, MemEvent, RingKind
-from hvemu.client import Connection, ControlError
+from hvemu.client import ControlClient, ControlError
 from hvemu.evtchn import EventChannel
 from pager.sdk import MemEventClient
 from tests.integration.hostile import FUZZ_CASES_ENV, Bystander, env_count, env_seed, open_fds, wait_proc
@@ -77,14 +77,14 @@ class HostileGuest:
     def __init__(self, hv: Hypervisor, domid: int) -> None:
         self.hv = hv
         self.domid = domid
-        self.main: Connection | None = None
+        self.main: ControlClient | None = None
         self.page: mmap.mmap | None = None
         self.states: memoryview | None = None
-        self.conns: dict[int, Connection] = {}
+        self.conns: dict[int, ControlClient] = {}
         self.chans: dict[int, EventChannel] = {}
 
     async def open(self) -> None:
-        self.main = await Connection.connect(self.hv.socket)
+        self.main = await ControlClient.connect(self.hv.socket)
         reply, fds = await self.main.call(protocol.GuestHello(domid=self.domid))
         assert isinstance(reply, protocol.Welcome)
         named = dict(zip(reply.fds, fds, strict=True))
@@ -101,7 +101,7 @@ class HostileGuest:
         """A vCPU hello (retried while the hypervisor has not yet seen the vCPU's last connection end)."""
         deadline = time.monotonic() + 10
         while True:
-            conn = await Connection.connect(self.hv.socket)
+            conn = await ControlClient.connect(self.hv.socket)
             try:
                 reply, fds = await conn.call(protocol.GuestHello(domid=self.domid, vcpu=vcpu))
                 break

@@ -61,7 +61,7 @@ import pytest
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno, MemEvent, MemEventCodec, MemEventFlag, P2MType, RingKind
-from hvemu.client import Connection, ControlError
+from hvemu.client import ControlClient, ControlError
 from hvemu.evtchn import EventChannel
 from hvemu.ring import SharedRing
 from tests.integration.hostile import FUZZ_CASES_ENV, Bystander, Trend, env_count, env_seed, open_fds
@@ -116,10 +116,10 @@ class Victim:
         #: The ring under attack: paging (foreign and vCPU populates) or access (violations, traps).
         self.kind = kind
         self.domid = -1
-        self.tool: Connection | None = None
-        self.daemon: Connection | None = None
-        self.guest: Connection | None = None
-        self.vcpu_conns: list[Connection] = []
+        self.tool: ControlClient | None = None
+        self.daemon: ControlClient | None = None
+        self.guest: ControlClient | None = None
+        self.vcpu_conns: list[ControlClient] = []
         self.tasks: dict[int, asyncio.Task[object]] = {}
         self.event_pause = [0] * vcpus
         self.prepped: set[int] = set()
@@ -146,12 +146,12 @@ class Victim:
         reply, _ = await self.tool.call(protocol.DomainCreate(max_vcpus=self.vcpus, gfns=GFNS, name="victim"))
         assert isinstance(reply, protocol.DomainCreated)
         self.domid = reply.domid
-        self.guest = await Connection.connect(self.hv.socket)
+        self.guest = await ControlClient.connect(self.hv.socket)
         _, fds = await self.guest.call(protocol.GuestHello(domid=self.domid))
         for fd in fds:
             os.close(fd)
         for v in range(self.vcpus):
-            c = await Connection.connect(self.hv.socket)
+            c = await ControlClient.connect(self.hv.socket)
             self.vcpu_conns.append(c)
             await c.call(protocol.GuestHello(domid=self.domid, vcpu=v))
         await self.attach()

@@ -18,7 +18,7 @@ import pytest
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno, MemEventReason, P2MAccess, P2MType, RingKind
-from hvemu.client import Connection
+from hvemu.client import ControlClient
 from pager.sdk import AttachError, MemEventClient, response_for
 from tests.integration.system import ROOT, Hypervisor, Proc, ring_enabled, stats, wait_until
 
@@ -36,13 +36,13 @@ async def _domain(hv: Hypervisor, vcpus: int = 2, gfns: int = GFNS_8M, target: i
         await conn.close()
 
 
-async def _guest_conns(hv: Hypervisor, domid: int, vcpu: int) -> tuple[Connection, Connection]:
+async def _guest_conns(hv: Hypervisor, domid: int, vcpu: int) -> tuple[ControlClient, ControlClient]:
     """Be the guest of ``domid`` (its main connection) and one of its vCPUs."""
-    main = await Connection.connect(hv.socket)
+    main = await ControlClient.connect(hv.socket)
     _, fds = await main.call(protocol.GuestHello(domid=domid))
     for fd in fds:
         os.close(fd)
-    conn = await Connection.connect(hv.socket)
+    conn = await ControlClient.connect(hv.socket)
     await conn.call(protocol.GuestHello(domid=domid, vcpu=vcpu))
     return main, conn
 
@@ -176,8 +176,8 @@ async def test_access_listener_example(hypervisor: Hypervisor, tmp_path: Path) -
     listener = Proc("-m", "pager.examples.access_listener", "--run-dir", hypervisor.run_dir, "--domid", str(domid),
                     "--gfns", "0-127", "--access", "rx", "--cr3", "--int3", "--log", str(log))
     guest: Proc | None = None
-    vcpu1: Connection | None = None
-    tool: Connection | None = None
+    vcpu1: ControlClient | None = None
+    tool: ControlClient | None = None
     try:
         ready = listener.json_line(20)
         assert ready["ready"] and ready["restricted"] == 128, ready
@@ -188,7 +188,7 @@ async def test_access_listener_example(hypervisor: Hypervisor, tmp_path: Path) -
         assert report["integrity_failures"] == 0 and report["ok"], report
         assert report["vcpus"][0]["traps"] > 0, report
         # vCPU 1 is ours: a write with a guest linear address, and a breakpoint.
-        vcpu1 = await Connection.connect(hypervisor.socket)
+        vcpu1 = await ControlClient.connect(hypervisor.socket)
         await vcpu1.call(protocol.GuestHello(domid=domid, vcpu=1))
         tool = await hypervisor.tool()
         await tool.call(protocol.AccessSet(domid=domid, gfns=[300], access=int(P2MAccess.r)))
@@ -234,7 +234,7 @@ async def test_access_listener_as_xen_access_default_access_int3_reinjection_and
     listener = Proc("-m", "pager.examples.access_listener", "--run-dir", hypervisor.run_dir, "--domid", str(domid),
                     "--gfns", "all", "--access", "rx", "--int3", "--singlestep", "--log", str(log))
     guest: Proc | None = None
-    tool: Connection | None = None
+    tool: ControlClient | None = None
     try:
         ready = listener.json_line(20)
         assert ready["ready"] and ready["traps"] == ["INT3", "SINGLESTEP"], ready

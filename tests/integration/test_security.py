@@ -29,7 +29,7 @@ import pytest
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno
-from hvemu.client import Connection, ControlError
+from hvemu.client import ControlClient, ControlError
 from hvemu.hypervisor.daemon import HypervisorDaemon, prepare_run_dir
 from hvemu.hypervisor.server import ControlServer
 from tests.integration.hostile import fd_targets
@@ -43,20 +43,20 @@ def _mode(fd_or_path: int | str) -> int:
     return stat.S_IMODE(os.stat(fd_or_path).st_mode)
 
 
-async def _create(conn: Connection, vcpus: int = 2, gfns: int = 64) -> int:
+async def _create(conn: ControlClient, vcpus: int = 2, gfns: int = 64) -> int:
     reply, _ = await conn.call(protocol.DomainCreate(max_vcpus=vcpus, gfns=gfns))
     assert isinstance(reply, protocol.DomainCreated)
     return reply.domid
 
 
-async def _guest(hv: Hypervisor, domid: int, vcpu: int | None = None) -> tuple[Connection, dict[str, int]]:
-    conn = await Connection.connect(hv.socket)
+async def _guest(hv: Hypervisor, domid: int, vcpu: int | None = None) -> tuple[ControlClient, dict[str, int]]:
+    conn = await ControlClient.connect(hv.socket)
     reply, fds = await conn.call(protocol.GuestHello(domid=domid, vcpu=vcpu))
     assert isinstance(reply, protocol.Welcome)
     return conn, dict(zip(reply.fds, fds, strict=True))
 
 
-async def _enable(hv: Hypervisor, domid: int) -> tuple[Connection, protocol.MemEventEnabled, dict[str, int]]:
+async def _enable(hv: Hypervisor, domid: int) -> tuple[ControlClient, protocol.MemEventEnabled, dict[str, int]]:
     conn = await hv.tool()
     reply, fds = await conn.call(protocol.MemEventEnable(domid=domid, ring=abi.RingKind.paging))
     assert isinstance(reply, protocol.MemEventEnabled)
@@ -241,7 +241,7 @@ async def test_guest_reaches_only_its_own_domain(hypervisor: Hypervisor) -> None
     other = await _create(tool, vcpus=2, gfns=48)
     guest, gfds = await _guest(hypervisor, mine)
     other_guest, ofds = await _guest(hypervisor, other)
-    vcpu = await Connection.connect(hypervisor.socket)
+    vcpu = await ControlClient.connect(hypervisor.socket)
     try:
         assert os.fstat(gfds["memory"]).st_size == 32 * abi.PAGE_SIZE
         # The segments are distinct objects: what one guest writes the other never sees.
@@ -427,7 +427,7 @@ async def test_a_foreign_uid_is_refused_by_check_peer() -> None:
             assert isinstance(reply, protocol.Error) and reply.errno == Errno.EPERM
             assert str(NOBODY) in reply.message
             # Our own uid is let in by the same hook.
-            conn = await Connection.connect(path)
+            conn = await ControlClient.connect(path)
             r, _ = await conn.call(protocol.ToolHello())
             assert isinstance(r, protocol.Welcome)
             await conn.close()
@@ -453,7 +453,7 @@ async def test_the_hypervisor_refuses_a_peer_its_hook_rejects(tmp_path: object) 
     task = asyncio.create_task(daemon.serve(started.set))
     try:
         await asyncio.wait_for(started.wait(), 10)
-        conn = await Connection.connect(daemon.socket_path)
+        conn = await ControlClient.connect(daemon.socket_path)
         with pytest.raises(ControlError) as info:
             await conn.call(protocol.ToolHello())
         assert info.value.errno == Errno.EPERM
@@ -479,16 +479,16 @@ async def test_a_guest_pinning_a_page_in_flight_crashes_only_its_domain(monkeypa
     daemon = HypervisorDaemon(run, 256)
     started = asyncio.Event()
     task = asyncio.create_task(daemon.serve(started.set))
-    conns: list[Connection] = []
+    conns: list[ControlClient] = []
     fds: dict[str, int] = {}
     try:
         await asyncio.wait_for(started.wait(), 10)
-        tool = await Connection.connect(daemon.socket_path)
+        tool = await ControlClient.connect(daemon.socket_path)
         conns.append(tool)
         await tool.call(protocol.ToolHello())
         pinned = await _create(tool, vcpus=2, gfns=16)
         other = await _create(tool, vcpus=1, gfns=16)
-        guest = await Connection.connect(daemon.socket_path)
+        guest = await ControlClient.connect(daemon.socket_path)
         conns.append(guest)
         reply, got = await guest.call(protocol.GuestHello(domid=pinned))
         assert isinstance(reply, protocol.Welcome)

@@ -7,7 +7,7 @@ import signal
 import time
 
 from hvemu import protocol
-from hvemu.client import Connection
+from hvemu.client import ControlClient
 from tests.integration.system import Hypervisor, Proc, ring_enabled, stats, wait_until
 
 GFNS_8M = 2048
@@ -104,7 +104,7 @@ async def test_clean_pager_stop_pages_everything_in(hypervisor: Hypervisor, tmp_
         pager.stop()
 
 
-async def _guest_running(conn: Connection, domid: int) -> None:
+async def _guest_running(conn: ControlClient, domid: int) -> None:
     """Until the domain's guest has said hello (a fixed sleep is too short on a busy machine)."""
     async def connected() -> bool:
         return bool((await stats(conn, domid))["guest_connected"])

@@ -1,4 +1,5 @@
-"""The control transport in one process: fd passing, fd/frame association, FramedStream, Connection and ControlServer.
+"""The control transport in one process: fd passing, fd/frame association, FramedStream, ControlClient and
+ControlServer.
 
 The two-process versions are in ``tests/integration/test_control.py`` and
 ``test_evtchn.py``; these cover the corners that are easier to reach in-process
@@ -20,7 +21,7 @@ import pytest
 
 from hvemu import protocol
 from hvemu.abi import Errno
-from hvemu.client import Connection, ControlError, SyncConnection
+from hvemu.client import ControlClient, ControlError, SyncControlClient
 from hvemu.fdpass import (
     ConnectionClosed,
     FdLike,
@@ -291,7 +292,7 @@ def test_control_error_text() -> None:
 
 
 # --------------------------------------------------------------------------
-# ControlServer + Connection, in-process
+# ControlServer + ControlClient, in-process
 # --------------------------------------------------------------------------
 
 
@@ -368,7 +369,7 @@ async def served(sock_dir: str) -> AsyncIterator[tuple[ControlServer, Toy]]:
 
 async def test_request_reply_and_fds(served: tuple[ControlServer, Toy]) -> None:
     server, _ = served
-    async with await Connection.connect(server.path) as conn:
+    async with await ControlClient.connect(server.path) as conn:
         assert await conn.call(protocol.DomainList()) == (protocol.DomainListReply(domains=[]), [])
         reply, fds = await conn.call(protocol.ToolHello(client="pager"))
         assert reply == protocol.Welcome(role="tool", fds=["pipe"])
@@ -381,7 +382,7 @@ async def test_request_reply_and_fds(served: tuple[ControlServer, Toy]) -> None:
 
 async def test_handler_errors_become_error_replies(served: tuple[ControlServer, Toy]) -> None:
     server, _ = served
-    async with await Connection.connect(server.path) as conn:
+    async with await ControlClient.connect(server.path) as conn:
         expected = {0: Errno.EINVAL, 1: Errno.ESRCH, 2: Errno.EINVAL, 3: Errno.EINVAL, 4: Errno.EINVAL,
                     5: Errno.EINVAL}
         for domid, code in expected.items():
@@ -396,7 +397,7 @@ async def test_handler_errors_become_error_replies(served: tuple[ControlServer, 
         assert await conn.call(protocol.DomainList())  # still fine
 
 
-async def _err(conn: Connection, msg: protocol.Msg) -> ControlError:
+async def _err(conn: ControlClient, msg: protocol.Msg) -> ControlError:
     with pytest.raises(ControlError) as info:
         await conn.call(msg)
     return info.value
@@ -406,7 +407,7 @@ async def test_refused_peer_gets_eperm(sock_dir: str) -> None:
     toy = Toy()
     path = os.path.join(sock_dir, "c.sock")
     async with ControlServer(path, toy.handle, on_disconnect=toy.on_disconnect, check_peer=lambda uid: False):
-        conn = await Connection.connect(path)
+        conn = await ControlClient.connect(path)
         try:
             with pytest.raises(ControlError) as info:
                 await conn.call(protocol.DomainList())
@@ -435,7 +436,7 @@ async def test_socket_file_mode_and_stale_socket(sock_dir: str) -> None:
 
 async def test_on_disconnect_and_peer_state(served: tuple[ControlServer, Toy]) -> None:
     server, toy = served
-    conn = await Connection.connect(server.path)
+    conn = await ControlClient.connect(server.path)
     await conn.call(protocol.DomainList())
     [state] = server.connections
     assert (state.pid, state.uid, state.gid) == (os.getpid(), os.getuid(), os.getgid())
@@ -450,7 +451,7 @@ async def test_on_disconnect_and_peer_state(served: tuple[ControlServer, Toy]) -
 
 async def test_slow_handler_blocks_only_its_connection(served: tuple[ControlServer, Toy]) -> None:
     server, toy = served
-    async with await Connection.connect(server.path) as slow, await Connection.connect(server.path) as fast:
+    async with await ControlClient.connect(server.path) as slow, await ControlClient.connect(server.path) as fast:
         pending = asyncio.create_task(slow.call(protocol.DomainCreate(max_vcpus=1, gfns=1)))
         await asyncio.wait_for(toy.started.wait(), 2)
         for _ in range(20):
@@ -462,7 +463,7 @@ async def test_slow_handler_blocks_only_its_connection(served: tuple[ControlServ
 
 async def test_hangup_cancels_the_handler(served: tuple[ControlServer, Toy]) -> None:
     server, toy = served
-    conn = await Connection.connect(server.path)
+    conn = await ControlClient.connect(server.path)
     pending = asyncio.create_task(conn.call(protocol.DomainCreate(max_vcpus=1, gfns=1)))
     await asyncio.wait_for(toy.started.wait(), 2)
     await conn.close()
@@ -495,7 +496,7 @@ async def test_half_close_still_gets_its_replies(served: tuple[ControlServer, To
 
 async def test_cancelled_call_leaves_the_connection_usable(served: tuple[ControlServer, Toy]) -> None:
     server, toy = served
-    async with await Connection.connect(server.path) as conn:
+    async with await ControlClient.connect(server.path) as conn:
         pending = asyncio.create_task(conn.call(protocol.DomainCreate(max_vcpus=1, gfns=1)))
         await asyncio.wait_for(toy.started.wait(), 2)
         pending.cancel()
@@ -508,7 +509,7 @@ async def test_cancelled_call_leaves_the_connection_usable(served: tuple[Control
 async def test_truncated_control_data_on_a_connection(served: tuple[ControlServer, Toy]) -> None:
     server, _ = served
     before = open_fds()
-    async with await Connection.connect(server.path, max_fds=0) as conn:
+    async with await ControlClient.connect(server.path, max_fds=0) as conn:
         with pytest.raises(TruncatedControlData) as info:
             await conn.call(protocol.ToolHello())
         assert isinstance(info.value.reply, protocol.Welcome)
@@ -519,7 +520,7 @@ async def test_truncated_control_data_on_a_connection(served: tuple[ControlServe
 
 async def test_request_with_fds_is_refused(served: tuple[ControlServer, Toy], pipe: tuple[int, int]) -> None:
     server, _ = served
-    async with await Connection.connect(server.path) as conn:
+    async with await ControlClient.connect(server.path) as conn:
         with pytest.raises(ControlError) as info:
             await conn.call(protocol.DomainList(), fds=[pipe[0]])
         assert info.value.errno is Errno.EINVAL and "file descriptors" in info.value.message
@@ -530,7 +531,7 @@ async def test_close_cancels_everything(sock_dir: str) -> None:
     toy = Toy()
     path = os.path.join(sock_dir, "c.sock")
     async with ControlServer(path, toy.handle, on_disconnect=toy.on_disconnect) as server:
-        conns = [await Connection.connect(path) for _ in range(3)]
+        conns = [await ControlClient.connect(path) for _ in range(3)]
         calls = [asyncio.create_task(c.call(protocol.DomainCreate(max_vcpus=1, gfns=1))) for c in conns]
         for _ in range(500):
             if toy.running == 3:
@@ -550,7 +551,7 @@ async def test_close_cancels_everything(sock_dir: str) -> None:
 
 async def test_close_wakes_a_pending_call(served: tuple[ControlServer, Toy]) -> None:
     server, toy = served
-    conn = await Connection.connect(server.path)
+    conn = await ControlClient.connect(server.path)
     pending = asyncio.create_task(conn.call(protocol.DomainCreate(max_vcpus=1, gfns=1)))
     await asyncio.wait_for(toy.started.wait(), 2)
     await conn.close()
@@ -564,7 +565,7 @@ async def test_sync_connection(served: tuple[ControlServer, Toy]) -> None:
     server, _ = served
 
     def client() -> tuple[protocol.Msg, bytes, Errno]:
-        with SyncConnection.connect(server.path, timeout=5) as conn:
+        with SyncControlClient.connect(server.path, timeout=5) as conn:
             reply, fds = conn.call(protocol.ToolHello(client="sync"))
             try:
                 assert not os.get_inheritable(fds[0])
@@ -586,7 +587,7 @@ async def test_sync_connection_timeout_then_late_reply_skipped(served: tuple[Con
     loop = asyncio.get_running_loop()
 
     def client() -> protocol.Msg:
-        with SyncConnection.connect(server.path, timeout=0.2) as conn:
+        with SyncControlClient.connect(server.path, timeout=0.2) as conn:
             with pytest.raises(TimeoutError):
                 conn.call(protocol.DomainCreate(max_vcpus=1, gfns=1))
             loop.call_soon_threadsafe(toy.release.set)
@@ -597,14 +598,14 @@ async def test_sync_connection_timeout_then_late_reply_skipped(served: tuple[Con
 
 
 # --------------------------------------------------------------------------
-# Connection against a scripted peer
+# ControlClient against a scripted peer
 # --------------------------------------------------------------------------
 
 
 async def test_undecodable_reply_is_control_error_with_cause(
         stream_pair: tuple[socket.socket, socket.socket]) -> None:
     a, b = stream_pair
-    conn = Connection(a)
+    conn = ControlClient(a)
     try:
         b.sendall(struct.pack("<I", 3) + b"\xc1\xc1\xc1")
         with pytest.raises(ControlError) as info:
@@ -620,7 +621,7 @@ async def test_undecodable_reply_is_control_error_with_cause(
 async def test_reply_with_the_wrong_number_of_fds(stream_pair: tuple[socket.socket, socket.socket],
                                                   pipe: tuple[int, int]) -> None:
     a, b = stream_pair
-    conn = Connection(a)
+    conn = ControlClient(a)
     before = open_fds()
     try:
         sendmsg_fds(b, protocol.encode(protocol.Welcome(role="tool", fds=["one"])), list(pipe))
@@ -637,7 +638,7 @@ async def test_reply_with_the_wrong_number_of_fds(stream_pair: tuple[socket.sock
 
 async def test_peer_closing_is_connection_closed(stream_pair: tuple[socket.socket, socket.socket]) -> None:
     a, b = stream_pair
-    conn = Connection(a)
+    conn = ControlClient(a)
     b.close()
     with pytest.raises(ConnectionError):
         await asyncio.wait_for(conn.call(protocol.DomainList()), 2)
@@ -648,7 +649,7 @@ async def test_peer_closing_is_connection_closed(stream_pair: tuple[socket.socke
 
 async def test_truncated_reply_frame(stream_pair: tuple[socket.socket, socket.socket]) -> None:
     a, b = stream_pair
-    conn = Connection(a)
+    conn = ControlClient(a)
     b.sendall(protocol.encode(protocol.Ok())[:-1])
     b.shutdown(socket.SHUT_WR)
     with pytest.raises(TransportError) as info:
@@ -659,7 +660,7 @@ async def test_truncated_reply_frame(stream_pair: tuple[socket.socket, socket.so
 
 async def test_calls_from_many_tasks_are_serialised(served: tuple[ControlServer, Toy]) -> None:
     server, _ = served
-    async with await Connection.connect(server.path) as conn:
+    async with await ControlClient.connect(server.path) as conn:
         replies = await asyncio.gather(*(conn.call(protocol.GetTarget(domid=i)) for i in range(50)))
     assert [r[0] for r in replies] == [protocol.TargetReply(domid=i, pages=i + 1) for i in range(50)]
 
@@ -671,7 +672,7 @@ async def test_fail_ends_the_server_with_its_error(sock_dir: str) -> None:
     before = asyncio.all_tasks()
     with pytest.raises(BaseExceptionGroup) as info:
         async with ControlServer(path, toy.handle, on_disconnect=toy.on_disconnect) as server:
-            conn = await Connection.connect(path)
+            conn = await ControlClient.connect(path)
             pending = asyncio.create_task(conn.call(protocol.DomainCreate(max_vcpus=1, gfns=1)))
             await asyncio.wait_for(toy.started.wait(), 2)
             server.fail(LookupError("a bug met in a callback"))

@@ -41,12 +41,13 @@ from guest.exits import ExitPort, connect_vcpu
 from guest.memory import GuestMemory, open_guest
 from guest.stamp import StampError, make_page, verify_page
 from hvemu import abi, protocol
-from hvemu.client import Connection
+from hvemu.client import ControlClient
 from hvemu.toolstack.bench.common import latency_summary
 
 
 class BenchGuest:
-    def __init__(self, main: Connection, mem: GuestMemory, conns: list[Connection], ports: list[ExitPort]) -> None:
+    def __init__(self, main: ControlClient, mem: GuestMemory, conns: list[ControlClient],
+                 ports: list[ExitPort]) -> None:
         self.main = main
         self.mem = mem
         self.conns = conns

@@ -22,7 +22,7 @@ import uvloop
 
 from hvemu import abi, protocol
 from hvemu.abi import Errno
-from hvemu.client import Connection, ControlError
+from hvemu.client import ControlClient, ControlError
 from hvemu.stats import DomainStats
 from hvemu.toolstack.host import HYPERVISOR_MODULE, PAGER_MODULE
 from hvemu.toolstack.sizes import SIZE_HELP, Size, SizeError, parse_size
@@ -36,10 +36,10 @@ class CliError(Exception):
         self.errno = errno
 
 
-async def _tool(run_dir: str | None) -> Connection:
+async def _tool(run_dir: str | None) -> ControlClient:
     path = protocol.socket_path(run_dir)
     try:
-        conn = await Connection.connect(path)
+        conn = await ControlClient.connect(path)
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         raise CliError(f"no hypervisor at {path} ({exc.strerror}); start one with 'hvemu start'",
                        errno_mod.errorcode.get(exc.errno or 0)) from exc
@@ -58,7 +58,7 @@ async def _call(run_dir: str | None, msg: protocol.Msg) -> protocol.Msg:
         await conn.close()
 
 
-async def map_foreign(conn: Connection, domid: int, gfns: list[int], *, timeout: float = 10.0,
+async def map_foreign(conn: ControlClient, domid: int, gfns: list[int], *, timeout: float = 10.0,
                       delay: float = 0.001) -> tuple[dict[int, bytes], int]:
     """Map ``gfns`` of ``domid``, retrying the ENOENT ones until paged in; returns pages and retries."""
     pages: dict[int, bytes] = {}
@@ -85,19 +85,19 @@ async def map_foreign(conn: Connection, domid: int, gfns: list[int], *, timeout:
     return pages, retries
 
 
-async def domain_info(conn: Connection, domid: int) -> DomainStats:
+async def domain_info(conn: ControlClient, domid: int) -> DomainStats:
     reply, _ = await conn.call(protocol.Stats(domid=domid))
     assert isinstance(reply, protocol.StatsReply)
     return reply.stats
 
 
-async def domain_list(conn: Connection) -> list[protocol.DomainSummary]:
+async def domain_list(conn: ControlClient) -> list[protocol.DomainSummary]:
     reply, _ = await conn.call(protocol.DomainList())
     assert isinstance(reply, protocol.DomainListReply)
     return reply.domains
 
 
-async def resolve_domain(conn: Connection, text: str) -> int:
+async def resolve_domain(conn: ControlClient, text: str) -> int:
     """A domain named as xl takes it, by id or by name, as its domid; ``no domain X`` if there is none."""
     domains = await domain_list(conn)
     if re.fullmatch(r"\d+", text.strip()):

@@ -42,7 +42,7 @@ import sys
 
 from hvemu import abi, logs, protocol
 from hvemu.abi import Errno, RingKind
-from hvemu.client import Connection, ControlError
+from hvemu.client import ControlClient, ControlError
 from hvemu.fdpass import TransportError
 from hvemu.stats import DomainStats
 
@@ -78,7 +78,7 @@ def _result(r: Errno | None) -> str:
 
 
 class Agent:
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: ControlClient) -> None:
         self.conn = conn
 
     async def call(self, msg: protocol.Msg) -> tuple[protocol.Msg, list[int]]:
@@ -211,7 +211,7 @@ class Agent:
 
 async def serve(sock: socket.socket) -> None:
     loop = asyncio.get_running_loop()
-    conn = await Connection.connect(protocol.socket_path())
+    conn = await ControlClient.connect(protocol.socket_path())
     await conn.call(protocol.ToolHello(client="xentools"))
     agent = Agent(conn)
     readable = asyncio.Event()
