@@ -1,6 +1,6 @@
 """A non-blocking stream socket carrying frames with fds, for asyncio: the thin driver of :mod:`hvemu.framing`.
 
-Both ends of the control socket use it: :class:`hvemu.client.Connection`
+Both ends of the control socket use it: :class:`hvemu.client.ControlClient`
 reads replies with it, :class:`hvemu.hypervisor.server.ControlServer` requests (with a
 :class:`~hvemu.buffer_budget.BufferBudget` bounding what it holds).  It tries
 the syscall first and waits (:mod:`hvemu.readiness`) only on ``EAGAIN``, or

@@ -71,9 +71,10 @@ class Hypervisor:
             dom.tracer = tracer
 
     def _emit(self, effect: Effect) -> None:
-        if not self._effects and self.on_effects is not None:
+        first = not self._effects
+        self._effects.append(effect)  # before the cue: a cue that fails must not lose the effect
+        if first and self.on_effects is not None:
             self.on_effects()
-        self._effects.append(effect)
 
     def pending_effects(self) -> bool:
         """Whether the outbox holds effects not yet taken."""

@@ -203,7 +203,10 @@ class HypervisorDaemon:
         instead of leaving a vCPU paused for ever.
         """
         if self._drain_handle is None:
-            self._drain_handle = asyncio.get_running_loop().call_soon(self._drain_late)
+            try:
+                self._drain_handle = asyncio.get_running_loop().call_soon(self._drain_late)
+            except RuntimeError:  # no loop (a core call outside the server): the caller drains
+                pass
 
     def _drain_late(self) -> None:
         self._drain_handle = None

@@ -16,6 +16,9 @@ import struct
 
 from hvemu.xenstore import Outbox, XenStore, XsDecoder, XsError, socket_path
 
+#: Unsent bytes (watch events, replies) a client may leave queued before it is hung up on.
+WRITE_BUFFER_MAX = 4 << 20
+
 log = logging.getLogger("hvemu.hypervisor.xenstored")
 
 _UCRED = struct.Struct("iII")
@@ -47,11 +50,21 @@ class XenstoreServer:
             os.unlink(self.path)
 
     def send(self, outbox: Outbox) -> None:
-        """Deliver what a store operation produced (connections that went are skipped)."""
+        """Deliver what a store operation produced (connections that went are skipped).
+
+        A client that sets watches and never reads them would make the
+        hypervisor hold its events without bound: past ``WRITE_BUFFER_MAX``
+        unsent bytes it is hung up on (as xenstored drops a client whose
+        watch events overflow).
+        """
         for conn, msg in outbox:
             w = self._writers.get(conn)
             if w is not None and not w.is_closing():
                 w.write(msg.encode())
+                if w.transport.get_write_buffer_size() > WRITE_BUFFER_MAX:
+                    log.warning("xenstore client %s reads none of its %d bytes of events: hung up on", conn,
+                                w.transport.get_write_buffer_size())
+                    w.transport.abort()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")

@@ -223,7 +223,10 @@ def _from_file(path: str) -> list[str]:
     try:
         with open(path, "rb") as f:
             data = msgspec.json.decode(f.read())
-        return msgspec.convert(data["settings"], Settings).argv()
+        settings = data["settings"]
+        if isinstance(settings, dict) and "admission" not in settings and "policy" in settings:
+            settings["admission"] = settings.pop("policy")  # a file written before --policy was --admission
+        return msgspec.convert(settings, Settings).argv()
     except OSError as exc:
         raise ValueError(f"--from {path}: {exc.strerror}") from exc
     except KeyError as exc:

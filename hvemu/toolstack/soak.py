@@ -229,7 +229,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 if time.monotonic() >= until - 2:
                     break
                 d = rng.choice(domids)
-                await pagers[d].stop(sig=signal.SIGKILL)
+                await host.stop_child(pagers[d], sig=signal.SIGKILL)
                 kills += 1
                 pagers[d] = await start_pager(d, kills)
                 next_kill = time.monotonic() + args.kill_pagers_every

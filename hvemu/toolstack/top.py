@@ -214,7 +214,7 @@ def as_json_line(infos: list[DomainStats], now: float, before: dict[int, DomainS
     refused blocked_now blocked_ever responses rejected put_per_s``.
     """
     host_obj = None if host is None else {"total_pages": host.total_frames, "used_pages": host.used_frames,
-                                          "domains": host.domains, "policy": host.policy, "tracing": host.tracing}
+                                          "domains": host.domains, "admission": host.policy, "tracing": host.tracing}
     return json.dumps({"time": time.strftime("%H:%M:%S", time.localtime(now)), "timestamp": round(now, 3),
                        "host": host_obj, "domains": domain_rows(infos, before, dt),
                        "rings": ring_rows(infos, before, dt)})

@@ -136,6 +136,8 @@ class Victim:
         #: The ring and p2m fds, kept open for the fd-level abuse.
         self.ring_fd = -1
         self.p2m_fd = -1
+        #: The load words staged by the case under way, by response index from rsp_cons (for the oracle).
+        self.staged_words: dict[int, int] = {}
         #: A paging ring's load area (a staged page per slot) and guest memory, read to check loads.
         self.load_map: mmap.mmap | None = None
         self.memory_map: mmap.mmap | None = None
@@ -372,8 +374,9 @@ class Oracle:
         pause = list(v.event_pause)
         # Staged pages load as their responses are consumed, whatever the
         # responses' other fields say: first every published slot's page, then the responses.
-        if self.words is None:  # as staged: a second prediction comes after the resume cleared them
-            self.words = {k: v.load_word((v.rsp_cons + k) & (v.ring_size - 1)) for k in range(avail)}
+        if self.words is None:  # as staged: the hypervisor may have cleared them by now
+            self.words = dict(v.staged_words) if v.staged_words else {
+                k: v.load_word((v.rsp_cons + k) & (v.ring_size - 1)) for k in range(avail)}
         for k in range(avail):
             slot = (v.rsp_cons + k) & (v.ring_size - 1)
             word = self.words.get(k, 0)
@@ -668,6 +671,7 @@ def stage_pages(victim: Victim, reqs: list[MemEvent], rng: random.Random) -> dic
         word &= (1 << 64) - 1  # (a mutated gfn may be the last one: its word wraps, as a u64 does)
         lm[slot * abi.LOAD_WORD_SIZE:(slot + 1) * abi.LOAD_WORD_SIZE] = word.to_bytes(8, "little")
         staged[slot] = page
+        victim.staged_words[k] = word  # as written: a kick in flight may consume (and clear) it at once
     write_responses(victim, responses)
     return staged
 
@@ -825,6 +829,7 @@ async def poke(kind: str, victim: Victim, rng: random.Random) -> None:
 
 
 async def run_case(case: int, kind: str, victim: Victim, rng: random.Random, log: list[str]) -> None:
+    victim.staged_words = {}
     await victim.make_requests()
     await prepare(kind, victim, rng)
     before = await victim.stats()

@@ -153,9 +153,12 @@ def _wait_attached(proc: subprocess.Popen[bytes], run_dir: str, name: str, domid
             raise CliError(f"{name} exited: {last} (log: {log_path})", _errno_named_in(last))
         if ready is not None:
             readable, _, _ = select.select([ready], [], [], 0.05)
-            if readable and os.read(ready, 1):
-                return
-            continue  # nothing yet, or EOF: the daemon exited (the poll above reports it)
+            if readable:
+                if os.read(ready, 1):
+                    return
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)  # EOF: the daemon is exiting (the poll above reports why)
+            continue
         if uvloop.run(enabled()):
             return
         time.sleep(0.05)

@@ -170,7 +170,7 @@ async def cmd_info(args: argparse.Namespace) -> Any:
             page = abi.pages_to_mib(1)
             return {"total_memory_mib": reply.total_frames * page, "used_memory_mib": reply.used_frames * page,
                     "free_memory_mib": (reply.total_frames - reply.used_frames) * page, "nr_domains": reply.domains,
-                    "policy": reply.policy, "ring_size": reply.ring_size, "tracing": reply.tracing or None,
+                    "admission": reply.policy, "ring_size": reply.ring_size, "tracing": reply.tracing or None,
                     "run_dir": _run_dir(args), "hvemu_version": hvemu.__version__}
         st = await domain_info(conn, await resolve_domain(conn, args.domain))
     finally:

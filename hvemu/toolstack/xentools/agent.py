@@ -32,7 +32,6 @@ Commands (``D`` a domid, ``G`` a gfn, ``RING`` paging|access|sharing)::
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -40,7 +39,7 @@ import signal
 import socket
 import sys
 
-from hvemu import abi, logs, protocol
+from hvemu import abi, logs, protocol, readiness
 from hvemu.abi import Errno, RingKind
 from hvemu.client import ControlClient, ControlError
 from hvemu.fdpass import TransportError
@@ -210,16 +209,12 @@ class Agent:
 
 
 async def serve(sock: socket.socket) -> None:
-    loop = asyncio.get_running_loop()
     conn = await ControlClient.connect(protocol.socket_path())
     await conn.call(protocol.ToolHello(client="xentools"))
     agent = Agent(conn)
-    readable = asyncio.Event()
-    loop.add_reader(sock.fileno(), readable.set)
     try:
         while True:
-            await readable.wait()
-            readable.clear()
+            await readiness.wait_readable(sock.fileno())
             try:
                 data = sock.recv(MAX_REQUEST)
             except BlockingIOError:
@@ -240,7 +235,7 @@ async def serve(sock: socket.socket) -> None:
                 for fd in fds:
                     os.close(fd)
     finally:
-        loop.remove_reader(sock.fileno())
+        readiness.notify_closing(sock.fileno())
         with contextlib.suppress(TransportError, OSError):
             await conn.hang_up()
 

@@ -79,7 +79,10 @@ static int agent_start(void)
         signal(SIGINT, SIG_IGN);
         signal(SIGTERM, SIG_IGN);
         signal(SIGHUP, SIG_IGN);
-        if (dup2(sv[1], 3) < 0)
+        if (sv[1] == 3) {
+            if (fcntl(3, F_SETFD, 0) < 0) /* already fd 3: dup2 would keep its close-on-exec */
+                _exit(127);
+        } else if (dup2(sv[1], 3) < 0)
             _exit(127);
         for (int fd = 4; fd < 1024; fd++)
             close(fd);
