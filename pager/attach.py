@@ -102,7 +102,8 @@ class Command:
     pages: int = 0
 
 
-def _number(word: str, what: str) -> int:
+def parse_number(word: str, what: str) -> int:
+    """A non-negative number (decimal or ``0x`` hex) of a command line; :class:`CommandError` if not."""
     try:
         value = int(word, 0)
     except ValueError:
@@ -151,7 +152,7 @@ def _gfns(cmd: Command, rest: list[str]) -> None:
         raise CommandError(Errno.EINVAL, f"{cmd.name} needs at least one gfn")
     if len(rest) > MAX_BATCH:
         raise CommandError(Errno.EINVAL, f"{cmd.name}: at most {MAX_BATCH} gfns per command")
-    cmd.gfns = [_number(w, "gfn") for w in rest]
+    cmd.gfns = [parse_number(w, "gfn") for w in rest]
 
 
 def _access(cmd: Command, rest: list[str]) -> None:
@@ -160,7 +161,7 @@ def _access(cmd: Command, rest: list[str]) -> None:
     if len(rest) - 1 > MAX_BATCH:
         raise CommandError(Errno.EINVAL, f"access: at most {MAX_BATCH} gfns per command")
     cmd.args = [str(parse_access(rest[0]))]
-    cmd.gfns = [_number(w, "gfn") for w in rest[1:]]
+    cmd.gfns = [parse_number(w, "gfn") for w in rest[1:]]
 
 
 def _access_required(cmd: Command, rest: list[str]) -> None:
@@ -185,7 +186,7 @@ def _hvm_param(cmd: Command, rest: list[str]) -> None:
 def _target(cmd: Command, rest: list[str]) -> None:
     if len(rest) > 1:
         raise CommandError(Errno.EINVAL, "usage: target [PAGES]")
-    cmd.args = [str(_number(w, "target")) for w in rest]
+    cmd.args = [str(parse_number(w, "target")) for w in rest]
 
 
 def parse_access(word: str) -> int:

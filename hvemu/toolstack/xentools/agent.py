@@ -44,6 +44,7 @@ from hvemu.abi import Errno, RingKind
 from hvemu.client import ControlClient, ControlError
 from hvemu.fdpass import TransportError
 from hvemu.stats import DomainStats
+from pager.attach import CommandError, format_error, format_results, parse_number
 
 log = logging.getLogger("hvemu.toolstack.xentools.agent")
 
@@ -55,27 +56,6 @@ MAX_ACCESS_BATCH = 65536
 TOOLS_ABI = "vm_event"
 
 
-class AgentError(Exception):
-    def __init__(self, errno: Errno | str, message: str) -> None:
-        super().__init__(message)
-        self.errno = str(errno)
-        self.message = message
-
-
-def _int(word: str, what: str) -> int:
-    try:
-        value = int(word, 10)
-    except ValueError:
-        raise AgentError(Errno.EINVAL, f"{what} {word!r} is not a number") from None
-    if value < 0:
-        raise AgentError(Errno.EINVAL, f"{what} {word!r} is negative")
-    return value
-
-
-def _result(r: Errno | None) -> str:
-    return "0" if r is None else str(r)
-
-
 class Agent:
     def __init__(self, conn: ControlClient) -> None:
         self.conn = conn
@@ -84,7 +64,7 @@ class Agent:
         try:
             return await self.conn.call(msg)
         except ControlError as exc:
-            raise AgentError(exc.errno, exc.message) from None
+            raise CommandError(exc.errno, exc.message) from None
 
     async def _domain(self, domid: int) -> protocol.DomainSummary:
         reply, _ = await self.call(protocol.DomainList())
@@ -92,7 +72,7 @@ class Agent:
         for d in reply.domains:
             if d.domid == domid:
                 return d
-        raise AgentError(Errno.ESRCH, f"no domain {domid}")
+        raise CommandError(Errno.ESRCH, f"no domain {domid}")
 
     async def _stats(self, domid: int) -> DomainStats:
         reply, _ = await self.call(protocol.Stats(domid=domid))
@@ -102,12 +82,12 @@ class Agent:
     async def execute(self, words: list[str], data: bytes) -> tuple[str, bytes, list[int]]:
         """``(reply line, data after it, fds)`` for one request."""
         if not words:
-            raise AgentError(Errno.EINVAL, "empty request")
+            raise CommandError(Errno.EINVAL, "empty request")
         op, args = words[0], words[1:]
         if op == "hello":
             return "ok", b"", []
         if op == "getinfo":
-            first, most = _int(args[0], "domid"), _int(args[1], "count")
+            first, most = parse_number(args[0], "domid"), parse_number(args[1], "count")
             reply, _ = await self.call(protocol.DomainList())
             assert isinstance(reply, protocol.DomainListReply)
             doms = sorted((d for d in reply.domains if d.domid >= first), key=lambda d: d.domid)[:most]
@@ -117,7 +97,7 @@ class Agent:
                 fields += [d.domid, d.resident, d.gfns, st.paged, d.max_vcpus, int(d.crashed), int(st.paused),
                            d.handle or "0" * 32]
             return " ".join(["ok", str(len(doms)), *map(str, fields)]), b"", []
-        domid = _int(args[0], "domid") if args else -1
+        domid = parse_number(args[0], "domid") if args else -1
         if op == "maxgpfn":
             return f"ok {(await self._domain(domid)).gfns - 1}", b"", []
         if op == "enable":
@@ -129,49 +109,49 @@ class Agent:
             # the responses a tool pushed just before it would never unpause their vCPUs.
             try:
                 await self.call(protocol.MemEventResume(domid=domid, ring=ring))
-            except AgentError:
+            except CommandError:
                 if op == "resume":
                     raise
             if op == "disable":
                 await self.call(protocol.MemEventDisable(domid=domid, ring=ring))
             return "ok", b"", []
         if op in ("nominate", "evict", "prep", "load"):
-            gfn = _int(args[1], "gfn")
+            gfn = parse_number(args[1], "gfn")
             req: protocol.Msg
             if op == "load":
                 if len(data) != abi.PAGE_SIZE:
-                    raise AgentError(Errno.EINVAL, f"load needs one page of data, got {len(data)} bytes")
+                    raise CommandError(Errno.EINVAL, f"load needs one page of data, got {len(data)} bytes")
                 req = protocol.PagingLoad(domid=domid, gfns=[gfn], pages=[data])
             else:
                 req = {"nominate": protocol.PagingNominate, "evict": protocol.PagingEvict,
                        "prep": protocol.PagingPrep}[op](domid=domid, gfns=[gfn])
             reply, _ = await self.call(req)
             assert isinstance(reply, protocol.BatchResult)
-            return f"ok {_result(reply.results[0])}", b"", []
+            return format_results(reply.results[:1]), b"", []
         if op == "map":
             copy = args[1] == "copy"
-            gfns = [_int(w, "gfn") for w in args[2:]]
+            gfns = [parse_number(w, "gfn") for w in args[2:]]
             reply, _ = await self.call(protocol.MapForeign(domid=domid, gfns=gfns))
             assert isinstance(reply, protocol.ForeignPages)
             pages = b"".join(p or bytes(abi.PAGE_SIZE) for p in reply.pages) if copy else b""
-            return " ".join(["ok", *map(_result, reply.results)]), pages, []
+            return format_results(reply.results), pages, []
         if op == "access":
-            access = _int(args[1], "access")
+            access = parse_number(args[1], "access")
             if args[2] == "default":
                 gfns = [abi.DEFAULT_ACCESS_GFN]
             else:
-                first, count = _int(args[2], "gfn"), _int(args[3], "count")
+                first, count = parse_number(args[2], "gfn"), parse_number(args[3], "count")
                 if count > MAX_ACCESS_BATCH:
-                    raise AgentError(Errno.EINVAL, f"at most {MAX_ACCESS_BATCH} gfns per access request")
+                    raise CommandError(Errno.EINVAL, f"at most {MAX_ACCESS_BATCH} gfns per access request")
                 gfns = list(range(first, first + count))
             reply, _ = await self.call(protocol.AccessSet(domid=domid, gfns=gfns, access=access))
             assert isinstance(reply, protocol.BatchResult)
             failed = [r for r in reply.results if r is not None]
             if failed:
-                raise AgentError(failed[0], f"{len(failed)} of {len(gfns)} gfns refused the access")
+                raise CommandError(failed[0], f"{len(failed)} of {len(gfns)} gfns refused the access")
             return "ok", b"", []
         if op == "getaccess":
-            gfn = abi.DEFAULT_ACCESS_GFN if args[1] == "default" else _int(args[1], "gfn")
+            gfn = abi.DEFAULT_ACCESS_GFN if args[1] == "default" else parse_number(args[1], "gfn")
             reply, _ = await self.call(protocol.AccessGet(domid=domid, gfn=gfn))
             assert isinstance(reply, protocol.AccessReply)
             return f"ok {reply.access}", b"", []
@@ -179,25 +159,25 @@ class Agent:
             await self.call(protocol.AccessRequired(domid=domid, required=args[1] == "1"))
             return "ok", b"", []
         if op == "hvm-param":
-            await self.call(protocol.SetHvmParam(domid=domid, reason=_int(args[1], "reason"),
-                                                 mode=_int(args[2], "mode"),
-                                                 mask=_int(args[3], "mask") if len(args) > 3 else 0))
+            await self.call(protocol.SetHvmParam(domid=domid, reason=parse_number(args[1], "reason"),
+                                                 mode=parse_number(args[2], "mode"),
+                                                 mask=parse_number(args[3], "mask") if len(args) > 3 else 0))
             return "ok", b"", []
         if op == "inject":
-            await self.call(protocol.InjectTrap(domid=domid, vcpu=_int(args[1], "vcpu"),
-                                                vector=_int(args[2], "vector")))
+            await self.call(protocol.InjectTrap(domid=domid, vcpu=parse_number(args[1], "vcpu"),
+                                                vector=parse_number(args[2], "vector")))
             return "ok", b"", []
         if op == "debug":
-            await self.call(protocol.DebugControl(domid=domid, vcpu=_int(args[1], "vcpu"),
+            await self.call(protocol.DebugControl(domid=domid, vcpu=parse_number(args[1], "vcpu"),
                                                   single_step=args[2] == "1"))
             return "ok", b"", []
-        raise AgentError(Errno.ENOSYS, f"unknown request {op!r}")
+        raise CommandError(Errno.ENOSYS, f"unknown request {op!r}")
 
     async def _enable(self, domid: int, ring_name: str) -> tuple[str, bytes, list[int]]:
         ring = RingKind(ring_name)
         dom = await self._domain(domid)
         if dom.abi != TOOLS_ABI:
-            raise AgentError(Errno.EINVAL, f"domain {domid} has the {dom.abi!r} ring ABI; Xen 4.17's tools need "
+            raise CommandError(Errno.EINVAL, f"domain {domid} has the {dom.abi!r} ring ABI; Xen 4.17's tools need "
                                            f"a domain created with --abi {TOOLS_ABI}")
         reply, fds = await self.call(protocol.MemEventEnable(domid=domid, ring=ring))
         assert isinstance(reply, protocol.MemEventEnabled)
@@ -225,8 +205,8 @@ async def serve(sock: socket.socket) -> None:
             fds: list[int] = []
             try:
                 reply, extra, fds = await agent.execute(line.decode("ascii", "replace").split(), rest)
-            except AgentError as exc:
-                reply, extra = f"{exc.errno} {' '.join(exc.message.split())}", b""
+            except CommandError as exc:
+                reply, extra = format_error(exc.errno, exc.message), b""
             except (IndexError, ValueError) as exc:
                 reply, extra = f"EINVAL malformed request {line[:60]!r}: {exc}", b""
             try:
