@@ -323,9 +323,12 @@ class Host:
     def pagefile(self, domid: int) -> str:
         return os.path.join(self.run_dir, f"dom{domid}.pagefile")
 
-    async def pager(self, domid: int, *extra: str, name: str = "pager", timeout: float = 20.0) -> Child:
-        """The built-in pager on ``domid``; returns once it owns the ring."""
-        child = await self.start(name, "daemon", pager_argv(self.run_dir, domid, self.pagefile(domid), *extra))
-        await self.wait_for(domid, lambda st: st.ring_owned("paging", child.pid), "pager attach", timeout=timeout,
-                            watch=child)
+    async def pager(self, domid: int, *extra: str, name: str = "pager", pagefile: str | None = None,
+                    timeout: float = 20.0, interval: float = 0.01) -> Child:
+        """The built-in pager on ``domid`` (its pagefile in the run directory unless given); returns once it
+        owns the ring."""
+        child = await self.start(name, "daemon",
+                                 pager_argv(self.run_dir, domid, pagefile or self.pagefile(domid), *extra))
+        await self.wait_for(domid, lambda st: st.ring_owned("paging", child.pid), f"{name} attach",
+                            timeout=timeout, interval=interval, watch=child)
         return child

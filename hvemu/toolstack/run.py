@@ -29,10 +29,10 @@ import msgspec
 import uvloop
 
 import hvemu
-from hvemu import abi, protocol
+from hvemu import abi
 from hvemu.client import ControlClient, ControlError
 from hvemu.stats import DomainStats
-from hvemu.toolstack.host import Child, Host, guest_argv, pager_argv
+from hvemu.toolstack.host import Child, Host, guest_argv
 from hvemu.toolstack.run_options import (
     PROGRESS_AFTER_S,
     PROGRESS_EVERY_S,
@@ -47,24 +47,6 @@ from hvemu.toolstack.run_summary import DomainResult, Summary, _print_summary, p
 
 #: The signals that stop a run cleanly: Ctrl-C, ``kill``, and the terminal going away.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-async def _wait_ring(tool: ControlClient, domid: int, pager: Child, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while loop.time() < end:
-        if pager.proc.returncode is not None:
-            raise RuntimeError(f"pager of domain {domid} exited with status {pager.proc.returncode}")
-        if (await _stats(tool, domid)).ring_owned("paging", pager.proc.pid):
-            return
-        await asyncio.sleep(0.05)
-    raise RuntimeError(f"pager of domain {domid} did not attach within {timeout} s")
-
-
-async def _stats(tool: ControlClient, domid: int) -> DomainStats:
-    reply, _ = await tool.call(protocol.Stats(domid=domid))
-    assert isinstance(reply, protocol.StatsReply)
-    return reply.stats
 
 
 class Interrupted(Exception):
@@ -111,18 +93,13 @@ class Run:
         gfns = abi.mib_to_pages(s.memory_mib)
         target = abi.mib_to_pages(s.target_mib)
         for i in range(s.domains):
-            reply, _ = await tool.call(protocol.DomainCreate(max_vcpus=s.vcpus, gfns=gfns, name=f"guest{i}",
-                                                             abi=s.abi))
-            assert isinstance(reply, protocol.DomainCreated)
-            self.domids.append(reply.domid)
-            await tool.call(protocol.SetTarget(domid=reply.domid, pages=target))
+            self.domids.append(await self.host.create(gfns, vcpus=s.vcpus, target=target, name=f"guest{i}",
+                                                      abi=s.abi))
         for domid in self.domids:
-            self.created[domid] = await _stats(tool, domid)
+            self.created[domid] = await self.host.stats(domid)
         for domid in self.domids:
-            pager = await self.host.start(f"pager{domid}", "daemon", pager_argv(
-                self.run_dir, domid, self.host.pagefile(domid), "--batch", str(s.batch), "--progress", "off"))
-            self.pagers[domid] = pager
-            await _wait_ring(tool, domid, pager)
+            self.pagers[domid] = await self.host.pager(domid, "--batch", str(s.batch), "--progress", "off",
+                                                       name=f"pager{domid}", timeout=10, interval=0.05)
         loop = asyncio.get_running_loop()
         self.started_at = loop.time()
         for domid in self.domids:
@@ -133,7 +110,7 @@ class Run:
         _say(f"run.sh: {s.domains} guest(s) running for {_num(s.duration_s)} s ({s.pattern}, seed {s.seed}); "
              "Ctrl-C stops them and prints the summary so far")
         await self._wait_reports()
-        stats = {domid: await _stats(tool, domid) for domid in self.domids}
+        stats = {domid: await self.host.stats(domid) for domid in self.domids}
         # Shut the guests down (their domains are destroyed); each pager then
         # sees its domain gone and exits on its own, printing its summary.
         guest_status = {domid: await g.stop() for domid, g in self.guests.items()}
@@ -180,11 +157,11 @@ class Run:
         if not self.progress_every or self.tool is None:
             return
         loop = asyncio.get_running_loop()
-        last = {domid: await _stats(self.tool, domid) for domid in self.domids}
+        last = {domid: await self.host.stats(domid) for domid in self.domids}
         last_t = loop.time()
         while True:
             await asyncio.sleep(self.progress_every)
-            now = {domid: await _stats(self.tool, domid) for domid in self.domids}
+            now = {domid: await self.host.stats(domid) for domid in self.domids}
             t = loop.time()
             _say(progress_line(t - self.started_at, self.s.duration_s, last, now, t - last_t))
             last, last_t = now, t
@@ -197,7 +174,7 @@ class Run:
         rows = []
         for domid in self.domids:
             self.elapsed.setdefault(domid, elapsed)
-            rows.append(self._row(domid, await _stats(self.tool, domid), None, None))
+            rows.append(self._row(domid, await self.host.stats(domid), None, None))
         return self._summary(rows, ok=False, complete=False)
 
     def _row(self, domid: int, st: DomainStats, guest_exit: int | None, pager_exit: int | None) -> DomainResult:

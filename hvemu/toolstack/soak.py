@@ -44,8 +44,7 @@ from hvemu import abi, names, protocol
 from hvemu.abi import Errno
 from hvemu.client import ControlClient, ControlError, root_cause
 from hvemu.procs import status_bytes
-from hvemu.stats import DomainStats
-from hvemu.toolstack.host import Child, Host, guest_argv, pager_argv
+from hvemu.toolstack.host import Child, Host, guest_argv
 
 #: The guests' patterns, one per domain in turn (random first: it pages the most).
 PATTERNS = ("uniform", "hotcold", "phases", "sequential")
@@ -58,24 +57,6 @@ async def _tool(path: str) -> ControlClient:
     conn = await ControlClient.connect(path)
     await conn.call(protocol.ToolHello(client="soak"))
     return conn
-
-
-async def _stats(conn: ControlClient, domid: int) -> DomainStats:
-    reply, _ = await conn.call(protocol.Stats(domid=domid))
-    assert isinstance(reply, protocol.StatsReply)
-    return reply.stats
-
-
-async def _wait_attached(conn: ControlClient, domid: int, pager: Child, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pager.proc.returncode is not None:
-            raise RuntimeError(f"{pager.name} exited {pager.proc.returncode}: {pager.stderr_tail(1000)}")
-        st = await _stats(conn, domid)
-        if st.ring_owned("paging", pager.proc.pid):
-            return
-        await asyncio.sleep(0.05)
-    raise RuntimeError(f"{pager.name} did not attach within {timeout}s")
 
 
 class Mapper:
@@ -191,18 +172,13 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         assert hv is not None and tool is not None
         domids: list[int] = []
         for i in range(args.domains):
-            reply, _ = await tool.call(protocol.DomainCreate(max_vcpus=args.vcpus, gfns=gfns, name=f"soak{i}"))
-            assert isinstance(reply, protocol.DomainCreated)
-            domids.append(reply.domid)
-            await tool.call(protocol.SetTarget(domid=reply.domid, pages=args.target))
+            domids.append(await host.create(gfns, vcpus=args.vcpus, target=args.target, name=f"soak{i}"))
         pagers: dict[int, Child] = {}
         pagefiles = {d: os.path.join(page_dir, f"dom{d}.pages") for d in domids}
 
         async def start_pager(domid: int, n: int) -> Child:
-            p = await host.start(f"pager{domid}.{n}", "daemon",
-                                 pager_argv(run_dir, domid, pagefiles[domid], "--batch", str(args.batch)))
-            await _wait_attached(tool, domid, p)
-            return p
+            return await host.pager(domid, "--batch", str(args.batch), name=f"pager{domid}.{n}",
+                                    pagefile=pagefiles[domid], interval=0.05)
 
         for d in domids:
             pagers[d] = await start_pager(d, 0)
@@ -252,7 +228,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                     raise RuntimeError(f"guest of domain {d} exited {await g.stop(sig=0)}: {g.stderr_tail(2000)}")
                 reports[d] = json.loads(line)
             sampler.cancel()
-        hv_stats = {d: await _stats(tool, d) for d in domids}
+        hv_stats = {d: await host.stats(d) for d in domids}
         guest_exit = {d: await g.stop() for d, g in guests.items()}  # their domains go with them
         pager_exit = {d: await p.stop(timeout=30, sig=0) for d, p in pagers.items()}
         await tool.close()
