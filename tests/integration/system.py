@@ -11,11 +11,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
 
-from hvemu import protocol
+from hvemu import protocol, xenstore
 from hvemu.client import ControlClient
 from hvemu.procs import ReadyPipe, die_with_parent
 from hvemu.toolstack.host import guest_argv, hypervisor_argv, pager_argv
@@ -167,3 +168,16 @@ async def wait_until(pred: Any, timeout: float = 10.0, interval: float = 0.05) -
 async def ring_enabled(conn: ControlClient, domid: int, ring: str = "paging") -> bool:
     info = (await stats(conn, domid)).get(ring, {})
     return isinstance(info, dict) and bool(info.get("enabled"))
+
+
+def running_hypervisor(run_dir: str, policy: str = "seed") -> Iterator[Hypervisor]:
+    """A hypervisor for one test, then the checks that it stopped cleanly and left nothing behind."""
+    hv = Hypervisor(run_dir, policy=policy)
+    try:
+        yield hv
+    finally:
+        status = hv.stop()
+        assert status == 0, f"hypervisor exited with status {status}"
+        assert not os.path.exists(hv.socket), "control socket left behind"
+        assert not os.path.exists(xenstore.socket_path(run_dir)), "xenstore socket left behind"
+        assert not shm_segments(hv.proc.pid), "shared-memory segments left in /dev/shm"

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from hvemu import abi, protocol, xenstore
-from tests.integration.system import Hypervisor, shm_segments, stats
+from hvemu import abi, protocol
+from tests.integration.system import Hypervisor, running_hypervisor, stats
 
 
 def unavailable(reason: str) -> None:
@@ -48,15 +48,7 @@ def xen_libs() -> Path:
 
 
 def make_hypervisor(run_dir: str, policy: str = "seed") -> Iterator[Hypervisor]:
-    hv = Hypervisor(run_dir, memory_mib=64, policy=policy)
-    try:
-        yield hv
-    finally:
-        status = hv.stop()
-        assert status == 0, f"hypervisor exited with status {status}"
-        assert not os.path.exists(hv.socket), "control socket left behind"
-        assert not os.path.exists(xenstore.socket_path(run_dir)), "xenstore socket left behind"
-        assert not shm_segments(hv.proc.pid), "shared-memory segments left in /dev/shm"
+    return running_hypervisor(run_dir, policy)
 
 
 class XenTool:
